@@ -1,0 +1,147 @@
+"""The torch.compile backend: capture -> passes -> (lowering) -> runtime.
+
+`KunlunBackend` is one configured backend; calling it with Dynamo's graph and
+example inputs returns the callable Dynamo runs.  Every graph it compiles
+leaves a `GraphReport` in `backend.report`.  Any failure in a stage is caught
+here or in the stage wrapper: one warning naming the graph and stage, and the
+graph runs correctly without that stage (strict=True raises instead).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .capture import needs_autograd, to_aten_inference
+from .config import CompileConfig
+from .graph_stats import count_kernels
+from .passes import GraphPass, PassContext, PassManager, default_passes
+from .report import CompileReport, Fallback, GraphReport
+from .runtime import GraphExecutor
+from .utils import copy_graph_module, describe_value, warn_once
+
+
+class KunlunBackend:
+    """A configured backend; pass it as `torch.compile(model, backend=...)`."""
+
+    __name__ = "kunlun"
+
+    def __init__(self, config: Optional[CompileConfig] = None, passes: Optional[Sequence[GraphPass]] = None):
+        self.config = config or CompileConfig.from_options()
+        self.pass_manager = PassManager(default_passes() if passes is None else passes)
+        self.pass_manager.check_disabled(self.config)
+        self.report = CompileReport()
+        self.warned: set = set()
+        self._ids = itertools.count()
+
+    # Dynamo calls this once per captured graph.
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        if kwargs:
+            raise TypeError(f"kunlun backend: unexpected arguments {sorted(kwargs)}; "
+                            "give options as torch.compile(..., options={...})")
+        name = f"graph_{next(self._ids)}"
+        if needs_autograd(example_inputs):
+            warn_once("kunlun backend: this is an inference backend; graphs that need gradients "
+                      "(grad mode on and inputs or parameters with requires_grad) run eagerly. "
+                      "Use torch.no_grad()/torch.inference_mode() to compile them.", self.warned)
+            self.report.graphs.append(GraphReport(name, [describe_value(x) for x in example_inputs],
+                                                  mode="eager-grad"))
+            return gm.forward
+        try:
+            return to_aten_inference(gm, example_inputs, lambda g, inputs: self._compile_aten(name, g, inputs))
+        except Exception as e:  # noqa: BLE001
+            if self.config.strict:
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            warn_once(f"kunlun backend: capture of {name} failed; it runs eagerly: {reason}", self.warned)
+            report = GraphReport(name, [describe_value(x) for x in example_inputs], mode="eager-fallback")
+            report.fallbacks.append(Fallback(name, "capture", reason))
+            self.report.graphs.append(report)
+            return gm.forward
+
+    def _compile_aten(self, name: str, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        t0 = time.perf_counter()
+        report = GraphReport(name, [describe_value(x) for x in example_inputs])
+        report.kernels_before = count_kernels(gm)
+        uncompiled = copy_graph_module(gm)  # what runs if a later stage fails
+        ctx = PassContext(self.config, name, self.warned)
+        gm = self.pass_manager.run(gm, ctx, report, keep_code=self.config.report)
+        report.kernels = count_kernels(gm)
+        report.pieces = 1
+        report.compile_ms = (time.perf_counter() - t0) * 1e3
+        self.report.graphs.append(report)
+        return GraphExecutor(name, gm, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
+
+
+# ---- construction from options -------------------------------------------------------
+
+_shared: Dict[CompileConfig, KunlunBackend] = {}
+_shared_lock = threading.Lock()
+_last_used: List[KunlunBackend] = []
+
+
+def backend(config: Optional[CompileConfig] = None, **options: Any) -> KunlunBackend:
+    """A new backend instance: `torch.compile(m, backend=kunlun_compile.backend(strict=True))`."""
+    if config is not None and options:
+        raise TypeError("give either a CompileConfig or options, not both")
+    return KunlunBackend(config or CompileConfig.from_options(options))
+
+
+def dynamo_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                   mode: Optional[str] = None) -> Callable:
+    """The function behind `backend="kunlun"` (registered by entry point).
+
+    Models compiled with the same options share one backend instance, so their
+    graphs land in one report (`kunlun_compile.last_report()`).
+    """
+    if mode not in (None, "default"):
+        raise ValueError(f"kunlun backend: mode={mode!r} is not supported; pass options={{...}} instead "
+                         f"(valid options: {list(CompileConfig.option_names())})")
+    config = CompileConfig.from_options(options)
+    with _shared_lock:
+        inst = _shared.get(config)
+        if inst is None:
+            inst = _shared[config] = KunlunBackend(config)
+        _last_used[:] = [inst]
+    return inst(gm, example_inputs)
+
+
+def last_report() -> CompileReport:
+    """The report of the backend that `backend="kunlun"` used most recently."""
+    return _last_used[0].report if _last_used else CompileReport()
+
+
+def compile(model: Any, *, dynamic: Optional[bool] = None, fullgraph: bool = False, **options: Any):
+    """`torch.compile(model, backend=kunlun_compile.backend(**options))`; the backend is `.kunlun_backend`.
+
+    With dynamic=True, sizes are traced size-obliviously: Dynamo otherwise
+    specialises a batch size of 1 into its own graph, and LLM serving calls
+    with every batch size from 1 up, so one graph must serve them all.
+    """
+    be = backend(**options)
+    compiled = torch.compile(model, backend=be, dynamic=dynamic, fullgraph=fullgraph)
+    if dynamic:
+        compiled = _size_oblivious(compiled)
+    compiled.kunlun_backend = be
+    return compiled
+
+
+def _size_oblivious(compiled):
+    from torch.fx.experimental import _config as fx_config
+
+    def call(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with fx_config.patch(backed_size_oblivious=True):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    if isinstance(compiled, torch.nn.Module):  # OptimizedModule: its forward runs the Dynamo frame
+        compiled.forward = call(compiled.forward)
+        return compiled
+    return call(compiled)

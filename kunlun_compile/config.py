@@ -1,0 +1,80 @@
+"""One frozen configuration object, built once per backend and passed down.
+
+Every option the backend understands is a field here.  Options reach it from
+`torch.compile(..., options={...})`, from `kunlun_compile.backend(**options)`
+and from environment variables; unknown names are an error that lists the
+valid ones, so a typo never silently turns a feature off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+# Environment variables read once, when a config is built (never mid-compile).
+ENV_DISABLE = "KUNLUN_COMPILE_DISABLE"  # comma-separated pass names to skip
+ENV_STRICT = "KUNLUN_COMPILE_STRICT"  # "1": raise instead of falling back
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Every option of the kunlun backend."""
+
+    # Raise on any failure in a pass, lowering or runtime step instead of
+    # warning once and running that graph without the failing step.
+    strict: bool = False
+    # Names of passes to skip (see `kunlun-compile passes`).
+    disable: Tuple[str, ...] = ()
+    # Collect a CompileReport for every graph (cheap; the CLI relies on it).
+    report: bool = True
+
+    @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(
+        cls, options: Optional[Mapping[str, Any]] = None, *, environ: Optional[Mapping[str, str]] = None
+    ) -> "CompileConfig":
+        """Build a config from user options plus the environment.
+
+        Explicit options win over the environment, except `disable`, where the
+        two lists are merged (turning a pass off from the shell must work even
+        when the code also disables something).
+        """
+        options = dict(options or {})
+        valid = cls.option_names()
+        unknown = sorted(k for k in options if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"kunlun backend: unknown option(s) {unknown}; valid options are {list(valid)}"
+            )
+        env = os.environ if environ is None else environ
+        disable = _as_name_tuple(options.pop("disable", ()))
+        env_disable = _as_name_tuple(env.get(ENV_DISABLE, ""))
+        options["disable"] = tuple(dict.fromkeys(disable + env_disable))
+        if "strict" not in options and env.get(ENV_STRICT):
+            options["strict"] = env[ENV_STRICT] not in ("0", "false", "False", "")
+        for name in ("strict", "report"):
+            if name in options and not isinstance(options[name], bool):
+                raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "CompileConfig":
+        return dataclasses.replace(self, **changes)
+
+    def is_enabled(self, pass_name: str) -> bool:
+        return pass_name not in self.disable
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_name_tuple(value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        if not all(isinstance(v, str) for v in value):
+            raise TypeError(f"kunlun backend: 'disable' must hold pass names, got {value!r}")
+        return tuple(value)
+    raise TypeError(f"kunlun backend: 'disable' must be a list of pass names or a comma-separated string, got {value!r}")

@@ -1,0 +1,61 @@
+"""Count what a graph will launch: fused kernels, generated kernels, ATen calls.
+
+A node that only changes metadata (views, getitem, size arithmetic) launches
+nothing and is not counted.  The classification is by the node's target so
+that the report, the CLI and the tests all count the same way.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict
+
+import torch
+import torch.fx as fx
+
+from .report import KERNEL_KINDS
+
+FUSED_NAMESPACE = "kunlun"  # torch.ops.kunlun.* are the fused-op library
+POINTWISE_ATTR = "kunlun_pointwise_kernel"  # set on call_module/call_function nodes of generated kernels
+
+_NON_KERNEL_ATEN = {
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_storage_offset.default,
+    torch.ops.aten._assert_async.msg,
+    torch.ops.aten._assert_scalar.default,
+}
+
+
+def launches_kernel(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return True
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t is operator.getitem or getattr(t, "__module__", None) in ("_operator", "math", "torch.fx.experimental.sym_node"):
+        return False
+    if isinstance(t, torch._ops.OpOverload):
+        if t in _NON_KERNEL_ATEN or t.is_view:
+            return False
+        return True
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        return True
+    return not isinstance(t, type)
+
+
+def kernel_kind(node: fx.Node) -> str:
+    if node.meta.get(POINTWISE_ATTR):
+        return "pointwise"
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == FUSED_NAMESPACE:
+        return "fused"
+    return "aten"
+
+
+def count_kernels(gm: fx.GraphModule) -> Dict[str, int]:
+    counts = dict.fromkeys(KERNEL_KINDS, 0)
+    for node in gm.graph.nodes:
+        if launches_kernel(node):
+            counts[kernel_kind(node)] += 1
+    return counts

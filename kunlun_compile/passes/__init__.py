@@ -1,0 +1,21 @@
+"""Graph passes and the table of passes the backend runs, in order.
+
+Registration is explicit and lives here alone: a new pass is one row below.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from .cleanup import dead_code, remove_noop_ops
+from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutcome
+
+
+def default_passes() -> List[GraphPass]:
+    return [
+        GraphPass("remove_noop_ops", "drop views to the same shape, identity permutes/slices and same-dtype copies",
+                  remove_noop_ops),
+        GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),
+    ]
+
+
+__all__ = ["GraphPass", "PassContext", "PassFailure", "PassManager", "PassOutcome", "default_passes"]

@@ -1,0 +1,85 @@
+"""Cleanup passes: remove work that does nothing, so patterns see less noise.
+
+After functionalization, graphs carry views to the same shape, casts to the
+dtype a tensor already has and slices over a whole dimension.  Removing them
+is always safe for views (they alias anyway).  A same-dtype copy is removed
+only when its result is not returned (dropping it must not make a returned
+tensor alias an input) and no view is taken of it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .manager import PassContext, PassOutcome
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+                     aten.alias.default}
+_COPIES = {aten.clone.default, aten._to_copy.default, prims.convert_element_type.default}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _same_shape(a, b) -> bool:
+    if len(a.shape) != len(b.shape):
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def _is_noop_view(node: fx.Node) -> bool:
+    src, out = _val(node.args[0]) if node.args else None, _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    if node.target in _SAME_SHAPE_VIEWS:
+        return _same_shape(src, out)
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == list(range(len(node.args[1])))
+    if node.target is aten.slice.Tensor:  # same shape and offset: the same elements
+        return _same_shape(src, out) and statically_known_true(out.storage_offset() == src.storage_offset())
+    return False
+
+
+def _is_noop_copy(node: fx.Node) -> bool:
+    if node.target not in _COPIES:
+        return False
+    src, out = _val(node.args[0]), _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    if src.dtype != out.dtype or src.device != out.device or not _same_shape(src, out):
+        return False
+    if any(statically_known_true(a != b) for a, b in zip(src.stride(), out.stride())):
+        return False
+    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    if src.requires_grad != out.requires_grad:
+        return False
+    for user in node.users:
+        if user.op == "output":
+            return False
+        if isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
+            return False
+    return True
+
+
+def remove_noop_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if _is_noop_view(node) or _is_noop_copy(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    return PassOutcome(matches=removed)
+
+
+def dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return PassOutcome(matches=before - len(gm.graph.nodes))

@@ -1,0 +1,148 @@
+"""What the backend did to each graph, as plain data.
+
+A `GraphReport` is filled in as a graph moves through capture, passes,
+lowering and the runtime; `CompileReport` aggregates all graphs of one model.
+Both print as readable text and convert to JSON-ready dicts, which is what the
+CLI shows.  Keys with nothing to count yet stay 0 / empty, never absent.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Dict, List, Optional
+
+# Pattern family names, fixed by the public report format.
+PATTERN_FAMILIES = (
+    "norm_rope_gate",
+    "add_rmsnorm",
+    "moe_gate",
+    "moe_ffn",
+    "masked_input",
+    "attention_mask",
+)
+KERNEL_KINDS = ("fused", "pointwise", "aten")
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    description: str
+    nodes_before: int
+    nodes_after: int
+    matches: int = 0
+    time_ms: float = 0.0
+    skipped: Optional[str] = None  # why it did not run (disabled, failed)
+    # Pattern family -> matches replaced by this pass.
+    patterns: Dict[str, int] = dataclasses.field(default_factory=dict)
+    # Refused matches: one line each, "pattern: reason".
+    near_misses: List[str] = dataclasses.field(default_factory=list)
+    code_before: str = ""
+    code_after: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.matches > 0 or self.nodes_before != self.nodes_after
+
+    def as_dict(self, with_code: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        d["changed"] = self.changed
+        if not with_code:
+            d.pop("code_before")
+            d.pop("code_after")
+        return d
+
+
+@dataclasses.dataclass
+class Fallback:
+    graph: str
+    stage: str  # the pass, lowering or runtime step that failed
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"graph": self.graph, "pass": self.stage, "reason": self.reason}
+
+
+@dataclasses.dataclass
+class GraphReport:
+    name: str
+    inputs: List[str] = dataclasses.field(default_factory=list)  # "f32[s0, 64]"
+    mode: str = "inference"  # or "eager-grad" when run eagerly for autograd
+    passes: List[PassRecord] = dataclasses.field(default_factory=list)
+    kernels_before: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KERNEL_KINDS, 0))
+    kernels: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KERNEL_KINDS, 0))
+    sfu_ops: int = 0
+    vector_ops: int = 0
+    pieces: int = 0
+    fallbacks: List[Fallback] = dataclasses.field(default_factory=list)
+    compile_ms: float = 0.0
+
+    @property
+    def patterns(self) -> Dict[str, int]:
+        total = Counter(dict.fromkeys(PATTERN_FAMILIES, 0))
+        for p in self.passes:
+            total.update(p.patterns)
+        return dict(total)
+
+    def as_dict(self, with_code: bool = False) -> dict:
+        return {
+            "name": self.name,
+            "inputs": list(self.inputs),
+            "mode": self.mode,
+            "passes": [p.as_dict(with_code) for p in self.passes],
+            "patterns": self.patterns,
+            "kernels_before": dict(self.kernels_before),
+            "kernels": dict(self.kernels),
+            "sfu_ops": self.sfu_ops,
+            "vector_ops": self.vector_ops,
+            "pieces": self.pieces,
+            "fallbacks": [f.as_dict() for f in self.fallbacks],
+            "compile_ms": round(self.compile_ms, 3),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"graph {self.name}  inputs: {', '.join(self.inputs)}  ({self.mode}, {self.compile_ms:.1f} ms)"]
+        lines.append(f"  {'pass':<22} {'nodes':>13} {'matches':>8} {'ms':>8}  note")
+        for p in self.passes:
+            note = p.skipped or ", ".join(f"{k}={v}" for k, v in p.patterns.items() if v)
+            nodes = f"{p.nodes_before}->{p.nodes_after}"
+            lines.append(f"  {p.name:<22} {nodes:>13} {p.matches:>8} {p.time_ms:>8.2f}  {note}")
+        kb, ka = self.kernels_before, self.kernels
+        lines.append(
+            "  kernels before: " + _kernel_line(kb) + "   after: " + _kernel_line(ka) + f"   pieces: {self.pieces}"
+        )
+        for f in self.fallbacks:
+            lines.append(f"  FALLBACK in {f.stage}: {f.reason}")
+        return "\n".join(lines)
+
+
+def _kernel_line(k: Dict[str, int]) -> str:
+    return f"{sum(k.values())} ({', '.join(f'{n} {kind}' for kind, n in k.items())})"
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """All graphs one backend instance compiled, in order."""
+
+    graphs: List[GraphReport] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict:
+        patterns = Counter(dict.fromkeys(PATTERN_FAMILIES, 0))
+        kernels = Counter(dict.fromkeys(KERNEL_KINDS, 0))
+        kernels_before = Counter(dict.fromkeys(KERNEL_KINDS, 0))
+        for g in self.graphs:
+            patterns.update(g.patterns)
+            kernels.update(g.kernels)
+            kernels_before.update(g.kernels_before)
+        return {
+            "graphs": len(self.graphs),
+            "patterns": dict(patterns),
+            "kernels": dict(kernels),
+            "kernels_before": dict(kernels_before),
+            "sfu_ops": sum(g.sfu_ops for g in self.graphs),
+            "vector_ops": sum(g.vector_ops for g in self.graphs),
+            "pieces": sum(g.pieces for g in self.graphs),
+            "fallbacks": [f.as_dict() for g in self.graphs for f in g.fallbacks],
+        }
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(g) for g in self.graphs) or "(no graphs compiled)"

@@ -1,0 +1,56 @@
+"""Small helpers shared by the stages: graph copies, warnings, shape strings."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Set
+
+import torch
+import torch.fx as fx
+
+
+class KunlunCompileWarning(UserWarning):
+    """Every warning the backend gives (fallbacks, grad-mode, capture caps)."""
+
+
+def warn_once(message: str, seen: Optional[Set[str]] = None) -> None:
+    """Warn with `message` unless `seen` already holds it.
+
+    `seen` belongs to one backend instance, so one problem gives one warning
+    per compiled model rather than one per graph or per call.
+    """
+    if seen is not None:
+        if message in seen:
+            return
+        seen.add(message)
+    warnings.warn(message, KunlunCompileWarning, stacklevel=3)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structural copy: new graph and nodes, same tensors (no deepcopy of weights)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
+
+
+def describe_value(v: Any) -> str:
+    """'bf16[s0, 64]' for tensors (symbolic sizes as sympy text), repr otherwise."""
+    if isinstance(v, torch.Tensor):
+        dt = _SHORT_DTYPES.get(v.dtype, str(v.dtype).replace("torch.", ""))
+        return f"{dt}[{', '.join(str(s) for s in v.shape)}]"
+    if isinstance(v, torch.SymInt):
+        return f"sym {v.node.expr}"
+    return type(v).__name__
+
+
+_SHORT_DTYPES = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "bool",
+}

@@ -1,0 +1,43 @@
+import copy
+import os
+
+import pytest
+import torch
+
+# Tests run the backend strict unless a test is about the fallback itself.
+STRICT = {"strict": True}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    assert torch.isfinite(got).all(), "non-finite values in output"
+    return ((got - want).norm() / want.norm()).item()
+
+
+def float64_reference(model, inputs):
+    """Run a float64 copy of the model (integer inputs unchanged)."""
+    m64 = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        return m64(*inputs)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda():
+            item.add_marker(skip_gpu)
+
+
+os.environ.pop("KUNLUN_COMPILE_DISABLE", None)
+os.environ.pop("KUNLUN_COMPILE_STRICT", None)

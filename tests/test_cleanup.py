@@ -1,0 +1,64 @@
+import torch
+
+import kunlun_compile as kc
+
+aten = torch.ops.aten
+
+
+def _compile(fn, *args):
+    be = kc.backend(strict=True)
+    out = torch.compile(fn, backend=be)(*args)
+    return out, be.report.graphs[0]
+
+
+def _targets(graph_report):
+    code = graph_report.passes[-1].code_after
+    return code
+
+
+def test_noop_views_and_casts_are_removed():
+    def f(x):
+        y = x.view(x.shape).reshape(x.shape) + 1
+        y = y.to(torch.float32)[:, :]  # same dtype, full slice
+        return y.permute(0, 1) * 2
+
+    x = torch.randn(4, 8)
+    out, g = _compile(f, x)
+    torch.testing.assert_close(out, (x + 1) * 2)
+    code = _targets(g)
+    assert "aten.view" not in code and "aten.slice" not in code and "permute" not in code
+    assert "aten.add" in code and "aten.mul" in code
+
+
+def test_real_views_survive():
+    def f(x):
+        return (x.view(2, 16) + 1)[:, 4:].reshape(-1)
+
+    x = torch.randn(4, 8)
+    out, g = _compile(f, x)
+    torch.testing.assert_close(out, ((x.view(2, 16) + 1)[:, 4:]).reshape(-1))
+    assert "aten.slice" in _targets(g)
+
+
+def test_returned_copy_is_not_removed():
+    # Dropping the clone would make the output alias the input.
+    def f(x):
+        return x.clone(), (x * 2).clone()
+
+    x = torch.randn(4, 8)
+    (a, b), _ = _compile(f, x)
+    assert a.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(b, x * 2)
+    a.add_(1)
+    assert not torch.equal(a, x)
+
+
+def test_dead_code_removed():
+    def f(x):
+        unused = torch.exp(x) * 3  # noqa: F841
+        return x + 1
+
+    x = torch.randn(3)
+    out, g = _compile(f, x)
+    torch.testing.assert_close(out, x + 1)
+    assert "exp" not in g.passes[-1].code_after
