@@ -5,6 +5,7 @@
     torch.compile(model, backend=kunlun_compile.backend(disable=["dead_code"]))
 """
 from .backend import KunlunBackend, backend, compile, dynamo_backend, last_report
+from .capture import serving_shapes
 from .config import CompileConfig
 from .report import CompileReport, GraphReport
 from .utils import KunlunCompileWarning
@@ -21,5 +22,6 @@ __all__ = [
     "compile",
     "dynamo_backend",
     "last_report",
+    "serving_shapes",
     "__version__",
 ]

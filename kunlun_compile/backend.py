@@ -8,7 +8,6 @@ graph runs correctly without that stage (strict=True raises instead).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import needs_autograd, to_aten_inference
+from .capture import needs_autograd, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
 from .graph_stats import count_kernels
 from .passes import GraphPass, PassContext, PassManager, default_passes
@@ -119,29 +118,11 @@ def last_report() -> CompileReport:
 def compile(model: Any, *, dynamic: Optional[bool] = None, fullgraph: bool = False, **options: Any):
     """`torch.compile(model, backend=kunlun_compile.backend(**options))`; the backend is `.kunlun_backend`.
 
-    With dynamic=True, sizes are traced size-obliviously: Dynamo otherwise
-    specialises a batch size of 1 into its own graph, and LLM serving calls
-    with every batch size from 1 up, so one graph must serve them all.
+    With dynamic=True one graph serves every token count from 1 up (see capture/dynamic.py).
     """
     be = backend(**options)
     compiled = torch.compile(model, backend=be, dynamic=dynamic, fullgraph=fullgraph)
     if dynamic:
-        compiled = _size_oblivious(compiled)
+        compiled = with_serving_shapes(compiled)
     compiled.kunlun_backend = be
     return compiled
-
-
-def _size_oblivious(compiled):
-    from torch.fx.experimental import _config as fx_config
-
-    def call(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with fx_config.patch(backed_size_oblivious=True):
-                return fn(*args, **kwargs)
-        return wrapper
-
-    if isinstance(compiled, torch.nn.Module):  # OptimizedModule: its forward runs the Dynamo frame
-        compiled.forward = call(compiled.forward)
-        return compiled
-    return call(compiled)

@@ -180,7 +180,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.view(-1, self.nq, self.d)).view(-1, self.q_size)
             k = self.k_norm(k.view(-1, self.nkv, self.d)).view(-1, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
-        out = attention(q, k, v.contiguous(), mask, self.nq, self.nkv, self.d, self.scale)
+        out = attention(q, k, v, mask, self.nq, self.nkv, self.d, self.scale)
         if self.gated:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)

@@ -1,0 +1,40 @@
+"""How Dynamo should trace for LLM serving, where the token count varies per call.
+
+- Sizes are traced size-obliviously: by default a batch of 1 is specialised
+  into its own graph, and serving calls with every size from 1 up.
+- Python floats (eps, scales) stay constants: traced dynamically they become
+  runtime inputs, and a fusion guard can no longer see them.
+
+`kunlun_compile.compile(dynamic=True)` applies this around every call; users of
+plain `torch.compile(..., dynamic=True)` can wrap their calls in
+`kunlun_compile.serving_shapes()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.fx.experimental import _config as fx_config
+
+
+@contextlib.contextmanager
+def serving_shapes():
+    with fx_config.patch(backed_size_oblivious=True), torch._dynamo.config.patch(specialize_float=True):
+        yield
+
+
+def with_serving_shapes(compiled):
+    """Wrap a torch.compile result so every call traces under `serving_shapes()`."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with serving_shapes():
+                return fn(*args, **kwargs)
+        return call
+
+    if isinstance(compiled, torch.nn.Module):  # OptimizedModule: its forward runs the Dynamo frame
+        compiled.forward = wrap(compiled.forward)
+        return compiled
+    return wrap(compiled)

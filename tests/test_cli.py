@@ -1,0 +1,81 @@
+"""The real CLI, in a subprocess."""
+import json
+import subprocess
+import sys
+import textwrap
+
+EXPLAIN_KEYS = {"target", "ok", "max_abs_err", "rel_err", "graphs", "patterns", "kernels", "sfu_ops", "vector_ops",
+                "pieces", "fallbacks"}
+FAMILIES = {"norm_rope_gate", "add_rmsnorm", "moe_gate", "moe_ffn", "masked_input", "attention_mask"}
+
+
+def cli(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "kunlun_compile", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    return r
+
+
+def _check_explain_json(out: dict, target: str):
+    assert EXPLAIN_KEYS <= set(out), EXPLAIN_KEYS - set(out)
+    assert out["target"] == target and out["ok"] is True
+    assert set(out["patterns"]) == FAMILIES
+    assert set(out["kernels"]) == {"fused", "pointwise", "aten"}
+    assert out["graphs"] >= 1 and out["pieces"] >= 1
+    assert sum(out["kernels"].values()) > 0
+    assert out["fallbacks"] == []
+    assert 0 <= out["rel_err"] <= 1e-4 and out["max_abs_err"] >= 0
+
+
+def test_explain_json_builtin():
+    r = cli("explain", "qwen3-moe-tiny", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_explain_json(json.loads(r.stdout), "qwen3-moe-tiny")
+
+
+def test_explain_json_factory_file(tmp_path):
+    src = tmp_path / "mymodel.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        def make():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+            return m.eval(), (torch.randn(4, 8),)
+    """))
+    r = cli("explain", f"{src}:make", "--json", "--disable", "dead_code")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    _check_explain_json(out, f"{src}:make")
+    passes = {p["name"]: p for p in out["graph_reports"][0]["passes"]}
+    assert passes["dead_code"]["skipped"] == "disabled"
+
+
+def test_explain_text_and_bad_target():
+    r = cli("explain", "llama-tiny")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "remove_noop_ops" in r.stdout and "check vs eager: OK" in r.stdout
+    r = cli("explain", "no-such-model")
+    assert r.returncode != 0 and "unknown target" in r.stderr
+
+
+def test_demo():
+    r = cli("demo")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "qwen3-next-tiny" in r.stdout and "kernels before" in r.stdout and "check vs eager: OK" in r.stdout
+    for name in ["llama-tiny", "qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"]:
+        assert name in r.stdout
+
+
+def test_passes_listing():
+    r = cli("passes", "--json", "--disable", "dead_code")
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows][:2] == ["remove_noop_ops", "dead_code"]
+    assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
+    assert all(row["description"] for row in rows)
+
+
+def test_console_script_installed():
+    import shutil
+    exe = shutil.which("kunlun-compile")
+    assert exe, "kunlun-compile console script not on PATH (pip install -e . missing?)"
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "explain" in r.stdout

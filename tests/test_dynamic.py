@@ -1,0 +1,58 @@
+"""One compile serves every batch size; symbolic sizes stay symbolic."""
+import torch
+
+import kunlun_compile as kc
+from kunlun_compile.models import BUILTIN_CONFIGS, build_model, make_inputs
+
+
+def test_one_compile_serves_sizes_1_to_17():
+    model, _ = build_model("qwen3-moe-tiny")
+    compiled = kc.compile(model, dynamic=True, strict=True)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [5] + list(range(1, 18)):
+            ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], t, generator=gen)
+            torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=1e-5, atol=1e-5)
+    report = compiled.kunlun_backend.report
+    assert len(report.graphs) == 1, [g.inputs for g in report.graphs]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+    # the token dimension is a symbol, not a number
+    assert any("s" in spec and "[" in spec for spec in report.graphs[0].inputs[:2])
+
+
+def test_mark_dynamic_compiles_once_for_sizes_2_and_up():
+    model, _ = build_model("llama-tiny")
+    be = kc.backend(strict=True)
+    compiled = torch.compile(model, backend=be)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in range(2, 12):
+            ids, pos = make_inputs(BUILTIN_CONFIGS["llama-tiny"], t, generator=gen)
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(pos, 0)
+            torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=1e-5, atol=1e-5)
+    assert len(be.report.graphs) == 1
+
+
+def test_scalar_constants_stay_constants_under_dynamic():
+    """eps must reach the passes as a number (fusion guards read it), not as a runtime input."""
+    model, inputs = build_model("llama-tiny")
+    compiled = kc.compile(model, dynamic=True, strict=True)
+    with torch.no_grad():
+        compiled(*inputs)
+    g = compiled.kunlun_backend.report.graphs[0]
+    assert not any(spec.startswith("f64[]") for spec in g.inputs), g.inputs
+    assert "1e-06" in g.passes[-1].code_after or "9.99999" in g.passes[-1].code_after
+
+
+def test_serving_shapes_context_for_plain_torch_compile():
+    model, _ = build_model("qwen3-tiny")
+    be = kc.backend(strict=True)
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad(), kc.serving_shapes():
+        for t in [3, 1, 9]:
+            ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-tiny"], t, generator=gen)
+            torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=1e-5, atol=1e-5)
+    assert len(be.report.graphs) == 1
