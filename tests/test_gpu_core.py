@@ -1,0 +1,39 @@
+"""The backend core on a CUDA device (skipped without one): bf16 built-in models and HF models."""
+import pytest
+import torch
+
+import kunlun_compile as kc
+from kunlun_compile.models import BUILTIN_CONFIGS, build_model, builtin_names, make_inputs
+
+from .conftest import float64_reference, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_builtin_bf16_on_cuda(name):
+    model, inputs = build_model(name, dtype=torch.bfloat16, device="cuda", num_tokens=64, seed=5)
+    compiled = kc.compile(model, dynamic=True, strict=True)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for t in [64, 1, 7, 33]:
+            ids, pos = make_inputs(BUILTIN_CONFIGS[name], t, device="cuda", generator=gen)
+            got, want = compiled(ids, pos), model(ids, pos)
+            ref = float64_reference(model, (ids, pos))
+            assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+    assert len(compiled.kunlun_backend.report.graphs) == 1
+    assert compiled.kunlun_backend.report.summary()["fallbacks"] == []
+
+
+def test_hf_llama_bf16_on_cuda():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (2, 12), device="cuda")
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids).logits
+        want = model(input_ids=ids).logits
+    assert rel_err(got, want) <= 1e-2
