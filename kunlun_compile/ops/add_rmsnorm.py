@@ -1,0 +1,111 @@
+"""kunlun::fused_add_rmsnorm — residual add + RMSNorm in one pass over the row.
+
+    new_residual = x + residual
+    out = rmsnorm(new_residual) * (weight + norm_offset)
+
+Rounding reproduces the module being replaced (bf16/fp16; fp32 is exact either way):
+- norm_offset == 0, vLLM `RMSNorm`: the sum is formed in fp32 and normalised
+  unrounded; the normalised value is cast to the input dtype *before* the
+  weight multiply, which happens in the input dtype.
+- norm_offset != 0, Gemma style (Qwen3-Next): the sum is rounded to the input
+  dtype (that is the residual), normalised in fp32, multiplied by
+  `(w + offset)` in fp32 and cast once.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_kernel import kernel, use_triton
+
+
+def check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    if x.shape != residual.shape:
+        raise ValueError(f"fused_add_rmsnorm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"fused_add_rmsnorm: weight {tuple(weight.shape)} must be [{x.shape[-1]}] "
+                         f"(the last dim of x {tuple(x.shape)})")
+    if x.dtype != residual.dtype or not x.is_floating_point():
+        raise ValueError(f"fused_add_rmsnorm: x and residual must share one float dtype, got {x.dtype}, "
+                         f"{residual.dtype}")
+    if not eps > 0:
+        raise ValueError(f"fused_add_rmsnorm: eps must be > 0, got {eps}")
+
+
+def reference(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The definition of correct, in plain torch."""
+    dtype = x.dtype
+    total = x.float() + residual.float()
+    new_residual = total.to(dtype)
+    if norm_offset == 0.0:
+        normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        return normed * weight.to(dtype), new_residual
+    r = new_residual.float()
+    normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (weight.float() + norm_offset)).to(dtype), new_residual
+
+
+@kernel
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, norm_offset,
+                        x_stride, r_stride, out_stride, new_r_stride,
+                        GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+    total = x.to(tl.float32) + r.to(tl.float32)
+    new_r = total.to(x.dtype)
+    tl.store(new_r_ptr + row * new_r_stride + cols, new_r, mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if GEMMA:
+        s = new_r.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / n_cols + eps)
+        out = (s * inv * (w.to(tl.float32) + norm_offset)).to(x.dtype)
+    else:
+        inv = 1.0 / tl.sqrt(tl.sum(total * total, axis=0) / n_cols + eps)
+        # round to the dtype, then the weight multiply rounded again: a bf16/fp16 multiply
+        # done exactly in fp32 (the product of two 8/11-bit mantissas fits), as torch does it
+        out = ((total * inv).to(x.dtype).to(tl.float32) * w.to(x.dtype).to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+
+
+def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    r2 = residual.reshape(-1, n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    w = weight.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    new_r = torch.empty_like(out)
+    rows = x2.shape[0]
+    if rows:
+        block = triton.next_power_of_2(n_cols)
+        num_warps = min(max(block // 256, 1), 16)
+        _add_rmsnorm_kernel.on(x.device)[(rows,)](
+            x2, r2, w, out, new_r, n_cols, eps, norm_offset,
+            x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
+            GEMMA=norm_offset != 0.0, BLOCK=block, num_warps=num_warps)
+    return out.view(x.shape), new_r.view(x.shape)
+
+
+@torch.library.custom_op("kunlun::fused_add_rmsnorm", mutates_args=())
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_args(x, residual, weight, eps)
+    if use_triton(x):
+        return triton_impl(x, residual, weight, eps, norm_offset)
+    return reference(x, residual, weight, eps, norm_offset)
+
+
+@fused_add_rmsnorm.register_fake
+def _(x, residual, weight, eps, norm_offset):
+    check_args(x, residual, weight, eps)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,75 @@
+"""Triton kernels that run compiled on CUDA and interpreted on the CPU.
+
+`triton.jit` decides at decoration time whether a function is compiled or
+interpreted, so a module-level kernel could only do one.  A `Kernel` keeps
+both forms and picks by the device of the tensors at each call: the same
+kernel code serves the GPU and the CPU tests.
+
+On the CPU the kernels run only when TRITON_INTERPRET=1 was set before triton
+was imported (triton's own library functions such as `tl.sum` are only
+interpretable then); otherwise the ops run their plain-torch reference.
+
+Kernels compute in fp32 only, casting at loads and stores: the interpreter
+gets arithmetic directly on bf16 values wrong, and on the GPU fp32 arithmetic
+with one rounding per torch op is what reproduces torch's results.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import triton
+
+
+class Kernel:
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self._compiled = None
+        self._interpreted = None
+
+    def on(self, device: torch.device):
+        if device.type == "cpu":
+            if not interpreter_usable():
+                raise RuntimeError("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted
+        if self._compiled is None:
+            self._compiled = triton.JITFunction(self.fn)
+        return self._compiled
+
+
+def kernel(fn: Callable) -> Kernel:
+    return Kernel(fn)
+
+
+def interpreter_usable() -> bool:
+    """True when triton was imported under TRITON_INTERPRET=1 (its library is interpretable)."""
+    import triton.language as tl
+
+    return not isinstance(tl.sum, triton.JITFunction)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA; on the CPU only under the interpreter (else the torch reference runs)."""
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and bool(triton.knobs.runtime.interpret) and interpreter_usable()
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    """Choose, for the duration, whether ops on CPU tensors run their Triton kernels
+    (interpreted; needs TRITON_INTERPRET=1 at start-up) or their torch reference."""
+    if enabled and not interpreter_usable():
+        raise RuntimeError("cpu_kernels(True) needs TRITON_INTERPRET=1 set before triton is imported")
+    old = triton.knobs.runtime.interpret
+    triton.knobs.runtime.interpret = enabled
+    try:
+        yield
+    finally:
+        triton.knobs.runtime.interpret = old
