@@ -25,7 +25,7 @@ class CompileConfig:
     strict: bool = False
     # Names of passes to skip (see `kunlun-compile passes`).
     disable: Tuple[str, ...] = ()
-    # Collect a CompileReport for every graph (cheap; the CLI relies on it).
+    # Keep each pass's before/after graph code in the report (the CLI's diffs read it).
     report: bool = True
 
     @classmethod

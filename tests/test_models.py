@@ -92,25 +92,26 @@ def _hf_model(kind: str, dtype):
     return cls(cfg).to(dtype).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_moe"])
-def test_hf_fp32_matches_eager(kind):
-    model = _hf_model(kind, torch.float32)
+def _hf_compiled_and_eager(model):
     ids = torch.randint(0, 256, (2, 12))
     compiled = kc.compile(model, strict=True)
     with torch.no_grad():
         got = compiled(input_ids=ids).logits
         want = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert compiled.kunlun_backend.report.summary()["fallbacks"] == []
+    return got, want, ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_moe"])
+def test_hf_fp32_matches_eager(kind):
+    got, want, _ = _hf_compiled_and_eager(_hf_model(kind, torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_hf_bf16_against_float64(kind):
     model = _hf_model(kind, torch.bfloat16)
-    ids = torch.randint(0, 256, (2, 12))
-    compiled = kc.compile(model, strict=True)
+    got, want, ids = _hf_compiled_and_eager(model)
     with torch.no_grad():
-        got = compiled(input_ids=ids).logits
-        want = model(input_ids=ids).logits
         ref = model.to(torch.float64)(input_ids=ids).logits
     assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))

@@ -43,17 +43,21 @@ def _kunlun_warnings(record):
     return [w for w in record if issubclass(w.category, KunlunCompileWarning)]
 
 
-def test_failing_pass_warns_once_and_result_is_correct():
+def _run_correct_three_times(extra_pass):
+    """Compile Block with `extra_pass` (non-strict), check 3 calls against eager; return (backend, warnings)."""
     m = Block().eval().requires_grad_(False)
-    be = _backend_with(GraphPass("sabotage", "fails halfway", _sabotage), strict=False)
+    be = _backend_with(extra_pass, strict=False)
     compiled = torch.compile(m, backend=be)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(3):
             x, r = _inputs()
-            got, want = compiled(x, r), m(x, r)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    ws = _kunlun_warnings(rec)
+            torch.testing.assert_close(compiled(x, r), m(x, r), rtol=1e-6, atol=1e-6)
+    return be, _kunlun_warnings(rec)
+
+
+def test_failing_pass_warns_once_and_result_is_correct():
+    be, ws = _run_correct_three_times(GraphPass("sabotage", "fails halfway", _sabotage))
     assert len(ws) == 1, [str(w.message) for w in ws]
     msg = str(ws[0].message)
     assert "sabotage" in msg and "graph_0" in msg and "planted failure" in msg
@@ -85,15 +89,7 @@ def _break_at_run_time(gm, ctx):
 
 
 def test_run_time_failure_falls_back_to_the_uncompiled_graph():
-    m = Block().eval().requires_grad_(False)
-    be = _backend_with(GraphPass("bad_kernel", "breaks at run time", _break_at_run_time), strict=False)
-    compiled = torch.compile(m, backend=be)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            x, r = _inputs()
-            torch.testing.assert_close(compiled(x, r), m(x, r), rtol=1e-6, atol=1e-6)
-    ws = _kunlun_warnings(rec)
+    be, ws = _run_correct_three_times(GraphPass("bad_kernel", "breaks at run time", _break_at_run_time))
     assert len(ws) == 1 and "failed at run time" in str(ws[0].message)
     assert be.report.summary()["fallbacks"][0]["pass"] == "runtime"
 
