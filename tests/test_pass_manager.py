@@ -123,3 +123,28 @@ def test_duplicate_pass_names_rejected():
     p = default_passes()[0]
     with pytest.raises(ValueError, match="duplicate"):
         kc.KunlunBackend(CompileConfig(), passes=[p, p])
+
+
+def _capture_breaks(*args, **kwargs):
+    raise RuntimeError("capture broke (planted)")
+
+
+def test_capture_failure_runs_the_graph_eagerly(monkeypatch):
+    import kunlun_compile.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "to_aten_inference", _capture_breaks)
+    m = Block().eval().requires_grad_(False)
+    be = kc.backend(strict=False)
+    compiled = torch.compile(m, backend=be)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        x, r = _inputs()
+        torch.testing.assert_close(compiled(x, r), m(x, r), rtol=0, atol=0)
+    ws = _kunlun_warnings(rec)
+    assert len(ws) == 1 and "capture of graph_0 failed" in str(ws[0].message)
+    assert be.report.graphs[0].mode == "eager-fallback"
+    assert be.report.summary()["fallbacks"][0]["pass"] == "capture"
+
+    strict = kc.backend(strict=True)
+    with pytest.raises(Exception, match="planted"):
+        torch.compile(m, backend=strict)(*_inputs())
