@@ -1,3 +1,4 @@
+import importlib
 import warnings
 
 import pytest
@@ -130,7 +131,7 @@ def _capture_breaks(*args, **kwargs):
 
 
 def test_capture_failure_runs_the_graph_eagerly(monkeypatch):
-    import kunlun_compile.backend as backend_module
+    backend_module = importlib.import_module("kunlun_compile.backend")
 
     monkeypatch.setattr(backend_module, "to_aten_inference", _capture_breaks)
     m = Block().eval().requires_grad_(False)
