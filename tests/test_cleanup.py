@@ -11,9 +11,9 @@ def _compile(fn, *args):
     return out, be.report.graphs[0]
 
 
-def _targets(graph_report):
-    code = graph_report.passes[-1].code_after
-    return code
+def _final_code(graph_report):
+    """The graph code after the last pass."""
+    return graph_report.passes[-1].code_after
 
 
 def test_noop_views_and_casts_are_removed():
@@ -25,7 +25,7 @@ def test_noop_views_and_casts_are_removed():
     x = torch.randn(4, 8)
     out, g = _compile(f, x)
     torch.testing.assert_close(out, (x + 1) * 2)
-    code = _targets(g)
+    code = _final_code(g)
     assert "aten.view" not in code and "aten.slice" not in code and "permute" not in code
     assert "aten.add" in code and "aten.mul" in code
 
@@ -37,7 +37,7 @@ def test_real_views_survive():
     x = torch.randn(4, 8)
     out, g = _compile(f, x)
     torch.testing.assert_close(out, ((x.view(2, 16) + 1)[:, 4:]).reshape(-1))
-    assert "aten.slice" in _targets(g)
+    assert "aten.slice" in _final_code(g)
 
 
 def test_returned_copy_is_not_removed():
