@@ -37,3 +37,81 @@ def test_masked_input_cuda(n):
     got = torch.ops.kunlun.masked_input(ids, *args)
     want = masked_input.reference(ids, *args)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---- attention prologue, MoE, masks --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 2, 256, 64, True, True, 1.0), (32, 4, 128, 128, False, True, 0.0),
+                                   (8, 8, 64, 64, False, False, None)],
+                         ids=["qwen3next", "qwen3", "gptj-no-norm"])
+@pytest.mark.parametrize("T", [1, 333, 4096])
+def test_split_norm_rope_gate_cuda(dtype, shape, T):
+    from kunlun_compile.ops import norm_rope_gate
+
+    nq, nkv, D, rot, gate, neox, offset = shape
+    qkv = torch.randn(T, norm_rope_gate.qkv_columns(nq, nkv, D, gate), device="cuda").to(dtype)
+    qw = kw = None
+    if offset is not None:
+        qw = ((offset == 0) + 0.3 * torch.randn(D, device="cuda")).to(dtype)
+        kw = ((offset == 0) + 0.3 * torch.randn(D, device="cuda")).to(dtype)
+    angles = torch.rand(4096, rot // 2, device="cuda") * 6.28
+    cache = torch.cat([angles.cos(), angles.sin()], -1)
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    args = (qkv, qw, kw, cache, pos, nq, nkv, D, rot, 1e-6, offset or 0.0, gate, neox)
+    got = torch.ops.kunlun.split_norm_rope_gate(*args)
+    want = norm_rope_gate.reference(*args)
+    assert torch.equal(got[2], want[2])
+    for g, w in zip(got[:2], want[:2]):
+        # same roundings step by step; the fp32 rsqrt / sum order may move a value by one unit, rarely
+        if dtype != torch.float32:  # in fp32 the last bit differs everywhere; the relative error says enough
+            assert (g != w).float().mean().item() < 0.01
+        assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+
+
+@pytest.mark.parametrize("case", [(128, 8, "softmax", True, 1, 1, False, 1.0),
+                                  (256, 8, "sigmoid", True, 8, 4, True, 2.5)], ids=["qwen3moe", "deepseekv3"])
+@pytest.mark.parametrize("M", [1, 77, 8192])
+def test_moe_gate_cuda(case, M):
+    from kunlun_compile.ops import moe_gate
+
+    E, k, scoring, renorm, groups, tg, has_bias, scale = case
+    logits = torch.randn(M, E, device="cuda")
+    bias = 0.1 * torch.randn(E, device="cuda") if has_bias else None
+    args = (logits, k, scoring, renorm, groups, tg, bias, scale)
+    w, ids = torch.ops.kunlun.moe_gate(*args)
+    want_w, want_ids = moe_gate.reference(*args)
+    assert (ids != want_ids).float().mean().item() < 1e-3  # fp32 exp differs in the last bit: near-ties
+    same = (ids == want_ids).all(1)
+    torch.testing.assert_close(w[same], want_w[same], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [1, 16, 60, 200, 1024, 8192])  # small, small, medium, large, large+fused, large
+def test_fused_moe_cuda(M):
+    from kunlun_compile.ops import fused_moe
+    from kunlun_compile.ops.moe_plan import plan_fused_moe
+
+    E, H, I, k = 128, 2048, 768, 8
+    dtype = torch.bfloat16
+    x = torch.randn(M, H, device="cuda", dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
+    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
+    got = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
+    want = fused_moe.reference(x, w13, w2, w, ids)
+    exact = fused_moe.reference(x.double(), w13.double(), w2.double(), w.double(), ids)
+    assert rel_err(want, exact) < 1e-2, plan_fused_moe(M, k, E)
+    assert rel_err(got, exact) < 1e-2, plan_fused_moe(M, k, E)
+    assert rel_err(got, want) < 8e-3  # same roundings; GEMM accumulation order differs
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.bfloat16, torch.float32])
+def test_attention_mask_cuda(dtype):
+    from kunlun_compile.ops import attention_mask
+
+    pos = torch.arange(3000, device="cuda") + 7
+    qp, kp = torch.randint(0, 500, (4, 300), device="cuda"), torch.randint(0, 500, (4, 513), device="cuda")
+    valid = torch.rand(4, 513, device="cuda") > 0.2
+    for args in [(pos, pos, None, True, 0, dtype, float("-inf")), (pos, pos, None, True, 512, dtype, -1e4),
+                 (qp, kp, valid, True, 100, dtype, -1e4), (qp, kp, valid, False, 0, dtype, -1e4)]:
+        assert torch.equal(torch.ops.kunlun.attention_mask(*args), attention_mask.reference(*args))

@@ -223,6 +223,9 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
         topk_ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
         topk_weights = scores.gather(1, topk_ids)
+    elif correction_bias is not None:  # the bias steers the choice; weights stay unbiased
+        topk_ids = torch.topk(scores + correction_bias.float(), top_k, dim=-1)[1]
+        topk_weights = scores.gather(1, topk_ids)
     else:
         topk_weights, topk_ids = torch.topk(scores, top_k, dim=-1)
     if renormalize:

@@ -5,9 +5,17 @@ plain-torch `reference` (the definition of correct; the CPU path), a Triton
 kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
-from . import add_rmsnorm, masked_input
+from . import add_rmsnorm, attention_mask, fused_moe, masked_input, moe_gate, norm_rope_gate
 from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 
-OP_MODULES = {"fused_add_rmsnorm": add_rmsnorm, "masked_input": masked_input}
+OP_MODULES = {
+    "split_norm_rope_gate": norm_rope_gate,
+    "fused_add_rmsnorm": add_rmsnorm,
+    "moe_gate": moe_gate,
+    "fused_moe": fused_moe,
+    "masked_input": masked_input,
+    "attention_mask": attention_mask,
+}
 
-__all__ = ["OP_MODULES", "add_rmsnorm", "cpu_kernels", "interpreter_usable", "masked_input", "use_triton"]
+__all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "cpu_kernels", "fused_moe", "interpreter_usable", "masked_input", "moe_gate",
+           "norm_rope_gate", "use_triton"]

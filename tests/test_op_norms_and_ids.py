@@ -3,18 +3,10 @@ import pytest
 import torch
 
 import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
-from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable, masked_input
+from kunlun_compile.ops import add_rmsnorm, cpu_kernels, masked_input
 
 from .conftest import rel_err
-
-# The Triton path on CPU tensors needs the interpreter, which conftest turns on only without a GPU.
-PATHS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not interpreter_usable(), reason="Triton interpreter off (CUDA machine): the GPU tests cover the kernels"))]
-needs_interpreter = pytest.mark.skipif(not interpreter_usable(), reason="Triton interpreter off (CUDA machine)")
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# relative error of a result rounded to the dtype, against float64 math
-DTYPE_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+from .op_helpers import DTYPE_TOL, DTYPES, PATHS, assert_same_rounding, needs_interpreter
 
 
 def _add_rmsnorm_inputs(rows, cols, dtype, gen):
@@ -49,19 +41,6 @@ def test_fused_add_rmsnorm(path, dtype, offset, shape):
     ref_out, ref_r = add_rmsnorm.reference(x, r, w, 1e-6, offset)
     assert_same_rounding(new_r, ref_r, roundings=1)
     assert_same_rounding(out, ref_out, roundings=2)
-
-
-# Triton's interpreter converts fp32 -> bf16 by its own rounding (about half the values land one unit
-# away from round-to-nearest-even, which the GPU does), so on the CPU a bf16 result can only be held to
-# one unit per rounding step of the reference; on CUDA the GPU tests hold it tighter.
-ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
-
-
-def assert_same_rounding(got, want, roundings):
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    else:
-        torch.testing.assert_close(got, want, rtol=roundings * ULP[got.dtype], atol=1e-3 * roundings)
 
 
 @needs_interpreter

@@ -1,0 +1,242 @@
+"""kunlun::fused_moe — routed experts with SwiGLU, from the router's choice to the output.
+
+    out[m] = Σ_j w[m,j] · w2[e] @ (silu(w13[e,:I] @ x[m]) * (w13[e,I:] @ x[m])),   e = ids[m,j]
+
+w13 is [E, 2I, H] (gate rows, then up rows), w2 is [E, H, I].  The execution
+path (small / medium / large) comes from `moe_plan.plan_fused_moe`; all paths
+share one grouped-GEMM kernel and differ in how a program finds its rows:
+scanning the id table (small) or a block of expert-sorted pairs (medium, large).
+
+Rounding follows the model code it replaces (bf16/fp16): each GEMM result is
+rounded to the dtype, SwiGLU rounds silu and the product, the routing weight is
+cast to the dtype and the weighted product rounded, and the k products of a
+token are summed in fp32 and rounded once.
+
+An id outside [0, E) is an error on the CPU; on a GPU (no host read, so the op
+stays capturable) the token it belongs to gets NaN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .moe_plan import MoePlan, plan_fused_moe
+from .moe_routing import sort_pairs
+from .triton_kernel import kernel, use_triton
+
+ACTIVATIONS = ("silu",)
+
+
+def check_args(x, w13, w2, topk_weights, topk_ids, activation: str) -> None:
+    name = "fused_moe"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"{name}: need x [M, H], w13 [E, 2I, H], w2 [E, H, I]; got {tuple(x.shape)}, "
+                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    M, H = x.shape
+    E, two_i, H13 = w13.shape
+    if H13 != H or two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2):
+        raise ValueError(f"{name}: shapes don't add up: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
+                         f"(want [E, 2I, {H}]), w2 {tuple(w2.shape)} (want [{E}, {H}, {two_i // 2}])")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != M or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"{name}: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [{M}, k]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not x.is_floating_point() or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"{name}: x, w13 and w2 must share one float dtype, got {x.dtype}, {w13.dtype}, "
+                         f"{w2.dtype}")
+
+
+def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Host check, only where it costs no device sync (CPU tensors)."""
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"fused_moe: topk_ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def reference(x, w13, w2, topk_weights, topk_ids, activation: str = "silu") -> torch.Tensor:
+    """The definition of correct, in plain torch: one pass per expert."""
+    M, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    per_pair = x.new_zeros(M, k, H)
+    for e in range(E):
+        tok, slot = torch.where(topk_ids == e)
+        if tok.numel() == 0:
+            continue
+        h = F.linear(x[tok], w13[e])
+        act = F.silu(h[:, :I]) * h[:, I:]
+        per_pair[tok, slot] = F.linear(act, w2[e]) * topk_weights[tok, slot, None].to(x.dtype)
+    return per_pair.sum(dim=1)
+
+
+@kernel
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_expert_ptr,
+                     M, N, K, a_stride, w_stride_e, w_stride_n, out_stride,
+                     TOP_K: tl.constexpr, SCAN: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr,
+                     SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr):
+    """out[pair, n-block] for one expert's rows:  A[rows] @ W[e, n-block, :]^T, then the epilogue.
+
+    SCAN: program (expert, n-block, token chunk) finds its rows in the [M, k] id table.
+    else: program (block, n-block) takes a block of expert-sorted pairs.
+    A rows are tokens (GEMM1: x) or pairs (GEMM2: the SwiGLU output).
+    SWIGLU: W rows n and n + N are gate and up; the output is silu(gate) * up.
+    SCALE: the output row is multiplied by the pair's routing weight.
+    UPCAST (interpreter only): tiles go to fp32 before the dot.
+    """
+    pid0 = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    P = M * TOP_K
+    r = tl.arange(0, BM)
+    if SCAN:
+        e = pid0
+        tok = tl.program_id(2) * BM + r
+        kk = tl.arange(0, BKK)
+        ids = tl.load(ids_ptr + tok[:, None] * TOP_K + kk[None, :],
+                      mask=(tok[:, None] < M) & (kk[None, :] < TOP_K), other=-1)
+        hit = ids == e
+        row_ok = tl.sum(hit.to(tl.int32), axis=1) > 0
+        pair = tok * TOP_K + tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
+        active = tl.sum(row_ok.to(tl.int32), axis=0) > 0
+    else:
+        e = tl.load(block_expert_ptr + pid0)
+        pair = tl.load(sorted_ptr + pid0 * BM + r)
+        row_ok = pair < P
+        active = e >= 0
+    if active:
+        prow = tl.where(row_ok, pair, 0).to(tl.int64)
+        row = prow if A_BY_PAIR else prow // TOP_K
+        n = pid_n * BN + tl.arange(0, BN)
+        n_ok = n < N
+        kc = tl.arange(0, BK)
+        a_rows = a_ptr + row[:, None] * a_stride
+        w_base = w_ptr + e.to(tl.int64) * w_stride_e + n[None, :].to(tl.int64) * w_stride_n
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k_ok = (k0 + kc) < K
+            a = tl.load(a_rows + (k0 + kc)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_base + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16/fp16 dot is wrong; the fp32 products of them are exact
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            if SWIGLU:
+                bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                             other=0.0)
+                if UPCAST:
+                    bu = bu.to(tl.float32)
+                if IEEE:
+                    acc_up = tl.dot(a, bu, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a, bu, acc_up)
+        out_ty = out_ptr.dtype.element_ty
+        y = acc.to(out_ty).to(tl.float32)
+        if SWIGLU:
+            silu = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32)
+            y = silu * acc_up.to(out_ty).to(tl.float32)
+        if SCALE:
+            tw = tl.load(tw_ptr + prow, mask=row_ok, other=0.0).to(out_ty).to(tl.float32)
+            y = y * tw[:, None]
+        tl.store(out_ptr + prow[:, None] * out_stride + n[None, :], y.to(out_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+@kernel
+def _silu_mul_kernel(h_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    out_ty = out_ptr.dtype.element_ty
+    g = tl.load(h_ptr + p * 2 * N + n, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + p * 2 * N + N + n, mask=ok, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + p * N + n, (silu * u).to(out_ty), mask=ok)
+
+
+@kernel
+def _sum_pairs_kernel(pairs_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BKK: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = h < H
+    kk = tl.arange(0, BKK)
+    ids = tl.load(ids_ptr + m * TOP_K + kk, mask=kk < TOP_K, other=0)
+    bad = tl.sum(((ids < 0) | (ids >= E)).to(tl.int32), axis=0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(pairs_ptr + (m * TOP_K + j) * H + h, mask=ok, other=0.0).to(tl.float32)
+    acc = tl.where(bad > 0, float("nan"), acc)
+    tl.store(out_ptr + m * H + h, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: int, top_k: int, *,
+          a_by_pair: bool, swiglu: bool, scale: bool):
+    E = w.shape[0]
+    if plan.routing == "scan":
+        grid = (E, triton.cdiv(N, plan.block_n), triton.cdiv(M, plan.block_m))
+        sorted_pairs = block_expert = topk_ids
+    else:
+        sorted_pairs, block_expert = routing
+        grid = (block_expert.numel(), triton.cdiv(N, plan.block_n), 1)
+    _moe_gemm_kernel.on(a.device)[grid](
+        a, w, out, topk_ids, topk_weights, sorted_pairs, block_expert,
+        M, N, w.shape[2], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        TOP_K=top_k, SCAN=plan.routing == "scan", A_BY_PAIR=a_by_pair, SWIGLU=swiglu, SCALE=scale,
+        IEEE=a.dtype == torch.float32 or a.device.type == "cpu", UPCAST=a.device.type == "cpu", BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
+        BKK=triton.next_power_of_2(top_k), num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", plan: MoePlan = None):
+    M, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    top_k = topk_ids.shape[1]
+    plan = plan or plan_fused_moe(M, top_k, E)
+    out = x.new_empty(M, H)
+    if M == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    ids = topk_ids.contiguous()
+    tw = topk_weights.contiguous()
+    P = M * top_k
+    routing = None if plan.routing == "scan" else sort_pairs(ids, E, plan.block_m, plan.routing)
+    act = x.new_empty(P, I)
+    if plan.swiglu_fused:
+        _gemm(x, w13, act, ids, tw, routing, plan, M, I, top_k, a_by_pair=False, swiglu=True, scale=False)
+    else:
+        h = x.new_empty(P, two_i)
+        _gemm(x, w13, h, ids, tw, routing, plan, M, two_i, top_k, a_by_pair=False, swiglu=False, scale=False)
+        _silu_mul_kernel.on(x.device)[(P, triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
+    per_pair = x.new_empty(P, H)
+    _gemm(act, w2, per_pair, ids, tw, routing, plan, M, H, top_k, a_by_pair=True, swiglu=False, scale=True)
+    _sum_pairs_kernel.on(x.device)[(M, triton.cdiv(H, 1024))](
+        per_pair, ids, out, H, E, TOP_K=top_k, BKK=triton.next_power_of_2(top_k), BLOCK=1024)
+    return out
+
+
+@torch.library.custom_op("kunlun::fused_moe", mutates_args=())
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str) -> torch.Tensor:
+    check_args(x, w13, w2, topk_weights, topk_ids, activation)
+    check_ids_in_range(topk_ids, w13.shape[0])
+    if use_triton(x):
+        return triton_impl(x, w13, w2, topk_weights, topk_ids, activation)
+    return reference(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+@fused_moe.register_fake
+def _(x, w13, w2, topk_weights, topk_ids, activation):
+    check_args(x, w13, w2, topk_weights, topk_ids, activation)
+    return x.new_empty(x.shape)

@@ -1,0 +1,245 @@
+"""kunlun::split_norm_rope_gate — the attention prologue in one launch.
+
+From the fused qkv(+gate) projection output, per token:
+  split q / gate / k (v stays with the caller as its split view),
+  per-head RMSNorm of q and k (optional: weights None skip it),
+  rotary embedding on the first `rotary_dim` dims of every q and k head
+  (neox halves or GPT-J interleaved pairs), from `cos_sin_cache[positions]`,
+  and the raw gate copied out contiguous (`sigmoid(gate) * attn` happens after
+  attention, so the gate is returned untouched).
+
+Layout of a row of `qkv`: with a gate, the first 2·nq·D columns hold per head
+`[q_h | gate_h]`; then nkv·D of k, then nkv·D of v.  Without a gate: q, k, v.
+
+Rounding reproduces the modules being replaced, step by step (bf16/fp16):
+- norm_offset == 0 (vLLM RMSNorm): normalise in fp32, cast to the dtype, then
+  multiply by the weight in the dtype (one more rounding).
+- norm_offset != 0 (Gemma style): `x * rsqrt(..) * (w + offset)` in fp32, cast once.
+- rotary (vLLM `apply_rotary_emb_torch`): cos/sin cast to the dtype; each of the
+  two products and the sum rounded to the dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_kernel import kernel, use_triton
+
+
+def qkv_columns(num_q_heads: int, num_kv_heads: int, head_dim: int, has_gate: bool) -> int:
+    return (num_q_heads * (2 if has_gate else 1) + 2 * num_kv_heads) * head_dim
+
+
+def check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
+               rotary_dim, eps, has_gate) -> None:
+    name = "split_norm_rope_gate"
+    if min(num_q_heads, num_kv_heads, head_dim) < 1:
+        raise ValueError(f"{name}: head counts and head_dim must be >= 1, got nq={num_q_heads}, "
+                         f"nkv={num_kv_heads}, head_dim={head_dim}")
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"{name}: rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
+    if qkv.dim() != 2 or not qkv.is_floating_point():
+        raise ValueError(f"{name}: qkv must be a 2-D float tensor [T, cols], got {tuple(qkv.shape)} {qkv.dtype}")
+    cols = qkv_columns(num_q_heads, num_kv_heads, head_dim, has_gate)
+    if qkv.shape[1] != cols:
+        raise ValueError(f"{name}: qkv has {qkv.shape[1]} columns; nq={num_q_heads}, nkv={num_kv_heads}, "
+                         f"head_dim={head_dim}, has_gate={has_gate} need {cols}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError(f"{name}: give both q_weight and k_weight, or neither")
+    for w, label in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        if w is not None and (w.dim() != 1 or w.shape[0] != head_dim):
+            raise ValueError(f"{name}: {label} must be [{head_dim}], got {tuple(w.shape)}")
+    if q_weight is not None and not eps > 0:
+        raise ValueError(f"{name}: eps must be > 0, got {eps}")
+    if positions.dim() != 1 or positions.shape[0] != qkv.shape[0] or positions.dtype not in (torch.int32,
+                                                                                             torch.int64):
+        raise ValueError(f"{name}: positions must be int32/int64 [{qkv.shape[0]}], got "
+                         f"{tuple(positions.shape)} {positions.dtype}")
+    if rotary_dim and (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim):
+        raise ValueError(f"{name}: cos_sin_cache must be [max_positions, rotary_dim={rotary_dim}], got "
+                         f"{tuple(cos_sin_cache.shape)}")
+
+
+def _rms_norm_head(x, w, eps: float, norm_offset: float):
+    dtype = x.dtype
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_offset == 0.0:
+        return normed.to(dtype) * w.to(dtype)
+    return (normed * (w.float() + norm_offset)).to(dtype)
+
+
+def _rotate(x, cos, sin, rotary_dim: int, is_neox: bool):
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+    else:
+        x1, x2 = rot[..., ::2], rot[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    rotated = torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: int, num_kv_heads: int,
+              head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool,
+              is_neox: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The definition of correct, in plain torch (the modules' own formulation)."""
+    T, nq, nkv, D = qkv.shape[0], num_q_heads, num_kv_heads, head_dim
+    q_cols = nq * D * (2 if has_gate else 1)
+    q_part, k = qkv[:, :q_cols], qkv[:, q_cols:q_cols + nkv * D]
+    if has_gate:
+        q, gate = q_part.reshape(T, nq, 2 * D).chunk(2, dim=-1)
+        gate = gate.reshape(T, nq * D)
+    else:
+        q, gate = q_part.reshape(T, nq, D), qkv.new_empty(T, 0)
+    k = k.reshape(T, nkv, D)
+    if q_weight is not None:
+        q, k = _rms_norm_head(q, q_weight, eps, norm_offset), _rms_norm_head(k, k_weight, eps, norm_offset)
+    if rotary_dim:
+        cos, sin = cos_sin_cache.index_select(0, positions.long()).chunk(2, dim=-1)
+        cos, sin = cos.unsqueeze(1).to(qkv.dtype), sin.unsqueeze(1).to(qkv.dtype)
+        q, k = _rotate(q, cos, sin, rotary_dim, is_neox), _rotate(k, cos, sin, rotary_dim, is_neox)
+    return q.reshape(T, nq * D).contiguous(), k.reshape(T, nkv * D).contiguous(), gate.contiguous()
+
+
+@kernel
+def _norm_rope_gate_kernel(qkv_ptr, qw_ptr, kw_ptr, cache_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
+                           T, qkv_stride, cache_stride, eps, norm_offset,
+                           NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                           HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr,
+                           GEMMA: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    # one program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token
+    r = tl.arange(0, BT * BH)
+    t = (tl.program_id(0) * BT + r // BH).to(tl.int64)
+    h = tl.program_id(1) * BH + r % BH
+    d = tl.arange(0, BD)
+    is_q = h < NQ
+    kh = h - NQ
+    rows = (h < NQ + NKV) & (t < T)
+    cols = d < D
+    m = rows[:, None] & cols[None, :]
+    q_stride: tl.constexpr = 2 * D if HAS_GATE else D
+    in_col = tl.where(is_q, h * q_stride, NQ * q_stride + kh * D)
+    row_ptr = qkv_ptr + t[:, None] * qkv_stride + in_col[:, None]
+    x = tl.load(row_ptr + d[None, :], mask=m, other=0.0)
+    out_ty = x.dtype
+    x = x.to(tl.float32)
+
+    # rotary partner of each column (ROT == 0: no rotary, every column passes through)
+    half: tl.constexpr = ROT // 2
+    in_rot = d < ROT
+    if IS_NEOX:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        c = tl.where(first, d, d - half)
+    else:
+        first = (d % 2) == 0
+        partner = tl.where(first, d + 1, d - 1)
+        c = d // 2
+    partner = tl.where(in_rot, partner, d)
+    mr = m & in_rot[None, :]
+    xp = tl.load(row_ptr + partner[None, :], mask=mr, other=0.0).to(tl.float32)
+
+    if HAS_NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        wq = tl.load(qw_ptr + d, mask=cols, other=0.0).to(tl.float32)
+        wk = tl.load(kw_ptr + d, mask=cols, other=0.0).to(tl.float32)
+        w = tl.where(is_q[:, None], wq[None, :], wk[None, :])
+        wpq = tl.load(qw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
+        wpk = tl.load(kw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
+        wp = tl.where(is_q[:, None], wpq[None, :], wpk[None, :])
+        if GEMMA:
+            x = (x * inv[:, None] * (w + norm_offset)).to(out_ty).to(tl.float32)
+            xp = (xp * inv[:, None] * (wp + norm_offset)).to(out_ty).to(tl.float32)
+        else:  # cast, then the weight multiply in the dtype: an exact fp32 product rounded once
+            x = ((x * inv[:, None]).to(out_ty).to(tl.float32) * w.to(out_ty).to(tl.float32)).to(out_ty)
+            xp = ((xp * inv[:, None]).to(out_ty).to(tl.float32) * wp.to(out_ty).to(tl.float32)).to(out_ty)
+            x = x.to(tl.float32)
+            xp = xp.to(tl.float32)
+
+    if ROT > 0:
+        pos = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
+        cs_ptr = cache_ptr + pos[:, None] * cache_stride + c[None, :]
+        cos = tl.load(cs_ptr, mask=mr, other=0.0).to(out_ty).to(tl.float32)
+        sin = tl.load(cs_ptr + half, mask=mr, other=0.0).to(out_ty).to(tl.float32)
+        a = (x * cos).to(out_ty).to(tl.float32)
+        b = (xp * sin).to(out_ty).to(tl.float32)
+        rotated = tl.where(first[None, :], a - b, a + b)
+        x = tl.where(in_rot[None, :], rotated, x)
+
+    y = x.to(out_ty)
+    tl.store(q_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], y, mask=m & is_q[:, None])
+    tl.store(k_ptr + t[:, None] * (NKV * D) + kh[:, None] * D + d[None, :], y, mask=m & (~is_q)[:, None])
+    if HAS_GATE:
+        g = tl.load(row_ptr + D + d[None, :], mask=m & is_q[:, None], other=0.0)
+        tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
+
+
+# (tokens, heads, warps) per program; None: chosen by launch_shape.  The benchmark sets it to compare tilings.
+LAUNCH_OVERRIDE = None
+
+
+def launch_shape(num_tokens: int, num_heads: int, head_dim: int) -> Tuple[int, int, int, int]:
+    """(tokens per program, heads per program, padded head_dim, warps): ~2K values per program,
+    spread over tokens first (a program then reads one head's weights, and no rows are wasted on
+    head counts that don't divide)."""
+    block_d = triton.next_power_of_2(head_dim)
+    rows = max(1, 2048 // block_d)
+    block_t = min(rows, triton.next_power_of_2(max(num_tokens, 1)))
+    block_h = max(1, min(rows // block_t, triton.next_power_of_2(num_heads)))
+    warps = 4 if block_t * block_h * block_d >= 1024 else 2
+    if LAUNCH_OVERRIDE is not None:
+        block_t, block_h, warps = LAUNCH_OVERRIDE
+    return block_t, block_h, block_d, warps
+
+
+def triton_impl(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: int, num_kv_heads: int,
+                head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool, is_neox: bool):
+    T, nq, nkv, D = qkv.shape[0], num_q_heads, num_kv_heads, head_dim
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    q = qkv.new_empty(T, nq * D)
+    k = qkv.new_empty(T, nkv * D)
+    gate = qkv.new_empty(T, nq * D if has_gate else 0)
+    has_norm = q_weight is not None
+    qw = q_weight.contiguous() if has_norm else q  # never read without a norm
+    kw = k_weight.contiguous() if has_norm else q
+    cache = cos_sin_cache if rotary_dim else q
+    if rotary_dim and cache.stride(1) != 1:
+        cache = cache.contiguous()
+    if T:
+        bt, bh, bd, warps = launch_shape(T, nq + nkv, D)
+        grid = (triton.cdiv(T, bt), triton.cdiv(nq + nkv, bh))
+        _norm_rope_gate_kernel.on(qkv.device)[grid](
+            qkv, qw, kw, cache, positions, q, k, gate, T, qkv.stride(0), cache.stride(0) if rotary_dim else 0,
+            eps, norm_offset, NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, HAS_GATE=has_gate, IS_NEOX=is_neox,
+            HAS_NORM=has_norm, GEMMA=norm_offset != 0.0, BT=bt, BH=bh, BD=bd, num_warps=warps)
+    return q, k, gate
+
+
+@torch.library.custom_op("kunlun::split_norm_rope_gate", mutates_args=())
+def split_norm_rope_gate(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+                         cos_sin_cache: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                         head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool,
+                         is_neox: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, rotary_dim,
+            eps, norm_offset, has_gate, is_neox)
+    check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
+               rotary_dim, eps, has_gate)
+    if use_triton(qkv):
+        return triton_impl(*args)
+    return reference(*args)
+
+
+@split_norm_rope_gate.register_fake
+def _(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps,
+      norm_offset, has_gate, is_neox):
+    check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
+               rotary_dim, eps, has_gate)
+    T = qkv.shape[0]
+    return (qkv.new_empty(T, num_q_heads * head_dim), qkv.new_empty(T, num_kv_heads * head_dim),
+            qkv.new_empty(T, num_q_heads * head_dim if has_gate else 0))
