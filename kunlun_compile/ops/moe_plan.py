@@ -10,9 +10,15 @@ vLLM-Kunlun's fused MoE does (seeds/000):
 - large  (M·k > 768): per-block expert statistics (a histogram per block of
   pairs, prefix sums) give each pair its place with no comparison sort; the
   grouped GEMM runs on larger tiles.
-SwiGLU is fused into the first GEMM's epilogue when M ≥ 1024 (gate and up
-tiles computed by the same program); below that the first GEMM writes
-gate|up and a separate pass applies SwiGLU.
+SwiGLU is fused into the first GEMM's epilogue (gate and up tiles computed by
+the same program) on every path.  vLLM-Kunlun fuses it only from M ≥ 1024; on
+these Triton kernels the fused form saves a launch and the gate|up round trip
+and was not slower beyond noise (H100, 128 experts, top-8, H=2048, I=768,
+CUDA-graph replay: M=1 0.0490 vs 0.0496 ms, M=128 0.446 vs 0.450, M=1024 0.580
+vs 0.572, M=8192 1.98 vs 2.07; benchmarks/NOTES.md).  The unfused form (first
+GEMM writes gate|up, a separate pass applies SwiGLU) stays available through
+`swiglu_fused=False` for comparison.
+Tiles come from the sweep in benchmarks/sweep_kernels.py.
 
 `kunlun-compile` shows the plan of every fused_moe call it finds.
 """
@@ -22,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 SMALL_MAX_PAIRS = 400  # M·k below this: small path
 MEDIUM_MAX_PAIRS = 768  # M·k up to this: medium path
-SWIGLU_FUSE_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,15 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
     if num_tokens < 0 or top_k < 1 or num_experts < 1:
         raise ValueError(f"plan_fused_moe: bad sizes M={num_tokens}, top_k={top_k}, E={num_experts}")
     pairs = num_tokens * top_k
-    fused = num_tokens >= SWIGLU_FUSE_MIN_TOKENS
     if pairs < SMALL_MAX_PAIRS:
         # one program per (expert, column block, chunk of tokens); tl.dot needs >= 16 rows
         block_m = min(max(_pow2_at_least(num_tokens), 16), 64)
-        return MoePlan("small", pairs, "scan", fused, block_m, 64, 128, 4, 4)
+        return MoePlan("small", pairs, "scan", True, block_m, 64, 128, 4, 4)
     if pairs <= MEDIUM_MAX_PAIRS:
-        return MoePlan("medium", pairs, "argsort", fused, 16, 64, 128, 4, 4)
+        return MoePlan("medium", pairs, "argsort", True, 16, 64, 128, 4, 4)
     per_expert = pairs / num_experts
-    block_m = 128 if per_expert >= 128 else 64 if per_expert >= 32 else 16
-    block_n = 64 if fused else 128
-    return MoePlan("large", pairs, "block-histogram", fused, block_m, block_n, 64, 8 if block_m == 128 else 4, 3)
+    if per_expert >= 128:  # M=8192 sweep: 128x128x64, 8 warps, 3 stages best (1.96 ms; 128x64: 2.49)
+        return MoePlan("large", pairs, "block-histogram", True, 128, 128, 64, 8, 3)
+    if per_expert >= 32:
+        return MoePlan("large", pairs, "block-histogram", True, 64, 128, 64, 8, 3)
+    return MoePlan("large", pairs, "block-histogram", True, 16, 64, 128, 4, 4)
