@@ -17,6 +17,8 @@ stays capturable) the token it belongs to gets NaN.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -197,7 +199,7 @@ def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: 
         BKK=triton.next_power_of_2(top_k), num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
-def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", plan: MoePlan = None):
+def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", plan: Optional[MoePlan] = None):
     M, H = x.shape
     E, two_i, _ = w13.shape
     I = two_i // 2

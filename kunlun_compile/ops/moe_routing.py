@@ -90,7 +90,7 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, routing: 
         rank = torch.empty_like(ids)
         rank[order] = torch.arange(P, dtype=torch.int32, device=device) - expert_start[key[order].long()]
         totals = counts[:E].contiguous()
-        block_offsets = rank  # unused
+        block_offsets = rank  # a valid pointer for the launch; _place_kernel reads it only for block-histogram
     elif routing == "block-histogram":
         nb = triton.cdiv(P, HISTOGRAM_BLOCK)
         counts = torch.empty(nb, E, dtype=torch.int32, device=device)
