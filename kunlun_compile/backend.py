@@ -53,6 +53,8 @@ class KunlunBackend:
             return gm.forward
         try:
             return to_aten_inference(gm, example_inputs, lambda g, inputs: self._compile_aten(name, g, inputs))
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # Dynamo's signal to re-trace (e.g. a float it wants constant): not a failure
         except Exception as e:  # noqa: BLE001
             if self.config.strict:
                 raise

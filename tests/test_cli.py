@@ -68,7 +68,8 @@ def test_demo():
 def test_passes_listing():
     r = cli("passes", "--json", "--disable", "dead_code")
     rows = json.loads(r.stdout)
-    assert [row["name"] for row in rows][:2] == ["remove_noop_ops", "dead_code"]
+    assert [row["name"] for row in rows] == ["remove_noop_ops", "masked_input", "attention_mask", "norm_rope_gate",
+                                             "moe_gate", "moe_ffn", "add_rmsnorm", "dead_code"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
 

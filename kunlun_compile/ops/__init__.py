@@ -11,6 +11,7 @@ from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 OP_MODULES = {
     "split_norm_rope_gate": norm_rope_gate,
     "fused_add_rmsnorm": add_rmsnorm,
+    "rms_norm": add_rmsnorm,
     "moe_gate": moe_gate,
     "fused_moe": fused_moe,
     "masked_input": masked_input,

@@ -3,6 +3,9 @@
     new_residual = x + residual
     out = rmsnorm(new_residual) * (weight + norm_offset)
 
+and kunlun::rms_norm(x, weight, eps, norm_offset), the same without a residual
+(one kernel, the residual part compiled out).
+
 Rounding reproduces the module being replaced (bf16/fp16; fp32 is exact either way):
 - norm_offset == 0, vLLM `RMSNorm`: the sum is formed in fp32 and normalised
   unrounded; the normalised value is cast to the input dtype *before* the
@@ -13,7 +16,7 @@ Rounding reproduces the module being replaced (bf16/fp16; fp32 is exact either w
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -22,7 +25,9 @@ import triton.language as tl
 from .triton_kernel import kernel, use_triton
 
 
-def check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> None:
+    if residual is None:
+        residual = x
     if x.shape != residual.shape:
         raise ValueError(f"fused_add_rmsnorm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -36,9 +41,9 @@ def check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ep
 
 
 def reference(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The definition of correct, in plain torch."""
+    """The definition of correct, in plain torch (residual None: a lone RMSNorm, new_residual is x)."""
     dtype = x.dtype
-    total = x.float() + residual.float()
+    total = x.float() if residual is None else x.float() + residual.float()
     new_residual = total.to(dtype)
     if norm_offset == 0.0:
         normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
@@ -51,15 +56,18 @@ def reference(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torc
 @kernel
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, norm_offset,
                         x_stride, r_stride, out_stride, new_r_stride,
-                        GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+                        GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-    total = x.to(tl.float32) + r.to(tl.float32)
+    total = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        total = total + r.to(tl.float32)
     new_r = total.to(x.dtype)
-    tl.store(new_r_ptr + row * new_r_stride + cols, new_r, mask=mask)
+    if HAS_RESIDUAL:
+        tl.store(new_r_ptr + row * new_r_stride + cols, new_r, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     if GEMMA:
         s = new_r.to(tl.float32)
@@ -74,16 +82,17 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, no
 
 
 def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """residual None: only `out` is written; the second result is an empty [0] tensor."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
-    r2 = residual.reshape(-1, n_cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    r2 = x2 if residual is None else residual.reshape(-1, n_cols)
     if r2.stride(-1) != 1:
         r2 = r2.contiguous()
     w = weight.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    new_r = torch.empty_like(out)
+    new_r = out if residual is None else torch.empty_like(out)
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(n_cols)
@@ -91,7 +100,9 @@ def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[to
         _add_rmsnorm_kernel.on(x.device)[(rows,)](
             x2, r2, w, out, new_r, n_cols, eps, norm_offset,
             x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
-            GEMMA=norm_offset != 0.0, BLOCK=block, num_warps=num_warps)
+            GEMMA=norm_offset != 0.0, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+    if residual is None:
+        return out.view(x.shape), out.new_empty(0)
     return out.view(x.shape), new_r.view(x.shape)
 
 
@@ -109,3 +120,17 @@ def _(x, residual, weight, eps, norm_offset):
     check_args(x, residual, weight, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kunlun::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_offset: float) -> torch.Tensor:
+    check_args(x, None, weight, eps)
+    if use_triton(x):
+        return triton_impl(x, None, weight, eps, norm_offset)[0]
+    return reference(x, None, weight, eps, norm_offset)[0]
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, norm_offset):
+    check_args(x, None, weight, eps)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

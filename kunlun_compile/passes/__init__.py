@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import List
 
 from .cleanup import dead_code, remove_noop_ops
+from .fusion import fusion_passes
 from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutcome
 
 
@@ -14,6 +15,7 @@ def default_passes() -> List[GraphPass]:
     return [
         GraphPass("remove_noop_ops", "drop views to the same shape, identity permutes/slices and same-dtype copies",
                   remove_noop_ops),
+        *fusion_passes(),
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),
     ]
 

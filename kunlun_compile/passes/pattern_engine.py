@@ -1,0 +1,321 @@
+"""The pattern engine: rewrite rules written as plain PyTorch, matched on ATen graphs.
+
+A `Rewrite` is data: a search function and a replacement, both plain PyTorch,
+example inputs to trace the search function with, the float constants it takes
+from the graph (eps, offsets, scales), and a guard that decides whether a match
+may be replaced and with which parameters.
+
+Why inductor's pattern matcher (`torch._inductor.pattern_matcher`), used
+standalone: it matches a traced graph as a tree from an anchor node, supports
+several outputs, checks that no intermediate value is used outside the match
+(user counts), binds pattern inputs and chosen constants by name, and replaces a
+match by tracing the replacement with the matched values (symbolic sizes
+included).  vLLM's compilation passes rely on the same pieces, so they are kept
+working across PyTorch releases.  `torch.fx`'s SubgraphMatcher has none of the
+binding, so the replacement and the constants would have to be rebuilt by hand.
+
+What is ours:
+- patterns are traced with the backend's own decomposition table and
+  functionalization, then put through `canonicalize`, exactly as the target is;
+- integer sizes inside shape arguments (view sizes, split sizes, slice bounds)
+  are wildcards, because the target's are symbolic; every other literal (dtypes,
+  exponents, dims, floats not named as constants) must match exactly, and the
+  guard re-derives sizes from the matched tensors' shapes;
+- a refused match, or one blocked only because an intermediate value escapes,
+  is recorded with its reason (a near miss), so "why didn't this fuse?" has an
+  answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+from torch._inductor import pattern_matcher as pm
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.tools_common import legalize_graph
+
+from ..capture.decompositions import decomposition_table
+from .canonical import canonicalize
+
+aten = torch.ops.aten
+
+# op -> positions of arguments whose integers are sizes (wildcards in patterns)
+SIZE_ARGUMENTS = {
+    aten.view.default: (1,),
+    aten.expand.default: (1,),
+    aten.split.Tensor: (1,),
+    aten.split_with_sizes.default: (1,),
+    aten.slice.Tensor: (2, 3),
+    aten.zeros.default: (0,),
+    aten.ones.default: (0,),
+    aten.full.default: (0,),
+    aten.empty.memory_format: (0,),
+    aten.arange.default: (0,),
+    aten.arange.start: (0, 1),
+    aten.repeat_interleave.self_int: (1,),
+    aten.one_hot.default: (1,),
+    aten.topk.default: (1,),
+}
+# kwargs of these types never decide a result: devices, pin_memory, layout.
+_IGNORED_TYPES = (torch.device,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A guard's "no": the match stays as it is and `reason` is recorded."""
+
+    reason: str
+
+
+@dataclasses.dataclass
+class Bindings:
+    """What a guard sees of one match."""
+
+    match: pm.Match
+    tensor_names: Tuple[str, ...]
+
+    def node(self, name: str) -> fx.Node:
+        return self.match.kwargs[name]
+
+    def val(self, name: str) -> torch.Tensor:
+        return self.node(name).meta["val"]
+
+    def scalar(self, name: str) -> Any:
+        return self.match.kwargs[name]
+
+    def nodes(self, target) -> List[fx.Node]:
+        """Matched nodes calling `target`, in graph order."""
+        order = {n: i for i, n in enumerate(self.match.nodes[0].graph.nodes)} if self.match.nodes else {}
+        return sorted((n for n in self.match.nodes if n.target is target), key=lambda n: order.get(n, 0))
+
+
+Guard = Callable[[Bindings], Union[Refusal, Dict[str, Any]]]
+
+
+def _no_params(b: Bindings) -> Dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: its patterns are cached per rule
+class Rewrite:
+    """One rewrite rule.  `replace(*tensors, **params)` gets the search function's tensor
+    inputs (in order) and the guard's parameters, and returns what the search function
+    returned (same structure)."""
+
+    family: str
+    name: str
+    search: Callable
+    replace: Callable
+    example_inputs: Callable[[torch.dtype], Sequence[torch.Tensor]]
+    constants: Mapping[str, float] = dataclasses.field(default_factory=dict)  # name -> marker value
+    guard: Guard = _no_params
+    # float dtypes to trace the pattern for; () when the pattern does integer/bool work only
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # ATen ops the pattern cannot do without: a graph with none of them is not searched (saves the trace)
+    needs: Tuple[Any, ...] = ()
+
+
+# ---- tracing and pattern building -------------------------------------------------------
+
+def trace_aten(fn: Callable, args: Sequence[Any]) -> fx.GraphModule:
+    """Trace `fn` the way the backend captures models: functional ATen, our decompositions."""
+    with torch.no_grad():
+        gm = make_fx(torch.func.functionalize(fn), decomposition_table(), tracing_mode="real")(*args)
+    canonicalize(gm)
+    return gm
+
+
+def _wildcard_sizes(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        positions = SIZE_ARGUMENTS.get(node.target)
+        if not positions:
+            continue
+        args = list(node.args)
+        for i in positions:
+            if i < len(args):
+                args[i] = _as_wildcard(args[i])
+        node.args = tuple(args)
+
+
+def _as_wildcard(x):
+    if isinstance(x, (list, tuple)):
+        return [_as_wildcard(y) for y in x]
+    if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+        return pm.Ignored()
+    return x
+
+
+def _pattern_nodes(p) -> Iterable[pm.PatternExpr]:
+    seen = set()
+    stack = [p]
+    while stack:
+        q = stack.pop()
+        if id(q) in seen:
+            continue
+        seen.add(id(q))
+        if isinstance(q, pm.MultiOutputPattern):
+            stack.extend(o for o in q.outputs if o is not None)
+        elif isinstance(q, pm._TargetArgsExpr):
+            yield q
+            stack.extend(a for a in q.flat_args_kwargs[0] if isinstance(a, pm.PatternExpr))
+
+
+def _outputs(p) -> List[pm.PatternExpr]:
+    return list(p.outputs) if isinstance(p, pm.MultiOutputPattern) else [p]
+
+
+@dataclasses.dataclass
+class CompiledRewrite:
+    rule: Rewrite
+    dtype: torch.dtype
+    strict: pm.PatternExpr  # intermediates used only inside the match
+    relaxed: pm.PatternExpr  # any users: a match of this alone is a near miss
+    tensor_names: Tuple[str, ...]
+
+    @property
+    def anchor_targets(self):
+        first = _outputs(self.strict)[0]
+        return first.fns
+
+
+def compile_rewrite(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
+    tensors = list(rule.example_inputs(dtype))
+    names = tuple(_parameter_names(rule.search))[: len(tensors)]
+    markers = dict(rule.constants)
+    gm = trace_aten(lambda *ts: rule.search(*ts, **markers), tensors)
+    _wildcard_sizes(gm)
+    strict, relaxed = (pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
+                       for _ in range(2))
+    for out in _outputs(strict):  # outputs may have any number of users outside
+        if isinstance(out, pm._TargetArgsExpr):
+            out.users = pm.MULTIPLE
+    for q in _pattern_nodes(relaxed):
+        q.users = pm.MULTIPLE
+    return CompiledRewrite(rule, dtype, strict, relaxed, names)
+
+
+def _parameter_names(fn: Callable) -> List[str]:
+    import inspect
+
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
+    return compile_rewrite(rule, dtype)
+
+
+def _patterns_for(rule: Rewrite, dtypes) -> List[CompiledRewrite]:
+    """One pattern per dtype the graph uses, deduplicated (fp32 and bf16 forms differ in their casts)."""
+    out, seen = [], set()
+    for dtype in rule.dtypes or (torch.float32,):  # () : no float work, one trace serves every graph
+        if rule.dtypes and dtype not in dtypes:
+            continue
+        c = _compiled(rule, dtype)
+        key = repr(c.strict)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def graph_float_dtypes(gm: fx.GraphModule) -> set:
+    """Float dtypes of the graph's inputs: patterns are traced only for these."""
+    found = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            found.add(v.dtype)
+    return found
+
+
+# ---- running rules over a graph -----------------------------------------------------------
+
+@dataclasses.dataclass
+class FusionResult:
+    patterns: Dict[str, int] = dataclasses.field(default_factory=dict)
+    near_misses: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def matches(self) -> int:
+        return sum(self.patterns.values())
+
+
+def _candidates(gm: fx.GraphModule, targets) -> List[fx.Node]:
+    targets = set(targets) if isinstance(targets, (list, tuple)) else {targets}
+    return [n for n in reversed(gm.graph.nodes) if n.op == "call_function" and n.target in targets]
+
+
+def _escaping_intermediate(m: pm.Match, outputs: Sequence[fx.Node]) -> Optional[fx.Node]:
+    inside = set(m.nodes)
+    for n in m.nodes:
+        if n in outputs:
+            continue
+        if any(u not in inside for u in n.users):
+            return n
+    return None
+
+
+def _replacement_tracer(fn, args):
+    return trace_aten(fn, args)
+
+
+def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> FusionResult:
+    """Apply `rules` in order (all matches of one rule before the next); count per family."""
+    result = FusionResult()
+    canonicalize(gm)
+    dtypes = graph_float_dtypes(gm)
+    present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    for rule in rules:
+        if rule.needs and not all(t in present for t in rule.needs):
+            continue
+        for compiled in _patterns_for(rule, dtypes):
+            _apply_one(gm, compiled, result)
+    if result.matches:
+        # a replacement goes before the match's first output; an input computed later than
+        # that output (but before the match's other nodes) is legal data flow in a new order
+        legalize_graph(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return result
+
+
+def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: FusionResult) -> None:
+    rule = c.rule
+    label = f"{rule.family}/{rule.name}"
+    for node in _candidates(gm, c.anchor_targets):
+        if node._erased:
+            continue
+        m = c.strict.match(node)
+        if not m:
+            loose = c.relaxed.match(node)
+            if loose:
+                esc = _escaping_intermediate(loose, _match_outputs(loose))
+                where = f" ({esc.name}, {esc.target})" if esc is not None else ""
+                _note(result, f"{label}: an intermediate value{where} is used outside the pattern; "
+                              f"fusing would compute it twice")
+            continue
+        bindings = Bindings(m, c.tensor_names)
+        verdict = rule.guard(bindings)
+        if isinstance(verdict, Refusal):
+            _note(result, f"{label}: {verdict.reason}")
+            continue
+        params = {k: m.kwargs[k] for k in rule.constants}
+        params.update(verdict)
+        replacement = functools.partial(rule.replace, **params)
+        m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=_replacement_tracer)
+        result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
+
+
+def _match_outputs(m: pm.Match) -> List[fx.Node]:
+    outs = m.output_nodes()
+    return [o for o in outs if o is not None]
+
+
+def _note(result: FusionResult, line: str) -> None:
+    if line not in result.near_misses:
+        result.near_misses.append(line)

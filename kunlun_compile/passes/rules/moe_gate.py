@@ -1,0 +1,146 @@
+"""moe_gate: router scores -> top-k -> renormalise -> scale, as kunlun::moe_gate.
+
+Search functions are routers as model code writes them: vLLM's `select_experts`
+(softmax or sigmoid; plain, with a correction bias, or DeepSeek-V3 grouped
+top-k) and HF transformers' `TopKRouter` (softmax, in-place renormalise, weights
+cast back to the logits' dtype, int64 ids).  top_k and group counts are read
+back from the matched topk and view nodes.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..pattern_engine import Bindings, Refusal, Rewrite
+from . import guards as g
+
+aten = torch.ops.aten
+SCALE = 1.7654321  # marker for routed_scaling_factor
+_M, _E, _K, _GROUPS, _TOPK_GROUP = 5, 16, 3, 4, 2
+
+
+def _scores(logits, scoring):
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return logits.float().sigmoid()
+
+
+def _make_search(scoring: str, grouping: str, renormalize: bool, scaled: bool):
+    """grouping: "none", "bias" (top-k on scores + bias), "groups_bias" (DeepSeek-V3), "groups"."""
+
+    def select(logits, bias, scale):
+        scores = _scores(logits, scoring)
+        if grouping.startswith("groups"):
+            t, e = scores.shape
+            choice = scores + bias.float() if bias is not None else scores
+            grouped = choice.view(t, _GROUPS, e // _GROUPS)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if bias is not None else grouped.amax(dim=-1)
+            group_idx = torch.topk(group_scores, k=_TOPK_GROUP, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(t, _GROUPS, e // _GROUPS).reshape(t, e)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+            ids = torch.topk(choice, k=_K, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, ids)
+        elif bias is not None:
+            ids = torch.topk(scores + bias.float(), _K, dim=-1)[1]
+            weights = scores.gather(1, ids)
+        else:
+            weights, ids = torch.topk(scores, _K, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if scaled:
+            weights = weights * scale
+        return weights, ids.to(torch.int32)
+
+    if grouping in ("bias", "groups_bias"):
+        def search(logits, bias, scale=None):
+            return select(logits, bias, scale)
+    else:
+        def search(logits, scale=None):
+            return select(logits, None, scale)
+    return search
+
+
+def hf_router(logits):
+    """transformers' Qwen3-MoE / Mixtral-style TopKRouter after its linear layer."""
+    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    top_value, indices = torch.topk(probs, _K, dim=-1)
+    top_value /= top_value.sum(dim=-1, keepdim=True)
+    return top_value.to(logits.dtype), indices
+
+
+def _gate_params(b: Bindings, grouping: str):
+    """top_k, num_groups, topk_group from the matched nodes, or a reason."""
+    topks = [n for n in b.nodes(aten.topk.default)]
+    ks = [n.args[1] for n in topks]
+    if not all(isinstance(k, int) for k in ks):
+        return "a top-k count is not a constant"
+    logits = b.val("logits")
+    experts = logits.shape[-1]
+    if not isinstance(experts, int):
+        return "the expert count is symbolic"
+    if not grouping.startswith("groups"):
+        return {"top_k": ks[-1], "num_groups": 1, "topk_group": 1}
+    views = [n.meta["val"] for n in b.nodes(aten.view.default) if n.meta["val"].dim() == 3]
+    if not views:
+        return "no [tokens, groups, experts/group] view"
+    groups = int(views[0].shape[1])
+    # topk order in graph: (group top-2 when biased,) groups kept, experts
+    if grouping == "groups_bias" and ks[0] != 2:
+        return f"group score is a top-{ks[0]} sum, the op sums the top 2"
+    return {"top_k": ks[-1], "num_groups": groups, "topk_group": ks[-2]}
+
+
+def _guard(b: Bindings, scoring: str, grouping: str, renormalize: bool, scaled: bool):
+    logits = b.val("logits")
+    params = _gate_params(b, grouping)
+    if isinstance(params, str):
+        return Refusal(params)
+    reason = g.first(g.float_dtype(logits, "router logits"),
+                     None if logits.dim() == 2 else f"router logits are {logits.dim()}-D, the op takes [M, E]",
+                     g.constant_float(b.scalar("scale"), "routed_scaling_factor") if scaled else None)
+    if not reason and grouping in ("bias", "groups_bias"):
+        reason = g.vector_of(b.val("bias"), logits.shape[-1], "correction bias")
+    if not reason and not 1 <= params["top_k"] <= logits.shape[-1]:
+        reason = f"top_k {params['top_k']} for {logits.shape[-1]} experts"
+    if reason:
+        return Refusal(reason)
+    return params
+
+
+def _replace(*tensors, scoring, grouping, renormalize, scaled, top_k, num_groups, topk_group, scale=1.0):
+    logits, bias = (tensors[0], tensors[1]) if grouping in ("bias", "groups_bias") else (tensors[0], None)
+    return torch.ops.kunlun.moe_gate(logits, top_k, scoring, renormalize, num_groups, topk_group, bias,
+                                     scale if scaled else 1.0)
+
+
+def _rule(scoring, grouping, renormalize, scaled) -> Rewrite:
+    name = f"{scoring}_{grouping}{'_renorm' if renormalize else ''}{'_scaled' if scaled else ''}"
+    flags = dict(scoring=scoring, grouping=grouping, renormalize=renormalize, scaled=scaled)
+    search = _make_search(**flags)
+    biased = grouping in ("bias", "groups_bias")
+
+    def inputs(dtype):
+        logits = torch.randn(_M, _E, dtype=dtype)
+        return (logits, torch.randn(_E, dtype=dtype)) if biased else (logits,)
+
+    return Rewrite(family="moe_gate", name=name, search=search,
+                   replace=lambda *t, **p: _replace(*t, **flags, **p),
+                   example_inputs=inputs, constants={"scale": SCALE} if scaled else {},
+                   guard=lambda b: _guard(b, **flags), needs=(aten.topk.default,))
+
+
+def _hf_replace(logits, *, top_k, num_groups, topk_group):
+    weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", True, 1, 1, None, 1.0)
+    return weights.to(logits.dtype), ids.long()
+
+
+HF_RULE = Rewrite(family="moe_gate", name="hf_topk_router", search=hf_router, replace=_hf_replace,
+                  example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+                  guard=lambda b: _guard(b, "softmax", "none", True, False), needs=(aten.topk.default,))
+
+_COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigmoid", "bias"),
+           ("sigmoid", "groups_bias"), ("softmax", "groups"), ("sigmoid", "groups")]
+RULES = [_rule(s, grp, renorm, scaled)
+         for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + [HF_RULE]

@@ -1,0 +1,130 @@
+"""add_rmsnorm: residual add + RMSNorm -> kunlun::fused_add_rmsnorm, a lone RMSNorm -> kunlun::rms_norm.
+
+The search functions are the norms as model code writes them:
+- vLLM `RMSNorm.forward_native` (sum formed in fp32; cast, then `* weight`),
+- Gemma / Qwen3-Next (sum in the dtype; `* (1 + weight)` in fp32, one cast),
+- HF transformers Llama/Qwen3 (`weight * x.to(dtype)`; HF adds the residual
+  outside the norm, in the dtype, so only its lone norm is fused: the op's
+  plain form normalises the unrounded fp32 sum, which would change bf16 results).
+Rules with a residual come first, so a lone-norm rule never splits one.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..pattern_engine import Bindings, Refusal, Rewrite
+from . import guards as g
+
+EPS = 1.2345e-6  # marker: the traced constant that becomes the graph's eps
+
+
+def _norm_inputs(dtype, residual: bool):
+    x = torch.randn(5, 24, dtype=dtype)
+    w = torch.randn(24, dtype=dtype)
+    return (x, torch.randn(5, 24, dtype=dtype), w) if residual else (x, w)
+
+
+# ---- search functions (the model's code) ---------------------------------------------------------
+
+def vllm_residual(x, residual, weight, eps):
+    orig_dtype = x.dtype
+    x = x.to(torch.float32) + residual.to(torch.float32)
+    residual = x.to(orig_dtype)
+    variance = x.pow(2).mean(dim=-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return x.to(orig_dtype) * weight, residual
+
+
+def vllm_residual_unused(x, residual, weight, eps):
+    """The last norm of a model: its new residual is dropped, so the graph has no cast for it."""
+    return vllm_residual(x, residual, weight, eps)[0]
+
+
+def vllm_lone(x, weight, eps):
+    orig_dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(dim=-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return x.to(orig_dtype) * weight
+
+
+def gemma_residual(x, residual, weight, eps):
+    orig_dtype = x.dtype
+    x = x + residual
+    residual = x
+    x = x.float()
+    variance = x.pow(2).mean(dim=-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return (x * (1.0 + weight.float())).to(orig_dtype), residual
+
+
+def gemma_lone(x, weight, eps):
+    orig_dtype = x.dtype
+    x = x.float()
+    variance = x.pow(2).mean(dim=-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return (x * (1.0 + weight.float())).to(orig_dtype)
+
+
+def hf_lone(x, weight, eps):
+    input_dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(input_dtype)
+
+
+# ---- replacements -------------------------------------------------------------------------------------
+
+def fused_residual(x, residual, weight, *, eps, norm_offset):
+    out, new_residual = torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset)
+    return out, new_residual
+
+
+def fused_residual_unused(x, residual, weight, *, eps, norm_offset):
+    return torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset)[0]
+
+
+def fused_lone(x, weight, *, eps, norm_offset):
+    return torch.ops.kunlun.rms_norm(x, weight, eps, norm_offset)
+
+
+# ---- guards -------------------------------------------------------------------------------------------
+
+def _guard(b: Bindings, gemma: bool, residual: bool):
+    x, w = b.val("x"), b.val("weight")
+    reason = g.first(
+        g.positive_eps(b.scalar("eps")),
+        g.float_dtype(x, "x"),
+        g.vector_of(w, x.shape[-1], "weight"),
+        None if gemma else g.same_dtype(x, w, "x and weight"),  # x.to(dtype) * w would promote
+        g.float_dtype(w, "weight"),
+    )
+    if not reason and residual:
+        r = b.val("residual")
+        reason = g.same_dtype(x, r, "x and residual") or (
+            None if g.same_shape(x, r) else f"residual {tuple(r.shape)} broadcasts against x {tuple(x.shape)}")
+    if reason:
+        return Refusal(reason)
+    return {"norm_offset": 1.0 if gemma else 0.0}
+
+
+def _rule(name, search, replace, gemma, residual):
+    return Rewrite(
+        family="add_rmsnorm", name=name, search=search, replace=replace,
+        example_inputs=lambda dtype: _norm_inputs(dtype, residual), constants={"eps": EPS},
+        guard=lambda b: _guard(b, gemma, residual))
+
+
+# Gemma rules first: in fp32 `x * (1 + w)` is also a vLLM norm whose weight is the computed `1 + w`
+RESIDUAL_RULES = [
+    _rule("gemma_residual", gemma_residual, fused_residual, gemma=True, residual=True),
+    _rule("vllm_residual", vllm_residual, fused_residual, gemma=False, residual=True),
+    _rule("vllm_residual_unused", vllm_residual_unused, fused_residual_unused, gemma=False, residual=True),
+]
+LONE_RULES = [
+    _rule("gemma_lone", gemma_lone, fused_lone, gemma=True, residual=False),
+    _rule("vllm_lone", vllm_lone, fused_lone, gemma=False, residual=False),
+    _rule("hf_lone", hf_lone, fused_lone, gemma=False, residual=False),
+]
+RULES = RESIDUAL_RULES + LONE_RULES

@@ -1,0 +1,174 @@
+"""norm_rope_gate: the attention prologue -> kunlun::split_norm_rope_gate.
+
+The search function is the prologue of a vLLM attention layer as the model code
+writes it: split the fused qkv(+gate) projection, optional per-head Q/K RMSNorm
+(vLLM or Gemma style), rotary embedding from `cos_sin_cache[positions]` (neox
+halves or GPT-J pairs, over the whole head or its first `rotary_dim` dims).
+One rule per variant; head counts and sizes are read back from the match.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..pattern_engine import Bindings, Refusal, Rewrite
+from . import guards as g
+from .norms import EPS, gemma_lone, vllm_lone
+
+aten = torch.ops.aten
+# Gemma first: in fp32 its `x * (1 + w)` is also a vLLM norm whose weight is `1 + w`
+NORMS = {"gemma": gemma_lone, "vllm": vllm_lone, "none": None}
+# The kernel keeps one head per tile row in registers and loads 16-byte vectors: head_dim a multiple of 8, <= 512.
+MAX_HEAD_DIM = 512
+# example sizes for tracing; all different so no view or slice of them is a no-op by accident
+_T, _NQ, _NKV, _D, _R_PARTIAL, _P = 5, 4, 2, 16, 8, 32
+
+
+def _rotate(x, cos, sin, neox: bool):
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    if neox:
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+    else:
+        x1, x2 = x[..., ::2], x[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return torch.cat((o1, o2), dim=-1) if neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+
+
+def _rope(positions, q, k, cache, head_dim: int, rotary_dim: int, neox: bool):
+    positions = positions.flatten()
+    num_tokens = positions.shape[0]
+    cos, sin = cache.index_select(0, positions).chunk(2, dim=-1)
+
+    def apply(x):
+        shape = x.shape
+        x = x.view(num_tokens, -1, head_dim)
+        x_rot = _rotate(x[..., :rotary_dim], cos, sin, neox)
+        return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1).reshape(shape)
+
+    return apply(q), apply(k)
+
+
+def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int, rotary_dim: int):
+    norm_fn = NORMS[norm]
+
+    def prologue(qkv, q_weight, k_weight, cache, positions, eps):
+        q_size, kv_size = nq * d, nkv * d
+        if gated:
+            q_gate, k, v = qkv.split([q_size * 2, kv_size, kv_size], dim=-1)
+            lead = q_gate.shape[:-1]
+            q, gate = torch.chunk(q_gate.view(*lead, nq, -1), 2, dim=-1)
+            q, gate = q.reshape(*lead, -1), gate.reshape(*lead, -1)
+        else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if norm_fn is not None:
+            q = norm_fn(q.view(-1, nq, d), q_weight, eps).view(-1, q_size)
+            k = norm_fn(k.view(-1, nkv, d), k_weight, eps).view(-1, kv_size)
+        q, k = _rope(positions, q, k, cache, d, rotary_dim, neox)
+        return (q, k, v, gate) if gated else (q, k, v)
+
+    if norm_fn is not None:
+        return prologue
+
+    def prologue_without_norm(qkv, cache, positions):
+        return prologue(qkv, None, None, cache, positions, None)
+    return prologue_without_norm
+
+
+def _replace(*tensors, norm: str, gated: bool, neox: bool, eps=None, nq, nkv, head_dim, rotary_dim):
+    if norm == "none":
+        (qkv, cache, positions), q_weight, k_weight = tensors, None, None
+    else:
+        qkv, q_weight, k_weight, cache, positions = tensors
+    q, k, gate = torch.ops.kunlun.split_norm_rope_gate(
+        qkv, q_weight, k_weight, cache, positions, nq, nkv, head_dim, rotary_dim,
+        1e-6 if eps is None else eps, 1.0 if norm == "gemma" else 0.0, gated, neox)
+    kv_size = nkv * head_dim
+    v = qkv[:, qkv.shape[1] - kv_size:]
+    return (q, k, v, gate) if gated else (q, k, v)
+
+
+def _example_inputs(dtype, norm: str, gated: bool, partial: bool):
+    rotary = _R_PARTIAL if partial else _D
+    cols = (_NQ * (2 if gated else 1) + 2 * _NKV) * _D
+    qkv = torch.randn(_T, cols, dtype=dtype)
+    cache = torch.randn(_P, rotary, dtype=dtype)
+    positions = torch.randint(0, _P, (_T,))
+    if norm == "none":
+        return qkv, cache, positions
+    return qkv, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cache, positions
+
+
+def _head_sizes(b: Bindings, gated: bool):
+    """(nq, nkv, head_dim) read from the matched split and views, or a reason."""
+    split = b.nodes(aten.split_with_sizes.default)
+    if len(split) != 1:
+        return "the qkv split is not one split_with_sizes"
+    sizes = split[0].args[1]
+    if len(sizes) != 3 or not all(isinstance(s, int) for s in sizes) or sizes[1] != sizes[2]:
+        return f"qkv split sizes {sizes} are not [q, kv, kv] constants"
+    views = [n.meta["val"] for n in b.nodes(aten.view.default) if n.meta["val"].dim() == 3]
+    last_dims = {int(v.shape[-1]) for v in views if isinstance(v.shape[-1], int)}
+    if not last_dims:
+        return "no per-head view found"
+    d = min(last_dims)
+    if not last_dims <= {d, 2 * d}:
+        return f"per-head views disagree on head_dim: {sorted(last_dims)}"
+    q_cols = sizes[0] // 2 if gated else sizes[0]
+    if q_cols % d or sizes[1] % d:
+        return f"qkv split sizes {sizes} are not whole heads of {d}"
+    return q_cols // d, sizes[1] // d, d
+
+
+def _guard(b: Bindings, norm: str, gated: bool, partial: bool):
+    qkv, cache, positions = b.val("qkv"), b.val("cache"), b.val("positions")
+    sizes = _head_sizes(b, gated)
+    if isinstance(sizes, str):
+        return Refusal(sizes)
+    nq, nkv, d = sizes
+    rotary_dim = int(cache.shape[1]) if isinstance(cache.shape[1], int) else -1
+    reason = g.first(
+        g.float_dtype(qkv, "qkv"),
+        None if qkv.dim() == 2 else f"qkv is {qkv.dim()}-D; the op takes [tokens, columns]",
+        None if cache.dtype in (qkv.dtype, torch.float32) else f"cos_sin_cache dtype {cache.dtype}",
+        None if positions.dim() == 1 and positions.dtype in (torch.int32, torch.int64)
+        else f"positions {tuple(positions.shape)} {positions.dtype}: need 1-D int",
+        None if d % 8 == 0 and d <= MAX_HEAD_DIM
+        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
+        None if 0 < rotary_dim <= d and rotary_dim % 2 == 0 else f"rotary_dim {rotary_dim} for head_dim {d}",
+        None if (rotary_dim < d) == partial else f"rotary_dim {rotary_dim} vs head_dim {d}",
+    )
+    for s in b.nodes(aten.slice.Tensor):  # the rotary slices cut the head at rotary_dim (GPT-J's ::2 aside)
+        if len(s.args) > 4 and s.args[4] != 1:
+            continue
+        bounds = [a for a in s.args[2:4] if isinstance(a, int)]
+        if any(x not in (0, rotary_dim) and x < d for x in bounds):
+            reason = reason or f"a head slice at {bounds} is not at rotary_dim {rotary_dim}"
+    if not reason and norm != "none":
+        qw, kw = b.val("q_weight"), b.val("k_weight")
+        reason = g.first(g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"),
+                         g.vector_of(kw, d, "k_weight"),
+                         None if norm == "gemma" else g.same_dtype(qkv, qw, "qkv and q_weight"),
+                         None if norm == "gemma" else g.same_dtype(qkv, kw, "qkv and k_weight"))
+    if reason:
+        return Refusal(reason)
+    return {"nq": nq, "nkv": nkv, "head_dim": d, "rotary_dim": rotary_dim}
+
+
+def _rule(gated: bool, norm: str, neox: bool, partial: bool) -> Rewrite:
+    name = "_".join([("gated" if gated else "plain"), f"{norm}norm", ("neox" if neox else "gptj"),
+                     ("partial" if partial else "full")])
+    search = _make_search(gated, norm, neox, _NQ, _NKV, _D, _R_PARTIAL if partial else _D)
+
+    def replace(*tensors, **params):
+        return _replace(*tensors, norm=norm, gated=gated, neox=neox, **params)
+
+    return Rewrite(family="norm_rope_gate", name=name, search=search, replace=replace,
+                   example_inputs=lambda dtype: _example_inputs(dtype, norm, gated, partial),
+                   constants={"eps": EPS} if norm != "none" else {},
+                   guard=lambda b: _guard(b, norm, gated, partial),
+                   needs=(aten.split_with_sizes.default, aten.index_select.default))
+
+
+RULES = [_rule(gated, norm, neox, partial)
+         for gated, norm, neox, partial in itertools.product((True, False), NORMS, (True, False), (True, False))]
