@@ -12,7 +12,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def constant_float(value, what: str) -> Optional[str]:
     if isinstance(value, fx.Node):
-        return f"{what} is a tensor computed in the graph, not a constant"
+        return f"{what} is a tensor, not a Python constant"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{what} is {type(value).__name__} {value!r}, not a number"
     return None

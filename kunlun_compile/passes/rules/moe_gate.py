@@ -63,10 +63,17 @@ def _make_search(scoring: str, grouping: str, renormalize: bool, scaled: bool):
 
 
 def hf_router(logits):
-    """transformers' Qwen3-MoE / Mixtral-style TopKRouter after its linear layer."""
+    """transformers' Qwen3-MoE / Mixtral-style TopKRouter after its linear layer (norm_topk_prob=True)."""
     probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
     top_value, indices = torch.topk(probs, _K, dim=-1)
     top_value /= top_value.sum(dim=-1, keepdim=True)
+    return top_value.to(logits.dtype), indices
+
+
+def hf_router_unnormalized(logits):
+    """The same with norm_topk_prob=False (the Qwen3-MoE config default)."""
+    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    top_value, indices = torch.topk(probs, _K, dim=-1)
     return top_value.to(logits.dtype), indices
 
 
@@ -131,16 +138,19 @@ def _rule(scoring, grouping, renormalize, scaled) -> Rewrite:
                    guard=lambda b: _guard(b, **flags), needs=(aten.topk.default,))
 
 
-def _hf_replace(logits, *, top_k, num_groups, topk_group):
-    weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", True, 1, 1, None, 1.0)
-    return weights.to(logits.dtype), ids.long()
+def _hf_rule(renormalize: bool) -> Rewrite:
+    def replace(logits, *, top_k, num_groups, topk_group):
+        weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", renormalize, 1, 1, None, 1.0)
+        return weights.to(logits.dtype), ids.long()
 
+    return Rewrite(family="moe_gate", name="hf_topk_router" + ("" if renormalize else "_unnormalized"),
+                   search=hf_router if renormalize else hf_router_unnormalized, replace=replace,
+                   example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+                   guard=lambda b: _guard(b, "softmax", "none", renormalize, False), needs=(aten.topk.default,))
 
-HF_RULE = Rewrite(family="moe_gate", name="hf_topk_router", search=hf_router, replace=_hf_replace,
-                  example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
-                  guard=lambda b: _guard(b, "softmax", "none", True, False), needs=(aten.topk.default,))
 
 _COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigmoid", "bias"),
            ("sigmoid", "groups_bias"), ("softmax", "groups"), ("sigmoid", "groups")]
 RULES = [_rule(s, grp, renorm, scaled)
-         for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + [HF_RULE]
+         for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + \
+    [_hf_rule(True), _hf_rule(False)]

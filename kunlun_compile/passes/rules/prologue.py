@@ -99,7 +99,7 @@ def _example_inputs(dtype, norm: str, gated: bool, partial: bool):
     return qkv, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cache, positions
 
 
-def _head_sizes(b: Bindings, gated: bool):
+def _head_sizes(b: Bindings, gated: bool, rotary_dim: int):
     """(nq, nkv, head_dim) read from the matched split and views, or a reason."""
     split = b.nodes(aten.split_with_sizes.default)
     if len(split) != 1:
@@ -111,8 +111,9 @@ def _head_sizes(b: Bindings, gated: bool):
     last_dims = {int(v.shape[-1]) for v in views if isinstance(v.shape[-1], int)}
     if not last_dims:
         return "no per-head view found"
-    d = min(last_dims)
-    if not last_dims <= {d, 2 * d}:
+    # the per-head views are [.., D], the gated q view [.., 2D], GPT-J's re-interleaved part [.., rotary_dim]
+    d = max(last_dims) // 2 if gated else max(last_dims)
+    if not last_dims <= {d, 2 * d, rotary_dim}:
         return f"per-head views disagree on head_dim: {sorted(last_dims)}"
     q_cols = sizes[0] // 2 if gated else sizes[0]
     if q_cols % d or sizes[1] % d:
@@ -122,11 +123,11 @@ def _head_sizes(b: Bindings, gated: bool):
 
 def _guard(b: Bindings, norm: str, gated: bool, partial: bool):
     qkv, cache, positions = b.val("qkv"), b.val("cache"), b.val("positions")
-    sizes = _head_sizes(b, gated)
+    rotary_dim = int(cache.shape[1]) if isinstance(cache.shape[1], int) else -1
+    sizes = _head_sizes(b, gated, rotary_dim)
     if isinstance(sizes, str):
         return Refusal(sizes)
     nq, nkv, d = sizes
-    rotary_dim = int(cache.shape[1]) if isinstance(cache.shape[1], int) else -1
     reason = g.first(
         g.float_dtype(qkv, "qkv"),
         None if qkv.dim() == 2 else f"qkv is {qkv.dim()}-D; the op takes [tokens, columns]",

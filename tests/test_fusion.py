@@ -1,0 +1,195 @@
+"""Fusion passes on real model code: exact matches per family, kernel counts, outputs, near misses."""
+import pytest
+import torch
+from torch import nn
+
+import kunlun_compile as kc
+from kunlun_compile.models import build_model
+from kunlun_compile.ops import cpu_kernels
+
+from .conftest import float64_reference, rel_err
+
+FAMILIES = ("norm_rope_gate", "add_rmsnorm", "moe_gate", "moe_ffn", "masked_input", "attention_mask")
+DENSE = dict(norm_rope_gate=2, add_rmsnorm=5, moe_gate=0, moe_ffn=0, masked_input=1, attention_mask=1)
+MOE = dict(DENSE, moe_gate=2, moe_ffn=2)
+# built-in model (2 layers) -> (matches per family, ATen kernels before, kernels after: fused, aten)
+BUILTIN_EXPECTED = {
+    "llama-tiny": (DENSE, 102, 9, 17),
+    "qwen3-tiny": (DENSE, 126, 9, 17),
+    "qwen3-next-tiny": (MOE, 185, 13, 31),
+    "qwen3-moe-tiny": (MOE, 148, 13, 11),
+    "deepseek-v3-tiny": (MOE, 160, 13, 23),
+}
+
+
+def _compile(model, *inputs, **options):
+    compiled = kc.compile(model, strict=True, **options)
+    with torch.no_grad():
+        got = compiled(*inputs)
+    return got, compiled.kunlun_backend.report
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_EXPECTED))
+def test_builtin_models_fuse_exactly(name):
+    patterns, before, fused, aten_after = BUILTIN_EXPECTED[name]
+    model, inputs = build_model(name, dtype=torch.float32, seed=1)
+    got, report = _compile(model, *inputs)
+    (g,) = report.graphs
+    assert g.patterns == patterns
+    assert sum(g.kernels_before.values()) == before
+    assert g.kernels == {"fused": fused, "pointwise": 0, "aten": aten_after}
+    assert report.summary()["fallbacks"] == []
+    with torch.no_grad():
+        want = model(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3-next-tiny", "deepseek-v3-tiny"])
+def test_builtin_bf16_fuses_the_same_and_stays_close_to_float64(name):
+    model, inputs = build_model(name, dtype=torch.bfloat16, seed=3)
+    with cpu_kernels(False):  # op references: the interpreter's bf16 rounding is biased (tests/op_helpers.py)
+        got, report = _compile(model, *inputs)
+        with torch.no_grad():
+            want = model(*inputs)
+    assert report.graphs[0].patterns == BUILTIN_EXPECTED[name][0]
+    ref = float64_reference(model, inputs)
+    assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+
+
+def test_variants_gptj_partial_rotary_and_sliding_window():
+    model, inputs = build_model("llama-tiny", rope_is_neox=False, rotary_dim=8, sliding_window=5, seed=4)
+    got, report = _compile(model, *inputs)
+    assert report.graphs[0].patterns == DENSE
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_family_is_left_alone():
+    model, inputs = build_model("qwen3-moe-tiny", seed=1)
+    _, report = _compile(model, *inputs, disable=("moe_ffn",))
+    assert report.graphs[0].patterns == dict(MOE, moe_ffn=0)
+
+
+# ---- HF transformers tiny models ------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf(kind: str, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, \
+        Qwen3MoeForCausalLM
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval().requires_grad_(False)
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval().requires_grad_(False)
+    cfg = Qwen3MoeConfig(**common, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         decoder_sparse_step=1, mlp_only_layers=[], **extra)
+    return Qwen3MoeForCausalLM(cfg).eval().requires_grad_(False)
+
+
+# HF adds residuals outside its norms (in the dtype), so only lone norms fuse; its attention
+# prologue (separate projections, rotate_half) has no rule yet, and sdpa builds no mask.
+HF_EXPECTED = {
+    "llama": dict.fromkeys(FAMILIES, 0) | {"add_rmsnorm": 5},
+    "qwen3": dict.fromkeys(FAMILIES, 0) | {"add_rmsnorm": 9},  # + per-head q/k norms
+    "qwen3_moe": dict.fromkeys(FAMILIES, 0) | {"add_rmsnorm": 9, "moe_gate": 2, "moe_ffn": 2},
+}
+
+
+@pytest.mark.parametrize("kind", list(HF_EXPECTED))
+def test_hf_models_fuse_exactly(kind):
+    model = _hf(kind, experts_implementation="batched_mm") if kind == "qwen3_moe" else _hf(kind)
+    ids = torch.randint(0, 256, (1, 12))
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    report = compiled.kunlun_backend.report
+    assert [g.patterns for g in report.graphs] == [HF_EXPECTED[kind]]
+    g = report.graphs[0]
+    assert g.kernels["fused"] == sum(HF_EXPECTED[kind].values())
+    assert sum(g.kernels.values()) < sum(g.kernels_before.values())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- near misses: left alone, with the reason recorded ---------------------------------------------------
+
+class NormWithTensorEps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32))
+        self.register_buffer("eps", torch.tensor(1e-6))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class NormSharingItsVariance(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + 1e-6)) * self.weight, variance  # the variance escapes
+
+
+def _near_misses(report):
+    return [line for g in report.graphs for p in g.passes for line in p.near_misses]
+
+
+@pytest.mark.parametrize("module, reason", [
+    (NormWithTensorEps(), "eps is a tensor, not a Python constant"),
+    (NormSharingItsVariance(), "is used outside the pattern"),
+])
+def test_near_miss_norms_are_left_alone_with_a_reason(module, reason):
+    x = torch.randn(6, 32)
+    got, report = _compile(module.eval().requires_grad_(False), x)
+    assert report.graphs[0].patterns["add_rmsnorm"] == 0 and report.graphs[0].kernels["fused"] == 0
+    misses = _near_misses(report)
+    assert any(line.startswith("add_rmsnorm/") and reason in line for line in misses), misses
+    with torch.no_grad():
+        want = module(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_unsupported_head_dim_is_left_alone_with_a_reason():
+    model, inputs = build_model("qwen3-tiny", head_dim=12, seed=1)
+    got, report = _compile(model, *inputs)
+    assert report.graphs[0].patterns["norm_rope_gate"] == 0
+    assert any("head_dim 12 is not supported" in line for line in _near_misses(report))
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+# ---- noise the matcher must see through ----------------------------------------------------------------
+
+class NoisyResidualNorm(nn.Module):
+    """vLLM's residual RMSNorm, with views, a clone and transposes that cancel around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32))
+
+    def forward(self, x, residual):
+        x = x.reshape(-1, 4, 8).reshape(-1, 32).clone()
+        residual = residual.t().t()
+        h = x.to(torch.float32) + residual.to(torch.float32)
+        new_residual = h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-5)
+        return h.to(x.dtype) * self.weight, new_residual
+
+
+def test_matching_sees_through_views_clones_and_cancelling_transposes():
+    m = NoisyResidualNorm().eval().requires_grad_(False)
+    x, r = torch.randn(5, 32), torch.randn(5, 32)
+    got, report = _compile(m, x, r)
+    assert report.graphs[0].patterns["add_rmsnorm"] == 1
+    with torch.no_grad():
+        want = m(x, r)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
