@@ -6,6 +6,7 @@ import kunlun_compile as kc
 from kunlun_compile.models import BUILTIN_CONFIGS, build_model, builtin_names, make_inputs
 
 from .conftest import float64_reference, rel_err
+from .test_fusion import BUILTIN_EXPECTED
 
 pytestmark = pytest.mark.gpu
 
@@ -23,6 +24,8 @@ def test_builtin_bf16_on_cuda(name):
             assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
     assert len(compiled.kunlun_backend.report.graphs) == 1
     assert compiled.kunlun_backend.report.summary()["fallbacks"] == []
+    # every family fused on the GPU graph too (the fused ops ran their Triton kernels above)
+    assert compiled.kunlun_backend.report.graphs[0].patterns == BUILTIN_EXPECTED[name][0]
 
 
 def test_hf_llama_bf16_on_cuda():
