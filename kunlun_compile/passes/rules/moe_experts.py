@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...models.layers import experts_forward
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 
@@ -20,13 +21,7 @@ aten = torch.ops.aten
 _T, _H, _I, _E, _K = 5, 24, 12, 7, 3
 
 
-def gather_experts(x, w13, w2, topk_weights, topk_ids):
-    ids = topk_ids.long()
-    h = torch.einsum("th,tkih->tki", x, w13[ids])
-    gate, up = h.chunk(2, dim=-1)
-    act = F.silu(gate) * up
-    out = torch.einsum("tki,tkhi->tkh", act, w2[ids])
-    return (out * topk_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+gather_experts = experts_forward  # vLLM-style gather form, as the built-in models write it
 
 
 def hf_batched_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):

@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from ...models.layers import select_experts
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 
@@ -20,38 +21,15 @@ SCALE = 1.7654321  # marker for routed_scaling_factor
 _M, _E, _K, _GROUPS, _TOPK_GROUP = 5, 16, 3, 4, 2
 
 
-def _scores(logits, scoring):
-    if scoring == "softmax":
-        return torch.softmax(logits, dim=-1, dtype=torch.float32)
-    return logits.float().sigmoid()
-
-
 def _make_search(scoring: str, grouping: str, renormalize: bool, scaled: bool):
-    """grouping: "none", "bias" (top-k on scores + bias), "groups_bias" (DeepSeek-V3), "groups"."""
+    """grouping: "none", "bias" (top-k on scores + bias), "groups_bias" (DeepSeek-V3), "groups".
+
+    The search is vLLM's `select_experts` itself (the built-in models' router) at example sizes."""
+    groups, topk_group = (_GROUPS, _TOPK_GROUP) if grouping.startswith("groups") else (1, 1)
 
     def select(logits, bias, scale):
-        scores = _scores(logits, scoring)
-        if grouping.startswith("groups"):
-            t, e = scores.shape
-            choice = scores + bias.float() if bias is not None else scores
-            grouped = choice.view(t, _GROUPS, e // _GROUPS)
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if bias is not None else grouped.amax(dim=-1)
-            group_idx = torch.topk(group_scores, k=_TOPK_GROUP, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(t, _GROUPS, e // _GROUPS).reshape(t, e)
-            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-            ids = torch.topk(choice, k=_K, dim=-1, sorted=False)[1]
-            weights = scores.gather(1, ids)
-        elif bias is not None:
-            ids = torch.topk(scores + bias.float(), _K, dim=-1)[1]
-            weights = scores.gather(1, ids)
-        else:
-            weights, ids = torch.topk(scores, _K, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if scaled:
-            weights = weights * scale
-        return weights, ids.to(torch.int32)
+        return select_experts(logits, _K, scoring, renormalize, groups, topk_group, bias,
+                              scale if scaled else 1.0)
 
     if grouping in ("bias", "groups_bias"):
         def search(logits, bias, scale=None):
