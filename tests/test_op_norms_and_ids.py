@@ -43,6 +43,23 @@ def test_fused_add_rmsnorm(path, dtype, offset, shape):
     assert_same_rounding(out, ref_out, roundings=2)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 100)])
+def test_rms_norm_without_residual(path, dtype, offset, shape):
+    gen = torch.Generator().manual_seed(hash(("lone", path, str(dtype), offset, shape)) % 2**31)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    w = ((offset == 0) + 0.3 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    with cpu_kernels(path == "triton"):
+        out = torch.ops.kunlun.rms_norm(x, w, 1e-6, offset)
+    want, _ = _add_rmsnorm_float64(x, torch.zeros_like(x), w, 1e-6, offset)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, want) <= 2 * DTYPE_TOL[dtype] + (4e-3 if dtype != torch.float32 else 0)
+    assert_same_rounding(out, add_rmsnorm.reference(x, None, w, 1e-6, offset)[0], roundings=2)
+    torch.library.opcheck(torch.ops.kunlun.rms_norm.default, (x, w, 1e-6, offset))
+
+
 @needs_interpreter
 def test_fused_add_rmsnorm_matches_the_modules_it_replaces_bf16():
     from kunlun_compile.models.layers import GemmaRMSNorm, RMSNorm

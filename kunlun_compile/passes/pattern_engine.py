@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -198,8 +199,6 @@ def compile_rewrite(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
 
 
 def _parameter_names(fn: Callable) -> List[str]:
-    import inspect
-
     return [p.name for p in inspect.signature(fn).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
@@ -260,10 +259,6 @@ def _escaping_intermediate(m: pm.Match, outputs: Sequence[fx.Node]) -> Optional[
     return None
 
 
-def _replacement_tracer(fn, args):
-    return trace_aten(fn, args)
-
-
 def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> FusionResult:
     """Apply `rules` in order (all matches of one rule before the next); count per family."""
     result = FusionResult()
@@ -307,7 +302,7 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: FusionResult) -> 
         params = {k: m.kwargs[k] for k in rule.constants}
         params.update(verdict)
         replacement = functools.partial(rule.replace, **params)
-        m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=_replacement_tracer)
+        m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=trace_aten)
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
 
 
