@@ -1,11 +1,12 @@
-"""Built-in model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
+"""Model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
 
-For each built-in model (one decoder layer at serving-like sizes, bf16) prints and
-saves: CUDA kernels launched per call (counted with the profiler, the same way
-for all three), fused-op matches, and time per call (CUDA-graph replay of one
-forward, median), as ratios to inductor.
+For each built-in model and for HF transformers Llama and Qwen3 (one decoder layer
+at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
+(counted with the profiler, the same way for all three), fused-op matches, and
+time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
+and a plot of both.
 
-    python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS]
+    python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS]   -> fusion_layers.json, fusion_layers.png
 """
 from __future__ import annotations
 
@@ -34,6 +35,66 @@ def overrides(name):
         if "deepseek" in name:
             o.update(n_group=8, topk_group=4)  # 4 experts per group
     return o
+
+
+class HFLogits(torch.nn.Module):
+    """An HF causal LM called the way a serving loop calls it: ids in, logits out, no KV cache object."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def hf_layer(kind: str, tokens: int):
+    import transformers
+
+    common = dict(vocab_size=SIZES["vocab_size"], hidden_size=SIZES["hidden_size"],
+                  intermediate_size=SIZES["intermediate_size"], num_hidden_layers=1,
+                  num_attention_heads=SIZES["num_heads"], num_key_value_heads=SIZES["num_kv_heads"],
+                  head_dim=SIZES["head_dim"], max_position_embeddings=SIZES["max_position_embeddings"])
+    torch.manual_seed(0)
+    if kind == "hf-llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    model = HFLogits(model.to("cuda", torch.bfloat16).eval().requires_grad_(False))
+    return model, (torch.randint(0, SIZES["vocab_size"], (1, tokens), device="cuda"),)
+
+
+def cases(tokens: int):
+    for name in builtin_names():
+        yield name, lambda name=name: build_model(name, dtype=torch.bfloat16, device="cuda", num_tokens=tokens,
+                                                  seed=0, **overrides(name))
+    for kind in ("hf-llama", "hf-qwen3"):
+        yield kind, lambda kind=kind: hf_layer(kind, tokens)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    xs = range(len(rows))
+    fig, (ax_t, ax_k) = plt.subplots(1, 2, figsize=(13, 4))
+    for i, label in enumerate(("eager", "inductor", "kunlun")):
+        ax_t.bar([x + (i - 1) * 0.27 for x in xs], [r[f"{label}_ms"] / r["inductor_ms"] for r in rows], 0.27,
+                 label=label)
+        ax_k.bar([x + (i - 1) * 0.27 for x in xs], [r[f"{label}_cuda_kernels"] for r in rows], 0.27, label=label)
+    ax_t.set_ylabel("time / inductor (CUDA-graph replay)")
+    ax_t.axhline(1.0, color="gray", lw=0.8)
+    ax_k.set_ylabel("CUDA kernels per call")
+    for ax in (ax_t, ax_k):
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    tokens = rows[0]["tokens"]
+    fig.suptitle(f"one decoder layer, bf16, {tokens} tokens, {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def kernels_per_call(fn, args) -> int:
@@ -69,10 +130,9 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 128  # the eager MoE gathers [T, k, 2I, H] weights
     rows = []
-    for name in builtin_names():
+    for name, build in cases(tokens):
         torch._dynamo.reset()
-        model, inputs = build_model(name, dtype=torch.bfloat16, device="cuda", num_tokens=tokens, seed=0,
-                                    **overrides(name))
+        model, inputs = build()
         with torch.no_grad():
             kun = kc.compile(model, strict=True)
             ind = torch.compile(model, backend="inductor")
@@ -99,6 +159,10 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "fusion_layers.json"), "w") as f:
         json.dump(result, f, indent=1)
+    try:
+        plot(rows, os.path.join(out_dir, "fusion_layers.png"))
+    except ImportError as e:
+        print(f"no plot: {e}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,44 @@ def test_fused_add_rmsnorm_cuda(dtype, offset, rows, cols):
     assert rel_err(out, want) < {torch.float32: 1e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols", [(1, 2048), (4096, 4096)])
+def test_rms_norm_and_sum_in_dtype_cuda(dtype, rows, cols):
+    x = torch.randn(rows, cols, device="cuda").to(dtype)
+    r = torch.randn(rows, cols, device="cuda").to(dtype)
+    w = (1 + 0.3 * torch.randn(cols, device="cuda")).to(dtype)
+    cases = [(torch.ops.kunlun.rms_norm(x, w, 1e-6, 0.0), add_rmsnorm.reference(x, None, w, 1e-6, 0.0)[0]),
+             (torch.ops.kunlun.fused_add_rmsnorm(x, r, w, 1e-6, 0.0, True)[0],
+              add_rmsnorm.reference(x, r, w, 1e-6, 0.0, True)[0])]
+    for got, want in cases:
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert (got != want).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 333, 8192])
+def test_qk_norm_rope_cuda(dtype, T):
+    from kunlun_compile.ops import qk_norm_rope
+
+    nq, nkv, D = 32, 8, 128
+    proj = torch.randn(T, (nq + nkv) * D, device="cuda").to(dtype)  # q and k as views of one projection
+    q, k = proj[:, :nq * D].view(T, nq, D), proj[:, nq * D:].view(T, nkv, D)
+    qw = (1 + 0.3 * torch.randn(D, device="cuda")).to(dtype)
+    kw = (1 + 0.3 * torch.randn(D, device="cuda")).to(dtype)
+    angles = torch.rand(T, D // 2, device="cuda") * 6.28
+    full = torch.cat([angles, angles], -1)
+    for weights in [(qw, kw), (None, None)]:
+        args = (q, k, *weights, full.cos().to(dtype), full.sin().to(dtype), 1e-6, 0.0, True)
+        got = torch.ops.kunlun.qk_norm_rope(*args)
+        want = qk_norm_rope.reference(*args)
+        for g, w in zip(got, want):
+            if dtype != torch.float32:
+                assert (g != w).float().mean().item() < 0.01
+            assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]
+
+
 @pytest.mark.parametrize("n", [1, 64, 8192, 1 << 20])
 def test_masked_input_cuda(n):
     ids = torch.randint(0, 152064, (n,), device="cuda")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
-from kunlun_compile.ops import add_rmsnorm, cpu_kernels, masked_input
+from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable, masked_input
 
 from .conftest import rel_err
 from .op_helpers import DTYPE_TOL, DTYPES, PATHS, assert_same_rounding, needs_interpreter
@@ -74,6 +74,27 @@ def test_fused_add_rmsnorm_matches_the_modules_it_replaces_bf16():
                 out, new_r = torch.ops.kunlun.fused_add_rmsnorm(x, r, module.weight, module.eps, offset)
             assert_same_rounding(new_r, want_r, roundings=1)
             assert_same_rounding(out, want_out, roundings=2)
+
+
+def test_fused_add_rmsnorm_sum_in_dtype_matches_hf_bf16():
+    """HF adds the residual as its own op (rounded to bf16) and normalises that: sum_in_dtype=True."""
+    hf = pytest.importorskip("transformers.models.llama.modeling_llama")
+    gen = torch.Generator().manual_seed(5)
+    x, r, _ = _add_rmsnorm_inputs(33, 96, torch.bfloat16, gen)
+    norm = hf.LlamaRMSNorm(96, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=gen))
+        want_r = r + x
+        want_out = norm(want_r)
+    paths = [False, True] if interpreter_usable() else [False]
+    for triton_path in paths:
+        with cpu_kernels(triton_path), torch.no_grad():
+            out, new_r = torch.ops.kunlun.fused_add_rmsnorm(x, r, norm.weight, 1e-6, 0.0, True)
+            unrounded, _ = torch.ops.kunlun.fused_add_rmsnorm(x, r, norm.weight, 1e-6, 0.0)
+        assert_same_rounding(new_r, want_r, roundings=1 if triton_path else 0.01)
+        assert_same_rounding(out, want_out, roundings=3 if triton_path else 0.01)  # sum, cast, weight
+    assert not torch.equal(unrounded, want_out)  # the flag matters in bf16: the two forms round differently
+    torch.library.opcheck(torch.ops.kunlun.fused_add_rmsnorm.default, (x, r, norm.weight.detach(), 1e-6, 0.0, True))
 
 
 def test_fused_add_rmsnorm_bad_args():

@@ -5,11 +5,12 @@ plain-torch `reference` (the definition of correct; the CPU path), a Triton
 kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
-from . import add_rmsnorm, attention_mask, fused_moe, masked_input, moe_gate, norm_rope_gate
+from . import add_rmsnorm, attention_mask, fused_moe, masked_input, moe_gate, norm_rope_gate, qk_norm_rope
 from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 
 OP_MODULES = {
     "split_norm_rope_gate": norm_rope_gate,
+    "qk_norm_rope": qk_norm_rope,
     "fused_add_rmsnorm": add_rmsnorm,
     "rms_norm": add_rmsnorm,
     "moe_gate": moe_gate,
@@ -19,4 +20,4 @@ OP_MODULES = {
 }
 
 __all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "cpu_kernels", "fused_moe", "interpreter_usable", "masked_input", "moe_gate",
-           "norm_rope_gate", "use_triton"]
+           "norm_rope_gate", "qk_norm_rope", "use_triton"]

@@ -2,6 +2,7 @@
 
     new_residual = x + residual
     out = rmsnorm(new_residual) * (weight + norm_offset)
+(sum_in_dtype: normalise the sum as rounded to the dtype, as HF's separate add leaves it)
 
 and kunlun::rms_norm(x, weight, eps, norm_offset), the same without a residual
 (one kernel, the residual part compiled out).
@@ -13,6 +14,8 @@ Rounding reproduces the module being replaced (bf16/fp16; fp32 is exact either w
 - norm_offset != 0, Gemma style (Qwen3-Next): the sum is rounded to the input
   dtype (that is the residual), normalised in fp32, multiplied by
   `(w + offset)` in fp32 and cast once.
+- sum_in_dtype=True with norm_offset == 0, HF transformers (the residual add is
+  a separate op in the dtype): the rounded sum is normalised, then as vLLM.
 """
 from __future__ import annotations
 
@@ -40,11 +43,14 @@ def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.
         raise ValueError(f"fused_add_rmsnorm: eps must be > 0, got {eps}")
 
 
-def reference(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def reference(x, residual, weight, eps: float, norm_offset: float,
+              sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The definition of correct, in plain torch (residual None: a lone RMSNorm, new_residual is x)."""
     dtype = x.dtype
     total = x.float() if residual is None else x.float() + residual.float()
     new_residual = total.to(dtype)
+    if sum_in_dtype:
+        total = new_residual.float()
     if norm_offset == 0.0:
         normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
         return normed * weight.to(dtype), new_residual
@@ -56,7 +62,8 @@ def reference(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torc
 @kernel
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, norm_offset,
                         x_stride, r_stride, out_stride, new_r_stride,
-                        GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_IN_DTYPE: tl.constexpr,
+                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -66,6 +73,8 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, no
         r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
         total = total + r.to(tl.float32)
     new_r = total.to(x.dtype)
+    if SUM_IN_DTYPE:
+        total = new_r.to(tl.float32)
     if HAS_RESIDUAL:
         tl.store(new_r_ptr + row * new_r_stride + cols, new_r, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -81,7 +90,8 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, no
     tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
 
 
-def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def triton_impl(x, residual, weight, eps: float, norm_offset: float,
+                sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """residual None: only `out` is written; the second result is an empty [0] tensor."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
@@ -100,7 +110,8 @@ def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[to
         _add_rmsnorm_kernel.on(x.device)[(rows,)](
             x2, r2, w, out, new_r, n_cols, eps, norm_offset,
             x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
-            GEMMA=norm_offset != 0.0, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+            GEMMA=norm_offset != 0.0, HAS_RESIDUAL=residual is not None, SUM_IN_DTYPE=sum_in_dtype,
+            BLOCK=block, num_warps=num_warps)
     if residual is None:
         return out.view(x.shape), out.new_empty(0)
     return out.view(x.shape), new_r.view(x.shape)
@@ -108,15 +119,15 @@ def triton_impl(x, residual, weight, eps: float, norm_offset: float) -> Tuple[to
 
 @torch.library.custom_op("kunlun::fused_add_rmsnorm", mutates_args=())
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      norm_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                      norm_offset: float, sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     check_args(x, residual, weight, eps)
     if use_triton(x):
-        return triton_impl(x, residual, weight, eps, norm_offset)
-    return reference(x, residual, weight, eps, norm_offset)
+        return triton_impl(x, residual, weight, eps, norm_offset, sum_in_dtype)
+    return reference(x, residual, weight, eps, norm_offset, sum_in_dtype)
 
 
 @fused_add_rmsnorm.register_fake
-def _(x, residual, weight, eps, norm_offset):
+def _(x, residual, weight, eps, norm_offset, sum_in_dtype=False):
     check_args(x, residual, weight, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -107,12 +107,18 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: in
 
 
 @kernel
-def _norm_rope_gate_kernel(qkv_ptr, qw_ptr, kw_ptr, cache_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
-                           T, qkv_stride, cache_stride, eps, norm_offset,
-                           NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                           HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr,
-                           GEMMA: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-    # one program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token
+def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
+                      T, q_in_stride, k_in_stride, cs_stride, eps, norm_offset,
+                      NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                      Q_HEAD_STRIDE: tl.constexpr, HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr,
+                      HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HAS_POSITIONS: tl.constexpr,
+                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """One program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token.
+
+    q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`
+    (both views of one fused qkv row, or two separate projections).  cos/sin rows are `positions[t]`
+    (HAS_POSITIONS) or `t`; a half-width table (vLLM's cache: column c of the pair) or a full-width
+    one (HF: cos[d] per column d)."""
     r = tl.arange(0, BT * BH)
     t = (tl.program_id(0) * BT + r // BH).to(tl.int64)
     h = tl.program_id(1) * BH + r % BH
@@ -122,9 +128,8 @@ def _norm_rope_gate_kernel(qkv_ptr, qw_ptr, kw_ptr, cache_ptr, pos_ptr, q_ptr, k
     rows = (h < NQ + NKV) & (t < T)
     cols = d < D
     m = rows[:, None] & cols[None, :]
-    q_stride: tl.constexpr = 2 * D if HAS_GATE else D
-    in_col = tl.where(is_q, h * q_stride, NQ * q_stride + kh * D)
-    row_ptr = qkv_ptr + t[:, None] * qkv_stride + in_col[:, None]
+    row_ptr = tl.where(is_q[:, None], q_in_ptr + t[:, None] * q_in_stride + h[:, None] * Q_HEAD_STRIDE,
+                       k_in_ptr + t[:, None] * k_in_stride + kh[:, None] * D)
     x = tl.load(row_ptr + d[None, :], mask=m, other=0.0)
     out_ty = x.dtype
     x = x.to(tl.float32)
@@ -162,10 +167,14 @@ def _norm_rope_gate_kernel(qkv_ptr, qw_ptr, kw_ptr, cache_ptr, pos_ptr, q_ptr, k
             xp = xp.to(tl.float32)
 
     if ROT > 0:
-        pos = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
-        cs_ptr = cache_ptr + pos[:, None] * cache_stride + c[None, :]
-        cos = tl.load(cs_ptr, mask=mr, other=0.0).to(out_ty).to(tl.float32)
-        sin = tl.load(cs_ptr + half, mask=mr, other=0.0).to(out_ty).to(tl.float32)
+        if HAS_POSITIONS:
+            cs_row = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
+        else:
+            cs_row = t
+        cs_col = d if FULL_WIDTH_COS else c
+        cs_off = cs_row[:, None] * cs_stride + cs_col[None, :]
+        cos = tl.load(cos_ptr + cs_off, mask=mr, other=0.0).to(out_ty).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_off, mask=mr, other=0.0).to(out_ty).to(tl.float32)
         a = (x * cos).to(out_ty).to(tl.float32)
         b = (xp * sin).to(out_ty).to(tl.float32)
         rotated = tl.where(first[None, :], a - b, a + b)
@@ -175,8 +184,30 @@ def _norm_rope_gate_kernel(qkv_ptr, qw_ptr, kw_ptr, cache_ptr, pos_ptr, q_ptr, k
     tl.store(q_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], y, mask=m & is_q[:, None])
     tl.store(k_ptr + t[:, None] * (NKV * D) + kh[:, None] * D + d[None, :], y, mask=m & (~is_q)[:, None])
     if HAS_GATE:
-        g = tl.load(row_ptr + D + d[None, :], mask=m & is_q[:, None], other=0.0)
+        g_ptr = g_in_ptr + t[:, None] * q_in_stride + h[:, None] * Q_HEAD_STRIDE + d[None, :]
+        g = tl.load(g_ptr, mask=m & is_q[:, None], other=0.0)
         tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
+
+
+def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, positions, q, k, gate, *,
+                     num_tokens, q_head_stride, head_dim, rotary_dim, eps, norm_offset, is_neox,
+                     full_width_cos):
+    """Launch the kernel.  q_in/k_in/gate_in: 2-D views [T, >= heads*stride] with unit column stride;
+    cos/sin: [rows, width] sharing one row stride; q/k/gate: contiguous outputs."""
+    nq, nkv, D = q.shape[1] // head_dim, k.shape[1] // head_dim, head_dim
+    if not num_tokens:
+        return
+    has_norm = q_weight is not None
+    bt, bh, bd, warps = launch_shape(num_tokens, nq + nkv, D)
+    grid = (triton.cdiv(num_tokens, bt), triton.cdiv(nq + nkv, bh))
+    _norm_rope_kernel.on(q.device)[grid](
+        q_in, k_in, gate_in, q_weight if has_norm else q, k_weight if has_norm else q,
+        cos if rotary_dim else q, sin if rotary_dim else q, q if positions is None else positions,
+        q, k, gate, num_tokens, q_in.stride(0), k_in.stride(0), cos.stride(0) if rotary_dim else 0,
+        eps, norm_offset, NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, Q_HEAD_STRIDE=q_head_stride,
+        HAS_GATE=gate.numel() > 0, IS_NEOX=is_neox, HAS_NORM=has_norm, GEMMA=norm_offset != 0.0,
+        HAS_POSITIONS=positions is not None, FULL_WIDTH_COS=full_width_cos, BT=bt, BH=bh, BD=bd,
+        num_warps=warps)
 
 
 # (tokens, heads, warps) per program; None: chosen by launch_shape.  The benchmark sets it to compare tilings.
@@ -206,19 +237,17 @@ def triton_impl(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: 
     q = qkv.new_empty(T, nq * D)
     k = qkv.new_empty(T, nkv * D)
     gate = qkv.new_empty(T, nq * D if has_gate else 0)
-    has_norm = q_weight is not None
-    qw = q_weight.contiguous() if has_norm else q  # never read without a norm
-    kw = k_weight.contiguous() if has_norm else q
-    cache = cos_sin_cache if rotary_dim else q
+    q_cols = nq * D * (2 if has_gate else 1)
+    cache = cos_sin_cache
     if rotary_dim and cache.stride(1) != 1:
         cache = cache.contiguous()
-    if T:
-        bt, bh, bd, warps = launch_shape(T, nq + nkv, D)
-        grid = (triton.cdiv(T, bt), triton.cdiv(nq + nkv, bh))
-        _norm_rope_gate_kernel.on(qkv.device)[grid](
-            qkv, qw, kw, cache, positions, q, k, gate, T, qkv.stride(0), cache.stride(0) if rotary_dim else 0,
-            eps, norm_offset, NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, HAS_GATE=has_gate, IS_NEOX=is_neox,
-            HAS_NORM=has_norm, GEMMA=norm_offset != 0.0, BT=bt, BH=bh, BD=bd, num_warps=warps)
+    half = rotary_dim // 2
+    launch_norm_rope(qkv, qkv[:, q_cols:], qkv[:, D:] if has_gate else qkv,
+                     None if q_weight is None else q_weight.contiguous(),
+                     None if k_weight is None else k_weight.contiguous(),
+                     cache, cache[:, half:] if rotary_dim else cache, positions, q, k, gate, num_tokens=T,
+                     q_head_stride=2 * D if has_gate else D, head_dim=D, rotary_dim=rotary_dim, eps=eps,
+                     norm_offset=norm_offset, is_neox=is_neox, full_width_cos=False)
     return q, k, gate
 
 

@@ -12,12 +12,12 @@ import torch.fx as fx
 
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
-from .rules import masks, moe_experts, moe_gate, norms, prologue
+from .rules import hf_prologue, masks, moe_experts, moe_gate, norms, prologue
 
 FAMILY_RULES = {
     "masked_input": masks.MASKED_INPUT_RULES,
     "attention_mask": masks.ATTENTION_MASK_RULES,
-    "norm_rope_gate": prologue.RULES,
+    "norm_rope_gate": prologue.RULES + hf_prologue.RULES,
     "moe_gate": moe_gate.RULES,
     "moe_ffn": moe_experts.RULES,
     "add_rmsnorm": norms.RULES,
@@ -25,7 +25,8 @@ FAMILY_RULES = {
 DESCRIPTIONS = {
     "masked_input": "vocab-shard id masking -> kunlun::masked_input",
     "attention_mask": "causal / sliding-window / padding mask construction -> kunlun::attention_mask",
-    "norm_rope_gate": "qkv(+gate) split + Q/K RMSNorm + rotary -> kunlun::split_norm_rope_gate",
+    "norm_rope_gate": "qkv(+gate) split + Q/K RMSNorm + rotary -> kunlun::split_norm_rope_gate; "
+                      "separate q/k projections (HF) + Q/K RMSNorm + rotary -> kunlun::qk_norm_rope",
     "moe_gate": "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate",
     "moe_ffn": "routed expert FFN -> kunlun::fused_moe",
     "add_rmsnorm": "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",

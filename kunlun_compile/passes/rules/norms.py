@@ -3,9 +3,9 @@
 The search functions are the norms as model code writes them:
 - vLLM `RMSNorm.forward_native` (sum formed in fp32; cast, then `* weight`),
 - Gemma / Qwen3-Next (sum in the dtype; `* (1 + weight)` in fp32, one cast),
-- HF transformers Llama/Qwen3 (`weight * x.to(dtype)`; HF adds the residual
-  outside the norm, in the dtype, so only its lone norm is fused: the op's
-  plain form normalises the unrounded fp32 sum, which would change bf16 results).
+- HF transformers Llama/Qwen3 (`weight * x.to(dtype)`; the residual is added
+  outside the norm, in the dtype: the op normalises that rounded sum
+  (`sum_in_dtype`), where vLLM's form normalises the unrounded fp32 sum).
 Rules with a residual come first, so a lone-norm rule never splits one.
 """
 from __future__ import annotations
@@ -58,6 +58,17 @@ def gemma_residual(x, residual, weight, eps):
     return (x * (1.0 + weight.float())).to(orig_dtype), residual
 
 
+def hf_residual(x, residual, weight, eps):
+    """HF decoder layer: `hidden = residual + hidden; residual = hidden; hidden = norm(hidden)`."""
+    x = x + residual
+    return hf_lone(x, weight, eps), x
+
+
+def hf_residual_unused(x, residual, weight, eps):
+    """HF's final norm after the last layer's residual add."""
+    return hf_residual(x, residual, weight, eps)[0]
+
+
 def gemma_lone(x, weight, eps):
     orig_dtype = x.dtype
     x = x.float()
@@ -76,13 +87,13 @@ def hf_lone(x, weight, eps):
 
 # ---- replacements -------------------------------------------------------------------------------------
 
-def fused_residual(x, residual, weight, *, eps, norm_offset):
-    out, new_residual = torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset)
+def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
+    out, new_residual = torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype)
     return out, new_residual
 
 
-def fused_residual_unused(x, residual, weight, *, eps, norm_offset):
-    return torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset)[0]
+def fused_residual_unused(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
+    return torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype)[0]
 
 
 def fused_lone(x, weight, *, eps, norm_offset):
@@ -91,7 +102,7 @@ def fused_lone(x, weight, *, eps, norm_offset):
 
 # ---- guards -------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, gemma: bool, residual: bool):
+def _guard(b: Bindings, gemma: bool, residual: bool, sum_in_dtype: bool = False):
     x, w = b.val("x"), b.val("weight")
     reason = g.first(
         g.positive_eps(b.scalar("eps")),
@@ -106,14 +117,15 @@ def _guard(b: Bindings, gemma: bool, residual: bool):
             None if g.same_shape(x, r) else f"residual {tuple(r.shape)} broadcasts against x {tuple(x.shape)}")
     if reason:
         return Refusal(reason)
-    return {"norm_offset": 1.0 if gemma else 0.0}
+    params = {"norm_offset": 1.0 if gemma else 0.0}
+    return dict(params, sum_in_dtype=True) if sum_in_dtype else params
 
 
-def _rule(name, search, replace, gemma, residual):
+def _rule(name, search, replace, gemma, residual, sum_in_dtype=False):
     return Rewrite(
         family="add_rmsnorm", name=name, search=search, replace=replace,
         example_inputs=lambda dtype: _norm_inputs(dtype, residual), constants={"eps": EPS},
-        guard=lambda b: _guard(b, gemma, residual))
+        guard=lambda b: _guard(b, gemma, residual, sum_in_dtype))
 
 
 # Gemma rules first: in fp32 `x * (1 + w)` is also a vLLM norm whose weight is the computed `1 + w`
@@ -121,6 +133,9 @@ RESIDUAL_RULES = [
     _rule("gemma_residual", gemma_residual, fused_residual, gemma=True, residual=True),
     _rule("vllm_residual", vllm_residual, fused_residual, gemma=False, residual=True),
     _rule("vllm_residual_unused", vllm_residual_unused, fused_residual_unused, gemma=False, residual=True),
+    _rule("hf_residual", hf_residual, fused_residual, gemma=False, residual=True, sum_in_dtype=True),
+    _rule("hf_residual_unused", hf_residual_unused, fused_residual_unused, gemma=False, residual=True,
+          sum_in_dtype=True),
 ]
 LONE_RULES = [
     _rule("gemma_lone", gemma_lone, fused_lone, gemma=True, residual=False),

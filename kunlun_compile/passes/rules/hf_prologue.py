@@ -1,0 +1,123 @@
+"""norm_rope_gate, HF transformers form -> kunlun::qk_norm_rope.
+
+HF's Llama/Qwen3 attention projects q, k, v separately, views them per head,
+(Qwen3) RMS-normalises q and k per head, transposes to [B, H, S, D] and applies
+`apply_rotary_pos_emb` with `rotate_half` and cos/sin tables the rotary module
+computed once per forward from `inv_freq` and the position ids.  The q/k work
+from the per-head views to the rotated tensors is one kernel; the cos/sin tables
+are computed once per model call and stay as they are.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..pattern_engine import Bindings, Refusal, Rewrite
+from . import guards as g
+from .norms import EPS, hf_lone
+from .prologue import MAX_HEAD_DIM
+
+aten = torch.ops.aten
+_B, _S, _NQ, _NKV, _D = 2, 5, 4, 2, 16  # example sizes, all different
+
+
+# ---- search functions (the model's code) ---------------------------------------------------------
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_rope(q, k, cos, sin):
+    """q/k [B, H, S, D], cos/sin [B, S, D] (HF `apply_rotary_pos_emb`, unsqueeze_dim=1)."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def hf_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+    """Qwen3: q/k per-head views [B, S, H, D] -> q_norm/k_norm -> transpose -> rotary."""
+    q = hf_lone(q, q_weight, eps).transpose(1, 2)
+    k = hf_lone(k, k_weight, eps).transpose(1, 2)
+    return hf_rope(q, k, cos, sin)
+
+
+def hf_plain_rope(q, k, cos, sin):
+    """Llama: q/k per-head views [B, S, H, D] -> transpose -> rotary."""
+    return hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+
+# ---- replacements -------------------------------------------------------------------------------------
+
+def _fused(q, k, q_weight, k_weight, cos, sin, eps):
+    batch, seq, nq, d = q.shape
+    nkv = k.shape[2]
+    rot = cos.shape[-1]
+    cos = cos.expand(batch, seq, rot).reshape(batch * seq, rot)  # a view unless cos is shared over the batch
+    sin = sin.expand(batch, seq, rot).reshape(batch * seq, rot)
+    q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
+                                                 q_weight, k_weight, cos, sin, eps, 0.0, True)
+    return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
+
+
+def fused_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps):
+    return _fused(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def fused_plain_rope(q, k, cos, sin):
+    return _fused(q, k, None, None, cos, sin, 1e-6)
+
+
+# ---- guard ----------------------------------------------------------------------------------------------
+
+def _guard(b: Bindings, norm: bool):
+    q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need 4-D per-head "
+                       "views [batch, seq, heads, head_dim] and 3-D cos/sin")
+    d = q.shape[3]
+    reason = g.first(
+        g.float_dtype(q, "q"),
+        g.same_dtype(q, k, "q and k"),
+        g.same_dtype(q, cos, "q and cos"),
+        g.same_dtype(cos, sin, "cos and sin"),
+        None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
+        None if all(g.known_equal(x, y) for x, y in zip(q.shape[:2], k.shape[:2])) and g.known_equal(k.shape[3], d)
+        else f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, sequence or head_dim",
+        None if g.known_equal(cos.shape[1], q.shape[1]) and (g.known_equal(cos.shape[0], q.shape[0])
+                                                             or g.known_equal(cos.shape[0], 1))
+        else f"cos {tuple(cos.shape)} is not per token of q {tuple(q.shape)}",
+        None if g.known_equal(cos.shape[2], d) else f"cos width {cos.shape[2]} is not head_dim {d}",
+        None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
+        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
+    )
+    if not reason and norm:
+        qw, kw = b.val("q_weight"), b.val("k_weight")
+        reason = g.first(g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"),
+                         g.vector_of(kw, d, "k_weight"), g.same_dtype(q, qw, "q and q_weight"),
+                         g.same_dtype(q, kw, "q and k_weight"))
+    return Refusal(reason) if reason else {}
+
+
+def _example_inputs(dtype, norm: bool):
+    q = torch.randn(_B, _S, _NQ, _D, dtype=dtype)
+    k = torch.randn(_B, _S, _NKV, _D, dtype=dtype)
+    cos, sin = torch.randn(_B, _S, _D, dtype=dtype), torch.randn(_B, _S, _D, dtype=dtype)
+    if not norm:
+        return q, k, cos, sin
+    return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
+
+
+def _rule(norm: bool) -> Rewrite:
+    return Rewrite(family="norm_rope_gate", name="hf_qknorm_rope" if norm else "hf_rope",
+                   search=hf_norm_rope if norm else hf_plain_rope,
+                   replace=fused_norm_rope if norm else fused_plain_rope,
+                   example_inputs=lambda dtype: _example_inputs(dtype, norm),
+                   constants={"eps": EPS} if norm else {},
+                   guard=lambda b: _guard(b, norm),
+                   needs=(aten.cat.default, aten.neg.default, aten.transpose.int))
+
+
+RULES = [_rule(True), _rule(False)]  # with the norms first: the plain rule would split them off
