@@ -16,12 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import needs_autograd, to_aten_inference, with_serving_shapes
+from .capture import needs_autograd, static_input_indices, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
 from .graph_stats import count_kernels
 from .passes import GraphPass, PassContext, PassManager, default_passes
 from .report import CompileReport, Fallback, GraphReport
-from .runtime import GraphExecutor
+from .runtime import GraphExecutor, GraphRuntime
 from .utils import copy_graph_module, describe_value, warn_once
 
 
@@ -37,6 +37,11 @@ class KunlunBackend:
         self.report = CompileReport()
         self.warned: set = set()
         self._ids = itertools.count()
+
+    def __deepcopy__(self, memo):
+        # `compile()` hangs the backend on the model (`model.kunlun_backend`); copying the model
+        # (e.g. for a float64 reference) must not copy compiled graphs holding fake tensors
+        return self
 
     # Dynamo calls this once per captured graph.
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
@@ -73,10 +78,31 @@ class KunlunBackend:
         ctx = PassContext(self.config, name, self.warned)
         gm = self.pass_manager.run(gm, ctx, report, keep_code=self.config.report)
         report.kernels = count_kernels(gm)
-        report.pieces = 1
+        run = self._runtime(name, gm, example_inputs, report)
         report.compile_ms = (time.perf_counter() - t0) * 1e3
         self.report.graphs.append(report)
-        return GraphExecutor(name, gm, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
+        return GraphExecutor(name, run, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
+
+    def _runtime(self, name: str, gm: fx.GraphModule, example_inputs: List[Any], report: GraphReport) -> Callable:
+        """The graph runtime around the compiled graph; if building it fails, the graph runs as it is."""
+        cfg = self.config
+        try:
+            rt = GraphRuntime(name, gm, example_inputs, set(static_input_indices()), mode=cfg.graph_mode,
+                              capture_sizes=cfg.capture_sizes, splitting_ops=cfg.splitting_ops,
+                              max_captures=cfg.max_captures_per_piece, check_addresses=cfg.debug_graph_addresses,
+                              warned=self.warned)
+        except Exception as e:  # noqa: BLE001
+            if cfg.strict:
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            warn_once(f"kunlun backend: the graph runtime of {name} could not be built; it runs without "
+                      f"graphs: {reason}", self.warned)
+            report.fallbacks.append(Fallback(name, "runtime", reason))
+            report.pieces = 1
+            return gm
+        report.pieces = rt.piece_count
+        report.runtime_info = rt.describe
+        return rt
 
 
 # ---- construction from options -------------------------------------------------------

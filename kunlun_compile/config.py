@@ -11,6 +11,10 @@ import dataclasses
 import os
 from typing import Any, Mapping, Optional, Tuple
 
+GRAPH_MODES = ("auto", "none", "piecewise", "full", "full_and_piecewise")
+# vLLM's default capture sizes: 1, 2, 4, then every 8 up to 512
+DEFAULT_CAPTURE_SIZES = (1, 2, 4) + tuple(range(8, 513, 8))
+
 # Environment variables read once, when a config is built (never mid-compile).
 ENV_DISABLE = "KUNLUN_COMPILE_DISABLE"  # comma-separated pass names to skip
 ENV_STRICT = "KUNLUN_COMPILE_STRICT"  # "1": raise instead of falling back
@@ -27,6 +31,17 @@ class CompileConfig:
     disable: Tuple[str, ...] = ()
     # Keep each pass's before/after graph code in the report (the CLI's diffs read it).
     report: bool = True
+    # Graph runtime (runtime/piecewise.py): "auto" (piecewise on CUDA, none elsewhere), "none",
+    # "piecewise", "full", "full_and_piecewise".
+    graph_mode: str = "auto"
+    # Token counts captured; others are padded up to the next one, above the largest run without a graph.
+    capture_sizes: Tuple[int, ...] = DEFAULT_CAPTURE_SIZES
+    # Extra ops (qualified names, "ns::op") to run outside captured pieces, like attention.
+    splitting_ops: Tuple[str, ...] = ()
+    # After this many captured sizes, a piece runs further sizes without a graph (one warning).
+    max_captures_per_piece: int = 128
+    # Check on every replay that parameters/buffers are where they were at capture.
+    debug_graph_addresses: bool = False
 
     @classmethod
     def option_names(cls) -> Tuple[str, ...]:
@@ -55,9 +70,24 @@ class CompileConfig:
         options["disable"] = tuple(dict.fromkeys(disable + env_disable))
         if "strict" not in options and env.get(ENV_STRICT):
             options["strict"] = env[ENV_STRICT] not in ("0", "false", "False", "")
-        for name in ("strict", "report"):
+        for name in ("strict", "report", "debug_graph_addresses"):
             if name in options and not isinstance(options[name], bool):
                 raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
+        if "graph_mode" in options and options["graph_mode"] not in GRAPH_MODES:
+            raise ValueError(f"kunlun backend: graph_mode must be one of {list(GRAPH_MODES)}, "
+                             f"got {options['graph_mode']!r}")
+        if "capture_sizes" in options:
+            sizes = options["capture_sizes"]
+            if (not isinstance(sizes, (list, tuple)) or not sizes
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)):
+                raise ValueError(f"kunlun backend: capture_sizes must be a non-empty list of positive ints, "
+                                 f"got {sizes!r}")
+            options["capture_sizes"] = tuple(sorted(set(sizes)))
+        if "splitting_ops" in options:
+            options["splitting_ops"] = _as_name_tuple(options["splitting_ops"])
+        if "max_captures_per_piece" in options and (not isinstance(options["max_captures_per_piece"], int)
+                                                    or options["max_captures_per_piece"] < 1):
+            raise ValueError("kunlun backend: max_captures_per_piece must be an int >= 1")
         return cls(**options)
 
     def replace(self, **changes: Any) -> "CompileConfig":
@@ -75,6 +105,6 @@ def _as_name_tuple(value: Any) -> Tuple[str, ...]:
         return tuple(v.strip() for v in value.split(",") if v.strip())
     if isinstance(value, (list, tuple, set, frozenset)):
         if not all(isinstance(v, str) for v in value):
-            raise TypeError(f"kunlun backend: 'disable' must hold pass names, got {value!r}")
+            raise TypeError(f"kunlun backend: expected a list of names, got {value!r}")
         return tuple(value)
-    raise TypeError(f"kunlun backend: 'disable' must be a list of pass names or a comma-separated string, got {value!r}")
+    raise TypeError(f"kunlun backend: expected a list of names or a comma-separated string, got {value!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 # Pattern family names, fixed by the public report format.
 PATTERN_FAMILIES = (
@@ -75,6 +75,12 @@ class GraphReport:
     pieces: int = 0
     fallbacks: List[Fallback] = dataclasses.field(default_factory=list)
     compile_ms: float = 0.0
+    # the graph runtime's live state (mode, pieces and why each was cut, counters): read when reported
+    runtime_info: Optional[Callable[[], dict]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def runtime(self) -> dict:
+        return self.runtime_info() if self.runtime_info is not None else {}
 
     @property
     def patterns(self) -> Dict[str, int]:
@@ -95,6 +101,7 @@ class GraphReport:
             "sfu_ops": self.sfu_ops,
             "vector_ops": self.vector_ops,
             "pieces": self.pieces,
+            "runtime": self.runtime,
             "fallbacks": [f.as_dict() for f in self.fallbacks],
             "compile_ms": round(self.compile_ms, 3),
         }
@@ -110,6 +117,13 @@ class GraphReport:
         lines.append(
             "  kernels before: " + _kernel_line(kb) + "   after: " + _kernel_line(ka) + f"   pieces: {self.pieces}"
         )
+        rt = self.runtime
+        if rt:
+            c = rt["counters"]
+            lines.append(f"  runtime: {rt['mode']} ({rt['graph_api']}), padding {rt['padding']}, full graph: "
+                         f"{rt['full_graph']}")
+            lines.extend(f"    {p}" for p in rt["pieces"])
+            lines.append("    " + ", ".join(f"{k} {v}" for k, v in c.items()))
         for f in self.fallbacks:
             lines.append(f"  FALLBACK in {f.stage}: {f.reason}")
         return "\n".join(lines)
@@ -141,6 +155,7 @@ class CompileReport:
             "sfu_ops": sum(g.sfu_ops for g in self.graphs),
             "vector_ops": sum(g.vector_ops for g in self.graphs),
             "pieces": sum(g.pieces for g in self.graphs),
+            "runtime_counters": dict(sum((Counter(g.runtime.get("counters", {})) for g in self.graphs), Counter())),
             "fallbacks": [f.as_dict() for g in self.graphs for f in g.fallbacks],
         }
 

@@ -40,3 +40,11 @@ def to_aten_inference(gm: fx.GraphModule, example_inputs: Sequence[Any], compile
         keep_inference_input_mutations=False,
     )
     return backend(gm, list(example_inputs))
+
+
+def static_input_indices() -> List[int]:
+    """Positions of the graph inputs that are parameters or buffers (fixed addresses), as AOTAutograd
+    recorded them for the graph being compiled; [] outside a compile."""
+    context = torch._guards.TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None) if context is not None else None
+    return list(getattr(meta, "static_input_indices", None) or [])

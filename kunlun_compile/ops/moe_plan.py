@@ -71,3 +71,25 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
     if per_expert >= 32:
         return MoePlan("large", pairs, "block-histogram", True, 64, 128, 64, 8, 3)
     return MoePlan("large", pairs, "block-histogram", True, 16, 64, 128, 4, 4)
+
+
+# Hopper has 227 KB of shared memory per block; keep a margin for the epilogue's scratch.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_shared_memory(plan: MoePlan, element_size: int) -> MoePlan:
+    """Fewer pipeline stages, then a shorter K tile, until the operand tiles fit in shared memory.
+
+    The tiles above were swept in bf16; fp32 operands take twice the bytes (a 64-row small-path
+    tile with the SwiGLU pair needs 288 KB at 3 stages in fp32)."""
+    from dataclasses import replace
+
+    def need(p: MoePlan) -> int:
+        b_tiles = 2 if p.swiglu_fused else 1  # gate and up tiles side by side
+        return (p.block_m + b_tiles * p.block_n) * p.block_k * element_size * p.num_stages
+
+    while need(plan) > SHARED_MEMORY_BUDGET and plan.num_stages > 2:
+        plan = replace(plan, num_stages=plan.num_stages - 1)
+    while need(plan) > SHARED_MEMORY_BUDGET and plan.block_k > 32:
+        plan = replace(plan, block_k=plan.block_k // 2)
+    return plan

@@ -1,4 +1,6 @@
-"""The graph runtime: runs compiled graphs, falling back to the plain graph on failure."""
+"""The graph runtime: pieces captured per size and replayed (CUDA graphs), with a fallback to the
+plain graph on failure."""
 from .executor import GraphExecutor
+from .piecewise import GraphRuntime
 
-__all__ = ["GraphExecutor"]
+__all__ = ["GraphExecutor", "GraphRuntime"]

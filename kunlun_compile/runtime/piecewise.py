@@ -1,0 +1,257 @@
+"""The graph runtime: a compiled graph run as captured pieces, per capture size.
+
+Modes (`graph_mode` option):
+- `none`: the graph is called as it is.
+- `piecewise`: split at splitting ops (runtime/splitting.py); the pieces between
+  them are captured per size and replayed, the splitting ops run directly at
+  the real size.
+- `full`: the whole graph captured as one, when nothing in it forbids a capture
+  (host syncs, CPU tensors); otherwise run as it is.
+- `full_and_piecewise`: the whole graph at capture sizes it exactly fits (as a
+  uniform decode batch does), pieces otherwise (padded sizes, non-capturable ops).
+- `auto` (default): `piecewise` on CUDA, `none` elsewhere.
+
+Sizes: a token count that is a capture size runs at that size; one between two
+capture sizes is padded up to the next, when every captured piece treats tokens
+independently (runtime/token_dims.py; else it runs without a graph); one above
+the largest capture size runs without a graph.  Outputs handed back are copies
+when they live in graph memory, so a later replay cannot overwrite them.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any, Dict, List, Optional, Sequence, Set
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..graph_stats import count_kernels
+from .capture import CapturedPiece, RuntimeCounters, SharedPool
+from .splitting import Piece, SplitGraph, split_graph, splitting_nodes
+from .token_dims import bind_symbols, evaluate, token_dims, token_symbol, why_not_token_wise
+
+from ..config import GRAPH_MODES as MODES
+
+
+def resolve_mode(mode: str, on_cuda: bool) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kunlun backend: graph_mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "piecewise" if on_cuda else "none"
+    return mode
+
+
+class _Plan:
+    """One way of running the graph: its pieces, their runners, and whether it may pad."""
+
+    def __init__(self, label: str, split: SplitGraph, runners: Dict[int, CapturedPiece], pad_refusal: Optional[str]):
+        self.label = label
+        self.split = split
+        self.runners = runners  # piece index -> runner (graph pieces only)
+        self.pad_refusal = pad_refusal  # None: padding is safe
+
+
+class GraphRuntime:
+    def __init__(self, name: str, gm: fx.GraphModule, example_inputs: Sequence[Any], static_input_indices: Set[int],
+                 *, mode: str, capture_sizes: Sequence[int], splitting_ops: Sequence[str], max_captures: int,
+                 check_addresses: bool, warned: Set[str]):
+        self.name = name
+        self.gm = gm
+        self.input_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+        self.on_cuda = _graph_device(example_inputs) == "cuda"
+        self.mode = resolve_mode(mode, self.on_cuda)
+        self.capture_sizes = sorted(set(int(s) for s in capture_sizes))
+        self.sym = token_symbol(example_inputs)
+        # a static graph serves one token count: dim 0 of its first non-parameter tensor input
+        self.static_tokens = next((int(x.shape[0]) for i, x in enumerate(example_inputs)
+                                   if isinstance(x, torch.Tensor) and x.dim() > 0 and i not in static_input_indices
+                                   and isinstance(x.shape[0], int)), None) if self.sym is None else None
+        self.static_input_indices = set(static_input_indices)
+        self.counters = RuntimeCounters()
+        self.fallbacks: List[str] = []
+        self.warned = warned
+        self.pool = SharedPool()
+        self._runner_args = dict(use_cuda_graphs=self.on_cuda, pool=self.pool, counters=self.counters,
+                                 max_captures=max_captures, check_addresses=check_addresses, warned=warned,
+                                 fallbacks=self.fallbacks)
+        self.boundaries: List[str] = []
+        self.piecewise: Optional[_Plan] = None
+        self.full: Optional[_Plan] = None
+        self.full_refusal: Optional[str] = None
+        if self.mode == "none":
+            return
+        reasons = splitting_nodes(gm, splitting_ops, "cuda" if self.on_cuda else "cpu")
+        hard = sorted({r for r in reasons.values() if not r.startswith(("attention op", "user splitting op"))})
+        if self.mode in ("piecewise", "full_and_piecewise"):
+            self.piecewise = self._plan("piecewise", split_graph(gm, reasons))
+            self.boundaries = [p.describe() for p in self.piecewise.split.pieces]
+        if self.mode in ("full", "full_and_piecewise"):
+            if hard:
+                self.full_refusal = f"the whole graph cannot be captured: {hard[0]}"
+            else:
+                self.full = self._plan("full", split_graph(gm, {}))
+            if self.mode == "full":
+                self.boundaries = [self.full_refusal] if self.full_refusal else ["piece 0: graph, the whole graph"]
+
+    def _plan(self, label: str, split: SplitGraph) -> _Plan:
+        runners = {}
+        refusal = None
+        for piece in split.pieces:
+            if piece.kind != "graph" or not sum(count_kernels(piece.gm).values()):
+                continue  # eager pieces, and pieces of views only, are called directly
+            static = {i for i, name in enumerate(piece.inputs) if self._is_static_input(name)}
+            runners[piece.index] = CapturedPiece(f"{self.name}/{label}/piece_{piece.index}", piece.gm, static,
+                                                 **self._runner_args)
+            refusal = refusal or why_not_token_wise(piece.gm, self.sym)
+        return _Plan(label, split, runners, refusal)
+
+    def _is_static_input(self, name: str) -> bool:
+        names = [n.name for n in self.gm.graph.find_nodes(op="placeholder")]
+        return name in names and names.index(name) in self.static_input_indices
+
+    # ---- report ----------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        plan = self.piecewise or self.full
+        return {
+            "mode": self.mode,
+            "graph_api": "cuda graphs" if self.on_cuda else "plain calls",
+            "capture_sizes": list(self.capture_sizes),
+            "pieces": self.boundaries,
+            "padding": "off: " + plan.pad_refusal if plan and plan.pad_refusal else ("on" if plan else "off"),
+            "full_graph": self.full_refusal or ("yes" if self.full else "no"),
+            "counters": self.counters.as_dict(),
+            "capture_failures": list(self.fallbacks),
+        }
+
+    @property
+    def piece_count(self) -> int:
+        if self.piecewise is not None:
+            return len(self.piecewise.split.pieces)
+        return 1
+
+    # ---- running -----------------------------------------------------------------------------------------
+    def __call__(self, *args):
+        if self.mode == "none":
+            return self.gm(*args)
+        bindings = bind_symbols(args, self.input_vals)
+        tokens = bindings.get(self.sym) if self.sym is not None else None
+        plan, size = self._choose(tokens)
+        if plan is None:
+            self.counters.uncaptured_runs += 1
+            return self.gm(*args)
+        if plan is self.full:
+            self.counters.full_graph_runs += 1
+        else:
+            self.counters.piecewise_runs += 1
+        if tokens is not None and size != tokens:
+            self.counters.padded_runs += 1
+        return _Call(self, plan, bindings, tokens, size).run(args)
+
+    def _choose(self, tokens: Optional[int]):
+        """(plan, size to run the captured pieces at), or (None, None) for a plain call."""
+        largest = self.capture_sizes[-1] if self.capture_sizes else 0
+        if tokens is None:  # a static graph: its one size is the key
+            plan = self.full or self.piecewise
+            if plan is None or (self.static_tokens is not None and self.static_tokens > largest):
+                return None, None
+            return plan, 0
+        if tokens < 1 or tokens > largest:
+            return None, None
+        exact = tokens in self.capture_sizes
+        if exact and self.full is not None:
+            return self.full, tokens
+        if self.piecewise is None:
+            return None, None  # full mode, size needs padding: the whole graph cannot be padded (attention)
+        if exact:
+            return self.piecewise, tokens
+        if self.piecewise.pad_refusal:
+            return None, None
+        return self.piecewise, self.capture_sizes[bisect.bisect_left(self.capture_sizes, tokens)]
+
+
+class _Call:
+    """One call through a plan: values tracked by name, padded for captured pieces, real for the rest."""
+
+    def __init__(self, rt: GraphRuntime, plan: _Plan, bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
+                 size: int):
+        self.rt, self.plan, self.tokens, self.size = rt, plan, tokens, size
+        self.real_bindings = bindings
+        self.padded_bindings = dict(bindings)
+        if rt.sym is not None:
+            self.padded_bindings[rt.sym] = size
+        self.values: Dict[str, Any] = {}
+        self.vals: Dict[str, Any] = {}  # name -> meta val
+        self.padded: Set[str] = set()  # values at the padded size
+        self.in_graph_memory: Set[str] = set()
+        self._pad_cache: Dict[str, Any] = {}
+
+    def run(self, args):
+        split = self.plan.split
+        for name, value, val in zip(split.graph_inputs, args, self.rt.input_vals):
+            self.values[name], self.vals[name] = value, val
+        for piece in split.pieces:
+            runner = self.plan.runners.get(piece.index)
+            if runner is not None:
+                outs = runner.run(self.size, [self._padded(n) for n in piece.inputs])
+                self._store(piece, outs, padded=True, graph_memory=True)  # static buffers are reused
+            else:
+                outs = piece.gm(*[self._real(n) for n in piece.inputs])
+                self._store(piece, outs, padded=False, graph_memory=False)
+        return tuple(self._output(x) for x in split.graph_outputs)
+
+    def _store(self, piece: Piece, outs, padded: bool, graph_memory: bool) -> None:
+        for name, value, val in zip(piece.outputs, outs, piece.output_vals):
+            self.values[name], self.vals[name] = value, val
+            if padded and self.tokens is not None and self.size != self.tokens:
+                self.padded.add(name)
+            if graph_memory:
+                self.in_graph_memory.add(name)
+
+    def _padded(self, name: str):
+        value, val = self.values[name], self.vals[name]
+        if name in self.padded or self.tokens is None or self.size == self.tokens:
+            return value
+        if name in self._pad_cache:
+            return self._pad_cache[name]
+        if isinstance(val, torch.SymInt):
+            out = evaluate(val, self.padded_bindings)
+        elif isinstance(value, torch.Tensor):
+            out = value
+            for d in token_dims(val, self.rt.sym):
+                index = torch.arange(self.size, device=value.device).clamp_(max=self.tokens - 1)
+                out = out.index_select(d, index)  # padded rows repeat the last real one
+        else:
+            out = value
+        self._pad_cache[name] = out
+        return out
+
+    def _real(self, name: str):
+        value, val = self.values[name], self.vals[name]
+        if name not in self.padded:
+            if isinstance(val, torch.SymInt) and self.size != self.tokens and self.tokens is not None:
+                return evaluate(val, self.real_bindings)
+            return value
+        if isinstance(value, torch.Tensor):
+            for d in token_dims(val, self.rt.sym):
+                value = value.narrow(d, 0, self.tokens)
+            return value
+        if isinstance(val, torch.SymInt):
+            return evaluate(val, self.real_bindings)
+        return value
+
+    def _output(self, x):
+        if not isinstance(x, str):
+            return x
+        value = self._real(x)
+        if x in self.in_graph_memory and isinstance(value, torch.Tensor):
+            return value.clone()  # graph memory is rewritten by the next replay
+        return value
+
+
+def _graph_device(example_inputs: Sequence[Any]) -> str:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.device.type != "meta":
+            if x.device.type == "cuda":
+                return "cuda"
+    return "cpu"

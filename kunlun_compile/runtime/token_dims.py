@@ -1,0 +1,176 @@
+"""Which dimensions are the token dimension, and may a piece run on a padded batch?
+
+Serving calls a model with every token count from 1 up; graphs are captured for
+a few sizes only, so a count between two capture sizes is padded up to the next
+one.  That is only correct when no real token's result depends on a padded one:
+the piece must treat tokens independently.  `why_not_token_wise` proves it op by
+op from the symbolic shapes (conservatively: an op it does not know refuses).
+
+The token symbol is the symbolic size of dim 0 of the graph's first tensor input
+that has one (vLLM's flattened `[num_tokens, ...]` layout).  Padded values repeat
+the last real row, so padded ids, positions and activations stay in range.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from .splitting import op_name
+
+aten = torch.ops.aten
+
+
+def token_symbol(example_inputs: Sequence[Any]) -> Optional[sympy.Symbol]:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and isinstance(x.shape[0], torch.SymInt):
+            expr = x.shape[0].node.expr
+            if isinstance(expr, sympy.Symbol):
+                return expr
+    return None
+
+
+def _expr(size) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def token_dims(val: Any, sym: Optional[sympy.Symbol]) -> List[int]:
+    """Dims of a tensor whose size is exactly the token count."""
+    if sym is None or not isinstance(val, torch.Tensor):
+        return []
+    return [d for d, s in enumerate(val.shape) if _expr(s) == sym]
+
+
+def _odd_dim(val: Any, sym) -> Optional[str]:
+    """A dim that involves the token count other than as `n` itself or `c*n` in dim 0 (token-major)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    for d, s in enumerate(val.shape):
+        e = _expr(s)
+        if not isinstance(e, sympy.Expr) or sym not in e.free_symbols or e == sym:
+            continue
+        coeff = sympy.simplify(e / sym)
+        if d == 0 and coeff.is_Integer and coeff > 0:
+            continue
+        return f"size {e} in dim {d}"
+    return None
+
+
+# Ops that move or copy data without mixing tokens, when no `dim` they take is a token dim.
+_LAYOUT = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze, aten.expand, aten.permute,
+           aten.transpose, aten.t, aten.clone, aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy,
+           aten.split, aten.split_with_sizes, aten.chunk, aten.cat, aten.stack, aten.slice, aten.select,
+           aten.unbind, aten.contiguous, aten.copy, aten.view_as_real, aten.view_as_complex, aten.flatten,
+           aten.repeat, aten.where, aten.masked_fill, aten.fill, aten.narrow}
+# Per-row work along the named dim (must not be a token dim).
+_ALONG_DIM = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.var_mean, aten.std, aten.prod,
+              aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, aten.argmax, aten.argmin,
+              aten.max, aten.min, aten.topk, aten.sort, aten.cumsum, aten.cumprod, aten.logsumexp, aten.any,
+              aten.all, aten.norm, aten.linalg_vector_norm, aten.gather, aten.index_select, aten.scatter,
+              aten.scatter_add, aten.one_hot}
+# Fresh tensors whose contents do not depend on the batch (zeros, constants, an arange over tokens).
+_FACTORIES = {aten.full, aten.zeros, aten.ones, aten.empty, aten.arange, aten.full_like, aten.zeros_like,
+              aten.ones_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided, aten.new_zeros,
+              aten.new_ones, aten.new_full, aten.new_empty}
+_MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.matmul, aten.linear, aten.baddbmm}
+# kunlun:: ops treat every token (row) on its own; attention_mask is pairwise over positions.
+TOKEN_WISE_NAMESPACES = ("kunlun",)
+
+
+def _packet(target):
+    return getattr(target, "overloadpacket", None)
+
+
+def _dims_arg(node: fx.Node) -> List[int]:
+    try:
+        norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - no schema: treat as no dim argument
+        norm = None
+    kwargs = norm.kwargs if norm is not None else {}
+    dims = kwargs.get("dim", kwargs.get("dims"))
+    if dims is None:
+        return []
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [d for d in dims if isinstance(d, int)]
+
+
+def _input_tensors(node: fx.Node) -> List[torch.Tensor]:
+    return [a.meta.get("val") for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def _node_reason(node: fx.Node, sym) -> Optional[str]:
+    if node.op != "call_function" or node.target is operator.getitem:
+        return None
+    name = op_name(node.target) or getattr(node.target, "__name__", str(node.target))
+    outs = node.meta.get("val")
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    ins = _input_tensors(node)
+    for v in ins + outs:
+        odd = _odd_dim(v, sym)
+        if odd:
+            return f"{name}: {odd}"
+    if not any(token_dims(v, sym) for v in ins + outs):
+        return None  # no token dim involved: a weight- or constant-only computation
+    target, packet = node.target, _packet(node.target)
+    if not isinstance(target, torch._ops.OpOverload):
+        return None if name.startswith("sym_") or node.target.__module__ in ("_operator", "operator", "math") \
+            else f"{name} is not known to treat tokens independently"
+    if name.split("::")[0] in TOKEN_WISE_NAMESPACES:
+        return None
+    if torch.Tag.pointwise in target.tags or packet in _FACTORIES:
+        return None
+    if packet in _LAYOUT or packet in _ALONG_DIM:
+        src = ins[0] if ins else None
+        rank = src.dim() if isinstance(src, torch.Tensor) else 0
+        if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.permute, aten.transpose,
+                      aten.t, aten.expand, aten.repeat, aten.unsqueeze, aten.squeeze):
+            return None  # token-major is checked on every value above; a moved token dim stays a token dim
+        tok = set(token_dims(src, sym))
+        hit = [d for d in _dims_arg(node) if (d % rank if rank else d) in tok]
+        if hit:
+            return f"{name} works along the token dim {hit[0]}"
+        return None
+    if packet in _MATMULS:
+        a, b = (ins[-2], ins[-1]) if len(ins) >= 2 else (None, None)
+        if a is not None and token_dims(a, sym) and token_dims(a, sym) != [0] or b is not None and token_dims(b, sym):
+            return f"{name} contracts over tokens"
+        return None
+    if packet is aten.embedding:
+        return None if not token_dims(ins[0], sym) else f"{name} looks up rows of a token-sized table"
+    return f"{name} is not known to treat tokens independently"
+
+
+def why_not_token_wise(gm: fx.GraphModule, sym: Optional[sympy.Symbol]) -> Optional[str]:
+    """None when every node of `gm` keeps tokens independent (padding is safe), else the first reason."""
+    if sym is None:
+        return "the graph has no symbolic token dimension"
+    for node in gm.graph.nodes:
+        reason = _node_reason(node, sym)
+        if reason:
+            return reason
+    return None
+
+
+def bind_symbols(values: Iterable[Any], vals: Iterable[Any]) -> Dict[sympy.Symbol, int]:
+    """Symbol -> runtime int, from graph inputs (runtime `values`) and their meta `vals`."""
+    out: Dict[sympy.Symbol, int] = {}
+    for value, val in zip(values, vals):
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
+            for s, n in zip(val.shape, value.shape):
+                e = _expr(s)
+                if isinstance(e, sympy.Symbol):
+                    out[e] = int(n)
+        elif isinstance(val, torch.SymInt) and isinstance(_expr(val), sympy.Symbol):
+            out[_expr(val)] = int(value)
+    return out
+
+
+def evaluate(val: Any, bindings: Dict[sympy.Symbol, int]) -> Optional[int]:
+    """The int a SymInt meta value takes under `bindings` (None if it is not a SymInt)."""
+    if not isinstance(val, torch.SymInt):
+        return None
+    return int(_expr(val).xreplace(bindings))

@@ -1,0 +1,103 @@
+"""The graph runtime with real CUDA graphs (skipped without CUDA): every mode equals eager across
+sizes, held outputs survive later replays, a non-capturable piece falls back, memory stays flat."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kunlun_compile as kc
+from kunlun_compile.models import BUILTIN_CONFIGS, build_model, make_inputs
+from kunlun_compile.utils import KunlunCompileWarning
+
+pytestmark = pytest.mark.gpu
+SIZES = [1, 2, 4, 8, 16]
+
+
+def _compiled(name, mode, **options):
+    model, _ = build_model(name, device="cuda", seed=2, num_tokens=16)
+    return model, kc.compile(model, dynamic=True, strict=True, graph_mode=mode, capture_sizes=SIZES, **options)
+
+
+@pytest.mark.parametrize("mode", ["piecewise", "full", "full_and_piecewise"])
+@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "qwen3-next-tiny"])
+def test_capture_and_replay_equal_eager(name, mode):
+    model, compiled = _compiled(name, mode)
+    gen = torch.Generator().manual_seed(5)
+    held = []
+    with torch.no_grad():
+        for t in [8, 8, 8, 8, 3, 3, 3, 3, 16, 16, 16, 1, 1, 1, 5, 5, 5, 40]:  # fresh inputs every call
+            ids, pos = make_inputs(BUILTIN_CONFIGS[name], t, device="cuda", generator=gen)
+            got, want = compiled(ids, pos), model(ids, pos)
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+            held.append((got, want))
+    for got, want in held:  # no later replay wrote into a result the caller holds
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    rt = compiled.kunlun_backend.report.graphs[0].runtime
+    assert rt["graph_api"] == "cuda graphs" and rt["counters"]["capture_failures"] == 0
+    assert rt["counters"]["captures"] > 0 and rt["counters"]["replays"] > 0
+    if mode != "full":
+        assert rt["counters"]["padded_runs"] == 7  # 3 -> 4, 5 -> 8
+
+
+@torch.library.custom_op("kunlun_test::reads_on_host", mutates_args=())
+def reads_on_host(x: torch.Tensor) -> torch.Tensor:
+    scale = float(x.abs().max().item())  # a host read: illegal while a stream is capturing
+    return x / (scale + 1.0)
+
+
+@reads_on_host.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class HostReader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(torch.ops.kunlun_test.reads_on_host(torch.relu(self.a(x))))
+
+
+def test_a_piece_that_cannot_be_captured_falls_back_with_one_warning():
+    model = HostReader().cuda().eval()
+    compiled = kc.compile(model, dynamic=True, graph_mode="piecewise", capture_sizes=[4, 8])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for t in [4, 4, 4, 8, 8, 8]:
+            x = torch.randn(t, 32, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    mine = [str(w.message) for w in caught if issubclass(w.category, KunlunCompileWarning)]
+    assert len(mine) == 1 and "reads_on_host" in mine[0], mine
+    rt = compiled.kunlun_backend.report.graphs[0].runtime
+    assert rt["counters"]["capture_failures"] == 1 and rt["counters"]["uncaptured_runs"] >= 4
+
+
+def test_memory_is_flat_over_replays():
+    model, compiled = _compiled("qwen3-moe-tiny", "piecewise")
+    gen = torch.Generator().manual_seed(9)
+    inputs = [make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], t, device="cuda", generator=gen) for t in (3, 8, 16)]
+    with torch.no_grad():
+        def steps(n):
+            for i in range(n):
+                out = compiled(*inputs[i % 3])
+                del out
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        after_10 = steps(10)
+        after_1000 = steps(1000)
+    assert after_1000 == after_10
+
+
+def test_debug_mode_checks_parameter_addresses():
+    model = nn.Sequential(nn.Linear(16, 16), nn.SiLU()).cuda().eval()
+    compiled = kc.compile(model, dynamic=True, strict=True, graph_mode="piecewise", capture_sizes=[4],
+                          debug_graph_addresses=True)
+    x = torch.randn(4, 16, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
+        model[0].weight.data = model[0].weight.data.clone()  # the parameter moves
+        with pytest.raises(RuntimeError, match="moved since capture"):
+            compiled(x)
