@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..backend import KunlunBackend
-from ..config import CompileConfig
+from ..config import GRAPH_MODES, CompileConfig
 from ..models import builtin_names
 from ..passes import default_passes
 from .targets import DTYPES, compare_outputs, resolve_target, run_compiled
@@ -27,6 +27,8 @@ def _config(args) -> CompileConfig:
     options = {"disable": list(args.disable or [])}
     if args.strict:
         options["strict"] = True
+    if args.graph_mode:
+        options["graph_mode"] = args.graph_mode
     return CompileConfig.from_options(options)
 
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokens", type=int, default=16, help="tokens per call for built-in models")
         p.add_argument("--disable", action="append", metavar="PASS", help="turn a pass off (repeatable)")
         p.add_argument("--strict", action="store_true", help="raise instead of falling back")
+        p.add_argument("--graph-mode", choices=GRAPH_MODES, default=None,
+                       help="graph runtime mode (default auto: piecewise on CUDA, none elsewhere)")
         p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
     p = sub.add_parser("demo", help="compile a built-in model and show what each pass did",
