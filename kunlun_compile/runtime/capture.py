@@ -13,7 +13,7 @@ but the capture itself runs and is tested on the CPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.fx as fx
@@ -176,5 +176,3 @@ class _Recorder(fx.Interpreter):
         self.current = n
         return super().run_node(n)
 
-
-Runner = Callable[[int, Sequence[Any]], Any]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -114,8 +114,7 @@ class Piece:
 class SplitGraph:
     pieces: List[Piece]
     graph_inputs: List[str]  # placeholder names in order
-    graph_outputs: List  # value names (str) or python constants, in the output's flat order
-    output_spec: object  # the output node's args structure with names in place of nodes
+    graph_outputs: List  # value names (str) or python constants, in the output's order
 
 
 def _assign(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.Node, int]:
@@ -149,8 +148,8 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> SplitGraph:
         if node in piece_of:
             members[piece_of[node]].append(node)
     output_node = next(iter(gm.graph.find_nodes(op="output")))
-    graph_out_nodes = [a for a in fx.node.map_arg(output_node.args[0], lambda n: n).__iter__()] \
-        if isinstance(output_node.args[0], (list, tuple)) else [output_node.args[0]]
+    outs = output_node.args[0]
+    graph_out_nodes = list(outs) if isinstance(outs, (list, tuple)) else [outs]  # AOT graphs return a flat tuple
 
     def used_later(node: fx.Node, idx: int) -> bool:
         return any(u.op == "output" or piece_of.get(u, idx) != idx for u in node.users)
@@ -196,9 +195,8 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> SplitGraph:
         pieces.append(Piece(len(pieces), "eager" if eager_reason else "graph", eager_reason or "",
                             piece_gm, [n.name for n in inputs], [n.name for n in outs],
                             [n.meta.get("val") for n in inputs], [n.meta.get("val") for n in outs]))
-    spec = fx.node.map_arg(output_node.args[0], lambda n: n.name)
     flat = [x.name if isinstance(x, fx.Node) else x for x in graph_out_nodes]
-    return SplitGraph(pieces, [n.name for n in gm.graph.find_nodes(op="placeholder")], flat, spec)
+    return SplitGraph(pieces, [n.name for n in gm.graph.find_nodes(op="placeholder")], flat)
 
 
 def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
@@ -226,10 +224,3 @@ def splitting_nodes(gm: fx.GraphModule, extra_splitting_ops: Sequence[str] = (),
         if why:
             out[node] = why
     return out
-
-
-def whole_graph_reasons(reasons: Dict[fx.Node, str]) -> Tuple[List[str], List[str]]:
-    """(reasons that forbid capturing the whole graph, attention-only reasons)."""
-    hard = [r for r in reasons.values() if not r.startswith("attention op")]
-    soft = [r for r in reasons.values() if r.startswith("attention op")]
-    return hard, soft
