@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from .capture import needs_autograd, static_input_indices, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
-from .graph_stats import count_kernels
+from .graph_stats import count_kernels, generated_kernels
+from .lowering import describe_kernels, get_target
 from .passes import GraphPass, PassContext, PassManager, default_passes
 from .report import CompileReport, Fallback, GraphReport
 from .runtime import GraphExecutor, GraphRuntime
@@ -78,10 +79,17 @@ class KunlunBackend:
         ctx = PassContext(self.config, name, self.warned)
         gm = self.pass_manager.run(gm, ctx, report, keep_code=self.config.report)
         report.kernels = count_kernels(gm)
+        self._describe_generated(gm, report)
         run = self._runtime(name, gm, example_inputs, report)
         report.compile_ms = (time.perf_counter() - t0) * 1e3
         self.report.graphs.append(report)
         return GraphExecutor(name, run, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
+
+    def _describe_generated(self, gm: fx.GraphModule, report: GraphReport) -> None:
+        report.generated = describe_kernels(generated_kernels(gm), get_target(self.config.target),
+                                            with_source=self.config.report)
+        report.vector_ops = sum(g["vector_ops"] for g in report.generated)
+        report.sfu_ops = sum(g["sfu_ops"] for g in report.generated)
 
     def _runtime(self, name: str, gm: fx.GraphModule, example_inputs: List[Any], report: GraphReport) -> Callable:
         """The graph runtime around the compiled graph; if building it fails, the graph runs as it is."""

@@ -42,6 +42,12 @@ class CompileConfig:
     max_captures_per_piece: int = 128
     # Check on every replay that parameters/buffers are where they were at capture.
     debug_graph_addresses: bool = False
+    # Element-wise lowering (lowering/): approximate SFU forms for every math function the target's
+    # SFU has, and no rounding of intermediate bf16/fp16 results (default: approximate only where a
+    # bf16/fp16 result hides the error; eager's roundings kept).
+    fast_math: bool = False
+    # Target description for instruction selection and cost estimates: "cuda" or "kunlun-xpu".
+    target: str = "cuda"
 
     @classmethod
     def option_names(cls) -> Tuple[str, ...]:
@@ -70,7 +76,7 @@ class CompileConfig:
         options["disable"] = tuple(dict.fromkeys(disable + env_disable))
         if "strict" not in options and env.get(ENV_STRICT):
             options["strict"] = env[ENV_STRICT] not in ("0", "false", "False", "")
-        for name in ("strict", "report", "debug_graph_addresses"):
+        for name in ("strict", "report", "debug_graph_addresses", "fast_math"):
             if name in options and not isinstance(options[name], bool):
                 raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
         if "graph_mode" in options and options["graph_mode"] not in GRAPH_MODES:
@@ -83,6 +89,10 @@ class CompileConfig:
                 raise ValueError(f"kunlun backend: capture_sizes must be a non-empty list of positive ints, "
                                  f"got {sizes!r}")
             options["capture_sizes"] = tuple(sorted(set(sizes)))
+        if "target" in options:
+            from .lowering.targets import get_target
+
+            get_target(options["target"])  # unknown names raise, listing the targets
         if "splitting_ops" in options:
             options["splitting_ops"] = _as_name_tuple(options["splitting_ops"])
         if "max_captures_per_piece" in options and (not isinstance(options["max_captures_per_piece"], int)

@@ -7,7 +7,7 @@ that the report, the CLI and the tests all count the same way.
 from __future__ import annotations
 
 import operator
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.fx as fx
@@ -15,7 +15,7 @@ import torch.fx as fx
 from .report import KERNEL_KINDS
 
 FUSED_NAMESPACE = "kunlun"  # torch.ops.kunlun.* are the fused-op library
-POINTWISE_ATTR = "kunlun_pointwise_kernel"  # set on call_module/call_function nodes of generated kernels
+POINTWISE_OP_NAME = "pointwise"  # kunlun::pointwise runs a kernel the element-wise lowering generated
 
 _NON_KERNEL_ATEN = {
     torch.ops.aten.sym_size.int,
@@ -45,12 +45,15 @@ def launches_kernel(node: fx.Node) -> bool:
 
 
 def kernel_kind(node: fx.Node) -> str:
-    if node.meta.get(POINTWISE_ATTR):
-        return "pointwise"
     t = node.target
     if isinstance(t, torch._ops.OpOverload) and t.namespace == FUSED_NAMESPACE:
-        return "fused"
+        return "pointwise" if t._opname == POINTWISE_OP_NAME else "fused"
     return "aten"
+
+
+def generated_kernels(gm: fx.GraphModule) -> List[str]:
+    """Keys of the generated element-wise kernels `gm` calls, in graph order."""
+    return [n.args[2] for n in gm.graph.nodes if n.op == "call_function" and kernel_kind(n) == "pointwise"]
 
 
 def count_kernels(gm: fx.GraphModule) -> Dict[str, int]:

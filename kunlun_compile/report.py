@@ -72,6 +72,8 @@ class GraphReport:
     kernels: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KERNEL_KINDS, 0))
     sfu_ops: int = 0
     vector_ops: int = 0
+    # generated element-wise kernels (lowering.describe_kernels): key, origin, counts, listing
+    generated: List[dict] = dataclasses.field(default_factory=list)
     pieces: int = 0
     fallbacks: List[Fallback] = dataclasses.field(default_factory=list)
     compile_ms: float = 0.0
@@ -100,6 +102,7 @@ class GraphReport:
             "kernels": dict(self.kernels),
             "sfu_ops": self.sfu_ops,
             "vector_ops": self.vector_ops,
+            "generated_kernels": [{k: v for k, v in g.items() if with_code or k != "source"} for g in self.generated],
             "pieces": self.pieces,
             "runtime": self.runtime,
             "fallbacks": [f.as_dict() for f in self.fallbacks],
@@ -117,6 +120,11 @@ class GraphReport:
         lines.append(
             "  kernels before: " + _kernel_line(kb) + "   after: " + _kernel_line(ka) + f"   pieces: {self.pieces}"
         )
+        if self.generated:
+            lines.append(f"  generated kernels: {len(self.generated)} ({self.vector_ops} vec, {self.sfu_ops} sfu "
+                         f"instructions)")
+            lines.extend(f"    {g['key']}: {g['origin']}  ({g['vector_ops']} vec, {g['sfu_ops']} sfu, "
+                         f"~{g['cycles_per_element']:.3f} cycles/element on {g['target']})" for g in self.generated)
         rt = self.runtime
         if rt:
             c = rt["counters"]

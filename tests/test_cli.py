@@ -69,7 +69,7 @@ def test_passes_listing():
     r = cli("passes", "--json", "--disable", "dead_code")
     rows = json.loads(r.stdout)
     assert [row["name"] for row in rows] == ["remove_noop_ops", "masked_input", "attention_mask", "norm_rope_gate",
-                                             "moe_gate", "moe_ffn", "add_rmsnorm", "dead_code"]
+                                             "moe_gate", "moe_ffn", "add_rmsnorm", "dead_code", "lower_elementwise"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
 

@@ -12,7 +12,8 @@ x = torch.randn(5, 8)
 with torch.no_grad():
     got = torch.compile(m, backend="kunlun")(x)
     want = m(x)
-assert torch.equal(got, want), (got - want).abs().max()
+# SiLU is lowered to a generated kernel; on the CPU its exp is torch's, not the fused SiLU kernel's
+torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
 import kunlun_compile
 assert len(kunlun_compile.last_report().graphs) == 1
 print("ok")

@@ -1,5 +1,37 @@
 """Element-wise lowering to vector and SFU instructions (KIR) and Triton code generation.
 
-Not built yet: remaining element-wise ATen ops run as ATen calls, and the
-report counts them under kernels.aten (kernels.pointwise stays 0).
+    cluster.py   connected element-wise ATen nodes -> clusters (networkx, no cycles)
+    isel.py      ATen ops -> KIR instructions under the accuracy policy
+    kir.py       the IR: instructions tagged vec / sfu / mem, listing, (de)serialisation
+    targets.py   per-device unit descriptions and cost estimates (cuda, kunlun-xpu)
+    codegen.py   KIR -> Triton source (inline PTX SFU instructions on CUDA; interpretable flavour)
+    cache.py     registry, disk cache, launcher
+    interpret.py KIR interpreter in torch (the reference)
+The pass that drives them is passes/lower_elementwise.py; the op is kunlun::pointwise.
 """
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from .targets import TARGETS, Target, get_target
+
+
+def describe_kernels(keys: Sequence[str], target: Target, with_source: bool = False) -> List[dict]:
+    """One dict per generated kernel call: what it came from, its instruction counts and listing."""
+    from .cache import kir_for, source_path
+    from .codegen import generate
+
+    out = []
+    for key in keys:
+        kir = kir_for(key)
+        d = {"key": key, "origin": kir.origin, "rank": kir.rank, "vector_ops": kir.count("vec"),
+             "sfu_ops": kir.count("sfu"), "memory_ops": kir.count("mem"),
+             "cycles_per_element": round(target.cycles_per_element(kir), 5), "target": target.name,
+             "listing": kir.listing(target), "source_path": str(source_path(key))}
+        if with_source:
+            d["source"] = generate(kir)
+        out.append(d)
+    return out
+
+
+__all__ = ["TARGETS", "Target", "describe_kernels", "get_target"]

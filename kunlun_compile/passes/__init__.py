@@ -8,6 +8,7 @@ from typing import List
 
 from .cleanup import dead_code, remove_noop_ops
 from .fusion import fusion_passes
+from .lower_elementwise import lower_elementwise
 from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutcome
 
 
@@ -17,6 +18,8 @@ def default_passes() -> List[GraphPass]:
                   remove_noop_ops),
         *fusion_passes(),
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),
+        GraphPass("lower_elementwise", "element-wise clusters -> KIR (vector/SFU instructions) -> one generated "
+                  "Triton kernel each (kunlun::pointwise)", lower_elementwise),
     ]
 
 

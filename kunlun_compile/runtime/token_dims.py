@@ -77,6 +77,8 @@ _FACTORIES = {aten.full, aten.zeros, aten.ones, aten.empty, aten.arange, aten.fu
               aten.ones_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided, aten.new_zeros,
               aten.new_ones, aten.new_full, aten.new_empty}
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.matmul, aten.linear, aten.baddbmm}
+# Size queries: read metadata only.
+_METADATA = {aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset}
 # kunlun:: ops treat every token (row) on its own; attention_mask is pairwise over positions.
 TOKEN_WISE_NAMESPACES = ("kunlun",)
 
@@ -121,7 +123,7 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
             else f"{name} is not known to treat tokens independently"
     if name.split("::")[0] in TOKEN_WISE_NAMESPACES:
         return None
-    if torch.Tag.pointwise in target.tags or packet in _FACTORIES:
+    if torch.Tag.pointwise in target.tags or packet in _FACTORIES or packet in _METADATA:
         return None
     if packet in _LAYOUT or packet in _ALONG_DIM:
         src = ins[0] if ins else None

@@ -1,0 +1,166 @@
+"""KIR: the instruction-level IR of one generated element-wise kernel.
+
+A kernel is an SSA list of instructions over one iteration space (a shape of
+`rank` dims): every value is one element per point of that space.  Loads read
+an input (broadcast by stride 0, so one kernel serves any layout), stores
+write an output (contiguous).  Each instruction names the unit it runs on:
+`vec` (the vector ALU), `sfu` (the special-function unit), `mem` (loads and
+stores) or `imm` (an immediate constant; no instruction at run time).  Math
+instructions carry the form the accuracy policy chose: `approx` (the unit's
+fast hardware approximation) or `precise` (a correctly rounded or near-ulp
+software sequence).
+
+The listing is what the CLI shows; `to_json`/`from_json` are how a kernel
+travels to the disk cache, keyed by a hash of its canonical text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, List, Tuple
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "b1",
+}
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# Instruction set: op -> number of value operands.
+VECTOR_OPS = {
+    "add": 2, "sub": 2, "mul": 2, "fma": 3, "div": 2, "neg": 1, "abs": 1, "min": 2, "max": 2,
+    "eq": 2, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2, "select": 3, "and": 2, "or": 2, "xor": 2,
+    "not": 1, "cast": 1,
+}
+# Math functions: on the SFU where the target has them, else software sequences on the vector ALU.
+MATH_OPS = {
+    "exp2": 1, "log2": 1, "rsqrt": 1, "sqrt": 1, "rcp": 1, "sin": 1, "cos": 1, "tanh": 1, "erf": 1,
+    # precise-only functions (no single-instruction hardware form on the targets described)
+    "exp": 1, "log": 1, "expm1": 1, "log1p": 1, "pow": 2,
+}
+MEMORY_OPS = {"load": 0, "store": 1}
+ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, "const": 0}
+UNITS = ("vec", "sfu", "mem", "imm")
+FORMS = ("approx", "precise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+    op: str
+    dtype: torch.dtype  # the result's dtype (for store: the output's)
+    args: Tuple[int, ...] = ()  # SSA ids of operand instructions
+    attr: Any = None  # load/store: operand index; const: the value
+    unit: str = "vec"
+    form: str = ""  # math ops: "approx" | "precise"
+
+    def __post_init__(self):
+        if ARITY.get(self.op) != len(self.args):
+            raise ValueError(f"KIR: {self.op} takes {ARITY.get(self.op)} operands, got {len(self.args)}")
+        if self.unit not in UNITS:
+            raise ValueError(f"KIR: unknown unit {self.unit!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelIR:
+    rank: int  # of the iteration space
+    inputs: Tuple[torch.dtype, ...]
+    outputs: Tuple[torch.dtype, ...]
+    instrs: Tuple[Instr, ...]
+    # what was lowered, for the listing: "silu, mul" (not part of the key)
+    origin: str = dataclasses.field(default="", compare=False)
+
+    # ---- identity --------------------------------------------------------------------------
+    def canonical(self) -> str:
+        return json.dumps(self.to_json(with_origin=False), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        return "pw_" + hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+
+    # ---- counts ----------------------------------------------------------------------------
+    def count(self, unit: str) -> int:
+        return sum(1 for i in self.instrs if i.unit == unit)
+
+    @property
+    def stores(self) -> List[Instr]:
+        return [i for i in self.instrs if i.op == "store"]
+
+    # ---- text ------------------------------------------------------------------------------
+    def listing(self, target=None) -> str:
+        ins = ", ".join(f"in{k} {DTYPE_NAMES[d]}" for k, d in enumerate(self.inputs))
+        outs = ", ".join(f"out{k} {DTYPE_NAMES[d]}" for k, d in enumerate(self.outputs))
+        head = f"kernel {self.key}  rank {self.rank}  ({ins}) -> ({outs})"
+        if self.origin:
+            head += f"\n  ; lowered from: {self.origin}"
+        lines = [head]
+        for n, i in enumerate(self.instrs):
+            lines.append("  " + format_instr(n, i))
+        summary = (f"  ; {self.count('vec')} vec, {self.count('sfu')} sfu, {self.count('mem')} mem")
+        if target is not None:
+            summary += f"; est. {target.cycles_per_element(self):.4f} cycles/element/core on {target.name}"
+        lines.append(summary)
+        return "\n".join(lines)
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_json(self, with_origin: bool = True) -> dict:
+        d = {
+            "rank": self.rank,
+            "inputs": [DTYPE_NAMES[x] for x in self.inputs],
+            "outputs": [DTYPE_NAMES[x] for x in self.outputs],
+            "instrs": [[i.op, DTYPE_NAMES[i.dtype], list(i.args), _attr_to_json(i.attr), i.unit, i.form]
+                       for i in self.instrs],
+        }
+        if with_origin:
+            d["origin"] = self.origin
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelIR":
+        instrs = tuple(Instr(op, DTYPES_BY_NAME[dt], tuple(args), _attr_from_json(attr), unit, form)
+                       for op, dt, args, attr, unit, form in d["instrs"])
+        return cls(d["rank"], tuple(DTYPES_BY_NAME[x] for x in d["inputs"]),
+                   tuple(DTYPES_BY_NAME[x] for x in d["outputs"]), instrs, d.get("origin", ""))
+
+
+def format_instr(n: int, i: Instr) -> str:
+    if i.op == "load":
+        body = f"load in{i.attr}"
+    elif i.op == "store":
+        return f"{'':5} store out{i.attr}, %{i.args[0]}{'':20} : {DTYPE_NAMES[i.dtype]:<4} mem"
+    elif i.op == "const":
+        body = f"const {format_const(i.attr)}"
+    else:
+        name = f"{i.op}.{i.form}" if i.form else i.op
+        body = f"{name} " + ", ".join(f"%{a}" for a in i.args)
+    return f"%{n:<3} = {body:<32} : {DTYPE_NAMES[i.dtype]:<4} {i.unit}"
+
+
+def format_const(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    return repr(v)
+
+
+def _attr_to_json(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"float": format_const(v)}
+    return v
+
+
+def _attr_from_json(v: Any) -> Any:
+    if isinstance(v, dict):
+        return float(v["float"])
+    return v
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch computes a result of `dtype` in: fp32 for half types."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype

@@ -1,0 +1,47 @@
+"""kunlun::pointwise — runs one generated element-wise kernel (lowering/).
+
+`pointwise(inputs, shape, kernel)`: `kernel` is the key of a kernel the
+element-wise lowering generated (its KIR is in the registry / disk cache);
+`shape` is the iteration space, symbolic in compiled graphs so one kernel
+serves every batch size.  Returns the kernel's outputs, contiguous, of that
+shape.  On the CPU without Triton's interpreter the KIR interpreter runs it.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .triton_kernel import use_triton
+
+
+def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
+    from ..lowering.cache import kir_for
+
+    kir = kir_for(kernel)
+    if len(inputs) != len(kir.inputs):
+        raise ValueError(f"pointwise {kernel}: expected {len(kir.inputs)} inputs, got {len(inputs)}")
+    for k, (x, dt) in enumerate(zip(inputs, kir.inputs)):
+        if x.dtype != dt:
+            raise ValueError(f"pointwise {kernel}: input {k} must be {dt}, got {x.dtype}")
+    if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for x in inputs):
+        raise ValueError(f"pointwise {kernel}: shape {list(shape)} does not fit rank {kir.rank} / the inputs")
+    return kir
+
+
+@torch.library.custom_op("kunlun::pointwise", mutates_args=())
+def pointwise(inputs: List[torch.Tensor], shape: List[int], kernel: str) -> List[torch.Tensor]:
+    from ..lowering.cache import kernel_for
+    from ..lowering.interpret import run_kir
+
+    kir = check_args(inputs, shape, kernel)
+    if inputs and use_triton(inputs[0]):
+        return kernel_for(kernel)(inputs, shape)
+    return run_kir(kir, inputs, shape)
+
+
+@pointwise.register_fake
+def _(inputs, shape, kernel):
+    kir = check_args(inputs, shape, kernel)
+    device = inputs[0].device
+    return [torch.empty(tuple(shape), dtype=d, device=device) for d in kir.outputs]
