@@ -208,12 +208,21 @@ def _div(b, args, kwargs, out):
 
 
 def _compare(op: str):
+    """Compare in the operands' common dtype, as torch does: a Python scalar is first rounded to it
+    (`bf16 > 0.3` compares with bf16(0.3)); two values of that dtype then compare exactly in opmath."""
     def rule(b, args, kwargs, out, operand_dtype: torch.dtype = torch.float32):
         comp = opmath(operand_dtype)
-        x, y = (b.operand(a, comp) for a in args[:2])
+        x, y = (b.cast(a, comp) if isinstance(a, Value) else b.const(_rounded(a, operand_dtype), comp)
+                for a in args[:2])
         return b.vec(op, x, y)
     rule.needs_operand_dtype = True
     return rule
+
+
+def _rounded(value: Any, dtype: torch.dtype) -> Any:
+    if dtype.is_floating_point and dtype != torch.float64:
+        return torch.tensor(float(value), dtype=torch.float64).to(dtype).item()
+    return value
 
 
 def _logical(op: str):
