@@ -4,6 +4,8 @@
     kunlun-compile passes                       every pass, in order, and whether it is enabled
     kunlun-compile explain qwen3-tiny --json    compile, run beside eager, print the report
     kunlun-compile explain my_model.py:make     the same for a factory returning (module, inputs)
+    kunlun-compile explain qwen3-next-tiny --dtype bf16 --source
+                                                ... with each generated kernel's KIR and Triton source
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from ..backend import KunlunBackend
 from ..config import GRAPH_MODES, CompileConfig
+from ..lowering import TARGETS
 from ..models import builtin_names
 from ..passes import default_passes
 from .targets import DTYPES, compare_outputs, resolve_target, run_compiled
@@ -29,6 +32,10 @@ def _config(args) -> CompileConfig:
         options["strict"] = True
     if args.graph_mode:
         options["graph_mode"] = args.graph_mode
+    if args.fast_math:
+        options["fast_math"] = True
+    if args.lowering_target:
+        options["target"] = args.lowering_target
     return CompileConfig.from_options(options)
 
 
@@ -58,9 +65,25 @@ def cmd_explain(args) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(report)
+        _print_generated(report, args.source)
         print()
         _print_check(result)
     return 0 if result["ok"] else 1
+
+
+def _print_generated(report, with_source: bool) -> None:
+    """Each distinct generated kernel once: its KIR listing (and Triton source with --source)."""
+    seen = set()
+    for g in report.graphs:
+        for k in g.generated:
+            if k["key"] in seen:
+                continue
+            seen.add(k["key"])
+            print()
+            print(k["listing"])
+            print(f"  ; Triton source: {k['source_path']}")
+            if with_source and k.get("source"):
+                print(k["source"])
 
 
 def _print_check(result: dict) -> None:
@@ -69,6 +92,7 @@ def _print_check(result: dict) -> None:
           f"(fused {ka['fused']}, pointwise {ka['pointwise']}, aten {ka['aten']})")
     fams = ", ".join(f"{k} {v}" for k, v in result["patterns"].items())
     print(f"patterns: {fams}")
+    print(f"generated kernels: {ka['pointwise']} ({result['vector_ops']} vector, {result['sfu_ops']} SFU instructions)")
     print(f"pieces: {result['pieces']}   fallbacks: {len(result['fallbacks'])}")
     verdict = "OK" if result["ok"] else "MISMATCH"
     print(f"check vs eager: {verdict}  rel_err {result['rel_err']:.3e}  max_abs_err {result['max_abs_err']:.3e}  "
@@ -122,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--strict", action="store_true", help="raise instead of falling back")
         p.add_argument("--graph-mode", choices=GRAPH_MODES, default=None,
                        help="graph runtime mode (default auto: piecewise on CUDA, none elsewhere)")
+        p.add_argument("--fast-math", action="store_true",
+                       help="approximate SFU forms for every math function, no intermediate bf16/fp16 rounding")
+        p.add_argument("--lowering-target", choices=sorted(TARGETS), default=None,
+                       help="target description for instruction selection and cost estimates (default cuda)")
         p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
     p = sub.add_parser("demo", help="compile a built-in model and show what each pass did",
@@ -132,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("explain", help="compile TARGET beside eager and report",
-                       description="Example: kunlun-compile explain qwen3-tiny --json --disable dead_code")
+                       description="Examples: kunlun-compile explain qwen3-tiny --json --disable dead_code\n"
+                                   "          kunlun-compile explain qwen3-next-tiny --dtype bf16 "
+                                   "--lowering-target kunlun-xpu --source",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     common(p, target=True)
+    p.add_argument("--source", action="store_true", help="also print each generated kernel's Triton source")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("passes", help="list the passes in order", description="Example: kunlun-compile passes")

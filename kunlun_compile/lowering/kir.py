@@ -132,7 +132,7 @@ def format_instr(n: int, i: Instr) -> str:
     if i.op == "load":
         body = f"load in{i.attr}"
     elif i.op == "store":
-        return f"{'':5} store out{i.attr}, %{i.args[0]}{'':20} : {DTYPE_NAMES[i.dtype]:<4} mem"
+        return " " * 7 + f"{f'store out{i.attr}, %{i.args[0]}':<32} : {DTYPE_NAMES[i.dtype]:<4} mem"
     elif i.op == "const":
         body = f"const {format_const(i.attr)}"
     else:
