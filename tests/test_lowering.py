@@ -220,3 +220,29 @@ def test_explain_json_and_text_show_generated_kernels():
     assert len(gks) == 9 and all(k["listing"].startswith("kernel pw_") for k in gks)
     r = cli("explain", "llama-tiny", "--lowering-target", "kunlun-xpu", "--fast-math", "--source")
     assert "cycles/element/core on kunlun-xpu" in r.stdout and "def kernel_cuda(" in r.stdout
+
+
+def test_broadcast_producer_is_recomputed_and_siblings_share_a_kernel():
+    """HF's rotary table: the int->float cast of pos[:, None] ([T, 1]) is inlined into the multiply
+    ([T, D/2]); cos and sin of the concatenated table are one kernel with two outputs."""
+    def rotary_table(pos, inv_freq):
+        freqs = pos[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+    pos, inv = torch.arange(16) + 7, 1.0 / 1e6 ** (torch.arange(0, 64, 2).float() / 64)
+    gm, _ = lower(rotary_table, pos, inv)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 1}  # the cat stays
+    assert [k.origin for k in kirs(gm)] == ["_to_copy, mul", "cos, _to_copy, sin, _to_copy"]
+    for got, want in zip(gm(pos, inv), rotary_table(pos, inv)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_expensive_broadcast_producer_is_not_recomputed():
+    def f(w, x):
+        return x * torch.exp(w)  # exp over [H] would be recomputed T times: kept as its own kernel
+
+    w, x = torch.randn(32), torch.randn(8, 32)
+    gm, _ = lower(f, w, x)
+    assert count_kernels(gm)["pointwise"] == 2
+    torch.testing.assert_close(gm(w, x), f(w, x))

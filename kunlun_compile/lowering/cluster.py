@@ -1,11 +1,18 @@
 """Group connected element-wise nodes into clusters, one generated kernel each.
 
-A cluster is a set of lowerable nodes (isel.why_not_lowerable) with the same
-iteration space (result shape, symbolic sizes compared as expressions), joined
-producer -> consumer.  Merging two clusters is refused when it would create a
-cycle: when the producer's cluster reaches the consumer's through something
-outside both (the merged kernel would need its own output as an input).
-Nothing is duplicated: a value a cluster computes and something else needs is
+A cluster is a set of lowerable nodes (isel.why_not_lowerable) joined
+producer -> consumer, with one iteration space (the result shape, symbolic
+sizes compared as expressions):
+- a producer of the same shape joins its consumer's cluster;
+- a producer of a smaller shape that broadcasts to the consumer's (`pos[:, None].float()`
+  before `* inv_freq`) is recomputed inside the consumer's kernel when nothing else
+  uses it and it is cheap (no math function): that saves a kernel and a round trip
+  through memory for a few vector instructions per element;
+- siblings (same shape, a shared input, no path between them: `cos(x)`, `sin(x)`)
+  become one kernel with several outputs, reading the input once.
+Merging is refused when it would create a cycle: when one cluster reaches the
+other through something outside both (the merged kernel would need its own
+output as an input).  A value a cluster computes and something else needs is
 an extra output of that cluster.  Clusters end at everything that is not
 element-wise: reductions, matmuls, fused kunlun:: ops, views that change the
 iteration space, graph outputs (stored, like any other outside use).
@@ -18,7 +25,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .isel import ClusterSpec, reads_values, why_not_lowerable
+from .isel import ClusterSpec, is_cheap, reads_values, why_not_lowerable
 
 
 def iteration_space(node: fx.Node) -> Tuple:
@@ -50,25 +57,75 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
             n = rep[n]
         return n
 
+    members: Dict[fx.Node, List[fx.Node]] = {n: [n] for n in lowerable}
+    space: Dict[fx.Node, Tuple] = dict(lowerable)  # representative -> its cluster's iteration space
+
+    def merge(keep: fx.Node, gone: fx.Node, shape: Tuple) -> None:
+        nx.contracted_nodes(dag, keep, gone, self_loops=False, copy=False)
+        rep[gone] = keep
+        members[keep] += members.pop(gone)
+        space[keep] = shape
+
     for n in nodes:
-        if n not in lowerable:
+        if n not in lowerable or not reads_values(n):
             continue
         for a in n.all_input_nodes:
-            if a not in lowerable or lowerable[a] != lowerable[n] or not reads_values(n):
+            if a not in lowerable:
                 continue
             pa, pn = find(a), find(n)
-            if pa is pn or _creates_cycle(dag, pa, pn):
+            if pa is pn:
                 continue
-            nx.contracted_nodes(dag, pa, pn, self_loops=False, copy=False)
-            rep[pn] = pa
+            if space[pa] == space[pn]:
+                if not _creates_cycle(dag, pa, pn):
+                    merge(pa, pn, space[pn])
+            elif _inlinable(members[pa], space[pa], space[pn], members[pn]) and not _creates_cycle(dag, pa, pn):
+                merge(pn, pa, space[pn])
 
-    members: Dict[fx.Node, List[fx.Node]] = {}
-    for n in lowerable:
-        members.setdefault(find(n), []).append(n)
-    specs = [_spec(sorted(group, key=order.get), order) for group in members.values()]
+    _fuse_siblings(dag, members, space, order)
+    specs = [_spec(sorted(group, key=order.get), order, space[r]) for r, group in members.items()]
     specs = [s for s in specs if s is not None]
     specs.sort(key=lambda s: order[s.nodes[0]])
     return specs, refused
+
+
+def _broadcasts_to(small: Tuple, big: Tuple) -> bool:
+    if len(small) > len(big):
+        return False
+    return all(s == 1 or s == b for s, b in zip(small[::-1], big[::-1]))
+
+
+def _inlinable(producers: List[fx.Node], small: Tuple, big: Tuple, consumers: List[fx.Node]) -> bool:
+    """A smaller producer cluster can be recomputed per element of the consumer's space: it broadcasts there,
+    every use of it is in the consumer's cluster, and it is cheap."""
+    if not _broadcasts_to(small, big):
+        return False
+    inside = set(producers) | set(consumers)
+    return all(is_cheap(p) and all(u in inside for u in p.users) for p in producers)
+
+
+def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Tuple],
+                   order: Dict[fx.Node, int]) -> None:
+    """Merge clusters of the same space that read a common input and do not depend on each other."""
+    def reads(r: fx.Node) -> set:
+        inside = set(members[r])
+        return {a for n in members[r] if reads_values(n) for a in n.all_input_nodes if a not in inside}
+
+    changed = True
+    while changed:
+        changed = False
+        reps = sorted(members, key=lambda r: order[members[r][0]])
+        for i, a in enumerate(reps):
+            for b in reps[i + 1:]:
+                if space[a] != space[b] or not (reads(a) & reads(b)):
+                    continue
+                if nx.has_path(dag, a, b) or nx.has_path(dag, b, a):
+                    continue
+                nx.contracted_nodes(dag, a, b, self_loops=False, copy=False)
+                members[a] += members.pop(b)
+                changed = True
+                break
+            if changed:
+                break
 
 
 def _creates_cycle(dag: nx.DiGraph, producer: fx.Node, consumer: fx.Node) -> bool:
@@ -79,7 +136,7 @@ def _creates_cycle(dag: nx.DiGraph, producer: fx.Node, consumer: fx.Node) -> boo
     return False
 
 
-def _spec(group: List[fx.Node], order: Dict[fx.Node, int]) -> Optional[ClusterSpec]:
+def _spec(group: List[fx.Node], order: Dict[fx.Node, int], shape: Tuple) -> Optional[ClusterSpec]:
     inside = set(group)
     inputs: List[fx.Node] = []
     for n in group:
@@ -93,4 +150,4 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int]) -> Optional[ClusterSp
     outputs = [n for n in group if any(u not in inside for u in n.users)]
     if not outputs:
         return None  # dead code: the dead_code pass's business
-    return ClusterSpec(group, inputs, outputs, len(group[0].meta["val"].shape))
+    return ClusterSpec(group, inputs, outputs, len(shape))

@@ -425,6 +425,17 @@ def packet(node: fx.Node):
     return getattr(node.target, "overloadpacket", None)
 
 
+# Ops that expand to math functions (SFU or software sequences): never recomputed per broadcast element.
+_MATH_PACKETS = {aten.exp, aten.exp2, aten.expm1, aten.log, aten.log2, aten.log1p, aten.sqrt, aten.rsqrt,
+                 aten.reciprocal, aten.sin, aten.cos, aten.tanh, aten.erf, aten.sigmoid, aten.silu, aten.gelu,
+                 aten.pow, aten.div}
+
+
+def is_cheap(node: fx.Node) -> bool:
+    """A few vector instructions: worth recomputing rather than storing and reloading."""
+    return packet(node) not in _MATH_PACKETS
+
+
 def reads_values(node: fx.Node) -> bool:
     return getattr(LOWERINGS.get(packet(node)), "reads_values", True)
 
