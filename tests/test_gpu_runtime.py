@@ -101,3 +101,24 @@ def test_debug_mode_checks_parameter_addresses():
         model[0].weight.data = model[0].weight.data.clone()  # the parameter moves
         with pytest.raises(RuntimeError, match="moved since capture"):
             compiled(x)
+
+
+def test_inside_a_callers_cuda_graph_the_runtime_steps_aside():
+    """A caller capturing its own CUDA graph around the compiled model (vLLM's cudagraph wrapper, a
+    benchmark) gets the kernels in its graph; replaying ours inside a capture is illegal."""
+    model, compiled = _compiled("qwen3-moe-tiny", "piecewise")
+    ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], 8, device="cuda", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, capture, replay of our own graphs
+            compiled(ids, pos)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            compiled(ids, pos)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = compiled(ids, pos)
+        g.replay()
+        torch.testing.assert_close(out, model(ids, pos), rtol=2e-4, atol=2e-4)
+    assert compiled.kunlun_backend.report.graphs[0].runtime["counters"]["uncaptured_runs"] >= 1

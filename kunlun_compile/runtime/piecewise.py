@@ -134,6 +134,12 @@ class GraphRuntime:
     def __call__(self, *args):
         if self.mode == "none":
             return self.gm(*args)
+        if self.graph_api_capturing():
+            # the caller is capturing its own CUDA graph around us (a benchmark, vLLM's cudagraph
+            # wrapper): ours cannot be replayed inside it, and the caller's graph removes the launch
+            # overhead anyway, so the graph's kernels go straight into the caller's capture
+            self.counters.uncaptured_runs += 1
+            return self.gm(*args)
         bindings = bind_symbols(args, self.input_vals)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
@@ -147,6 +153,10 @@ class GraphRuntime:
         if tokens is not None and size != tokens:
             self.counters.padded_runs += 1
         return _Call(self, plan, bindings, tokens, size).run(args)
+
+    @staticmethod
+    def graph_api_capturing() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
     def _choose(self, tokens: Optional[int]):
         """(plan, size to run the captured pieces at), or (None, None) for a plain call."""
