@@ -62,3 +62,13 @@ def test_dead_code_removed():
     out, g = _compile(f, x)
     torch.testing.assert_close(out, x + 1)
     assert "exp" not in g.passes[-1].code_after
+
+
+def test_fresh_copies_of_constants_are_dropped():
+    def f(x):
+        return x * torch.tensor([2.0, 3.0])  # Dynamo lifts the constant: lift_fresh_copy every call
+
+    x = torch.randn(4, 2)
+    out, g = _compile(f, x)
+    torch.testing.assert_close(out, f(x))
+    assert "lift_fresh_copy" in g.passes[0].code_before and "lift_fresh_copy" not in _final_code(g)

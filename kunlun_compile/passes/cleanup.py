@@ -19,7 +19,10 @@ prims = torch.ops.prims
 
 _SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
                      aten.alias.default}
-_COPIES = {aten.clone.default, aten._to_copy.default, prims.convert_element_type.default}
+# lift_fresh_copy: a fresh copy of a constant (`torch.tensor(...)` in model code) made every call; a
+# functional inference graph never writes to it, so the constant itself serves
+_COPIES = {aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
+           aten.lift_fresh_copy.default}
 
 
 def _val(node):
