@@ -246,3 +246,32 @@ def test_expensive_broadcast_producer_is_not_recomputed():
     gm, _ = lower(f, w, x)
     assert count_kernels(gm)["pointwise"] == 2
     torch.testing.assert_close(gm(w, x), f(w, x))
+
+
+def test_fill_and_full_constants_join_their_consumer():
+    def f(x):
+        return torch.maximum(x, torch.full((6, 8), 0.25)) + torch.fill(torch.zeros_like(x), 2.0)
+
+    x = torch.randn(6, 8)
+    gm, _ = lower(f, x)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}
+    torch.testing.assert_close(gm(x), f(x))
+
+
+def test_a_generated_kernel_that_fails_at_run_time_falls_back_with_one_warning(monkeypatch):
+    """A bug in generated code must not break the model: the graph falls back to its uncompiled form."""
+    from kunlun_compile.lowering import cache
+
+    def broken(key):
+        raise RuntimeError("planted code generation failure")
+
+    monkeypatch.setattr(cache, "kernel_for", broken)
+    m = GatedMLP().eval()
+    x = torch.randn(3, 32)
+    be = kc.backend()  # not strict: the fallback is what is tested
+    with torch.no_grad(), pytest.warns(UserWarning, match="planted code generation failure") as rec:
+        got = torch.compile(m, backend=be)(x)
+        again = torch.compile(m, backend=be)(x)
+    torch.testing.assert_close(got, m(x))
+    torch.testing.assert_close(again, m(x))
+    assert sum("planted" in str(w.message) for w in rec) == 1

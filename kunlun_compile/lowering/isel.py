@@ -414,11 +414,12 @@ LOWERINGS: Dict[Any, Callable] = {
     prims.convert_element_type: _convert, aten._to_copy: _to_copy, aten.clone: _identity,
     aten.full_like: _fill(lambda a, k: k.get("fill_value", a[1] if len(a) > 1 else None)),
     aten.zeros_like: _fill(lambda a, k: 0), aten.ones_like: _fill(lambda a, k: 1),
+    aten.fill: _fill(lambda a, k: a[1]), aten.full: _fill(lambda a, k: a[1]),
 }
 # Ops whose result is exactly representable in the result dtype (no rounding step).
 _EXACT = {prims.convert_element_type, aten._to_copy, aten.clone, aten.where, aten.masked_fill, aten.neg, aten.abs,
           aten.minimum, aten.maximum, aten.clamp, aten.clamp_min, aten.clamp_max, aten.relu, aten.full_like,
-          aten.zeros_like, aten.ones_like}
+          aten.zeros_like, aten.ones_like, aten.fill, aten.full}
 
 
 def packet(node: fx.Node):
@@ -513,8 +514,9 @@ def lower_cluster(spec: ClusterSpec, target: Target, policy: Policy) -> KernelIR
     for node in spec.nodes:
         out = node.meta["val"].dtype
         rule = LOWERINGS[packet(node)]
-        # a fill (full_like) takes a tensor for its shape only: nothing is read
-        value_of_arg = value_of if reads_values(node) else (lambda a: None if isinstance(a, fx.Node) else value_of(a))
+        # a fill (full_like, full) takes a tensor or a size list for its shape only: nothing is read
+        value_of_arg = value_of if reads_values(node) else (
+            lambda a: None if isinstance(a, (fx.Node, list, tuple)) else value_of(a))
         args = [value_of_arg(a) for a in node.args]
         kwargs = {k: value_of_arg(v) for k, v in node.kwargs.items()}
         b.result_dtype = out

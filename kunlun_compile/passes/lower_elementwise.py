@@ -43,6 +43,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         replaced.update(_replace(gm.graph, spec, register(kir), shape))
         outcome.matches += 1
     if outcome.matches:
+        gm.graph.eliminate_dead_code()  # shape-only sources of fills (zeros_like(x) under fill) lose their users
         legalize_graph(gm)
     return outcome
 
