@@ -15,7 +15,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.tools_common import legalize_graph
+try:  # keeps the original order where it can (readable diffs, stable pieces); older torch: plain topo sort
+    from torch.fx.passes.tools_common import stable_topological_sort as topological_sort
+except ImportError:  # pragma: no cover
+    from torch.fx.passes.tools_common import legalize_graph as topological_sort
 
 from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
@@ -43,8 +46,8 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         replaced.update(_replace(gm.graph, spec, register(kir), shape))
         outcome.matches += 1
     if outcome.matches:
+        topological_sort(gm)  # an output's new getitem may sit after a user of the old node: reorder first
         gm.graph.eliminate_dead_code()  # shape-only sources of fills (zeros_like(x) under fill) lose their users
-        legalize_graph(gm)
     return outcome
 
 
