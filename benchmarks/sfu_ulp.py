@@ -20,7 +20,7 @@ import torch
 import triton
 
 from kunlun_compile.lowering.cache import kernel_for, register
-from kunlun_compile.lowering.isel import LOG2E, Builder, Policy, _gelu, _sigmoid, _silu
+from kunlun_compile.lowering.isel import Builder, Policy, _gelu, _sigmoid, _silu
 from kunlun_compile.lowering.kir import KernelIR
 from kunlun_compile.lowering.targets import get_target
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import kunlun_compile  # noqa: F401
-from kunlun_compile.ops import cpu_kernels, fused_moe, moe_gate
+from kunlun_compile.ops import cpu_kernels, fused_moe
 from kunlun_compile.ops.moe_plan import MoePlan, plan_fused_moe
 from kunlun_compile.ops.moe_routing import sort_pairs
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
-from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable, masked_input
+from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable
 
 from .conftest import rel_err
 from .op_helpers import DTYPE_TOL, DTYPES, PATHS, assert_same_rounding, needs_interpreter

@@ -27,10 +27,6 @@ _UNARY: Dict[str, Callable] = {
 }
 
 
-def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.div(a, b)
-
-
 def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int]) -> List[torch.Tensor]:
     device = inputs[0].device if inputs else torch.device("cpu")
     vals: List[torch.Tensor] = []
@@ -52,7 +48,7 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
             v = (a[0].double() * a[1].double() + a[2].double()).to(ins.dtype) if ins.dtype != torch.float64 \
                 else torch.addcmul(a[2], a[0], a[1])
         elif ins.op == "div":
-            v = _div(a[0], a[1])
+            v = torch.div(a[0], a[1])
         elif ins.op in _BINARY:
             v = _BINARY[ins.op](a[0], a[1])
         elif ins.op in _UNARY:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx

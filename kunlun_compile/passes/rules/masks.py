@@ -15,7 +15,6 @@ import itertools
 import torch
 
 from ..pattern_engine import Bindings, Refusal, Rewrite
-from . import guards as g
 
 aten = torch.ops.aten
 # integer markers: distinct from each other and from any size or index used in tracing
