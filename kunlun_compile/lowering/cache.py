@@ -111,7 +111,7 @@ class GeneratedKernel:
         sig = (shape, tuple((x.shape, x.stride()) for x in inputs))
         plan = self._plans.get(sig)
         if plan is None:
-            strides = [_broadcast_strides(x, shape, self.rank) for x in inputs]
+            strides = [_broadcast_strides(x, self.rank) for x in inputs]
             padded = (1,) * (self.rank - len(shape)) + tuple(shape)
             sizes, sts = coalesce(padded, strides)
             numel = 1
@@ -140,12 +140,6 @@ class GeneratedKernel:
         return outs
 
 
-def _broadcast_strides(x: torch.Tensor, shape: Tuple[int, ...], rank: int) -> List[int]:
-    """x's strides over the (left-padded to `rank`) iteration shape: 0 where x is broadcast."""
-    out = [0] * rank
-    offset = rank - x.dim()
-    padded = (1,) * (rank - len(shape)) + tuple(shape)
-    for d in range(x.dim()):
-        if x.shape[d] != 1 or padded[offset + d] == 1:
-            out[offset + d] = x.stride(d) if x.shape[d] != 1 else 0
-    return out
+def _broadcast_strides(x: torch.Tensor, rank: int) -> List[int]:
+    """x's strides over the (right-aligned, left-padded to `rank`) iteration shape: 0 where x is broadcast."""
+    return [0] * (rank - x.dim()) + [x.stride(d) if x.shape[d] != 1 else 0 for d in range(x.dim())]

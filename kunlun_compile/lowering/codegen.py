@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -157,10 +157,6 @@ def _math(op: str, form: str, dt: torch.dtype, a: List[str], cuda: bool) -> str:
         return (f'tl.inline_asm_elementwise("{PTX_APPROX[op]} $0, $1;", "=f,f", [{a[0]}], '
                 f"dtype=tl.float32, is_pure=True, pack=1)")
     return f"libdevice.{LIBDEVICE[op]}({', '.join(a)})"
-
-
-def launch_signature(kir: KernelIR) -> Dict[str, int]:
-    return {"inputs": len(kir.inputs), "outputs": len(kir.outputs), "rank": max(kir.rank, 1)}
 
 
 def coalesce(shape: Tuple[int, ...], strides: List[Tuple[int, ...]]) -> Tuple[List[int], List[List[int]]]:

@@ -47,7 +47,6 @@ MATH_OPS = {
 MEMORY_OPS = {"load": 0, "store": 1}
 ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
-FORMS = ("approx", "precise")
 
 
 @dataclasses.dataclass(frozen=True)
