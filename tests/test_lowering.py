@@ -18,6 +18,7 @@ from kunlun_compile.lowering.cache import kir_for
 from kunlun_compile.lowering.codegen import coalesce, generate
 from kunlun_compile.lowering.kir import KernelIR
 from kunlun_compile.passes import PassContext
+from kunlun_compile.ops import cpu_kernels
 from kunlun_compile.passes.lower_elementwise import lower_elementwise
 
 from .test_cli import cli
@@ -275,3 +276,35 @@ def test_a_generated_kernel_that_fails_at_run_time_falls_back_with_one_warning(m
     torch.testing.assert_close(got, m(x))
     torch.testing.assert_close(again, m(x))
     assert sum("planted" in str(w.message) for w in rec) == 1
+
+
+def test_bf16_compare_with_a_scalar_rounds_the_scalar_first():
+    """torch compares `bf16 > 0.3` against bf16(0.3) = 0.30078125; comparing in fp32 would flip this element."""
+    x = torch.tensor([0.30078125, 0.296875, 1.0]).bfloat16()
+    gm, _ = lower(lambda t: torch.where(t > 0.3, t, -t), x)
+    with cpu_kernels(False):
+        assert torch.equal(gm(x), torch.where(x > 0.3, x, -x))
+    with cpu_kernels(True):
+        assert torch.equal(gm(x), torch.where(x > 0.3, x, -x))
+
+
+def test_interpreted_bf16_cast_rounds_to_nearest_even():
+    """Triton's interpreter truncates fp32 -> bf16; generated kernels round as torch does."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    gm, _ = lower(lambda t: t.to(torch.bfloat16), x)
+    with cpu_kernels(True):
+        assert torch.equal(gm(x), x.to(torch.bfloat16))
+
+
+def test_an_output_used_before_its_cluster_ends_is_reordered():
+    """Found by hypothesis: eq feeds a cluster of another shape and its own; the getitem standing for it
+    must be ordered before its users before dead code is removed."""
+    def f(a, b):
+        m = torch.eq(b, b)
+        return a.masked_fill(m, -1.25), b.masked_fill(m, -1.25)
+
+    a, b = torch.randn(2), torch.randn(())
+    gm, outcome = lower(f, a, b)
+    assert outcome.matches == 2
+    for got, want in zip(gm(a, b), f(a, b)):
+        torch.testing.assert_close(got, want)

@@ -47,7 +47,8 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         outcome.matches += 1
     if outcome.matches:
         topological_sort(gm)  # an output's new getitem may sit after a user of the old node: reorder first
-        gm.graph.eliminate_dead_code()  # shape-only sources of fills (zeros_like(x) under fill) lose their users
+    # shape-only sources of fills (zeros_like(x) under fill) and sym_size nodes of a refused cluster
+    gm.graph.eliminate_dead_code()
     return outcome
 
 
