@@ -8,6 +8,7 @@ own tokens (no KV cache), so attention costs less than in a real decode; the wei
 the same.  Cold compile: seconds from `torch.compile` to the third result (warm-up, capture).
 
     python benchmarks/bench_runtime.py [OUT_DIR] [MODEL,...]   -> runtime_e2e.json, runtime_e2e.png
+    python benchmarks/bench_runtime.py --cold OUT_DIR [MODEL,...] -> compile_cold.json (fresh processes)
 """
 from __future__ import annotations
 
@@ -148,5 +149,61 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+COLD_VARIANTS = ("inductor-default", "inductor-reduce-overhead", "kunlun-piecewise", "kunlun-full")
+
+
+def cold_compile_one(name: str, variant: str) -> None:
+    """In a fresh process with empty caches: seconds from `torch.compile` to the third result at
+    one token (warm-up, capture), printed as JSON for `cold_compile`."""
+    overrides = dict(SIZES, **MODELS[name])
+    model, _ = build_model(name, dtype=torch.bfloat16, device="cuda", seed=0, **overrides)
+    cfg = dataclasses.replace(BUILTIN_CONFIGS[name], **overrides)
+    args = make_inputs(cfg, 1, device="cuda", generator=torch.Generator().manual_seed(0))
+    backend, mode = variant.split("-", 1)
+    with torch.inference_mode():
+        want = model(*args)
+        torch.cuda.synchronize()
+        if backend == "inductor":
+            _, out, secs = timed_compile(lambda: torch.compile(model, mode=mode, dynamic=False), args)
+        else:
+            _, out, secs = timed_compile(lambda: kc.compile(model, dynamic=True, graph_mode=mode), args)
+    print(json.dumps({"model": name, "variant": variant, "compile_s": secs, "relerr": rel(out, want)}))
+
+
+def cold_compile(out_dir: str, names) -> None:
+    """Cold compile time of each variant, each in its own process with empty inductor, Triton and
+    kunlun caches (in one process the second compile reuses the first's kernels)."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for name in names:
+        for variant in COLD_VARIANTS:
+            with tempfile.TemporaryDirectory() as tmp:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton",
+                           KUNLUN_COMPILE_CACHE_DIR=f"{tmp}/kunlun")
+                run = subprocess.run([sys.executable, __file__, "--cold-one", name, variant], env=env,
+                                     capture_output=True, text=True, timeout=300)
+            line = run.stdout.strip().splitlines()[-1] if run.returncode == 0 else None
+            row = json.loads(line) if line else {"model": name, "variant": variant, "error": run.stderr[-300:]}
+            rows.append(row)
+            print(row, flush=True)
+    for name in names:
+        got = {r["variant"]: r.get("compile_s") for r in rows if r["model"] == name}
+        ind = got.get("inductor-default")
+        for v in ("kunlun-piecewise", "kunlun-full"):
+            if ind and got.get(v):
+                print(f"{name}: cold compile {v} {got[v]:.1f} s / inductor default {ind:.1f} s = {got[v] / ind:.2f}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compile_cold.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "tokens": 1, "rows": rows}, f, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--cold-one"]:
+        cold_compile_one(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["--cold"]:
+        cold_compile(sys.argv[2], sys.argv[3].split(",") if len(sys.argv) > 3 else list(MODELS))
+    else:
+        main()

@@ -114,7 +114,8 @@ def test_plan_thresholds():
     assert plan_fused_moe(96, 8, 128).path == "medium"  # 768
     assert plan_fused_moe(97, 8, 128).path == "large"  # 776
     assert [plan_fused_moe(m, 1, 8).path for m in (399, 400, 768, 769)] == ["small", "medium", "medium", "large"]
-    assert {plan_fused_moe(m, 8, 128).routing for m in (1, 60, 8192)} == {"scan", "argsort", "block-histogram"}
+    assert [plan_fused_moe(m, 8, 128).routing for m in (1, 4, 5, 60, 8192)] == [
+        "per-pair", "per-pair", "scan", "argsort", "block-histogram"]
     assert all(plan_fused_moe(m, 8, 128).swiglu_fused for m in (1, 60, 1023, 1024, 8192))  # measured: never slower
     assert (plan_fused_moe(8192, 8, 128).block_m, plan_fused_moe(200, 8, 128).block_m) == (128, 16)
     assert "small path (8 pairs)" in plan_fused_moe(1, 8, 128).describe()
@@ -148,6 +149,8 @@ MOE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 INTERPRETED_TOL = {**MOE_TOL, torch.bfloat16: 4e-2}
 # forced plans, so every path runs at sizes the interpreter handles: path, routing, swiglu fused, tiles
 FORCED_PLANS = [
+    MoePlan("small", 0, "per-pair", True, 1, 16, 32, 4, 2, gemm2=(8, 16, 4)),
+    MoePlan("small", 0, "per-pair", False, 1, 32, 16, 4, 2),
     MoePlan("small", 0, "scan", False, 16, 32, 32, 4, 2),
     MoePlan("small", 0, "scan", True, 16, 32, 32, 4, 2),
     MoePlan("medium", 0, "argsort", False, 16, 32, 32, 4, 2),
@@ -221,8 +224,11 @@ def test_fused_moe_ids_out_of_range():
         torch.ops.kunlun.fused_moe(*args, "silu")
 
 
+ONE_PLAN_PER_ROUTING = list({p.routing: p for p in reversed(FORCED_PLANS)}.values())
+
+
 @needs_interpreter
-@pytest.mark.parametrize("plan", [FORCED_PLANS[0], FORCED_PLANS[2], FORCED_PLANS[3]], ids=lambda p: p.routing)
+@pytest.mark.parametrize("plan", ONE_PLAN_PER_ROUTING, ids=lambda p: p.routing)
 def test_fused_moe_kernel_marks_bad_ids_nan(plan):
     """On a GPU the op does not read ids back to check them: the token with a bad id gets NaN."""
     args = list(moe_inputs(5, 4, 16, 8, 2, torch.float32, seeded("nan")))

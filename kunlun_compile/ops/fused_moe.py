@@ -3,9 +3,11 @@
     out[m] = Σ_j w[m,j] · w2[e] @ (silu(w13[e,:I] @ x[m]) * (w13[e,I:] @ x[m])),   e = ids[m,j]
 
 w13 is [E, 2I, H] (gate rows, then up rows), w2 is [E, H, I].  The execution
-path (small / medium / large) comes from `moe_plan.plan_fused_moe`; all paths
-share one grouped-GEMM kernel and differ in how a program finds its rows:
-scanning the id table (small) or a block of expert-sorted pairs (medium, large).
+path (small / medium / large) comes from `moe_plan.plan_fused_moe`.  The
+smallest sizes run GEMVs, one program per (pair, column block), the second
+summing each token's pairs (two launches in all).  The other paths share one
+grouped-GEMM kernel and differ in how a program finds its rows: scanning the id
+table (small) or a block of expert-sorted pairs (medium, large).
 
 Rounding follows the model code it replaces (bf16/fp16): each GEMM result is
 rounded to the dtype, SwiGLU rounds silu and the product, the routing weight is
@@ -155,6 +157,80 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
 
 
 @kernel
+def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride_e, w_stride_n, out_stride,
+                     TOP_K: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """GEMM1 of the per-pair routing (decode sizes): out[pair, n-block] = W[e, n-block, :] @ x[token].
+
+    A tl.dot tile needs >= 16 rows, so at M=1 the scan path runs tiles 1/16 full on few programs;
+    here one program per (pair, n-block) reads its expert id from the table, which spreads the k
+    chosen experts' weights over k·N/BN programs.  Products are summed in an fp32 [BN, BK] tile and
+    reduced once; rounding as `_moe_gemm_kernel`.  A bad id reads expert 0 instead (nothing out of
+    bounds); `_moe_gemv_sum_kernel` makes its token NaN.
+    """
+    pair = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = n < N
+    kc = tl.arange(0, BK)
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    e = tl.where((e >= 0) & (e < E), e, 0)
+    w_rows = w_ptr + e * w_stride_e + n[:, None].to(tl.int64) * w_stride_n
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    acc_up = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + kc) < K
+        a = tl.load(a_ptr + (pair // TOP_K) * a_stride + k0 + kc, mask=k_ok, other=0.0).to(tl.float32)
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        acc += tl.load(w_rows + (k0 + kc)[None, :], mask=w_ok, other=0.0).to(tl.float32) * a[None, :]
+        if SWIGLU:
+            up = tl.load(w_rows + N * w_stride_n + (k0 + kc)[None, :], mask=w_ok, other=0.0)
+            acc_up += up.to(tl.float32) * a[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    y = tl.sum(acc, axis=1).to(out_ty).to(tl.float32)
+    if SWIGLU:
+        silu = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32)
+        y = silu * tl.sum(acc_up, axis=1).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + pair * out_stride + n, y.to(out_ty), mask=n_ok)
+
+
+@kernel
+def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stride, w_stride_e, w_stride_n,
+                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """GEMM2 of the per-pair routing: out[token, n-block] = Σ_j tw_j · W[e_j, n-block, :] @ act[pair_j].
+
+    One program holds a [k, BN, BK] tile: all k experts of its token at once (k loads in flight
+    rather than k GEMVs in turn), so no per-pair buffer and no separate sum pass.  Each pair's
+    product is rounded, scaled and rounded as the model does, then the k are summed in fp32.
+    """
+    m = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = n < N
+    kc = tl.arange(0, BK)
+    jj = tl.arange(0, BKK)
+    j_ok = jj < TOP_K
+    pair = m * TOP_K + jj
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
+    e_ok = (e >= 0) & (e < E)
+    bad = tl.sum((j_ok & ~e_ok).to(tl.int32), axis=0)
+    w_rows = (w_ptr + tl.where(e_ok, e, 0)[:, None, None] * w_stride_e
+              + n[None, :, None].to(tl.int64) * w_stride_n)
+    a_rows = a_ptr + pair[:, None] * a_stride
+    acc = tl.zeros([BKK, BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + kc) < K
+        a = tl.load(a_rows + (k0 + kc)[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w_ok = j_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+        w = tl.load(w_rows + (k0 + kc)[None, None, :], mask=w_ok, other=0.0)
+        acc += w.to(tl.float32) * a[:, None, :]
+    out_ty = out_ptr.dtype.element_ty
+    y = tl.sum(acc, axis=2).to(out_ty).to(tl.float32)
+    tw = tl.load(tw_ptr + pair, mask=j_ok, other=0.0).to(out_ty).to(tl.float32)
+    y = (y * tw[:, None]).to(out_ty).to(tl.float32)
+    total = tl.sum(tl.where(j_ok[:, None], y, 0.0), axis=0)
+    total = tl.where(bad > 0, float("nan"), total)
+    tl.store(out_ptr + m * out_stride + n, total.to(out_ty), mask=n_ok)
+
+
+@kernel
 def _silu_mul_kernel(h_ptr, out_ptr, N, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -199,6 +275,27 @@ def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: 
         BKK=triton.next_power_of_2(top_k), num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
+def _per_pair_impl(x, w13, w2, tw, ids, plan: MoePlan, out):
+    """Two GEMV launches (three with SwiGLU unfused): GEMM1 per pair, GEMM2 per token summing its pairs."""
+    M, H = x.shape
+    E, I = w2.shape[0], w2.shape[2]
+    top_k = ids.shape[1]
+    P = M * top_k
+    act = x.new_empty(P, I)
+    n1 = I if plan.swiglu_fused else 2 * I
+    h = act if plan.swiglu_fused else x.new_empty(P, n1)
+    _moe_gemv_kernel.on(x.device)[(P, triton.cdiv(n1, plan.block_n))](
+        x, w13, h, ids, n1, H, E, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOP_K=top_k, SWIGLU=plan.swiglu_fused, BN=plan.block_n, BK=plan.block_k, num_warps=plan.num_warps)
+    if not plan.swiglu_fused:
+        _silu_mul_kernel.on(x.device)[(P, triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
+    bn, bk, warps = plan.gemm2_tiles()
+    _moe_gemv_sum_kernel.on(x.device)[(M, triton.cdiv(H, bn))](
+        act, w2, out, ids, tw, H, I, E, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K=top_k, BKK=triton.next_power_of_2(top_k), BN=bn, BK=bk, num_warps=warps)
+    return out
+
+
 def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", plan: Optional[MoePlan] = None):
     M, H = x.shape
     E, two_i, _ = w13.shape
@@ -213,6 +310,8 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
     P = M * top_k
+    if plan.routing == "per-pair":
+        return _per_pair_impl(x, w13, w2, tw, ids, plan, out)
     routing = None if plan.routing == "scan" else sort_pairs(ids, E, plan.block_m, plan.routing)
     act = x.new_empty(P, I)
     if plan.swiglu_fused:

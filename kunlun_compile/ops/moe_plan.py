@@ -2,9 +2,12 @@
 
 The path is chosen by the number of (token, expert) pairs, M·top_k, as
 vLLM-Kunlun's fused MoE does (seeds/000):
-- small  (M·k < 400):  no sorting.  Each program owns one expert and scans the
-  [M, k] id table for its tokens; experts nobody chose exit at once, so each
-  chosen expert's weights are read once.  Latency-bound decode sizes.
+- small  (M·k < 400):  no sorting.  Latency-bound decode sizes.  Up to
+  PER_PAIR_MAX_PAIRS pairs, one GEMV program per (pair, column block) reads its
+  expert id from the table ("per-pair": a tl.dot tile needs >= 16 rows, so at
+  M=1 it would run 1/16 full on few programs).  Above that each program owns one
+  expert and scans the [M, k] id table for its tokens ("scan"); experts nobody
+  chose exit at once, so each chosen expert's weights are read once.
 - medium (400 ≤ M·k ≤ 768): pairs sorted by expert (a stable argsort) into
   blocks of one expert each, then a grouped GEMM over the blocks.
 - large  (M·k > 768): per-block expert statistics (a histogram per block of
@@ -28,27 +31,40 @@ from dataclasses import asdict, dataclass
 
 SMALL_MAX_PAIRS = 400  # M·k below this: small path
 MEDIUM_MAX_PAIRS = 768  # M·k up to this: medium path
+# M·k up to this: small path, one GEMV per pair (re-reads an expert two tokens share).  H100, bf16,
+# H=2048, I=768, top-8, graph replay (benchmarks/NOTES.md v7): per-pair beats scan up to M=4 at 64
+# and 128 experts (M=1: 31 vs 38 µs), ties at M=8 with 128 experts, loses at M=8 with 64.
+PER_PAIR_MAX_PAIRS = 32
 
 
 @dataclass(frozen=True)
 class MoePlan:
     path: str  # "small" | "medium" | "large"
     pairs: int  # M·top_k
-    routing: str  # how pairs reach their expert's program: "scan" | "argsort" | "block-histogram"
+    routing: str  # how pairs reach their expert's program: "per-pair" | "scan" | "argsort" | "block-histogram"
     swiglu_fused: bool
     block_m: int  # rows (pairs) per program
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    # per-pair routing: GEMM2's tile (block_n, block_k, num_warps) when it differs from GEMM1's
+    gemm2: tuple = ()
+
+    def gemm2_tiles(self) -> tuple:
+        return self.gemm2 or (self.block_n, self.block_k, self.num_warps)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         swiglu = "fused into GEMM1" if self.swiglu_fused else "separate pass"
-        return (f"{self.path} path ({self.pairs} pairs), routing {self.routing}, SwiGLU {swiglu}, "
-                f"tiles {self.block_m}x{self.block_n}x{self.block_k}, {self.num_warps} warps")
+        tiles = f"tiles {self.block_m}x{self.block_n}x{self.block_k}, {self.num_warps} warps"
+        if self.routing == "per-pair":
+            bn, bk, warps = self.gemm2_tiles()
+            tiles = (f"GEMV tiles {self.block_n}x{self.block_k}/{self.num_warps} warps, "
+                     f"GEMM2 (summing the k pairs) {bn}x{bk}/{warps} warps")
+        return f"{self.path} path ({self.pairs} pairs), routing {self.routing}, SwiGLU {swiglu}, {tiles}"
 
 
 def _pow2_at_least(n: int) -> int:
@@ -59,6 +75,8 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
     if num_tokens < 0 or top_k < 1 or num_experts < 1:
         raise ValueError(f"plan_fused_moe: bad sizes M={num_tokens}, top_k={top_k}, E={num_experts}")
     pairs = num_tokens * top_k
+    if pairs <= PER_PAIR_MAX_PAIRS:
+        return MoePlan("small", pairs, "per-pair", True, 1, 8, 128, 8, 1, gemm2=(2, 128, 4))  # swept
     if pairs < SMALL_MAX_PAIRS:
         # one program per (expert, column block, chunk of tokens); tl.dot needs >= 16 rows
         block_m = min(max(_pow2_at_least(num_tokens), 16), 64)

@@ -29,7 +29,7 @@ import torch.fx as fx
 from ..graph_stats import count_kernels
 from .capture import CapturedPiece, RuntimeCounters, SharedPool
 from .splitting import Piece, SplitGraph, split_graph, splitting_nodes
-from .token_dims import bind_symbols, evaluate, token_dims, token_symbol, why_not_token_wise
+from .token_dims import SymbolBinder, evaluate, token_dims, token_symbol, why_not_token_wise
 
 from ..config import GRAPH_MODES as MODES
 
@@ -50,6 +50,32 @@ class _Plan:
         self.split = split
         self.runners = runners  # piece index -> runner (graph pieces only)
         self.pad_refusal = pad_refusal  # None: padding is safe
+        # The unpadded call's route, as list positions rather than names: a call runs every step
+        # of it, so it does no dict work per value (a model's graph has dozens of inputs).
+        slot = {name: i for i, name in enumerate(split.graph_inputs)}
+        for piece in split.pieces:
+            for name in piece.outputs:
+                slot.setdefault(name, len(slot))
+        self.slot_count = len(slot)
+        self.steps = [(runners.get(p.index) or p.gm, runners.get(p.index) is not None,
+                       [slot[n] for n in p.inputs], [slot[n] for n in p.outputs]) for p in split.pieces]
+        in_graph_memory = {n for p in split.pieces if p.index in runners for n in p.outputs}
+        # (slot, copy it, constant): graph memory is rewritten by the next replay, so what the
+        # caller holds of it must be a copy
+        self.outputs = [(slot[x], x in in_graph_memory, None) if isinstance(x, str) else (None, False, x)
+                        for x in split.graph_outputs]
+
+    def run_unpadded(self, size: int, args: Sequence[Any]) -> tuple:
+        """A call at a capture size (or a static graph): every value at its real size."""
+        values = list(args) + [None] * (self.slot_count - len(args))
+        for run, captured, ins, outs in self.steps:
+            piece_args = [values[i] for i in ins]
+            results = run.run(size, piece_args) if captured else run(*piece_args)
+            for i, v in zip(outs, results):
+                values[i] = v
+        return tuple(constant if i is None else
+                     values[i].clone() if copy and isinstance(values[i], torch.Tensor) else values[i]
+                     for i, copy, constant in self.outputs)
 
 
 class GraphRuntime:
@@ -59,6 +85,7 @@ class GraphRuntime:
         self.name = name
         self.gm = gm
         self.input_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+        self.bind_symbols = SymbolBinder(self.input_vals)
         self.on_cuda = _graph_device(example_inputs) == "cuda"
         self.mode = resolve_mode(mode, self.on_cuda)
         self.capture_sizes = sorted(set(int(s) for s in capture_sizes))
@@ -140,7 +167,7 @@ class GraphRuntime:
             # overhead anyway, so the graph's kernels go straight into the caller's capture
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
-        bindings = bind_symbols(args, self.input_vals)
+        bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
         if plan is None:
@@ -152,6 +179,8 @@ class GraphRuntime:
             self.counters.piecewise_runs += 1
         if tokens is not None and size != tokens:
             self.counters.padded_runs += 1
+        if tokens is None or size == tokens:
+            return plan.run_unpadded(size, args)
         return _Call(self, plan, bindings, tokens, size).run(args)
 
     @staticmethod

@@ -157,18 +157,28 @@ def why_not_token_wise(gm: fx.GraphModule, sym: Optional[sympy.Symbol]) -> Optio
     return None
 
 
-def bind_symbols(values: Iterable[Any], vals: Iterable[Any]) -> Dict[sympy.Symbol, int]:
-    """Symbol -> runtime int, from graph inputs (runtime `values`) and their meta `vals`."""
-    out: Dict[sympy.Symbol, int] = {}
-    for value, val in zip(values, vals):
-        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
-            for s, n in zip(val.shape, value.shape):
-                e = _expr(s)
-                if isinstance(e, sympy.Symbol):
-                    out[e] = int(n)
-        elif isinstance(val, torch.SymInt) and isinstance(_expr(val), sympy.Symbol):
-            out[_expr(val)] = int(value)
-    return out
+class SymbolBinder:
+    """Symbol -> runtime int, from graph inputs: which (input, dim) carries each symbol is worked out
+    once from the meta values, so a call reads a few sizes instead of walking every input's shape
+    (a model's graph has dozens of parameter inputs, all static)."""
+
+    def __init__(self, vals: Sequence[Any]):
+        self.dims: List[tuple] = []  # (input index, dim or None for a SymInt input, symbol)
+        seen = set()
+        for i, val in enumerate(vals):
+            if isinstance(val, torch.Tensor):
+                sizes = [(d, _expr(s)) for d, s in enumerate(val.shape)]
+            elif isinstance(val, torch.SymInt):
+                sizes = [(None, _expr(val))]
+            else:
+                continue
+            for d, e in sizes:
+                if isinstance(e, sympy.Symbol) and e not in seen:
+                    seen.add(e)
+                    self.dims.append((i, d, e))
+
+    def __call__(self, values: Sequence[Any]) -> Dict[sympy.Symbol, int]:
+        return {sym: int(values[i] if d is None else values[i].shape[d]) for i, d, sym in self.dims}
 
 
 def evaluate(val: Any, bindings: Dict[sympy.Symbol, int]) -> Optional[int]:
