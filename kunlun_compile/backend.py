@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .capture import needs_autograd, static_input_indices, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
+from .debug.record import dump_dir, record_graph
 from .graph_stats import count_kernels, generated_kernels
 from .lowering import describe_kernels, get_target
 from .passes import GraphPass, PassContext, PassManager, default_passes
@@ -57,8 +58,13 @@ class KunlunBackend:
             self.report.graphs.append(GraphReport(name, [describe_value(x) for x in example_inputs],
                                                   mode="eager-grad"))
             return gm.forward
+        # what AOTAutograd will pass as graph inputs, as real values: the graph's own parameters and
+        # buffers first, then Dynamo's inputs (the recorder takes its statistics from them)
+        real_inputs = [*dict(gm.named_parameters(remove_duplicate=False)).values(),
+                       *dict(gm.named_buffers(remove_duplicate=False)).values(), *example_inputs]
         try:
-            return to_aten_inference(gm, example_inputs, lambda g, inputs: self._compile_aten(name, g, inputs))
+            return to_aten_inference(gm, example_inputs,
+                                     lambda g, inputs: self._compile_aten(name, g, inputs, real_inputs))
         except torch._dynamo.exc.RestartAnalysis:
             raise  # Dynamo's signal to re-trace (e.g. a float it wants constant): not a failure
         except Exception as e:  # noqa: BLE001
@@ -71,9 +77,11 @@ class KunlunBackend:
             self.report.graphs.append(report)
             return gm.forward
 
-    def _compile_aten(self, name: str, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+    def _compile_aten(self, name: str, gm: fx.GraphModule, example_inputs: List[Any],
+                      real_inputs: Optional[List[Any]] = None) -> Callable:
         t0 = time.perf_counter()
         report = GraphReport(name, [describe_value(x) for x in example_inputs])
+        self._record(name, gm, example_inputs, real_inputs, report)
         report.kernels_before = count_kernels(gm)
         uncompiled = copy_graph_module(gm)  # what runs if a later stage fails
         ctx = PassContext(self.config, name, self.warned)
@@ -84,6 +92,17 @@ class KunlunBackend:
         report.compile_ms = (time.perf_counter() - t0) * 1e3
         self.report.graphs.append(report)
         return GraphExecutor(name, run, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
+
+    def _record(self, name: str, gm: fx.GraphModule, example_inputs, real_inputs, report: GraphReport) -> None:
+        """With KUNLUN_COMPILE_DUMP=DIR: write the graph as received (debug/record.py)."""
+        directory = dump_dir()
+        if not directory:
+            return
+        try:
+            report.recorded_at = record_graph(directory, gm, example_inputs, real_inputs, static_input_indices())
+        except Exception as e:  # noqa: BLE001 - recording is a debugging aid; never fail the compile over it
+            warn_once(f"kunlun backend: could not record {name} under {directory}: {type(e).__name__}: {e}",
+                      self.warned)
 
     def _describe_generated(self, gm: fx.GraphModule, report: GraphReport) -> None:
         report.generated = describe_kernels(generated_kernels(gm), get_target(self.config.target),

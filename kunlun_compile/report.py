@@ -77,6 +77,7 @@ class GraphReport:
     pieces: int = 0
     fallbacks: List[Fallback] = dataclasses.field(default_factory=list)
     compile_ms: float = 0.0
+    recorded_at: Optional[str] = None  # where KUNLUN_COMPILE_DUMP wrote this graph
     # the graph runtime's live state (mode, pieces and why each was cut, counters): read when reported
     runtime_info: Optional[Callable[[], dict]] = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -107,6 +108,7 @@ class GraphReport:
             "runtime": self.runtime,
             "fallbacks": [f.as_dict() for f in self.fallbacks],
             "compile_ms": round(self.compile_ms, 3),
+            "recorded_at": self.recorded_at,
         }
 
     def __str__(self) -> str:

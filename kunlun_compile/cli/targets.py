@@ -10,6 +10,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backend import KunlunBackend
+from ..debug.record import is_recorded_graph, load_recorded
 from ..models import build_model, builtin_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -27,7 +28,11 @@ class Target:
 
 
 def resolve_target(spec: str, *, dtype: torch.dtype = torch.float32, num_tokens: int = 16) -> Target:
-    """A built-in model name, or `path/to/file.py:factory` returning (module, example_inputs)."""
+    """A built-in model name, `path/to/file.py:factory` returning (module, example_inputs), or a
+    graph recorded with KUNLUN_COMPILE_DUMP (its directory, `DIR/graph_N`)."""
+    if is_recorded_graph(spec):
+        module, inputs = load_recorded(spec)
+        return Target(spec, module, tuple(inputs))
     if spec in builtin_names():
         model, inputs = build_model(spec, dtype=dtype, num_tokens=num_tokens)
         return Target(spec, model, inputs)
@@ -44,8 +49,8 @@ def resolve_target(spec: str, *, dtype: torch.dtype = torch.float32, num_tokens:
             if not isinstance(inputs, tuple):
                 inputs = (inputs,)
             return Target(spec, module, inputs)
-    raise SystemExit(f"error: unknown target {spec!r}; give a built-in model ({', '.join(builtin_names())}) "
-                     f"or path/to/file.py:factory")
+    raise SystemExit(f"error: unknown target {spec!r}; give a built-in model ({', '.join(builtin_names())}), "
+                     f"path/to/file.py:factory, or a graph directory recorded with KUNLUN_COMPILE_DUMP=DIR")
 
 
 def output_tensors(out: Any) -> List[torch.Tensor]:
