@@ -4,7 +4,7 @@
     kunlun_compile.compile(model, strict=True)              # with options
     torch.compile(model, backend=kunlun_compile.backend(disable=["dead_code"]))
 """
-from . import ops  # registers torch.ops.kunlun.*
+from . import ops  # noqa: F401 - registers torch.ops.kunlun.*
 from .backend import KunlunBackend, backend, compile, dynamo_backend, last_report
 from .capture import serving_shapes
 from .config import CompileConfig

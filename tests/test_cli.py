@@ -29,7 +29,12 @@ def _check_explain_json(out: dict, target: str):
 def test_explain_json_builtin():
     r = cli("explain", "qwen3-moe-tiny", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
-    _check_explain_json(json.loads(r.stdout), "qwen3-moe-tiny")
+    out = json.loads(r.stdout)
+    _check_explain_json(out, "qwen3-moe-tiny")
+    # the MoE execution path at each capture size (2 layers: 2 fused_moe calls, 8 experts, top-2)
+    assert len(out["moe_paths"]) == 2
+    plans = out["moe_paths"][0]["plans"]
+    assert "routing per-pair" in plans["1"] and "routing scan" in plans["32"] and "large path" in plans["512"]
 
 
 def test_explain_json_factory_file(tmp_path):
@@ -72,6 +77,13 @@ def test_passes_listing():
                                              "moe_gate", "moe_ffn", "add_rmsnorm", "dead_code", "lower_elementwise"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
+    patterns = {row["name"]: row["patterns"] for row in rows}
+    assert patterns["dead_code"] == [] and patterns["lower_elementwise"] == []
+    for family in FAMILIES:  # every fusion pass lists its rules: what each matches, what it needs, its guard
+        assert patterns[family], family
+        assert all(rule["rule"] and rule["matches"] for rule in patterns[family])
+    assert "positive_eps" in {c for rule in patterns["add_rmsnorm"] for c in rule["checks"]}
+    assert any("aten.topk.default" in rule["needs"] for rule in patterns["moe_gate"])
 
 
 def test_console_script_installed():

@@ -1,16 +1,26 @@
-"""`kunlun-compile`: see what the backend does to a model.
+"""`kunlun-compile`: see what the backend does to a model, and find what went wrong.
 
-    kunlun-compile demo                         compile a built-in model, show each pass and the check
-    kunlun-compile passes                       every pass, in order, and whether it is enabled
-    kunlun-compile explain qwen3-tiny --json    compile, run beside eager, print the report
-    kunlun-compile explain my_model.py:make     the same for a factory returning (module, inputs)
-    kunlun-compile explain qwen3-next-tiny --dtype bf16 --source
-                                                ... with each generated kernel's KIR and Triton source
+TARGET is a built-in model, `file.py:factory` returning (module, inputs), or a graph directory
+recorded with KUNLUN_COMPILE_DUMP=DIR.  Every verb takes --json.
+
+    kunlun-compile demo                          compile a built-in model, show each pass and the check
+    kunlun-compile passes                        every pass and its patterns, guards, on/off
+    kunlun-compile explain qwen3-tiny            per graph: passes, matches, near misses, kernels, pieces
+    kunlun-compile explain qwen3-tiny --pass add_rmsnorm    one pass: its diff and near misses
+    kunlun-compile record qwen3-moe-tiny /tmp/graphs        write the graphs the backend receives
+    kunlun-compile explain /tmp/graphs/graph_0   ... and work on one offline
+    kunlun-compile bisect my_model.py:make       first pass, then first rewrite, that breaks the output
+    kunlun-compile align qwen3-next-tiny --html align.html  every surviving node against eager
+    kunlun-compile bench qwen3-moe-tiny          eager / inductor / kunlun: time, launches, where it goes
+    kunlun-compile graph qwen3-next-tiny -o graph.html      the graph's pieces and fusion groups, drawn
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import shutil
 import sys
 from typing import List, Optional
 
@@ -21,7 +31,16 @@ from ..config import GRAPH_MODES, CompileConfig
 from ..lowering import TARGETS
 from ..models import builtin_names
 from ..passes import default_passes
-from .targets import DTYPES, compare_outputs, resolve_target, run_compiled
+from ..debug.align import align
+from ..debug.align import html_report as align_html
+from ..debug.bench import bench
+from ..debug.bisect import Bisector
+from ..debug.explain import moe_paths, pass_detail, pattern_catalog
+from ..debug.graph_view import KINDS, describe, to_dot
+from ..debug.graph_view import html_page as graph_html
+from ..debug.inspect import InspectingBackend
+from ..debug.record import ENV_DUMP
+from ..debug.targets import DTYPES, compare_outputs, resolve_target, run_compiled
 
 DEMO_MODEL = "qwen3-next-tiny"
 
@@ -42,7 +61,7 @@ def _config(args) -> CompileConfig:
 def explain_target(spec: str, config: CompileConfig, dtype: torch.dtype, num_tokens: int) -> dict:
     """Compile `spec`, run it beside eager, and return the report as one JSON-ready dict."""
     target = resolve_target(spec, dtype=dtype, num_tokens=num_tokens)
-    backend = KunlunBackend(config)
+    backend = InspectingBackend(config)
     got, want = run_compiled(target, backend)
     cmp = compare_outputs(got, want)
     summary = backend.report.summary()
@@ -54,6 +73,8 @@ def explain_target(spec: str, config: CompileConfig, dtype: torch.dtype, num_tok
         "tolerance": cmp.tolerance,
         **summary,
         "graph_reports": [g.as_dict() for g in backend.report.graphs],
+        "moe_paths": [dict(graph=k.name, **m) for k in backend.kept if k.after is not None
+                      for m in moe_paths(k.after, config.capture_sizes)],
         "_report": backend.report,
     }
 
@@ -61,14 +82,35 @@ def explain_target(spec: str, config: CompileConfig, dtype: torch.dtype, num_tok
 def cmd_explain(args) -> int:
     result = explain_target(args.target, _config(args), DTYPES[args.dtype], args.tokens)
     report = result.pop("_report")
+    if args.pass_name:
+        try:
+            result["pass_detail"] = [pass_detail(g, args.pass_name) for g in report.graphs if g.passes]
+        except KeyError:
+            raise SystemExit(f"error: no pass named {args.pass_name!r}; see `kunlun-compile passes`")
     if args.json:
         print(json.dumps(result, indent=1))
+        return 0 if result["ok"] else 1
+    if args.pass_name:
+        for d in result["pass_detail"]:
+            print(f"graph {d['graph']}, pass {d['pass']}: {d['nodes_before']} -> {d['nodes_after']} nodes, "
+                  f"{d['matches']} matches {d['patterns'] or ''} {d['skipped'] or ''}")
+            for line in d["near_misses"]:
+                print(f"  near miss: {line}")
+            print("\n".join(d["diff"]) if d["diff"] else "  (graph unchanged)")
     else:
         print(report)
         _print_generated(report, args.source)
-        print()
-        _print_check(result)
+        _print_moe_paths(result["moe_paths"])
+    print()
+    _print_check(result)
     return 0 if result["ok"] else 1
+
+
+def _print_moe_paths(paths) -> None:
+    for m in paths:
+        print(f"\n{m['graph']}/{m['node']}: fused_moe, {m['experts']} experts, top-{m['top_k']}; path by tokens:")
+        for size, plan in m["plans"].items():
+            print(f"  {size:>5}: {plan}")
 
 
 def _print_generated(report, with_source: bool) -> None:
@@ -121,14 +163,131 @@ def cmd_demo(args) -> int:
 
 def cmd_passes(args) -> int:
     config = _config(args)
-    rows = [{"name": p.name, "description": p.description, "enabled": config.is_enabled(p.name)}
-            for p in default_passes()]
+    catalog = pattern_catalog()
+    rows = [{"name": p.name, "description": p.description, "enabled": config.is_enabled(p.name),
+             "patterns": catalog.get(p.name, [])} for p in default_passes()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     for i, r in enumerate(rows):
         state = "on " if r["enabled"] else "off"
         print(f"{i:>2}. [{state}] {r['name']:<20} {r['description']}")
+        for rule in r["patterns"]:
+            needs = f"  needs {', '.join(rule['needs'])}" if rule["needs"] else ""
+            checks = f"  guard: {', '.join(rule['checks'])}" if rule["checks"] else ""
+            print(f"      {rule['rule']:<34} {rule['matches'][:60]}{needs}{checks}")
+    return 0
+
+
+def cmd_record(args) -> int:
+    """Compile TARGET with KUNLUN_COMPILE_DUMP pointing at OUT_DIR; list what was written."""
+    os.environ[ENV_DUMP] = args.out_dir
+    result = explain_target(args.target, _config(args), DTYPES[args.dtype], args.tokens)
+    report = result.pop("_report")
+    written = [g.recorded_at for g in report.graphs if g.recorded_at]
+    if args.json:
+        print(json.dumps({"target": args.target, "recorded": written}, indent=1))
+    else:
+        for path in written:
+            print(f"recorded {path}  (try: kunlun-compile explain {path})")
+    return 0 if written else 1
+
+
+def cmd_bisect(args) -> int:
+    target = resolve_target(args.target, dtype=DTYPES[args.dtype], num_tokens=args.tokens)
+    result = Bisector(target, _config(args)).run()
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    for p in result["probes"]:
+        print(f"  {'ok ' if p['ok'] else 'BAD'} rel_err {p['rel_err']:.3e}  {p['probe']}")
+    print(f"\n{result['verdict']}")
+    bad = result["first_bad_rewrite"]
+    if bad:
+        print(f"graph {bad['graph']}, rewrite {bad['index']} of {bad['of']}: {bad['description']} "
+              f"(rel_err {bad['rel_err']:.3e} > {bad['tolerance']:.0e})\nthe matched nodes, before the pass:")
+        print(bad["context"])
+    return 0
+
+
+def cmd_align(args) -> int:
+    target = resolve_target(args.target, dtype=DTYPES[args.dtype], num_tokens=args.tokens)
+    result = align(target, InspectingBackend(_config(args)))
+    if args.html:
+        with open(args.html, "w") as f:
+            f.write(align_html(result))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "nodes" or args.all}, indent=1))
+        return 0
+    print(f"{result['aligned']} of {result['nodes_compared']} nodes aligned within tolerance "
+          f"({100 * result['aligned_share']:.1f}%)")
+    first = result["first_divergence"]
+    if first:
+        print(f"first divergence: {first['graph']}/{first['node']} ({first['op']}"
+              f"{', stands for ' + first['replaces'] if first['replaces'] else ''}) rel_err {first['rel_err']:.3e}")
+    print(f"\n  {'node':<22} {'stands for':<16} {'op':<34} {'rel_err':>10} {'tol':>7}")
+    for r in result["worst"]:
+        print(f"  {r['node']:<22} {r['replaces'] or '':<16} {r['op'][:34]:<34} {r['rel_err']:>10.3e} "
+              f"{r.get('tolerance', 0):>7.0e} {'' if r['ok'] else ' OUT'}")
+    if args.html:
+        print(f"\nHTML report: {args.html}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    target = resolve_target(args.target, dtype=DTYPES[args.dtype], num_tokens=args.tokens)
+    if args.device == "cuda":
+        target = dataclasses.replace(target, module=target.module.to("cuda"),
+                                     inputs=tuple(x.to("cuda") if isinstance(x, torch.Tensor) else x
+                                                  for x in target.inputs))
+    config = _config(args)
+    variants = {"eager": lambda: target.module,
+                "inductor": lambda: torch.compile(target.module),
+                "kunlun": lambda: torch.compile(target.module, backend=KunlunBackend(config))}
+    if args.no_inductor:
+        variants.pop("inductor")
+    result = bench(target, variants, reps=args.reps)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['target']} on {result['device']}, median of {result['reps']} calls")
+    print(f"  {'variant':<10} {'ms/call':>9} {'launches':>9} {'fused us':>9} {'gen. us':>9} {'ATen us':>9} "
+          f"{'host us':>9}  check")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"  {r['variant']:<10} failed: {r['error']}")
+            continue
+        us = r["us"]
+        print(f"  {r['variant']:<10} {r['ms_per_call']:>9.3f} {sum(r['launches'].values()):>9.0f} {us['fused']:>9.0f} "
+              f"{us['generated']:>9.0f} {us['aten']:>9.0f} {us['host']:>9.0f}  "
+              f"{'OK' if r['matches_eager'] else 'MISMATCH'}")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    target = resolve_target(args.target, dtype=DTYPES[args.dtype], num_tokens=args.tokens)
+    backend = InspectingBackend(_config(args))
+    run_compiled(target, backend)
+    graphs = [(k.name, describe(k.after, backend.config.splitting_ops)) for k in backend.kept if k.after is not None]
+    out = args.output or ("graph.svg" if args.format == "svg" else "graph.html")
+    if args.format == "svg":
+        if shutil.which("dot") is None:
+            raise SystemExit("error: --format svg needs graphviz's `dot`; without it use the default HTML")
+        import subprocess
+        dot = "\n".join(to_dot(d) for _, d in graphs[:1])
+        subprocess.run(["dot", "-Tsvg", "-o", out], input=dot, text=True, check=True)
+    else:
+        with open(out, "w") as f:
+            f.write(graph_html(graphs, f"kunlun-compile graph: {args.target}"))
+    summary = [{"graph": name, "pieces": len(d["pieces"]), "nodes": len(d["nodes"]),
+                "kinds": {k: sum(1 for n in d["nodes"] if n["kind"] == k) for k in KINDS}} for name, d in graphs]
+    if args.json:
+        print(json.dumps({"target": args.target, "output": out, "graphs": summary}, indent=1))
+    else:
+        for g in summary:
+            print(f"{g['graph']}: {g['pieces']} pieces, {g['nodes']} nodes "
+                  f"({', '.join(f'{k} {v}' for k, v in g['kinds'].items() if v)})")
+        print(f"written: {out}")
     return 0
 
 
@@ -168,9 +327,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="store_true", help="also print each generated kernel's Triton source")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("passes", help="list the passes in order", description="Example: kunlun-compile passes")
+    p.add_argument("--pass", dest="pass_name", metavar="NAME",
+                   help="narrow to one pass: its graph diff, matches and near misses")
+
+    p = sub.add_parser("passes", help="every pass and its patterns, in order",
+                       description="Example: kunlun-compile passes --disable add_rmsnorm")
     common(p, target=False)
     p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("record", help="compile TARGET and write each graph the backend receives",
+                       description="Example: kunlun-compile record qwen3-moe-tiny /tmp/graphs\n"
+                                   "In your own program: KUNLUN_COMPILE_DUMP=/tmp/graphs python serve.py\n"
+                                   "Then: kunlun-compile explain /tmp/graphs/graph_0",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p, target=True)
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("bisect", help="the first pass, then the first rewrite, that breaks the output",
+                       description="Example: kunlun-compile bisect my_model.py:make --dtype bf16")
+    common(p, target=True)
+    p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("align", help="compare every node of the compiled graph with eager",
+                       description="Example: kunlun-compile align qwen3-next-tiny --html align.html")
+    common(p, target=True)
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
+    p.add_argument("--all", action="store_true", help="with --json: every compared node, not just the worst")
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("bench", help="eager vs inductor vs kunlun: time, launches, where it goes",
+                       description="Example: kunlun-compile bench qwen3-moe-tiny --device cuda --dtype bf16")
+    common(p, target=True)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--no-inductor", action="store_true", help="skip inductor (e.g. no C++ compiler on a CPU box)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("graph", help="draw the graph's pieces and fusion groups",
+                       description="Example: kunlun-compile graph qwen3-next-tiny -o graph.html")
+    common(p, target=True)
+    p.add_argument("-o", "--output", metavar="PATH")
+    p.add_argument("--format", choices=("html", "svg"), default="html", help="svg needs graphviz's dot")
+    p.set_defaults(func=cmd_graph)
     return parser
 
 

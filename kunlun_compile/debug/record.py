@@ -3,7 +3,8 @@
 With `KUNLUN_COMPILE_DUMP=DIR` set, every ATen graph the backend is about to compile (after
 capture, before any pass) is written to `DIR/graph_N/`:
 - `graph.py`: the readable code;
-- `graph.pt`: the GraphModule itself (pickled; loads with `torch.load(..., weights_only=False)`);
+- `graph.json` (+ `constants.pt` when the graph holds tensors): every node, exactly
+  (debug/graph_io.py);
 - `inputs.json`: per input its shape, dtype, strides, which dims are symbolic (the token count),
   whether it is a parameter, and the statistics its seeded stand-in reproduces: integer range,
   mean/std of floats, the share of True.
@@ -18,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+
+from .graph_io import graph_from_data, graph_to_data
 
 ENV_DUMP = "KUNLUN_COMPILE_DUMP"
 SEED = 0
@@ -87,14 +90,18 @@ def _record(directory: str, gm: fx.GraphModule, fake_inputs: Sequence[Any],
               for i, f in enumerate(fake_inputs)]
     with open(os.path.join(path, "graph.py"), "w") as f:
         f.write(gm.print_readable(print_output=False))
-    torch.save(gm, os.path.join(path, "graph.pt"))
+    data, constants = graph_to_data(gm)
+    with open(os.path.join(path, "graph.json"), "w") as f:
+        json.dump(data, f)
+    if constants:
+        torch.save(constants, os.path.join(path, "constants.pt"))
     with open(os.path.join(path, "inputs.json"), "w") as f:
         json.dump({"torch": torch.__version__, "seed": SEED, "inputs": inputs}, f, indent=1)
     return path
 
 
 def is_recorded_graph(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "graph.pt"))
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "graph.json"))
 
 
 def _stand_in(spec: Dict[str, Any], gen: torch.Generator) -> torch.Tensor:
@@ -121,7 +128,11 @@ def load_recorded(path: str) -> Tuple["RecordedGraph", List[torch.Tensor]]:
     import kunlun_compile.models  # noqa: F401 - registers the custom ops the graph may call
     import kunlun_compile.ops  # noqa: F401
 
-    gm = torch.load(os.path.join(path, "graph.pt"), weights_only=False)
+    with open(os.path.join(path, "graph.json")) as f:
+        data = json.load(f)
+    constants_file = os.path.join(path, "constants.pt")
+    constants = torch.load(constants_file) if os.path.isfile(constants_file) else {}
+    gm = graph_from_data(data, constants)
     with open(os.path.join(path, "inputs.json")) as f:
         meta = json.load(f)
     gen = torch.Generator().manual_seed(meta.get("seed", SEED))

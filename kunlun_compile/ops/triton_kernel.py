@@ -43,7 +43,13 @@ class Kernel:
         return self._compiled
 
 
+# Names of the kunlun:: ops' kernels, so a profile can tell them from ATen's and generated ones.
+FUSED_KERNEL_NAMES: set = set()
+
+
 def kernel(fn: Callable) -> Kernel:
+    if fn.__module__.startswith("kunlun_compile.ops"):  # not the built-in models' own attention kernel
+        FUSED_KERNEL_NAMES.add(fn.__name__)
     return Kernel(fn)
 
 

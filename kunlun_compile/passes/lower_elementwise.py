@@ -25,6 +25,7 @@ from ..lowering.cluster import ClusterSpec, find_clusters
 from ..lowering.isel import Policy, Refused, lower_cluster
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
+from .rewrites import mark_replacement, rewrite_allowed
 
 POINTWISE_OP = torch.ops.kunlun.pointwise.default
 
@@ -42,6 +43,9 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
             shape = _shape_args(gm.graph, spec)
         except Refused as e:
             outcome.near_misses.append(f"cluster at {spec.nodes[0].name} ({len(spec.nodes)} ops): {e}")
+            continue
+        if not rewrite_allowed(f"{len(spec.nodes)} element-wise ops from {spec.nodes[0].name} -> one generated "
+                               f"kernel", spec.nodes):
             continue
         replaced.update(_replace(gm.graph, spec, register(kir), shape))
         outcome.matches += 1
@@ -92,6 +96,7 @@ def _replace(graph: fx.Graph, spec: ClusterSpec, key: str, shape: List[Any]) -> 
             item = graph.call_function(operator.getitem, (call, k))
         item.meta["val"] = n.meta["val"]
         n.replace_all_uses_with(item)
+        mark_replacement(n, item)
         items[n] = item
     for n in reversed(spec.nodes):
         graph.erase_node(n)

@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..config import CompileConfig
 from ..report import Fallback, GraphReport, PassRecord
 from ..utils import copy_graph_module, warn_once
+from .rewrites import running_pass
 
 
 @dataclasses.dataclass
@@ -76,7 +77,8 @@ class PassManager:
             snapshot = copy_graph_module(gm)
             t0 = time.perf_counter()
             try:
-                outcome = p.fn(gm, ctx) or PassOutcome()
+                with running_pass(p.name, ctx.graph_name):
+                    outcome = p.fn(gm, ctx) or PassOutcome()
                 gm.graph.lint()
                 gm.recompile()
             except Exception as e:  # noqa: BLE001 - any pass bug must not break the model

@@ -34,12 +34,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._inductor import pattern_matcher as pm
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.tools_common import legalize_graph
 
 from ..capture.decompositions import decomposition_table
 from .canonical import canonicalize
+from .rewrites import mark_replacement, rewrite_allowed
 
 aten = torch.ops.aten
 
@@ -299,11 +301,32 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: FusionResult) -> 
         if isinstance(verdict, Refusal):
             _note(result, f"{label}: {verdict.reason}")
             continue
+        if not rewrite_allowed(f"{label} at {node.name}", m.nodes):
+            continue
         params = {k: m.kwargs[k] for k in rule.constants}
         params.update(verdict)
         replacement = functools.partial(rule.replace, **params)
+        uses = _uses_of(_match_outputs(m))
         m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=trace_aten)
+        _mark_replacements(uses)
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
+
+
+def _uses_of(outputs: Sequence[fx.Node]) -> List[Tuple[fx.Node, fx.Node, int]]:
+    """(output, user, position among the user's flattened arguments) for every use of a match output."""
+    return [(o, u, i) for o in outputs for u in o.users for i, a in enumerate(_flat_args(u)) if a is o]
+
+
+def _mark_replacements(uses: Sequence[Tuple[fx.Node, fx.Node, int]]) -> None:
+    """After a replacement, the node at each recorded argument position is what replaced that output."""
+    for old, user, i in uses:
+        new = _flat_args(user)[i]
+        if isinstance(new, fx.Node) and new is not old:
+            mark_replacement(old, new)
+
+
+def _flat_args(node: fx.Node) -> List[Any]:
+    return pytree.tree_leaves((node.args, node.kwargs))
 
 
 def _match_outputs(m: pm.Match) -> List[fx.Node]:

@@ -117,7 +117,7 @@ class SplitGraph:
     graph_outputs: List  # value names (str) or python constants, in the output's order
 
 
-def _assign(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.Node, int]:
+def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.Node, int]:
     """Node -> piece index; a splitting node gets a piece of its own, its getitems join it."""
     piece_of: Dict[fx.Node, int] = {}
     current, current_open = -1, False
@@ -141,7 +141,7 @@ def _assign(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.Node, in
 
 def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> SplitGraph:
     """Cut `gm` at the nodes in `reasons` (node -> why).  With no reasons: one graph piece."""
-    piece_of = _assign(gm, reasons)
+    piece_of = assign_pieces(gm, reasons)
     count = max(piece_of.values(), default=-1) + 1
     members: List[List[fx.Node]] = [[] for _ in range(count)]
     for node in gm.graph.nodes:

@@ -13,7 +13,7 @@ the last real row, so padded ids, positions and activations stay in range.
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import sympy
 import torch

@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from ..backend import KunlunBackend
-from ..debug.record import is_recorded_graph, load_recorded
+from .record import is_recorded_graph, load_recorded
 from ..models import build_model, builtin_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
