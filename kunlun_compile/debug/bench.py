@@ -2,7 +2,8 @@
 
 Per variant: median time per call, and from a profile of a few calls the work per call split into
 fused kernels (the kunlun:: ops), generated element-wise kernels, ATen, and host overhead (the
-wall time no kernel accounts for).  On CUDA the split is over GPU kernels; on the CPU over the
+wall time no kernel accounts for).  The profiler slows calls down, so the split is the profile's
+proportions applied to the unprofiled time per call (the four parts add up to it).  On CUDA the split is over GPU kernels; on the CPU over the
 top-level operator calls of the profile (each one a "launch").
 """
 from __future__ import annotations
@@ -43,9 +44,11 @@ def _split(fn: Callable, args, calls: int, on_cuda: bool) -> Dict[str, Any]:
     """Launches and microseconds per call by class, from a profile of `calls` calls."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(calls):
             fn(*args)
         _sync(on_cuda)
+        wall_us = (time.perf_counter() - t0) * 1e6 / calls
     launches = dict.fromkeys(CLASSES, 0)
     us = dict.fromkeys(CLASSES, 0.0)
     for e in prof.events():
@@ -59,7 +62,9 @@ def _split(fn: Callable, args, calls: int, on_cuda: bool) -> Dict[str, Any]:
             cls, t = _op_class(e.name), e.cpu_time_total
         launches[cls] += 1
         us[cls] += t
-    return {"launches": {k: v / calls for k, v in launches.items()}, "us": {k: v / calls for k, v in us.items()}}
+    us = {k: v / calls for k, v in us.items()}
+    us["host"] = max(0.0, wall_us - sum(us.values()))
+    return {"launches": {k: v / calls for k, v in launches.items()}, "us": us, "profiled_us_per_call": wall_us}
 
 
 def _has_op_ancestor(e) -> bool:
@@ -101,8 +106,10 @@ def bench(target: Target, variants: Dict[str, Callable[[], Callable]], reps: int
                 cmp = compare_outputs(out, want)
                 row["matches_eager"], row["rel_err"] = cmp.ok, cmp.rel_err
                 split = _split(fn, args, profile_calls, on_cuda)
+                # the profiler slows every call down: its proportions, applied to the unprofiled time
+                scale = row["ms_per_call"] * 1e3 / max(sum(split["us"].values()), 1e-9)
+                split["us"] = {k: v * scale for k, v in split["us"].items()}
                 row.update(split)
-                row["us"]["host"] = max(0.0, row["ms_per_call"] * 1e3 - sum(split["us"].values()))
             except Exception as e:  # noqa: BLE001 - a variant that fails (no C++ compiler for inductor) is reported
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
