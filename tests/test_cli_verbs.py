@@ -47,11 +47,12 @@ def parse_html(path):
 def recorded(tmp_path_factory):
     out = tmp_path_factory.mktemp("graphs")
     result = run_json("record", "qwen3-tiny", str(out))
-    assert result["recorded"] == [str(out / "graph_0")]
-    return result["recorded"][0]
+    assert result["recorded"] == [str(out / "graph_0")] and result["ok"]
+    return result
 
 
 def test_record_writes_a_loadable_graph(recorded):
+    recorded = recorded["recorded"][0]
     assert sorted(os.listdir(recorded)) == ["graph.json", "graph.py", "inputs.json"]
     meta = json.load(open(os.path.join(recorded, "inputs.json")))
     ids = meta["inputs"][1] if meta["inputs"][0]["kind"] == "int" else meta["inputs"][0]
@@ -62,13 +63,13 @@ def test_record_writes_a_loadable_graph(recorded):
 
 
 def test_explain_a_recorded_graph_fuses_as_the_live_model(recorded):
-    live = run_json("explain", "qwen3-tiny")
-    replay = run_json("explain", recorded)
-    assert replay["ok"] and replay["target"] == recorded
+    live, path = recorded, recorded["recorded"][0]
+    replay = run_json("explain", path)
+    assert replay["ok"] and replay["target"] == path
     assert replay["patterns"] == live["patterns"] and replay["kernels"] == live["kernels"]
 
 
-def test_explain_one_pass(recorded):
+def test_explain_one_pass():
     out = run_json("explain", "llama-tiny", "--pass", "add_rmsnorm")
     (detail,) = out["pass_detail"]
     assert detail["pass"] == "add_rmsnorm" and detail["matches"] == detail["patterns"]["add_rmsnorm"] > 0
@@ -97,7 +98,7 @@ def test_bisect_on_a_correct_compile_finds_nothing():
 
 
 def test_align_reports_everything_aligned_on_a_correct_compile(tmp_path, recorded):
-    for target in (f"{PLANTED}:two_norms", "qwen3-moe-tiny", recorded):
+    for target in (f"{PLANTED}:two_norms", "qwen3-moe-tiny", recorded["recorded"][0]):
         out = run_json("align", target)
         assert out["nodes_compared"] > 10 and out["aligned_share"] == 1.0 and out["first_divergence"] is None, target
 
@@ -129,7 +130,7 @@ def test_graph_draws_pieces_and_fusion_groups(tmp_path, recorded):
     assert len(pieces) == g["pieces"] and len(nodes) == g["nodes"]
     assert {n.get("class") for n in nodes} == {f"node {k}" for k, v in g["kinds"].items() if v}
     assert svg.findall(f".//{SVG}line")  # the edges
-    out = run_json("graph", recorded, "-o", str(tmp_path / "recorded.html"))
+    out = run_json("graph", recorded["recorded"][0], "-o", str(tmp_path / "recorded.html"))
     assert out["graphs"][0]["kinds"]["fused"] > 0
 
 

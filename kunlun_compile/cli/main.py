@@ -186,7 +186,8 @@ def cmd_record(args) -> int:
     report = result.pop("_report")
     written = [g.recorded_at for g in report.graphs if g.recorded_at]
     if args.json:
-        print(json.dumps({"target": args.target, "recorded": written}, indent=1))
+        print(json.dumps({"target": args.target, "recorded": written, "ok": result["ok"],
+                          "patterns": result["patterns"], "kernels": result["kernels"]}, indent=1))
     else:
         for path in written:
             print(f"recorded {path}  (try: kunlun-compile explain {path})")
