@@ -72,10 +72,10 @@ def moe_decode_sweep():
     scan plan against the 4 best."""
     from triton.testing import do_bench_cudagraph
 
+    from bench_runtime import copy_gbps
+
     H, I, k = 2048, 768, 8
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    gbps = 2 * a.numel() / do_bench(lambda: a.clone()) / 1e6
-    del a
+    gbps = copy_gbps()
     res = {"copy_GBps": gbps}
     pp = plan_fused_moe(1, k, 128)
     for E in (128, 64):
