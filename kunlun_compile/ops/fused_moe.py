@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .moe_plan import MoePlan, fit_shared_memory, plan_fused_moe
+from .moe_plan import MoePlan, fit_shared_memory, for_interpreter, plan_fused_moe
 from .moe_routing import sort_pairs
 from .triton_kernel import kernel, use_triton
 
@@ -301,7 +301,10 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
     E, two_i, _ = w13.shape
     I = two_i // 2
     top_k = topk_ids.shape[1]
-    plan = fit_shared_memory(plan or plan_fused_moe(M, top_k, E), x.element_size())
+    if plan is None:
+        plan = plan_fused_moe(M, top_k, E)
+        plan = for_interpreter(plan) if x.device.type == "cpu" else plan
+    plan = fit_shared_memory(plan, x.element_size())
     out = x.new_empty(M, H)
     if M == 0:
         return out
