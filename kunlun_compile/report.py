@@ -62,6 +62,9 @@ class Fallback:
         return {"graph": self.graph, "pass": self.stage, "reason": self.reason}
 
 
+NEAR_MISSES_SHOWN = 5  # per pass, in the printed report
+
+
 @dataclasses.dataclass
 class GraphReport:
     name: str
@@ -118,6 +121,11 @@ class GraphReport:
             note = p.skipped or ", ".join(f"{k}={v}" for k, v in p.patterns.items() if v)
             nodes = f"{p.nodes_before}->{p.nodes_after}"
             lines.append(f"  {p.name:<22} {nodes:>13} {p.matches:>8} {p.time_ms:>8.2f}  {note}")
+        for p in self.passes:  # what almost fused, and why not
+            shown = p.near_misses[:NEAR_MISSES_SHOWN]
+            lines.extend(f"  near miss ({p.name}): {m}" for m in shown)
+            if len(p.near_misses) > len(shown):
+                lines.append(f"  near miss ({p.name}): ... {len(p.near_misses) - len(shown)} more (--json has all)")
         kb, ka = self.kernels_before, self.kernels
         lines.append(
             "  kernels before: " + _kernel_line(kb) + "   after: " + _kernel_line(ka) + f"   pieces: {self.pieces}"

@@ -51,3 +51,20 @@ def _plant_broken_add_rmsnorm() -> None:
 def two_norms_broken():
     _plant_broken_add_rmsnorm()
     return two_norms()
+
+
+class EscapingNorm(nn.Module):
+    """An RMSNorm whose mean square is also returned: fusing would compute it twice (a near miss)."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor):
+        variance = x.pow(2).mean(dim=-1, keepdim=True)
+        return x * torch.rsqrt(variance + 1e-6) * self.weight, variance
+
+
+def escaping_norm():
+    torch.manual_seed(0)
+    return EscapingNorm(), (torch.randn(6, 32),)

@@ -146,3 +146,12 @@ def test_bench_splits_time_per_variant():
     assert rows["kunlun"]["launches"]["fused"] == 3  # the three residual RMSNorms
     assert rows["kunlun"]["launches"]["generated"] > 0
     assert "error" in rows["inductor"] or rows["inductor"]["matches_eager"]
+
+
+def test_explain_prints_near_misses_and_every_diff():
+    r = cli("explain", f"{PLANTED}:escaping_norm", "--diff")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pass add_rmsnorm: " in r.stdout and "pass lower_elementwise: " in r.stdout  # every pass, in order
+    r = cli("explain", f"{PLANTED}:escaping_norm")
+    assert "near miss (add_rmsnorm): add_rmsnorm/vllm_lone: an intermediate value (mean, aten.mean.dim) is used " \
+           "outside the pattern" in r.stdout

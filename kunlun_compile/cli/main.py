@@ -87,10 +87,12 @@ def cmd_explain(args) -> int:
             result["pass_detail"] = [pass_detail(g, args.pass_name) for g in report.graphs if g.passes]
         except KeyError:
             raise SystemExit(f"error: no pass named {args.pass_name!r}; see `kunlun-compile passes`")
+    elif args.diff:
+        result["pass_detail"] = [pass_detail(g, p.name) for g in report.graphs for p in g.passes]
     if args.json:
         print(json.dumps(result, indent=1))
         return 0 if result["ok"] else 1
-    if args.pass_name:
+    if args.pass_name or args.diff:
         for d in result["pass_detail"]:
             print(f"graph {d['graph']}, pass {d['pass']}: {d['nodes_before']} -> {d['nodes_after']} nodes, "
                   f"{d['matches']} matches {d['patterns'] or ''} {d['skipped'] or ''}")
@@ -330,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--pass", dest="pass_name", metavar="NAME",
                    help="narrow to one pass: its graph diff, matches and near misses")
+    p.add_argument("--diff", action="store_true", help="every pass's graph diff, in order")
 
     p = sub.add_parser("passes", help="every pass and its patterns, in order",
                        description="Example: kunlun-compile passes --disable add_rmsnorm")
