@@ -86,8 +86,8 @@ def _record(directory: str, gm: fx.GraphModule, fake_inputs: Sequence[Any],
         except FileExistsError:
             n += 1
     reals = list(real_inputs) if real_inputs is not None and len(real_inputs) == len(fake_inputs) else None
-    inputs = [describe_input(f, reals[i] if reals else None, i in set(static_indices))
-              for i, f in enumerate(fake_inputs)]
+    static = set(static_indices)
+    inputs = [describe_input(f, reals[i] if reals else None, i in static) for i, f in enumerate(fake_inputs)]
     with open(os.path.join(path, "graph.py"), "w") as f:
         f.write(gm.print_readable(print_output=False))
     data, constants = graph_to_data(gm)
