@@ -95,7 +95,7 @@ class KunlunBackend:
 
     def _record(self, name: str, gm: fx.GraphModule, example_inputs, real_inputs, report: GraphReport) -> None:
         """With KUNLUN_COMPILE_DUMP=DIR: write the graph as received (debug/record.py)."""
-        directory = dump_dir()
+        directory = self.config.dump_dir or dump_dir()
         if not directory:
             return
         try:
@@ -156,13 +156,18 @@ def dynamo_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     if mode not in (None, "default"):
         raise ValueError(f"kunlun backend: mode={mode!r} is not supported; pass options={{...}} instead "
                          f"(valid options: {list(CompileConfig.option_names())})")
-    config = CompileConfig.from_options(options)
+    return shared_backend(CompileConfig.from_options(options))(gm, example_inputs)
+
+
+def shared_backend(config: CompileConfig) -> KunlunBackend:
+    """The one backend instance for `config` in this process (the most recently used one is
+    what `last_report()` reads); the vLLM integration compiles through it too."""
     with _shared_lock:
         inst = _shared.get(config)
         if inst is None:
             inst = _shared[config] = KunlunBackend(config)
         _last_used[:] = [inst]
-    return inst(gm, example_inputs)
+    return inst
 
 
 def last_report() -> CompileReport:

@@ -48,6 +48,9 @@ class CompileConfig:
     fast_math: bool = False
     # Target description for instruction selection and cost estimates: "cuda" or "kunlun-xpu".
     target: str = "cuda"
+    # Record every graph the backend receives under this directory (as KUNLUN_COMPILE_DUMP=DIR does;
+    # see debug/record.py); None: the environment variable decides.
+    dump_dir: Optional[str] = None
 
     @classmethod
     def option_names(cls) -> Tuple[str, ...]:
@@ -93,6 +96,8 @@ class CompileConfig:
             from .lowering.targets import get_target
 
             get_target(options["target"])  # unknown names raise, listing the targets
+        if options.get("dump_dir") is not None and not isinstance(options["dump_dir"], str):
+            raise TypeError(f"kunlun backend: dump_dir must be a path string, got {options['dump_dir']!r}")
         if "splitting_ops" in options:
             options["splitting_ops"] = _as_name_tuple(options["splitting_ops"])
         if "max_captures_per_piece" in options and (not isinstance(options["max_captures_per_piece"], int)

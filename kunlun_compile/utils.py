@@ -1,7 +1,10 @@
 """Small helpers shared by the stages: graph copies, warnings, shape strings."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Set
 
 import torch
@@ -54,3 +57,15 @@ _SHORT_DTYPES = {
     torch.int32: "i32",
     torch.bool: "bool",
 }
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of this package's source: part of every cache key that outlives the process
+    (vLLM's compile cache, inductor's cache of a graph our fusion pass touched)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

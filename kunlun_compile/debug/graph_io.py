@@ -38,6 +38,11 @@ def _target_from_data(data: Any) -> Any:
     if "op" in data:
         namespace, name = data["op"].split("::")
         return getattr(getattr(getattr(torch.ops, namespace), name), data["overload"])
+    if data["py"].startswith("torch.ops."):  # higher-order ops (auto_functionalized): torch.ops.higher_order.X
+        obj = torch
+        for part in data["py"].split(".")[1:] + [data["name"]]:
+            obj = getattr(obj, part)
+        return obj
     module = _BUILTIN_MODULES.get(data["py"]) or importlib.import_module(data["py"])
     return module[data["name"]] if isinstance(module, dict) else getattr(module, data["name"])
 
@@ -59,6 +64,8 @@ def _value_to_data(v: Any) -> Any:
         return {"memory_format": str(v).replace("torch.", "")}
     if isinstance(v, float) and not math.isfinite(v):
         return {"float": repr(v)}
+    if isinstance(v, torch._ops.OpOverload):  # auto_functionalized's first argument: the op it wraps
+        return {"opref": _target_to_data(v)}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     raise ValueError(f"cannot record an argument of type {type(v).__name__}: {v!r}")
@@ -77,6 +84,8 @@ def _value_from_data(d: Any, nodes: Dict[str, fx.Node]) -> Any:
         return {k: _value_from_data(x, nodes) for k, x in v.items()}
     if kind == "float":
         return float(v)
+    if kind == "opref":
+        return _target_from_data(v)
     if kind == "device":
         return torch.device(v)
     return getattr(torch, v)  # dtype, layout, memory_format

@@ -14,7 +14,8 @@ from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutco
 
 def default_passes() -> List[GraphPass]:
     return [
-        GraphPass("remove_noop_ops", "drop views to the same shape, identity permutes/slices and same-dtype copies",
+        GraphPass("remove_noop_ops", "merge duplicate splits; drop views to the same shape, detach, identity permutes/slices and "
+                  "same-dtype copies",
                   remove_noop_ops),
         *fusion_passes(),
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),

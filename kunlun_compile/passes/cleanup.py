@@ -17,8 +17,9 @@ from .manager import PassContext, PassOutcome
 aten = torch.ops.aten
 prims = torch.ops.prims
 
+# detach: inference graphs have no autograd to cut (vLLM's norms pass `weight.data` through it)
 _SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-                     aten.alias.default}
+                     aten.alias.default, aten.detach.default}
 # lift_fresh_copy: a fresh copy of a constant (`torch.tensor(...)` in model code) made every call; a
 # functional inference graph never writes to it, so the constant itself serves
 _COPIES = {aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
@@ -70,8 +71,36 @@ def _is_noop_copy(node: fx.Node) -> bool:
     return True
 
 
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+
+
+def _merge_key(node: fx.Node):
+    """Two splits of the same tensor with the same sizes are one split.  Nothing else is merged:
+    a merged value becomes shared by two patterns' territories (layers sharing one `cos.unsqueeze`,
+    a mask's `ids < vocab` also used elsewhere), which blocks both fusions."""
+    if node.op != "call_function" or node.target not in _SPLITS:
+        return None
+    return (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+
+
+def merge_duplicates(gm: fx.GraphModule) -> int:
+    """Duplicate splits: model code that splits the same qkv twice (vLLM's Qwen3 views q and k
+    from two `split` calls) must look like the one split a pattern was traced from."""
+    seen, merged = {}, 0
+    for node in list(gm.graph.nodes):
+        key = _merge_key(node)
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
+
+
 def remove_noop_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-    removed = 0
+    removed = merge_duplicates(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
             continue

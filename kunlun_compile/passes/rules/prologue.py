@@ -40,11 +40,13 @@ def _rope(positions, q, k, cache, head_dim: int, rotary_dim: int, neox: bool):
     num_tokens = positions.shape[0]
     cos, sin = cache.index_select(0, positions).chunk(2, dim=-1)
 
+    # The result stays per head ([tokens, heads, head_dim]): the model's reshape back to its input's
+    # shape is left outside the match, because a model that feeds the heads straight to attention
+    # (vLLM's Qwen3) has that reshape cancelled against attention's own view by canonicalisation.
     def apply(x):
-        shape = x.shape
         x = x.view(num_tokens, -1, head_dim)
         x_rot = _rotate(x[..., :rotary_dim], cos, sin, neox)
-        return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1).reshape(shape)
+        return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1)
 
     return apply(q), apply(k)
 
@@ -85,6 +87,7 @@ def _replace(*tensors, norm: str, gated: bool, neox: bool, eps=None, nq, nkv, he
         1e-6 if eps is None else eps, 1.0 if norm == "gemma" else 0.0, gated, neox)
     kv_size = nkv * head_dim
     v = qkv[:, qkv.shape[1] - kv_size:]
+    q, k = q.view(-1, nq, head_dim), k.view(-1, nkv, head_dim)
     return (q, k, v, gate) if gated else (q, k, v)
 
 

@@ -1,0 +1,70 @@
+"""The fusion passes inside vLLM's own inductor pipeline, as a post-grad custom pass.
+
+For users who keep inductor for everything else:
+
+    compilation_config={"mode": 3, "backend": "inductor",
+                        "inductor_passes": {"post_grad_custom_post_pass": "kunlun_compile.vllm_fusion_pass"}}
+
+vLLM's pass manager runs it on each piece's functional post-grad ATen graph;
+matched subgraphs become `torch.ops.kunlun.*` calls, which inductor runs as
+extern kernels, and inductor generates everything else (our element-wise
+lowering is not run here).  Options come from the environment
+(KUNLUN_COMPILE_DISABLE, ...) or, built by hand in Python, from the
+constructor: `KunlunFusionPass(disable=["moe_ffn"])`.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import torch.fx as fx
+from vllm.compilation.passes.inductor_pass import InductorPass
+
+from .. import __version__
+from ..config import CompileConfig
+from ..passes import PassContext, PassManager, default_passes
+from ..report import CompileReport, GraphReport
+from ..utils import code_fingerprint, copy_graph_module
+
+# inductor generates the element-wise code in this pipeline
+NOT_IN_INDUCTOR = ("lower_elementwise",)
+
+
+def fusion_only_passes() -> list:
+    return [p for p in default_passes() if p.name not in NOT_IN_INDUCTOR]
+
+
+class KunlunFusionPass(InductorPass):
+    """A vLLM `InductorPass` running this backend's fusion passes; its report is `.report`."""
+
+    def __init__(self, **options) -> None:
+        self.config = CompileConfig.from_options({"report": False, **options})
+        self.manager = PassManager(fusion_only_passes())
+        self.manager.check_disabled(self.config)
+        self.report = CompileReport()
+        self.warned: set = set()
+        self._ids = itertools.count()
+
+    def uuid(self) -> str:
+        # inductor's cache key for graphs this pass touched: our code and options, not just this file
+        text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": self.config.as_dict()},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        name = f"post_grad_{next(self._ids)}"
+        report = GraphReport(name)
+        # the manager may swap in a snapshot when a pass fails, so it works on a copy, and the
+        # result replaces the graph's nodes in place only when something matched
+        result = self.manager.run(copy_graph_module(gm), PassContext(self.config, name, self.warned), report)
+        self.report.graphs.append(report)
+        if sum(p.matches for p in report.passes):
+            _replace_nodes(graph, result.graph)
+
+
+def _replace_nodes(graph: fx.Graph, new: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        graph.erase_node(node)
+    graph.output(graph.graph_copy(new, {}))

@@ -1,0 +1,93 @@
+"""Runs inside the vLLM environment (tests/test_vllm.py builds it): one command per process.
+
+    python driver.py checkpoints OUT              tiny random-weight Qwen3 / Qwen3-MoE checkpoints (float32)
+    python driver.py generate MODEL_DIR CONFIG    greedy tokens + logprobs + this backend's report, as JSON
+    python driver.py unsupported                  selecting "kunlun" on a vLLM lacking a hook: the error
+
+Prints one line `RESULT <json>` on success.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its report is readable
+
+PROMPTS = [[1, 5, 9, 33, 71, 2, 140, 7], [7, 3, 100, 250, 18], [400, 401, 2, 9, 9, 60, 300]]
+MAX_TOKENS = 12
+LOGPROBS = 5
+COMMON = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              initializer_range=0.2)  # large weights: every layer moves the logits, so a wrong fusion shows
+
+
+def checkpoints(out: str) -> dict:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    dense = Qwen3ForCausalLM(Qwen3Config(intermediate_size=256, **COMMON))
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                             decoder_sparse_step=1, intermediate_size=256, norm_topk_prob=True,
+                                             **COMMON))
+    paths = {}
+    for name, model in (("qwen3", dense), ("qwen3_moe", moe)):
+        paths[name] = os.path.join(out, name)
+        model.to(torch.float32).save_pretrained(paths[name])
+    return paths
+
+
+def generate(model_dir: str, compilation_config: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=128,
+              max_num_seqs=4, gpu_memory_utilization=0.3, compilation_config=compilation_config)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        # per step, the chosen token's logprob: compared with a tolerance (fusion reorders float sums)
+        "logprobs": [[step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                     for o in outs],
+        "mode": int(llm.llm_engine.vllm_config.compilation_config.mode),
+        "backend": llm.llm_engine.vllm_config.compilation_config.backend,
+    }
+    import kunlun_compile
+
+    report = kunlun_compile.last_report()
+    result["report"] = report.summary()
+    result["graph_names"] = [g.name for g in report.graphs]
+    return result
+
+
+def unsupported() -> dict:
+    """Simulate a vLLM without the compiler hook: the plugin must refuse backend="kunlun" clearly."""
+    import vllm.compilation.backends as backends
+
+    del backends.make_compiler
+    from kunlun_compile.vllm import plugin
+
+    plugin._installed = False
+    plugin.register()
+    from vllm.config.compilation import CompilationConfig
+
+    try:
+        CompilationConfig(mode=3, backend="kunlun")
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+def main(argv):
+    if argv[0] == "checkpoints":
+        result = checkpoints(argv[1])
+    elif argv[0] == "generate":
+        result = generate(argv[1], json.loads(argv[2]))
+    elif argv[0] == "unsupported":
+        result = unsupported()
+    else:
+        raise SystemExit(f"unknown command {argv[0]!r}")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
