@@ -118,3 +118,10 @@ def test_vllm_without_the_hook_gets_a_clear_error(vllm_python):
     error = _run(vllm_python, "unsupported")["error"]
     assert error and "UnsupportedVllmError" in error
     assert "vLLM 0.32.x" in error and "make_compiler" in error
+
+
+def test_fusion_pass_runs_inside_inductor(vllm_python):
+    got = _run(vllm_python, "fusion_pass")
+    assert got["graphs"] == 1 and got["patterns"]["add_rmsnorm"] == 1
+    assert got["max_abs_err"] <= 1e-5
+    assert got["uuid_changes_with_options"]  # inductor's cache key follows our options

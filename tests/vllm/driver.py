@@ -2,6 +2,7 @@
 
     python driver.py checkpoints OUT              tiny random-weight Qwen3 / Qwen3-MoE checkpoints (float32)
     python driver.py generate MODEL_DIR CONFIG    greedy tokens + logprobs + this backend's report, as JSON
+    python driver.py fusion_pass                  the fusion passes as inductor's post-grad custom pass
     python driver.py unsupported                  selecting "kunlun" on a vLLM lacking a hook: the error
 
 Prints one line `RESULT <json>` on success.
@@ -59,6 +60,29 @@ def generate(model_dir: str, compilation_config: dict) -> dict:
     return result
 
 
+def fusion_pass() -> dict:
+    """The fusion pass as vLLM's inductor pipeline calls it: a post-grad custom pass of inductor."""
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # a cached graph would skip the post-grad passes
+    import torch
+
+    from kunlun_compile.vllm.fusion_pass import KunlunFusionPass
+
+    torch.manual_seed(0)
+    fusion = KunlunFusionPass()
+
+    def block(x, residual, weight):
+        h = x + residual
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return (h * torch.rsqrt(variance + 1e-6)) * weight, h
+
+    x, residual, weight = torch.randn(8, 64), torch.randn(8, 64), torch.randn(64)
+    compiled = torch.compile(block, backend="inductor", options={"post_grad_custom_post_pass": fusion})
+    got, want = compiled(x, residual, weight), block(x, residual, weight)
+    return {"patterns": fusion.report.summary()["patterns"], "graphs": len(fusion.report.graphs),
+            "max_abs_err": max(float((g - w).abs().max()) for g, w in zip(got, want)),
+            "uuid_changes_with_options": fusion.uuid() != KunlunFusionPass(disable=["moe_ffn"]).uuid()}
+
+
 def unsupported() -> dict:
     """Simulate a vLLM without the compiler hook: the plugin must refuse backend="kunlun" clearly."""
     import vllm.compilation.backends as backends
@@ -82,6 +106,8 @@ def main(argv):
         result = checkpoints(argv[1])
     elif argv[0] == "generate":
         result = generate(argv[1], json.loads(argv[2]))
+    elif argv[0] == "fusion_pass":
+        result = fusion_pass()
     elif argv[0] == "unsupported":
         result = unsupported()
     else:
