@@ -46,6 +46,10 @@ class KunlunFusionPass(InductorPass):
         self.warned: set = set()
         self._ids = itertools.count()
 
+    def __deepcopy__(self, memo):
+        # vLLM deep-copies its config for the engine; the copy must report into the same `.report`
+        return self
+
     def uuid(self) -> str:
         # inductor's cache key for graphs this pass touched: our code and options, not just this file
         text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": self.config.as_dict()},

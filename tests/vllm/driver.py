@@ -54,7 +54,9 @@ def generate(model_dir: str, compilation_config: dict) -> dict:
     }
     import kunlun_compile
 
-    report = kunlun_compile.last_report()
+    # with the fusion pass in vLLM's inductor pipeline the pass holds the report, else the backend
+    uses_pass = "inductor_passes" in compilation_config
+    report = kunlun_compile.vllm_fusion_pass.report if uses_pass else kunlun_compile.last_report()
     result["report"] = report.summary()
     result["graph_names"] = [g.name for g in report.graphs]
     return result
