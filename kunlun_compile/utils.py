@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Set
@@ -69,3 +70,13 @@ def code_fingerprint() -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def options_key(options: dict) -> str:
+    """sha256 of (package version, source fingerprint, options): what a compiled artifact made by
+    this code with these options is known by outside the process."""
+    from . import __version__
+
+    text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": options},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -16,27 +16,21 @@ points into vLLM's cache directory.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any, Callable, Optional, Tuple
 
 import torch.fx as fx
 from vllm.compilation.compiler_interface import CompilerInterface
 
-from .. import __version__
 from ..backend import shared_backend
 from ..lowering.cache import ENV_CACHE_DIR
-from ..utils import code_fingerprint
+from ..utils import options_key
 from .options import config_from_vllm, options_from_vllm
 
 
 def cache_key(compiler_config: Optional[dict]) -> str:
     """What a compiled piece depends on besides its graph: our version, our code, our options."""
-    options = options_from_vllm(compiler_config)
-    text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": options},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return options_key(options_from_vllm(compiler_config))[:16]
 
 
 class KunlunCompilerInterface(CompilerInterface):

@@ -14,18 +14,15 @@ constructor: `KunlunFusionPass(disable=["moe_ffn"])`.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 
 import torch.fx as fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
-from .. import __version__
 from ..config import CompileConfig
 from ..passes import PassContext, PassManager, default_passes
 from ..report import CompileReport, GraphReport
-from ..utils import code_fingerprint, copy_graph_module
+from ..utils import copy_graph_module, options_key
 
 # inductor generates the element-wise code in this pipeline
 NOT_IN_INDUCTOR = ("lower_elementwise",)
@@ -52,9 +49,7 @@ class KunlunFusionPass(InductorPass):
 
     def uuid(self) -> str:
         # inductor's cache key for graphs this pass touched: our code and options, not just this file
-        text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": self.config.as_dict()},
-                          sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return options_key(self.config.as_dict())
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
