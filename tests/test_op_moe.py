@@ -156,15 +156,24 @@ FORCED_PLANS = [
     MoePlan("medium", 0, "argsort", False, 16, 32, 32, 4, 2),
     MoePlan("large", 0, "block-histogram", True, 16, 32, 32, 4, 2),
     MoePlan("large", 0, "block-histogram", False, 32, 16, 16, 4, 2),
+    # 1-D swizzled grid; GEMM1 writes the SwiGLU output in sorted order and GEMM2 reads it contiguous
+    MoePlan("large", 0, "block-histogram", True, 16, 32, 32, 4, 2, gemm2=(16, 16, 4), group_m=4, sorted_act=True),
+    MoePlan("medium", 0, "argsort", False, 16, 16, 16, 4, 2, group_m=2, sorted_act=True),
+    MoePlan("large", 0, "block-histogram", True, 16, 16, 16, 4, 2, group_m=4, sorted_act=True, tma=True),
 ]
+
+
+def plan_id(p):
+    return f"{p.routing}-fused{int(p.swiglu_fused)}-bm{p.block_m}" + (f"-g{p.group_m}-sorted" if p.group_m else "") + ("-tma" if p.tma else "")
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("plan", FORCED_PLANS, ids=lambda p: f"{p.routing}-fused{int(p.swiglu_fused)}-bm{p.block_m}")
-def test_fused_moe_every_kernel_path(dtype, plan):
-    M, E, H, I, k = 37, 8, 48, 40, 3  # H, I not multiples of the tiles; 37 tokens span 3 scan chunks
-    args = moe_inputs(M, E, H, I, k, dtype, seeded("paths", dtype, plan))
+@pytest.mark.parametrize("plan", FORCED_PLANS, ids=plan_id)
+@pytest.mark.parametrize("H,I", [(48, 40), (64, 32)])  # not multiples of the tiles (masked loads), multiples
+def test_fused_moe_every_kernel_path(dtype, plan, H, I):
+    M, E, k = 37, 8, 3  # 37 tokens span 3 scan chunks
+    args = moe_inputs(M, E, H, I, k, dtype, seeded("paths", dtype, plan, H))
     with cpu_kernels(True):
         out = fused_moe.triton_impl(*args, plan=plan)
     assert out.dtype == dtype and out.shape == (M, H)
@@ -195,9 +204,10 @@ def test_fused_moe_matches_the_model_experts_bf16():
 
 @needs_interpreter
 @pytest.mark.parametrize("routing", ["argsort", "block-histogram"])
-def test_sort_pairs_blocks(routing):
-    gen = seeded("sort", routing)
-    E, M, k, bm = 12, 300, 2, 16
+@pytest.mark.parametrize("M", [300, 4500])  # 4500 x 2 pairs: 71 histogram blocks, more than one prefix tile
+def test_sort_pairs_blocks(routing, M):
+    gen = seeded("sort", routing, M)
+    E, k, bm = 12, 2, 16
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).to(torch.int32)
     with cpu_kernels(True):
         sorted_pairs, block_expert = sort_pairs(ids, E, bm, routing)

@@ -81,24 +81,42 @@ def reference(x, w13, w2, topk_weights, topk_ids, activation: str = "silu") -> t
 
 
 @kernel
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_expert_ptr,
-                     M, N, K, a_stride, w_stride_e, w_stride_n, out_stride,
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_expert_ptr, a_desc, w_desc,
+                     M, N, K, num_blocks, w_rows, a_stride, w_stride_e, w_stride_n, out_stride,
                      TOP_K: tl.constexpr, SCAN: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr,
                      SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                     A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr, GROUP_M: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr):
     """out[pair, n-block] for one expert's rows:  A[rows] @ W[e, n-block, :]^T, then the epilogue.
 
     SCAN: program (expert, n-block, token chunk) finds its rows in the [M, k] id table.
-    else: program (block, n-block) takes a block of expert-sorted pairs.
-    A rows are tokens (GEMM1: x) or pairs (GEMM2: the SwiGLU output).
+    else: program (block, n-block) takes a block of expert-sorted pairs; with GROUP_M > 0 the grid is
+    one-dimensional and GROUP_M neighbouring blocks sweep their n-blocks together (A and W tiles
+    reused from L2).
+    A rows are tokens (GEMM1: x), pairs (GEMM2: the SwiGLU output), or, A_SORTED, the block's own
+    slots (GEMM2 reading an output GEMM1 wrote in sorted order, OUT_SORTED: contiguous tiles).
     SWIGLU: W rows n and n + N are gate and up; the output is silu(gate) * up.
     SCALE: the output row is multiplied by the pair's routing weight.
+    EVEN_K / EVEN_N: K % BK == 0 / N % BN == 0, so the main loop's loads need no masks (a padding
+    row reads a valid row — row 0 or its own slot — and its result is never stored).
+    TMA_A / TMA_W: A (A_SORTED only: its tiles are contiguous) / W tiles come through tensor
+    descriptors (Hopper's TMA) instead of pointer loads; W is viewed as [E * w_rows, K].
     UPCAST (interpreter only): tiles go to fp32 before the dot.
     """
-    pid0 = tl.program_id(0)
-    pid_n = tl.program_id(1)
     P = M * TOP_K
     r = tl.arange(0, BM)
+    if GROUP_M > 0:
+        pid = tl.program_id(0)
+        in_group = GROUP_M * tl.cdiv(N, BN)
+        first = (pid // in_group) * GROUP_M
+        size = tl.minimum(num_blocks - first, GROUP_M)
+        pid0 = first + (pid % in_group) % size
+        pid_n = (pid % in_group) // size
+    else:
+        pid0 = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    slot = pid0 * BM + r
     if SCAN:
         e = pid0
         tok = tl.program_id(2) * BM + r
@@ -111,12 +129,15 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
         active = tl.sum(row_ok.to(tl.int32), axis=0) > 0
     else:
         e = tl.load(block_expert_ptr + pid0)
-        pair = tl.load(sorted_ptr + pid0 * BM + r)
+        pair = tl.load(sorted_ptr + slot)
         row_ok = pair < P
         active = e >= 0
     if active:
         prow = tl.where(row_ok, pair, 0).to(tl.int64)
-        row = prow if A_BY_PAIR else prow // TOP_K
+        if A_SORTED:
+            row = slot.to(tl.int64)
+        else:
+            row = prow if A_BY_PAIR else prow // TOP_K
         n = pid_n * BN + tl.arange(0, BN)
         n_ok = n < N
         kc = tl.arange(0, BK)
@@ -126,8 +147,18 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
         acc_up = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K, BK):
             k_ok = (k0 + kc) < K
-            a = tl.load(a_rows + (k0 + kc)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_base + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if TMA_A:
+                a = a_desc.load([pid0 * BM, k0])
+            elif EVEN_K and EVEN_N:
+                a = tl.load(a_rows + (k0 + kc)[None, :])
+            else:
+                a = tl.load(a_rows + (k0 + kc)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if TMA_W:
+                b = w_desc.load([e * w_rows + pid_n * BN, k0]).T
+            elif EVEN_K and EVEN_N:
+                b = tl.load(w_base + (k0 + kc)[:, None])
+            else:
+                b = tl.load(w_base + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:  # the interpreter's bf16/fp16 dot is wrong; the fp32 products of them are exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -136,8 +167,13 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
             else:
                 acc = tl.dot(a, b, acc)
             if SWIGLU:
-                bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                             other=0.0)
+                if TMA_W:
+                    bu = w_desc.load([e * w_rows + N + pid_n * BN, k0]).T
+                elif EVEN_K and EVEN_N:
+                    bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None])
+                else:
+                    bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                                 other=0.0)
                 if UPCAST:
                     bu = bu.to(tl.float32)
                 if IEEE:
@@ -152,7 +188,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
         if SCALE:
             tw = tl.load(tw_ptr + prow, mask=row_ok, other=0.0).to(out_ty).to(tl.float32)
             y = y * tw[:, None]
-        tl.store(out_ptr + prow[:, None] * out_stride + n[None, :], y.to(out_ty),
+        out_row = slot.to(tl.int64) if OUT_SORTED else prow
+        tl.store(out_ptr + out_row[:, None] * out_stride + n[None, :], y.to(out_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -259,20 +296,39 @@ def _sum_pairs_kernel(pairs_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BK
 
 
 def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: int, top_k: int, *,
-          a_by_pair: bool, swiglu: bool, scale: bool):
-    E = w.shape[0]
+          a_by_pair: bool, swiglu: bool, scale: bool, a_sorted: bool = False, out_sorted: bool = False,
+          tiles: Optional[tuple] = None):
+    E, K = w.shape[0], w.shape[2]
+    block_n, block_k, warps = tiles or (plan.block_n, plan.block_k, plan.num_warps)
+    n_blocks = triton.cdiv(N, block_n)
     if plan.routing == "scan":
-        grid = (E, triton.cdiv(N, plan.block_n), triton.cdiv(M, plan.block_m))
+        grid = (E, n_blocks, triton.cdiv(M, plan.block_m))
         sorted_pairs = block_expert = topk_ids
+        num_blocks, group_m = E, 0
     else:
         sorted_pairs, block_expert = routing
-        grid = (block_expert.numel(), triton.cdiv(N, plan.block_n), 1)
+        num_blocks, group_m = block_expert.numel(), plan.group_m
+        grid = (num_blocks * n_blocks,) if group_m else (num_blocks, n_blocks, 1)
+    on_cpu = a.device.type == "cpu"
+    even_k, even_n = K % block_k == 0, N % block_n == 0
+    # descriptors need whole tiles (a W tile past N would read the next expert's rows) and aligned rows
+    tma = (plan.tma and even_k and even_n and (K * a.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+           and a.data_ptr() % 16 == 0)
+    a_desc = w_desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w_desc = TensorDescriptor.from_tensor(w.view(E * w.shape[1], K), [block_n, block_k])
+        if a_sorted:
+            a_desc = TensorDescriptor.from_tensor(a, [plan.block_m, block_k])
     _moe_gemm_kernel.on(a.device)[grid](
-        a, w, out, topk_ids, topk_weights, sorted_pairs, block_expert,
-        M, N, w.shape[2], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a, w, out, topk_ids, topk_weights, sorted_pairs, block_expert, a_desc, w_desc,
+        M, N, K, num_blocks, w.shape[1], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         TOP_K=top_k, SCAN=plan.routing == "scan", A_BY_PAIR=a_by_pair, SWIGLU=swiglu, SCALE=scale,
-        IEEE=a.dtype == torch.float32 or a.device.type == "cpu", UPCAST=a.device.type == "cpu", BM=plan.block_m, BN=plan.block_n, BK=plan.block_k,
-        BKK=triton.next_power_of_2(top_k), num_warps=plan.num_warps, num_stages=plan.num_stages)
+        IEEE=a.dtype == torch.float32 or on_cpu, UPCAST=on_cpu, A_SORTED=a_sorted, OUT_SORTED=out_sorted,
+        GROUP_M=group_m, EVEN_K=even_k, EVEN_N=even_n, TMA_A=a_desc is not None, TMA_W=w_desc is not None,
+        BM=plan.block_m, BN=block_n, BK=block_k, BKK=triton.next_power_of_2(top_k),
+        num_warps=warps, num_stages=plan.num_stages)
 
 
 def _per_pair_impl(x, w13, w2, tw, ids, plan: MoePlan, out):
@@ -316,15 +372,20 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
     if plan.routing == "per-pair":
         return _per_pair_impl(x, w13, w2, tw, ids, plan, out)
     routing = None if plan.routing == "scan" else sort_pairs(ids, E, plan.block_m, plan.routing)
-    act = x.new_empty(P, I)
+    # sorted_act: GEMM1 writes the SwiGLU output at each pair's sorted slot, so GEMM2 reads contiguous tiles
+    sorted_act = plan.sorted_act and routing is not None
+    act = x.new_empty(routing[0].numel() if sorted_act else P, I)
     if plan.swiglu_fused:
-        _gemm(x, w13, act, ids, tw, routing, plan, M, I, top_k, a_by_pair=False, swiglu=True, scale=False)
+        _gemm(x, w13, act, ids, tw, routing, plan, M, I, top_k, a_by_pair=False, swiglu=True, scale=False,
+              out_sorted=sorted_act)
     else:
-        h = x.new_empty(P, two_i)
-        _gemm(x, w13, h, ids, tw, routing, plan, M, two_i, top_k, a_by_pair=False, swiglu=False, scale=False)
-        _silu_mul_kernel.on(x.device)[(P, triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
+        h = x.new_empty(act.shape[0], two_i)
+        _gemm(x, w13, h, ids, tw, routing, plan, M, two_i, top_k, a_by_pair=False, swiglu=False, scale=False,
+              out_sorted=sorted_act)
+        _silu_mul_kernel.on(x.device)[(act.shape[0], triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
     per_pair = x.new_empty(P, H)
-    _gemm(act, w2, per_pair, ids, tw, routing, plan, M, H, top_k, a_by_pair=True, swiglu=False, scale=True)
+    _gemm(act, w2, per_pair, ids, tw, routing, plan, M, H, top_k, a_by_pair=True, swiglu=False, scale=True,
+          a_sorted=sorted_act, tiles=plan.gemm2 or None)
     _sum_pairs_kernel.on(x.device)[(M, triton.cdiv(H, 1024))](
         per_pair, ids, out, H, E, TOP_K=top_k, BKK=triton.next_power_of_2(top_k), BLOCK=1024)
     return out

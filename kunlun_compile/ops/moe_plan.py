@@ -48,8 +48,14 @@ class MoePlan:
     block_k: int
     num_warps: int
     num_stages: int
-    # per-pair routing: GEMM2's tile (block_n, block_k, num_warps) when it differs from GEMM1's
+    # GEMM2's tile (block_n, block_k, num_warps) when it differs from GEMM1's
     gemm2: tuple = ()
+    # sorted routing only: > 0 launches a 1-D grid where group_m neighbouring blocks sweep their
+    # column blocks together; sorted_act makes GEMM1 write the SwiGLU output in sorted order
+    group_m: int = 0
+    sorted_act: bool = False
+    # weight tiles (and GEMM2's sorted A tiles) through tensor descriptors (TMA) where tiles are whole
+    tma: bool = False
 
     def gemm2_tiles(self) -> tuple:
         return self.gemm2 or (self.block_n, self.block_k, self.num_warps)
@@ -60,6 +66,14 @@ class MoePlan:
     def describe(self) -> str:
         swiglu = "fused into GEMM1" if self.swiglu_fused else "separate pass"
         tiles = f"tiles {self.block_m}x{self.block_n}x{self.block_k}, {self.num_warps} warps"
+        if self.gemm2 and self.routing != "per-pair":
+            tiles += f", GEMM2 {self.block_m}x{self.gemm2[0]}x{self.gemm2[1]}/{self.gemm2[2]} warps"
+        if self.group_m:
+            tiles += f", grid swizzled by {self.group_m} blocks"
+        if self.sorted_act:
+            tiles += ", SwiGLU output kept in sorted order"
+        if self.tma:
+            tiles += ", TMA descriptors"
         if self.routing == "per-pair":
             bn, bk, warps = self.gemm2_tiles()
             tiles = (f"GEMV tiles {self.block_n}x{self.block_k}/{self.num_warps} warps, "
@@ -84,8 +98,12 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
     if pairs <= MEDIUM_MAX_PAIRS:
         return MoePlan("medium", pairs, "argsort", True, 16, 64, 128, 4, 4)
     per_expert = pairs / num_experts
-    if per_expert >= 128:  # M=8192 sweep: 128x128x64, 8 warps, 3 stages best (1.96 ms; 128x64: 2.49)
-        return MoePlan("large", pairs, "block-histogram", True, 128, 128, 64, 8, 3)
+    if per_expert >= 128:
+        # M=8192 sweep (benchmarks/NOTES.md v9): 1.92 ms as v2's 128x128x64 s3 on a 2-D grid; the swizzled
+        # grid, GEMM1 writing its output in sorted order and GEMM2 on 128x256 tiles 1.54; descriptors
+        # (TMA) for the weights and GEMM2's A and 4 stages 1.48 (group 4/8/16 within noise)
+        return MoePlan("large", pairs, "block-histogram", True, 128, 128, 64, 8, 4, gemm2=(256, 64, 8), group_m=8,
+                       sorted_act=True, tma=True)
     if per_expert >= 32:
         return MoePlan("large", pairs, "block-histogram", True, 64, 128, 64, 8, 3)
     return MoePlan("large", pairs, "block-histogram", True, 16, 64, 128, 4, 4)
@@ -104,7 +122,9 @@ def fit_shared_memory(plan: MoePlan, element_size: int) -> MoePlan:
 
     def need(p: MoePlan) -> int:
         b_tiles = 2 if p.swiglu_fused else 1  # gate and up tiles side by side
-        return (p.block_m + b_tiles * p.block_n) * p.block_k * element_size * p.num_stages
+        gemm1 = (p.block_m + b_tiles * p.block_n) * p.block_k
+        gemm2 = (p.block_m + p.gemm2[0]) * p.gemm2[1] if p.gemm2 and p.routing != "per-pair" else 0
+        return max(gemm1, gemm2) * element_size * p.num_stages
 
     while need(plan) > SHARED_MEMORY_BUDGET and plan.num_stages > 2:
         plan = replace(plan, num_stages=plan.num_stages - 1)

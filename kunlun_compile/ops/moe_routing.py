@@ -50,6 +50,24 @@ def _block_histogram_kernel(ids_ptr, counts_ptr, rank_ptr, P, E: tl.constexpr, B
 
 
 @kernel
+def _block_prefix_kernel(counts_ptr, offsets_ptr, totals_ptr, NB, E: tl.constexpr, BR: tl.constexpr,
+                         BE: tl.constexpr):
+    """offsets[b, e] = Σ_{b' < b} counts[b', e] (pairs of expert e in earlier blocks); totals[e] = the
+    whole column.  One program per BE experts walks the blocks BR rows at a time (torch.cumsum over
+    dim 0 of the [blocks, E] table took 93 µs at M=8192, top-8; this is a few µs)."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    e_ok = e < E
+    carry = tl.zeros([BE], dtype=tl.int32)
+    for b0 in range(0, NB, BR):
+        b = b0 + tl.arange(0, BR)
+        ok = (b < NB)[:, None] & e_ok[None, :]
+        c = tl.load(counts_ptr + b[:, None] * E + e[None, :], mask=ok, other=0)
+        tl.store(offsets_ptr + b[:, None] * E + e[None, :], tl.cumsum(c, axis=0) - c + carry[None, :], mask=ok)
+        carry += tl.sum(c, axis=0)
+    tl.store(totals_ptr + e, carry, mask=e_ok)
+
+
+@kernel
 def _align_kernel(totals_ptr, pstart_ptr, block_expert_ptr, max_blocks, E: tl.constexpr, BM: tl.constexpr,
                   BE: tl.constexpr, BB: tl.constexpr):
     e = tl.arange(0, BE)
@@ -97,9 +115,10 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, routing: 
         rank = torch.empty_like(ids)
         _block_histogram_kernel.on(device)[(nb,)](ids, counts, rank, P, E=E, BLOCK=HISTOGRAM_BLOCK,
                                                    BE=triton.next_power_of_2(E))
-        running = torch.cumsum(counts, 0, dtype=torch.int32)
-        totals = running[-1].contiguous()
-        block_offsets = (running - counts).contiguous()  # pairs of the same expert in earlier blocks
+        totals = torch.empty(E, dtype=torch.int32, device=device)
+        block_offsets = torch.empty_like(counts)  # pairs of the same expert in earlier blocks
+        _block_prefix_kernel.on(device)[(triton.cdiv(E, 32),)](counts, block_offsets, totals, nb, E=E, BR=64,
+                                                                BE=32)
     else:
         raise ValueError(f"sort_pairs: unknown routing {routing!r}")
     pstart = torch.empty(E, dtype=torch.int32, device=device)

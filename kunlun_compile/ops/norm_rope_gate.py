@@ -118,7 +118,11 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`
     (both views of one fused qkv row, or two separate projections).  cos/sin rows are `positions[t]`
     (HAS_POSITIONS) or `t`; a half-width table (vLLM's cache: column c of the pair) or a full-width
-    one (HF: cos[d] per column d)."""
+    one (HF: cos[d] per column d).
+
+    The gate (a pure copy) is loaded first so its latency overlaps the arithmetic, and q and k rows
+    share one store through a selected row pointer: together 79% -> 86% of copy bandwidth at the
+    Qwen3-Next shape (benchmarks/NOTES.md v9)."""
     r = tl.arange(0, BT * BH)
     t = (tl.program_id(0) * BT + r // BH).to(tl.int64)
     h = tl.program_id(1) * BH + r % BH
@@ -130,9 +134,21 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     m = rows[:, None] & cols[None, :]
     row_ptr = tl.where(is_q[:, None], q_in_ptr + t[:, None] * q_in_stride + h[:, None] * Q_HEAD_STRIDE,
                        k_in_ptr + t[:, None] * k_in_stride + kh[:, None] * D)
+    out_ptr = tl.where(is_q[:, None], q_ptr + t[:, None] * (NQ * D) + h[:, None] * D,
+                       k_ptr + t[:, None] * (NKV * D) + kh[:, None] * D)
+    if HAS_GATE:  # a pure copy: its load is issued first so it overlaps the arithmetic below
+        g_off = t[:, None] * q_in_stride + h[:, None] * Q_HEAD_STRIDE + d[None, :]
+        g = tl.load(g_in_ptr + g_off, mask=m & is_q[:, None], other=0.0)
     x = tl.load(row_ptr + d[None, :], mask=m, other=0.0)
     out_ty = x.dtype
     x = x.to(tl.float32)
+    if HAS_NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    if ROT > 0:
+        if HAS_POSITIONS:
+            cs_row = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
+        else:
+            cs_row = t
 
     # rotary partner of each column (ROT == 0: no rotary, every column passes through)
     half: tl.constexpr = ROT // 2
@@ -148,29 +164,11 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     partner = tl.where(in_rot, partner, d)
     mr = m & in_rot[None, :]
     xp = tl.load(row_ptr + partner[None, :], mask=mr, other=0.0).to(tl.float32)
-
     if HAS_NORM:
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        wq = tl.load(qw_ptr + d, mask=cols, other=0.0).to(tl.float32)
-        wk = tl.load(kw_ptr + d, mask=cols, other=0.0).to(tl.float32)
-        w = tl.where(is_q[:, None], wq[None, :], wk[None, :])
-        wpq = tl.load(qw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
-        wpk = tl.load(kw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
-        wp = tl.where(is_q[:, None], wpq[None, :], wpk[None, :])
-        if GEMMA:
-            x = (x * inv[:, None] * (w + norm_offset)).to(out_ty).to(tl.float32)
-            xp = (xp * inv[:, None] * (wp + norm_offset)).to(out_ty).to(tl.float32)
-        else:  # cast, then the weight multiply in the dtype: an exact fp32 product rounded once
-            x = ((x * inv[:, None]).to(out_ty).to(tl.float32) * w.to(out_ty).to(tl.float32)).to(out_ty)
-            xp = ((xp * inv[:, None]).to(out_ty).to(tl.float32) * wp.to(out_ty).to(tl.float32)).to(out_ty)
-            x = x.to(tl.float32)
-            xp = xp.to(tl.float32)
-
+        x = _normed(x, inv, _head_weight(qw_ptr, kw_ptr, is_q, d, cols), norm_offset, out_ty, GEMMA)
+        xp = _normed(xp, inv, _head_weight(qw_ptr, kw_ptr, is_q, partner, cols & in_rot), norm_offset, out_ty,
+                     GEMMA)
     if ROT > 0:
-        if HAS_POSITIONS:
-            cs_row = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
-        else:
-            cs_row = t
         cs_col = d if FULL_WIDTH_COS else c
         cs_off = cs_row[:, None] * cs_stride + cs_col[None, :]
         cos = tl.load(cos_ptr + cs_off, mask=mr, other=0.0).to(out_ty).to(tl.float32)
@@ -179,14 +177,26 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
         b = (xp * sin).to(out_ty).to(tl.float32)
         rotated = tl.where(first[None, :], a - b, a + b)
         x = tl.where(in_rot[None, :], rotated, x)
-
-    y = x.to(out_ty)
-    tl.store(q_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], y, mask=m & is_q[:, None])
-    tl.store(k_ptr + t[:, None] * (NKV * D) + kh[:, None] * D + d[None, :], y, mask=m & (~is_q)[:, None])
+    tl.store(out_ptr + d[None, :], x.to(out_ty), mask=m)
     if HAS_GATE:
-        g_ptr = g_in_ptr + t[:, None] * q_in_stride + h[:, None] * Q_HEAD_STRIDE + d[None, :]
-        g = tl.load(g_ptr, mask=m & is_q[:, None], other=0.0)
         tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
+
+
+@triton.jit
+def _head_weight(qw_ptr, kw_ptr, is_q, cols, ok):
+    """[rows, len(cols)]: the q or k norm weight at `cols`, by row."""
+    wq = tl.load(qw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    wk = tl.load(kw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(is_q[:, None], wq[None, :], wk[None, :])
+
+
+@triton.jit
+def _normed(x, inv, w, norm_offset, out_ty: tl.constexpr, GEMMA: tl.constexpr):
+    """RMSNorm of fp32 `x` given its row's 1/rms, rounded as the modules do; returns fp32."""
+    if GEMMA:
+        return (x * inv[:, None] * (w + norm_offset)).to(out_ty).to(tl.float32)
+    # cast, then the weight multiply in the dtype: an exact fp32 product rounded once
+    return ((x * inv[:, None]).to(out_ty).to(tl.float32) * w.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
 
 
 def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, positions, q, k, gate, *,
@@ -216,13 +226,16 @@ LAUNCH_OVERRIDE = None
 
 def launch_shape(num_tokens: int, num_heads: int, head_dim: int) -> Tuple[int, int, int, int]:
     """(tokens per program, heads per program, padded head_dim, warps): ~512 values per program,
-    spread over tokens first (a program then reads one head's weights, and no rows are wasted on
-    head counts that don't divide).  H100 sweep, Qwen3-Next T=16384: 512 values / 2 warps 0.245 ms,
-    2048 / 4 warps 0.255 ms, one row / 1 warp 0.244 ms (benchmarks/NOTES.md)."""
+    spread over heads of one token first where a power of two of them divides the head count (one
+    contiguous stretch of the qkv row per program, no rows wasted), else over tokens.  H100 sweep,
+    Qwen3-Next T=16384 (benchmarks/NOTES.md v9): 1 token x 2 heads 87% of copy bandwidth,
+    2 tokens x 1 head 85.7%, 8 x 1 / 8 warps 80%."""
     block_d = triton.next_power_of_2(head_dim)
     rows = max(1, 512 // block_d)
-    block_t = min(rows, triton.next_power_of_2(max(num_tokens, 1)))
-    block_h = max(1, min(rows // block_t, triton.next_power_of_2(num_heads)))
+    block_h = 1
+    while block_h * 2 <= rows and num_heads % (block_h * 2) == 0:
+        block_h *= 2
+    block_t = min(rows // block_h, triton.next_power_of_2(max(num_tokens, 1)))
     warps = 4 if block_t * block_h * block_d >= 1024 else 2
     if LAUNCH_OVERRIDE is not None:
         block_t, block_h, warps = LAUNCH_OVERRIDE
