@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_decode]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -32,6 +32,43 @@ def rel(a, b):
 def label_of(p):
     return (f"moe M={p.pairs // 8} {p.block_m}x{p.block_n}x{p.block_k} w{p.num_warps} s{p.num_stages} g{p.group_m} "
             f"sorted{int(p.sorted_act)} gemm2 {p.gemm2 or 'same'} tma{int(p.tma)}")
+
+
+def moe_mid_sweep():
+    """M=1024 and M=128 (64 and 8 pairs per expert at E=128, top-8): v9's large-plan options (swizzled
+    grid, sorted SwiGLU output, GEMM2 tile, descriptors) on their 64- and 16-row plans; graph replay."""
+    from triton.testing import do_bench_cudagraph
+
+    E, H, I, k = 128, 2048, 768, 8
+    w13 = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device=dev) / I ** 0.5).to(torch.bfloat16)
+    res = {}
+    for M in (1024, 128):
+        x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
+        tw, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device=dev), k, "softmax", True, 1, 1, None, 1.0)
+        want = fused_moe.reference(x, w13, w2, tw, ids)
+        base = plan_fused_moe(M, k, E)
+        variants = [base, replace(base, group_m=8), replace(base, group_m=8, sorted_act=True),
+                    replace(base, group_m=8, sorted_act=True, tma=True)]
+        if M == 1024:
+            variants += [replace(base, group_m=8, sorted_act=True, tma=True, gemm2=(128, 64, 4)),
+                         replace(base, group_m=8, sorted_act=True, tma=True, gemm2=(256, 64, 8)),
+                         replace(base, group_m=8, sorted_act=True, tma=True, num_stages=4),
+                         replace(base, block_n=64, num_warps=4, group_m=8, sorted_act=True, tma=True, num_stages=4)]
+        else:
+            variants += [replace(base, group_m=8, sorted_act=True, tma=True, gemm2=(128, 64, 4)),
+                         replace(base, block_k=64, group_m=8, sorted_act=True, tma=True)]
+        for plan in variants:
+            label = label_of(plan)
+            try:
+                err = rel(fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), want)
+                assert err < 8e-3, err
+                t = do_bench_cudagraph(lambda: fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), rep=200)
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                t, err = None, repr(e)[:160]
+            res[label] = {"ms": t, "err": err, "plan": plan.as_dict()}
+            print(f"{label}: {t} ms (err {err})", flush=True)
+    return res
 
 
 def moe_sweep():
@@ -193,7 +230,8 @@ if __name__ == "__main__":
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
-        out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_decode": moe_decode_sweep}[name]())
+        out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
+                    "moe_decode": moe_decode_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:
         json.dump(out, f, indent=1)
