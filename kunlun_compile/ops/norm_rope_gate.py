@@ -165,20 +165,9 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     mr = m & in_rot[None, :]
     xp = tl.load(row_ptr + partner[None, :], mask=mr, other=0.0).to(tl.float32)
     if HAS_NORM:
-        wq = tl.load(qw_ptr + d, mask=cols, other=0.0).to(tl.float32)
-        wk = tl.load(kw_ptr + d, mask=cols, other=0.0).to(tl.float32)
-        w = tl.where(is_q[:, None], wq[None, :], wk[None, :])
-        wpq = tl.load(qw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
-        wpk = tl.load(kw_ptr + partner, mask=cols & in_rot, other=0.0).to(tl.float32)
-        wp = tl.where(is_q[:, None], wpq[None, :], wpk[None, :])
-        if GEMMA:
-            x = (x * inv[:, None] * (w + norm_offset)).to(out_ty).to(tl.float32)
-            xp = (xp * inv[:, None] * (wp + norm_offset)).to(out_ty).to(tl.float32)
-        else:  # cast, then the weight multiply in the dtype: an exact fp32 product rounded once
-            x = ((x * inv[:, None]).to(out_ty).to(tl.float32) * w.to(out_ty).to(tl.float32)).to(out_ty)
-            xp = ((xp * inv[:, None]).to(out_ty).to(tl.float32) * wp.to(out_ty).to(tl.float32)).to(out_ty)
-            x = x.to(tl.float32)
-            xp = xp.to(tl.float32)
+        x = _normed(x, inv, _head_weight(qw_ptr, kw_ptr, is_q, d, cols), norm_offset, out_ty, GEMMA)
+        xp = _normed(xp, inv, _head_weight(qw_ptr, kw_ptr, is_q, partner, cols & in_rot), norm_offset, out_ty,
+                     GEMMA)
     if ROT > 0:
         cs_col = d if FULL_WIDTH_COS else c
         cs_off = cs_row[:, None] * cs_stride + cs_col[None, :]
@@ -191,6 +180,23 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     tl.store(out_ptr + d[None, :], x.to(out_ty), mask=m)
     if HAS_GATE:
         tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
+
+
+@triton.jit
+def _head_weight(qw_ptr, kw_ptr, is_q, cols, ok):
+    """[rows, len(cols)]: the q or k norm weight at `cols`, by row."""
+    wq = tl.load(qw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    wk = tl.load(kw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(is_q[:, None], wq[None, :], wk[None, :])
+
+
+@triton.jit
+def _normed(x, inv, w, norm_offset, out_ty: tl.constexpr, GEMMA: tl.constexpr):
+    """RMSNorm of fp32 `x` given its row's 1/rms, rounded as the modules do; returns fp32."""
+    if GEMMA:
+        return (x * inv[:, None] * (w + norm_offset)).to(out_ty).to(tl.float32)
+    # cast, then the weight multiply in the dtype: an exact fp32 product rounded once
+    return ((x * inv[:, None]).to(out_ty).to(tl.float32) * w.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
 
 
 def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, positions, q, k, gate, *,
