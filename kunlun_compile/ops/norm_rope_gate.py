@@ -182,6 +182,10 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
         tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
 
 
+# Helpers are plain `triton.jit` functions, like triton's own library (`tl.sum`): interpreted when
+# TRITON_INTERPRET=1 was set at import, compiled otherwise.  Calling them rather than writing the weight
+# loads inline ahead of the arithmetic is measured: 87% vs 78% of copy bandwidth at the Qwen3-Next
+# shape, 1 token x 2 heads (the loads are issued next to their use; benchmarks/NOTES.md v9).
 @triton.jit
 def _head_weight(qw_ptr, kw_ptr, is_q, cols, ok):
     """[rows, len(cols)]: the q or k norm weight at `cols`, by row."""
