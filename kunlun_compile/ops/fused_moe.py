@@ -374,12 +374,15 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
     routing = None if plan.routing == "scan" else sort_pairs(ids, E, plan.block_m, plan.routing)
     # sorted_act: GEMM1 writes the SwiGLU output at each pair's sorted slot, so GEMM2 reads contiguous tiles
     sorted_act = plan.sorted_act and routing is not None
-    act = x.new_empty(routing[0].numel() if sorted_act else P, I)
+    # padding slots of a sorted output are never written: zeros on the CPU keep the interpreter's numpy
+    # from warning about the garbage rows it computes on and then drops
+    scratch = x.new_zeros if sorted_act and x.device.type == "cpu" else x.new_empty
+    act = scratch(routing[0].numel() if sorted_act else P, I)
     if plan.swiglu_fused:
         _gemm(x, w13, act, ids, tw, routing, plan, M, I, top_k, a_by_pair=False, swiglu=True, scale=False,
               out_sorted=sorted_act)
     else:
-        h = x.new_empty(act.shape[0], two_i)
+        h = scratch(act.shape[0], two_i)
         _gemm(x, w13, h, ids, tw, routing, plan, M, two_i, top_k, a_by_pair=False, swiglu=False, scale=False,
               out_sorted=sorted_act)
         _silu_mul_kernel.on(x.device)[(act.shape[0], triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
