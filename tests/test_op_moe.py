@@ -1,4 +1,6 @@
 """kunlun::moe_gate and kunlun::fused_moe (every execution path) against float64 math."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,8 +121,21 @@ def test_plan_thresholds():
     assert all(plan_fused_moe(m, 8, 128).swiglu_fused for m in (1, 60, 1023, 1024, 8192))  # measured: never slower
     assert (plan_fused_moe(8192, 8, 128).block_m, plan_fused_moe(200, 8, 128).block_m) == (128, 16)
     assert "small path (8 pairs)" in plan_fused_moe(1, 8, 128).describe()
+    assert "GEMM2 128x256x64/8 warps" in plan_fused_moe(8192, 8, 128).describe()
     with pytest.raises(ValueError):
         plan_fused_moe(4, 0, 8)
+
+
+def test_shared_memory_fit_counts_both_gemms():
+    from kunlun_compile.ops.moe_plan import SHARED_MEMORY_BUDGET, fit_shared_memory
+
+    large = plan_fused_moe(8192, 8, 128)  # GEMM1 128 + 2x128 rows, GEMM2 128 + 256 rows, K tile 64, 4 stages
+    assert fit_shared_memory(large, 2) == large  # bf16: 192 KB for either GEMM
+    fp32 = fit_shared_memory(large, 4)
+    assert fp32.num_stages == 2 and fp32.block_k == 64
+    wide = replace(large, gemm2=(512, 64, 8))  # only GEMM2's tile is over the budget at 2 stages
+    fitted = fit_shared_memory(wide, 4)
+    assert (128 + 512) * fitted.block_k * 4 * fitted.num_stages <= SHARED_MEMORY_BUDGET
 
 
 def moe_inputs(M, E, H, I, k, dtype, gen):
