@@ -70,6 +70,14 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     gbps = copy_gbps()
     rows = []
+
+    def save(rows):
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "copy_GBps": gbps, "sizes": SIZES, "models": MODELS, "rows": rows}
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "runtime_e2e.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(MODELS)
     for name, extra in ((n, MODELS[n]) for n in only):
         overrides = dict(SIZES, **extra)
@@ -113,11 +121,7 @@ def main():
             for k, v in row.items():
                 if k.endswith("_error"):
                     print(f"   {k}: {v}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "copy_GBps": gbps, "sizes": SIZES, "models": MODELS, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "runtime_e2e.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            save(rows)  # after every row: a run cut short by a time limit keeps what it measured
     try:
         plot(rows, os.path.join(out_dir, "runtime_e2e.png"))
     except ImportError as e:

@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode,linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -13,7 +13,7 @@ import triton
 from triton.testing import do_bench
 
 import kunlun_compile  # noqa: F401
-from kunlun_compile.ops import fused_moe, norm_rope_gate
+from kunlun_compile.ops import fused_moe, linear, norm_rope_gate
 from kunlun_compile.ops.moe_plan import plan_fused_moe
 from kunlun_compile.ops.moe_routing import sort_pairs
 
@@ -173,11 +173,13 @@ def moe_decode_sweep():
 
             times = {"scan": (run("scan", scan), scan)}
             if E == 128 and M == 1:
-                for bn, bk, w in [(bn, bk, w) for bn in (4, 8, 16) for bk in (128, 256) for w in (4, 8)]:
+                for bn, bk, w in [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (128, 256, 512, 1024) for w in (2, 4, 8)
+                                  if bn * bk <= 2048 * w]:  # gate + up fp32 tiles within ~128 registers a thread
                     p = replace(pp, block_n=bn, block_k=bk, num_warps=w)
                     times[label(p)] = (run(label(p), p), p)
                 g1 = min((v for lab, v in times.items() if lab != "scan"), key=lambda v: v[0])[1]
-                for bn, bk, w in [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (64, 128, 256) for w in (4, 8)]:
+                for bn, bk, w in [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for w in (2, 4, 8)
+                                  if bn * bk <= 512 * w]:  # the [k=8, BN, BK] fp32 tile within ~128 registers
                     p = replace(g1, gemm2=(bn, bk, w))
                     times[label(p)] = (run(label(p), p), p)
                 top = sorted((v for lab, v in times.items() if lab != "scan"), key=lambda v: v[0])[:4]
@@ -226,12 +228,67 @@ def prologue_sweep():
     return res
 
 
+# (N, K) of the bench_runtime models' linears: qkv, o, router, lm head (Qwen3-MoE); qkv+gate, o,
+# shared expert gate|up, down and gate (Qwen3-Next)
+LINEAR_SHAPES = [(2560, 2048), (2048, 2048), (64, 2048), (4096, 2048), (9216, 2048), (2048, 4096), (1536, 2048),
+                 (2048, 768), (1, 2048)]
+
+
+def linear_sweep():
+    """kunlun::linear's GEMV against cuBLAS (F.linear) at decode rows.  Each timed graph runs the op over
+    enough copies of the weight (>= 128 MB in all) that every read comes from HBM, as in a model step
+    where a layer's weights have left L2 by the next step; time per call = graph time / copies."""
+    from triton.testing import do_bench_cudagraph
+
+    from bench_runtime import copy_gbps
+
+    gbps = copy_gbps()
+    res = {"copy_GBps": gbps}
+    for N, K in LINEAR_SHAPES:
+        nbytes = N * K * 2
+        copies = min(max(-(-(128 << 20) // nbytes), 4), 256)
+        ws = [(torch.randn(N, K, device=dev) / K ** 0.5).to(torch.bfloat16) for _ in range(copies)]
+        floor = nbytes / (gbps * 1e6)
+        for M in (1, 2, 4, 8, 16):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            want = torch.nn.functional.linear(x.double(), ws[0].double())
+
+            def timed(fn):
+                return do_bench_cudagraph(lambda: [fn(w) for w in ws], rep=30) / copies
+
+            cublas = timed(lambda w: torch.nn.functional.linear(x, w))
+            base = linear.plan_linear(M, N, K)
+            if base.path != "gemv":
+                base = replace(linear.plan_linear(1, N, K), rows=triton.next_power_of_2(M))
+            grid = [base]
+            if M in (1, 4):
+                grid += [replace(base, block_n=bn, block_k=bk, num_warps=w) for bn in (1, 2, 4, 8, 16)
+                         for bk in (128, 256, 512, 1024) for w in (2, 4, 8) if bn > 1 or N < 512]
+            times = []
+            for p in grid:
+                try:
+                    got = linear.triton_impl(x, ws[0], plan=p)
+                    err = rel(got, want)
+                    assert err < 8e-3, err
+                    t = timed(lambda w: linear.triton_impl(x, w, plan=p))
+                except Exception as e:  # noqa: BLE001 - a tile that fails is recorded, not fatal
+                    t, err = float("inf"), repr(e)[:120]
+                times.append((t, p))
+                res[f"linear N={N} K={K} M={M} {p.rows}x{p.block_n}x{p.block_k}w{p.num_warps}"] = {
+                    "ms": t, "err": err, "floor_ms": floor, "cublas_ms": cublas, "default": p == base}
+            best = min(times, key=lambda v: v[0])
+            print(f"N={N} K={K} M={M}: floor {floor * 1e3:.1f} us | cuBLAS {cublas * 1e3:.1f} | default "
+                  f"{times[0][0] * 1e3:.1f} ({base.block_n}x{base.block_k}w{base.num_warps}) | best {best[0] * 1e3:.1f} "
+                  f"({best[1].block_n}x{best[1].block_k}w{best[1].num_warps})", flush=True)
+    return res
+
+
 if __name__ == "__main__":
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
         out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
-                    "moe_decode": moe_decode_sweep}[name]())
+                    "moe_decode": moe_decode_sweep, "linear": linear_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -19,6 +19,7 @@ PATTERN_FAMILIES = (
     "moe_ffn",
     "masked_input",
     "attention_mask",
+    "decode_linear",
 )
 KERNEL_KINDS = ("fused", "pointwise", "aten")
 

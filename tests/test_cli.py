@@ -6,7 +6,8 @@ import textwrap
 
 EXPLAIN_KEYS = {"target", "ok", "max_abs_err", "rel_err", "graphs", "patterns", "kernels", "sfu_ops", "vector_ops",
                 "pieces", "fallbacks"}
-FAMILIES = {"norm_rope_gate", "add_rmsnorm", "moe_gate", "moe_ffn", "masked_input", "attention_mask"}
+FAMILIES = {"norm_rope_gate", "add_rmsnorm", "moe_gate", "moe_ffn", "masked_input", "attention_mask",
+            "decode_linear"}
 
 
 def cli(*args, timeout=600):
@@ -74,11 +75,12 @@ def test_passes_listing():
     r = cli("passes", "--json", "--disable", "dead_code")
     rows = json.loads(r.stdout)
     assert [row["name"] for row in rows] == ["remove_noop_ops", "masked_input", "attention_mask", "norm_rope_gate",
-                                             "moe_gate", "moe_ffn", "add_rmsnorm", "dead_code", "lower_elementwise"]
+                                             "moe_gate", "moe_ffn", "add_rmsnorm", "decode_linear", "group_linears",
+                                             "dead_code", "lower_elementwise"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
     patterns = {row["name"]: row["patterns"] for row in rows}
-    assert patterns["dead_code"] == [] and patterns["lower_elementwise"] == []
+    assert patterns["dead_code"] == [] and patterns["lower_elementwise"] == [] and patterns["group_linears"] == []
     for family in FAMILIES:  # every fusion pass lists its rules: what each matches, what it needs, its guard
         assert patterns[family], family
         assert all(rule["rule"] and rule["matches"] for rule in patterns[family])

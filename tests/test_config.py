@@ -26,7 +26,8 @@ def test_options_reach_config_through_torch_compile():
     compiled = torch.compile(m, backend="kunlun", options={"disable": ["dead_code"], "strict": True})
     x = torch.randn(3, 4)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+        # the Linear runs as kunlun::linear (a GEMV at 3 rows x 4 outputs): same math, its own sum order
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-6, atol=1e-6)
     report = kc.last_report()
     records = {p.name: p for p in report.graphs[-1].passes}
     assert records["dead_code"].skipped == "disabled"

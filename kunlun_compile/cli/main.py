@@ -35,7 +35,7 @@ from ..debug.align import align
 from ..debug.align import html_report as align_html
 from ..debug.bench import bench
 from ..debug.bisect import Bisector
-from ..debug.explain import moe_paths, pass_detail, pattern_catalog
+from ..debug.explain import linear_paths, moe_paths, pass_detail, pattern_catalog
 from ..debug.graph_view import KINDS, describe, to_dot
 from ..debug.graph_view import html_page as graph_html
 from ..debug.inspect import InspectingBackend
@@ -75,6 +75,8 @@ def explain_target(spec: str, config: CompileConfig, dtype: torch.dtype, num_tok
         "graph_reports": [g.as_dict() for g in backend.report.graphs],
         "moe_paths": [dict(graph=k.name, **m) for k in backend.kept if k.after is not None
                       for m in moe_paths(k.after, config.capture_sizes)],
+        "linear_paths": [dict(graph=k.name, **m) for k in backend.kept if k.after is not None
+                         for m in linear_paths(k.after, config.capture_sizes)],
         "_report": backend.report,
     }
 
@@ -103,6 +105,7 @@ def cmd_explain(args) -> int:
         print(report)
         _print_generated(report, args.source)
         _print_moe_paths(result["moe_paths"])
+        _print_linear_paths(result["linear_paths"])
     print()
     _print_check(result)
     return 0 if result["ok"] else 1
@@ -113,6 +116,22 @@ def _print_moe_paths(paths) -> None:
         print(f"\n{m['graph']}/{m['node']}: fused_moe, {m['experts']} experts, top-{m['top_k']}; path by tokens:")
         for size, plan in m["plans"].items():
             print(f"  {size:>5}: {plan}")
+
+
+def _print_linear_paths(paths) -> None:
+    for m in paths:
+        plans = list(m["plans"].items())
+        runs = []  # consecutive sizes with the same kernel, as "1-4: GEMV ..."
+        for size, plan in plans:
+            if runs and runs[-1][2] == plan:
+                runs[-1][1] = size
+            else:
+                runs.append([size, size, plan])
+        what = "linear" if len(m["out_features"]) == 1 else "linear group (one launch)"
+        shape = "+".join(map(str, m["out_features"]))
+        print(f"\n{m['graph']}: {what} {shape}x{m['in_features']} (x{len(m['nodes'])}); kernel by tokens:")
+        for lo, hi, plan in runs:
+            print(f"  {lo if lo == hi else f'{lo}-{hi}':>9}: {plan}")
 
 
 def _print_generated(report, with_source: bool) -> None:

@@ -1,5 +1,6 @@
 """What `kunlun-compile explain` adds to the compile report: per-pass graph diffs, the fused_moe
-execution path at each capture size, and the patterns of every pass with their guards."""
+execution path at each capture size, the kernel each kunlun::linear runs at each size, and the
+patterns of every pass with their guards."""
 from __future__ import annotations
 
 import difflib
@@ -7,8 +8,10 @@ import inspect
 import re
 from typing import Any, Dict, List, Sequence
 
+import torch
 import torch.fx as fx
 
+from ..ops.linear import describe_linear_group
 from ..ops.moe_plan import plan_fused_moe
 from ..passes.fusion import FAMILY_RULES
 from ..report import GraphReport
@@ -43,6 +46,26 @@ def moe_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[str
             out.append({"node": n.name, "experts": experts, "top_k": top_k,
                         "plans": {m: plan_fused_moe(m, top_k, experts).describe() for m in sizes}})
     return out
+
+
+def linear_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[str, Any]]:
+    """kunlun::linear / linear_group calls grouped by weight shapes: how many, and the kernel at each
+    shown size.  A group's `out_features` lists its weights' (one launch for all at GEMV sizes)."""
+    sizes = [s for s in SHOWN_SIZES if s in set(capture_sizes)] or list(capture_sizes)[:8]
+    groups: Dict[tuple, List[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is torch.ops.kunlun.linear.default:
+            ws = [n.args[1]]
+        elif n.target is torch.ops.kunlun.linear_group.default:
+            ws = list(n.args[1])
+        else:
+            continue
+        shapes = [w.meta["val"].shape for w in ws]
+        groups.setdefault((tuple(int(s[0]) for s in shapes), int(shapes[0][1])), []).append(n.name)
+    return [{"out_features": list(ns), "in_features": K, "nodes": names,
+             "plans": {m: describe_linear_group(m, ns, K) for m in sizes}} for (ns, K), names in groups.items()]
 
 
 def _guard_checks(rule) -> Dict[str, List[str]]:

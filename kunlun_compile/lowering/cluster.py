@@ -5,9 +5,10 @@ producer -> consumer, with one iteration space (the result shape, symbolic
 sizes compared as expressions):
 - a producer of the same shape joins its consumer's cluster;
 - a producer of a smaller shape that broadcasts to the consumer's (`pos[:, None].float()`
-  before `* inv_freq`) is recomputed inside the consumer's kernel when nothing else
-  uses it and it is cheap (no math function): that saves a kernel and a round trip
-  through memory for a few vector instructions per element;
+  before `* inv_freq`; a gate `sigmoid(g)` of [T, 1] before `* y`) is recomputed inside
+  the consumer's kernel when nothing else uses it and it is cheap (at most
+  `MAX_INLINED_MATH` math functions): that saves a kernel and a round trip through
+  memory for a few instructions per element;
 - siblings (same shape, a shared input, no path between them: `cos(x)`, `sin(x)`)
   become one kernel with several outputs, reading the input once.
 Merging is refused when it would create a cycle: when one cluster reaches the
@@ -94,13 +95,21 @@ def _broadcasts_to(small: Tuple, big: Tuple) -> bool:
     return all(s == 1 or s == b for s, b in zip(small[::-1], big[::-1]))
 
 
+# Math functions a broadcast producer may bring into each element of its consumer.  The consumer is
+# memory-bound: an H100 streams ~0.5 G elements/ms through a 2-in/1-out bf16 kernel while its SFUs
+# do ~3.6 G exp/ms, so one or two more per element stay hidden; a separate kernel costs a launch
+# (~1 µs inside a CUDA graph: Qwen3-Next's shared-expert gate, `sigmoid(x @ w_g) * y`).
+MAX_INLINED_MATH = 2
+
+
 def _inlinable(producers: List[fx.Node], small: Tuple, big: Tuple, consumers: List[fx.Node]) -> bool:
     """A smaller producer cluster can be recomputed per element of the consumer's space: it broadcasts there,
     every use of it is in the consumer's cluster, and it is cheap."""
     if not _broadcasts_to(small, big):
         return False
     inside = set(producers) | set(consumers)
-    return all(is_cheap(p) and all(u in inside for u in p.users) for p in producers)
+    math = sum(not is_cheap(p) for p in producers)
+    return math <= MAX_INLINED_MATH and all(u in inside for p in producers for u in p.users)
 
 
 def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Tuple],

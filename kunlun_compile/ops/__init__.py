@@ -5,7 +5,7 @@ plain-torch `reference` (the definition of correct; the CPU path), a Triton
 kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
-from . import add_rmsnorm, attention_mask, fused_moe, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
+from . import add_rmsnorm, attention_mask, fused_moe, linear, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
 from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 
 OP_MODULES = {
@@ -15,6 +15,7 @@ OP_MODULES = {
     "rms_norm": add_rmsnorm,
     "moe_gate": moe_gate,
     "fused_moe": fused_moe,
+    "linear": linear,
     "masked_input": masked_input,
     "attention_mask": attention_mask,
     "pointwise": pointwise,

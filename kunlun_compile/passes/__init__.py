@@ -8,6 +8,7 @@ from typing import List
 
 from .cleanup import dead_code, remove_noop_ops
 from .fusion import fusion_passes
+from .linear_groups import group_linears
 from .lower_elementwise import lower_elementwise
 from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutcome
 
@@ -18,6 +19,8 @@ def default_passes() -> List[GraphPass]:
                   "same-dtype copies",
                   remove_noop_ops),
         *fusion_passes(),
+        GraphPass("group_linears", "kunlun::linear calls on one input (no bias) -> one kunlun::linear_group launch",
+                  group_linears),
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),
         GraphPass("lower_elementwise", "element-wise clusters -> KIR (vector/SFU instructions) -> one generated "
                   "Triton kernel each (kunlun::pointwise)", lower_elementwise),

@@ -2,7 +2,8 @@
 
 Order matters and is fixed by `FUSION_ORDER`: the attention prologue goes
 before the norms (its Q/K norms would otherwise be taken as lone RMSNorms), and
-the MoE router before the experts (the experts' rule reads the router's ids).
+the MoE router before the experts (the experts' rule reads the router's ids), and
+linear layers last (other patterns may start at a projection's output).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.fx as fx
 
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
-from .rules import hf_prologue, masks, moe_experts, moe_gate, norms, prologue
+from .rules import hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue
 
 FAMILY_RULES = {
     "masked_input": masks.MASKED_INPUT_RULES,
@@ -21,6 +22,7 @@ FAMILY_RULES = {
     "moe_gate": moe_gate.RULES,
     "moe_ffn": moe_experts.RULES,
     "add_rmsnorm": norms.RULES,
+    "decode_linear": linears.RULES,
 }
 DESCRIPTIONS = {
     "masked_input": "vocab-shard id masking -> kunlun::masked_input",
@@ -30,6 +32,7 @@ DESCRIPTIONS = {
     "moe_gate": "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate",
     "moe_ffn": "routed expert FFN -> kunlun::fused_moe",
     "add_rmsnorm": "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
+    "decode_linear": "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above)",
 }
 
 

@@ -24,8 +24,9 @@ from ..passes import PassContext, PassManager, default_passes
 from ..report import CompileReport, GraphReport
 from ..utils import copy_graph_module, options_key
 
-# inductor generates the element-wise code in this pipeline
-NOT_IN_INDUCTOR = ("lower_elementwise",)
+# inductor generates the element-wise code in this pipeline, and picks (and fuses around) its own
+# matmul kernels
+NOT_IN_INDUCTOR = ("lower_elementwise", "decode_linear", "group_linears")
 
 
 def fusion_only_passes() -> list:
