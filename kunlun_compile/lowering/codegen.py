@@ -24,7 +24,7 @@ import torch
 
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "2"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "3"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -61,8 +61,10 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
     params = ([f"in{k}" for k in range(n_in)] + [f"out{k}" for k in range(n_out)] + ["numel"]
               + [f"size{d}" for d in range(1, r)]
               + [f"st{k}_{d}" for k in range(n_in) for d in range(r)] + ["RANK: tl.constexpr", "INDEX64: tl.constexpr",
-                                                                         "BLOCK: tl.constexpr"])
-    body = ["if INDEX64:",
+                                                                         "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
+    # programmatic dependent launch (ops/triton_kernel.py): wait for the kernel before, CUDA flavour only
+    body = (["if PDL:", "    tl.extra.cuda.gdc_wait()"] if cuda else []) + [
+            "if INDEX64:",
             "    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
             "else:",
             "    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",

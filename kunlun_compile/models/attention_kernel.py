@@ -13,14 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.triton_kernel import kernel
+from ..ops.triton_kernel import kernel, wait_for_producers
 
 BLOCK_N = 32
 
 
 @kernel
 def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, T, sq, sk, sv, sm, so, scale,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> None:
@@ -63,7 +63,8 @@ def reference(x, residual, weight, eps: float, norm_offset: float,
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, norm_offset,
                         x_stride, r_stride, out_stride, new_r_stride,
                         GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_IN_DTYPE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(q_positions, k_positions, key_valid, sliding_window: int, dtype: torch.dtype) -> None:
@@ -66,7 +66,8 @@ def reference(q_positions, k_positions, key_valid, causal: bool, sliding_window:
 @kernel
 def _attention_mask_kernel(q_ptr, k_ptr, valid_ptr, out_ptr, T, S, window, masked_value,
                            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
-                           AS_BOOL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+                           AS_BOOL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BT + tl.arange(0, BT)
     j = tl.program_id(2) * BS + tl.arange(0, BS)

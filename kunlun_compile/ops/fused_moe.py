@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .moe_plan import MoePlan, fit_shared_memory, for_interpreter, plan_fused_moe
 from .moe_routing import sort_pairs
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 ACTIVATIONS = ("silu",)
 
@@ -87,7 +87,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
                      SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                      A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr, GROUP_M: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr, PDL: tl.constexpr):
     """out[pair, n-block] for one expert's rows:  A[rows] @ W[e, n-block, :]^T, then the epilogue.
 
     SCAN: program (expert, n-block, token chunk) finds its rows in the [M, k] id table.
@@ -104,6 +104,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
     descriptors (Hopper's TMA) instead of pointer loads; W is viewed as [E * w_rows, K].
     UPCAST (interpreter only): tiles go to fp32 before the dot.
     """
+    wait_for_producers(PDL)
     P = M * TOP_K
     r = tl.arange(0, BM)
     if GROUP_M > 0:
@@ -195,7 +196,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, block_e
 
 @kernel
 def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride_e, w_stride_n, out_stride,
-                     TOP_K: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     TOP_K: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """GEMM1 of the per-pair routing (decode sizes): out[pair, n-block] = W[e, n-block, :] @ x[token].
 
     A tl.dot tile needs >= 16 rows, so at M=1 the scan path runs tiles 1/16 full on few programs;
@@ -204,6 +205,7 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride
     reduced once; rounding as `_moe_gemm_kernel`.  A bad id reads expert 0 instead (nothing out of
     bounds); `_moe_gemv_sum_kernel` makes its token NaN.
     """
+    wait_for_producers(PDL)
     pair = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < N
@@ -231,13 +233,14 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride
 
 @kernel
 def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stride, w_stride_e, w_stride_n,
-                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """GEMM2 of the per-pair routing: out[token, n-block] = Σ_j tw_j · W[e_j, n-block, :] @ act[pair_j].
 
     One program holds a [k, BN, BK] tile: all k experts of its token at once (k loads in flight
     rather than k GEMVs in turn), so no per-pair buffer and no separate sum pass.  Each pair's
     product is rounded, scaled and rounded as the model does, then the k are summed in fp32.
     """
+    wait_for_producers(PDL)
     m = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < N
@@ -268,7 +271,8 @@ def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stri
 
 
 @kernel
-def _silu_mul_kernel(h_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(h_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     p = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < N
@@ -281,7 +285,8 @@ def _silu_mul_kernel(h_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 @kernel
 def _sum_pairs_kernel(pairs_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BKK: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = h < H

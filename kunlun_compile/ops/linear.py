@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 # H100 sweep (benchmarks/NOTES.md v10, bf16, weights read from HBM): at one row the GEMV beats
 # cuBLAS on every linear of the built-in models (e.g. 2560x2048 5.7 vs 6.9 µs, 2048x4096 8.2 vs
@@ -96,11 +96,12 @@ MAX_GROUP = 4  # weights one kunlun::linear_group launch reads
 def _gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, M, K,
                  n0, n1, n2, n3, x_stride, ws0, ws1, ws2, ws3, os0, os1, os2, os3,
                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN: tl.constexpr):
+                 BK: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     """out[rows, n-block] = x[rows] @ W[n-block]^T: products kept in an fp32 [ROWS, BN, BK] tile
     and reduced once at the end.  GROUP > 1: the programs are split over GROUP weights (n-blocks of
     w0 first, then w1, ...), each with its own output.  EVEN: every N % BN == 0 and K % BK == 0, the
     weight loads need no mask."""
+    wait_for_producers(PDL)
     pid = tl.program_id(0)
     zero = pid * 0  # the selected values must be tensors in both branches (an int arg of 1 is a constant)
     w_ptr, o_ptr, w_stride, o_stride, N, first = w0_ptr, o0_ptr, ws0 + zero, os0 + zero, n0 + zero, zero

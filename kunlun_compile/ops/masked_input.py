@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(input_ids: torch.Tensor, org_start: int, org_end: int, padding: int, added_start: int,
@@ -40,7 +40,8 @@ def reference(input_ids, org_start: int, org_end: int, padding: int, added_start
 
 @kernel
 def _masked_input_kernel(ids_ptr, out_ptr, inv_ptr, n, org_start, org_end, added_start, added_end, added_offset,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 SCORING = ("softmax", "sigmoid")
 
@@ -72,7 +72,8 @@ def reference(router_logits, top_k: int, scoring: str, renormalize: bool, num_gr
 def _moe_gate_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, logits_stride, scale,
                      E: tl.constexpr, TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
                      HAS_BIAS: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                     BG: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+                     BG: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     # the E experts of one token as a [BG groups, BE experts per group] block (G == 1: one group)
     row = tl.program_id(0).to(tl.int64)
     PER: tl.constexpr = E // G

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel
+from .triton_kernel import kernel, wait_for_producers
 
 HISTOGRAM_BLOCK = 128  # pairs per program of the block statistics
 
@@ -35,7 +35,8 @@ def block_capacity(pairs: int, num_experts: int, block_m: int) -> Tuple[int, int
 
 @kernel
 def _block_histogram_kernel(ids_ptr, counts_ptr, rank_ptr, P, E: tl.constexpr, BLOCK: tl.constexpr,
-                            BE: tl.constexpr):
+                            BE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     b = tl.program_id(0)
     i = b * BLOCK + tl.arange(0, BLOCK)
     ok = i < P
@@ -51,10 +52,11 @@ def _block_histogram_kernel(ids_ptr, counts_ptr, rank_ptr, P, E: tl.constexpr, B
 
 @kernel
 def _block_prefix_kernel(counts_ptr, offsets_ptr, totals_ptr, NB, E: tl.constexpr, BR: tl.constexpr,
-                         BE: tl.constexpr):
+                         BE: tl.constexpr, PDL: tl.constexpr):
     """offsets[b, e] = Σ_{b' < b} counts[b', e] (pairs of expert e in earlier blocks); totals[e] = the
     whole column.  One program per BE experts walks the blocks BR rows at a time (torch.cumsum over
     dim 0 of the [blocks, E] table took 93 µs at M=8192, top-8; this is a few µs)."""
+    wait_for_producers(PDL)
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     e_ok = e < E
     carry = tl.zeros([BE], dtype=tl.int32)
@@ -69,7 +71,8 @@ def _block_prefix_kernel(counts_ptr, offsets_ptr, totals_ptr, NB, E: tl.constexp
 
 @kernel
 def _align_kernel(totals_ptr, pstart_ptr, block_expert_ptr, max_blocks, E: tl.constexpr, BM: tl.constexpr,
-                  BE: tl.constexpr, BB: tl.constexpr):
+                  BE: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     e = tl.arange(0, BE)
     total = tl.load(totals_ptr + e, mask=e < E, other=0)
     padded = (total + BM - 1) // BM * BM
@@ -83,7 +86,8 @@ def _align_kernel(totals_ptr, pstart_ptr, block_expert_ptr, max_blocks, E: tl.co
 
 @kernel
 def _place_kernel(ids_ptr, rank_ptr, pstart_ptr, block_offsets_ptr, sorted_ptr, P, E: tl.constexpr,
-                  HIST_BLOCK: tl.constexpr, BLOCK_OFFSETS: tl.constexpr, BLOCK: tl.constexpr):
+                  HIST_BLOCK: tl.constexpr, BLOCK_OFFSETS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids_ptr + p, mask=p < P, other=0)
     ok = (p < P) & (e >= 0) & (e < E)  # an id out of range is left out (fused_moe returns NaN for its token)

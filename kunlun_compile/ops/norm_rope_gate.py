@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton
+from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def qkv_columns(num_q_heads: int, num_kv_heads: int, head_dim: int, has_gate: bool) -> int:
@@ -112,7 +112,7 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
                       NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       Q_HEAD_STRIDE: tl.constexpr, HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr,
                       HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """One program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token.
 
     q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`
@@ -123,6 +123,7 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     The gate (a pure copy) is loaded first so its latency overlaps the arithmetic, and q and k rows
     share one store through a selected row pointer: together 79% -> 86% of copy bandwidth at the
     Qwen3-Next shape (benchmarks/NOTES.md v9)."""
+    wait_for_producers(PDL)
     r = tl.arange(0, BT * BH)
     t = (tl.program_id(0) * BT + r // BH).to(tl.int64)
     h = tl.program_id(1) * BH + r % BH

@@ -12,14 +12,40 @@ interpretable then); otherwise the ops run their plain-torch reference.
 Kernels compute in fp32 only, casting at loads and stores: the interpreter
 gets arithmetic directly on bf16 values wrong, and on the GPU fp32 arithmetic
 with one rounding per torch op is what reproduces torch's results.
+
+Programmatic dependent launch (PDL): a kernel that declares a `PDL` constexpr
+and starts with `wait_for_producers(PDL)` is launched on CUDA with
+`launch_pdl=True`, so it is scheduled while the kernel before it finishes and
+waits (griddepcontrol.wait) until that kernel's writes are visible.  Inside a
+CUDA graph of a decode step, which is a chain of short dependent kernels, that
+hides part of each launch: H100, 64 chained one-program kernels, 1.31 -> 1.05
+µs per launch; 256 programs, 1.96 -> 1.48 (benchmarks/pdl_probe.py,
+benchmarks/NOTES.md v10).  The wait returns at once when there is no
+programmatic dependency (the kernel before is cuBLAS, a copy, or none).
+KUNLUN_COMPILE_PDL=0 turns it off (launches as plain kernels, for comparison).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import os
 from typing import Callable
 
 import torch
 import triton
+import triton.language as tl
+
+
+def pdl_enabled() -> bool:
+    return os.environ.get("KUNLUN_COMPILE_PDL", "1") != "0"
+
+
+@triton.jit
+def wait_for_producers(PDL: tl.constexpr):
+    """The first statement of a kernel that declares `PDL`: wait for the kernel before it (PDL launch)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 class Kernel:
@@ -28,19 +54,39 @@ class Kernel:
         self.__name__ = fn.__name__
         self._compiled = None
         self._interpreted = None
+        self.pdl = "PDL" in inspect.signature(fn).parameters
 
     def on(self, device: torch.device):
-        if device.type == "cpu":
-            if not interpreter_usable():
-                raise RuntimeError("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
-            if self._interpreted is None:
-                from triton.runtime.interpreter import InterpretedFunction
+        """The launchable kernel for `device`: `.on(device)[grid](*args, **constexprs)`."""
+        fn = self._interpreted_fn() if device.type == "cpu" else self._compiled_fn()
+        if not self.pdl:
+            return fn
+        return _PDLLauncher(fn, device.type == "cuda" and pdl_enabled())
 
-                self._interpreted = InterpretedFunction(self.fn)
-            return self._interpreted
+    def _interpreted_fn(self):
+        if not interpreter_usable():
+            raise RuntimeError("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted
+
+    def _compiled_fn(self):
         if self._compiled is None:
             self._compiled = triton.JITFunction(self.fn)
         return self._compiled
+
+
+class _PDLLauncher:
+    """`[grid](...)` with the kernel's PDL constexpr (and the launch attribute when on) filled in."""
+
+    def __init__(self, fn, on: bool):
+        self.fn, self.on = fn, on
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+        return functools.partial(launch, PDL=True, launch_pdl=True) if self.on else functools.partial(launch, PDL=False)
 
 
 # Names of the kunlun:: ops' kernels, so a profile can tell them from ATen's and generated ones.
