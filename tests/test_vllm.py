@@ -32,6 +32,10 @@ INDUCTOR_WITH_PASS = {"mode": 3, "inductor_passes": {"post_grad_custom_post_pass
 RUNS = {(model, name): config for model in ("qwen3", "qwen3_moe")
         for name, config in (("default", DEFAULT), ("kunlun_mode2", MODE2), ("kunlun_mode3", MODE3))}
 RUNS[("qwen3", "inductor_fusion_pass")] = INDUCTOR_WITH_PASS
+# CI time: mode 2 (the whole model as one graph) runs on the dense model only; the MoE model is
+# covered in mode 3, the mode the plugin defaults to
+del RUNS[("qwen3_moe", "kunlun_mode2")]
+KUNLUN_RUNS = [key for key in RUNS if key[1].startswith("kunlun")]
 # fusions vLLM's model code must get (2 layers): per layer the Q/K norm + RoPE prologue, and the
 # residual add + RMSNorm pairs (input norm, post-attention norm; the final norm)
 EXPECTED_PATTERNS = {"norm_rope_gate": 2, "add_rmsnorm": 5}
@@ -79,8 +83,7 @@ def generations(vllm_python, tmp_path_factory):
         return {key: f.result() for key, f in futures.items()}
 
 
-@pytest.mark.parametrize("model", ["qwen3", "qwen3_moe"])
-@pytest.mark.parametrize("run", ["kunlun_mode2", "kunlun_mode3"])
+@pytest.mark.parametrize("model, run", KUNLUN_RUNS)
 def test_kunlun_tokens_equal_vllm_default(generations, model, run):
     want, got = generations[(model, "default")], generations[(model, run)]
     assert want["tokens"] == got["tokens"]
@@ -90,7 +93,7 @@ def test_kunlun_tokens_equal_vllm_default(generations, model, run):
     assert all(len(set(t)) > 2 for t in want["tokens"])
 
 
-@pytest.mark.parametrize("model", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("model", ["qwen3"])
 def test_mode2_compiles_the_whole_model_with_kunlun(generations, model):
     got = generations[(model, "kunlun_mode2")]
     assert (got["mode"], got["backend"]) == (2, "kunlun")
