@@ -72,3 +72,27 @@ def test_dynamic_rows_keep_the_rewrite_and_every_size_is_right():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     decode, group = _ops(compiled.kunlun_backend.report)
     assert decode.matches == 5 and group.matches == 1
+
+
+class LateWeight(nn.Module):
+    """The second sibling's weight is computed after the first linear: grouping would use it too early."""
+
+    def __init__(self, h=32):
+        super().__init__()
+        self.a = nn.Linear(h, 8, bias=False)
+        self.w = nn.Parameter(torch.randn(8, h))
+
+    def forward(self, x):
+        first = self.a(x)
+        return first, torch.nn.functional.linear(x, self.w * 2.0)
+
+
+def test_sibling_whose_weight_comes_later_is_left_alone():
+    m = LateWeight().eval().requires_grad_(False)
+    compiled = kc.compile(m, strict=True, dynamic=True)  # strict: a misplaced node would raise
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        for a, b in zip(compiled(x), m(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    decode, group = _ops(compiled.kunlun_backend.report)
+    assert decode.matches == 2 and group.matches == 0
