@@ -58,6 +58,7 @@ def main(out_dir: str, name: str = "qwen3-moe-tiny", tokens: int = 1) -> None:
           f"({result['kernels_per_step']:.0f} launches), weight floor {floor:.3f} ms")
     for r in rows[:25]:
         print(f"  {r['us_per_step']:8.1f} us  x{r['launches_per_step']:<5.1f} {r['kernel']}")
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"profile_step_{name.replace('-tiny', '').replace('-', '')}_T{tokens}.json"),
               "w") as f:
         json.dump(result, f, indent=1)

@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode,linear]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode,linear,gated_linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -283,12 +283,57 @@ def linear_sweep():
     return res
 
 
+def gated_linear_sweep():
+    """kunlun::gated_linear's GEMV (prologue x*act(gate) on its K tiles, optional row-gate/addend epilogue)
+    against the plain GEMV on a ready product, at one row, HBM-cold weights as in `linear_sweep`: what the
+    recomputed prologue costs per program, and whether wider column blocks (fewer recomputations) pay."""
+    from triton.testing import do_bench_cudagraph
+
+    from kunlun_compile.ops import gated_linear
+
+    res = {}
+    for N, K, act, epi in [(2048, 4096, "sigmoid", False), (2048, 768, "silu", True)]:
+        copies = min(max(-(-(128 << 20) // (N * K * 2)), 4), 256)
+        ws = [(torch.randn(N, K, device=dev) / K ** 0.5).to(torch.bfloat16) for _ in range(copies)]
+        gu = torch.randn(1, 2 * K, device=dev, dtype=torch.bfloat16)
+        gate, x = gu[:, :K], gu[:, K:]
+        rg = torch.randn(1, 1, device=dev, dtype=torch.bfloat16) if epi else None
+        r = torch.randn(1, N, device=dev, dtype=torch.bfloat16) if epi else None
+        prod = gated_linear.reference(x, gate, torch.eye(K, device=dev, dtype=torch.bfloat16), act)
+        want = gated_linear.reference(x.double(), gate.double(), ws[0].double(), act,
+                                      None if rg is None else rg.double(), None if r is None else r.double())
+
+        def timed(fn):
+            return do_bench_cudagraph(lambda: [fn(w) for w in ws], rep=30) / copies
+
+        base = linear.plan_linear(1, N, K)
+        plain = timed(lambda w: linear.triton_impl(prod, w, plan=base))
+        rows = [("plain GEMV on the product", base, plain)]
+        for bn in (1, 2, 4, 8):
+            for bk in (256, 512, 1024):
+                for nw in (2, 4):
+                    p = replace(base, block_n=bn, block_k=min(bk, triton.next_power_of_2(K)), num_warps=nw)
+                    got = gated_linear.triton_impl(x, gate, ws[0], act, rg, r, plan=p)
+                    err = rel(got, want)
+                    t = timed(lambda w: gated_linear.triton_impl(x, gate, w, act, rg, r, plan=p)) if err < 8e-3 \
+                        else float("inf")
+                    rows.append((f"gated {bn}x{p.block_k}w{nw}" + (" (default)" if p == base else ""), p, t))
+        for label, p, t in rows:
+            res[f"gated N={N} K={K} {act}{' +epilogue' if epi else ''} {label}"] = {"ms": t}
+        best = min(rows[1:], key=lambda v: v[2])
+        default = next(t for label, _, t in rows if "(default)" in label)
+        print(f"gated N={N} K={K} {act}{' +epi' if epi else ''}: plain GEMV {plain * 1e3:.2f} us | gated default "
+              f"{default * 1e3:.2f} | best {best[2] * 1e3:.2f} ({best[0]})", flush=True)
+    return res
+
+
 if __name__ == "__main__":
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
         out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
-                    "moe_decode": moe_decode_sweep, "linear": linear_sweep}[name]())
+                    "moe_decode": moe_decode_sweep, "linear": linear_sweep,
+                    "gated_linear": gated_linear_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:
         json.dump(out, f, indent=1)

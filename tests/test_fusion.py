@@ -21,11 +21,11 @@ MOE = dict(DENSE, moe_gate=2, moe_ffn=2)
 # with a dynamic token count every linear is rewritten (the op picks GEMV or cuBLAS per call)
 DYNAMIC_LINEARS = {"llama-tiny": 9, "qwen3-tiny": 9, "qwen3-next-tiny": 13, "qwen3-moe-tiny": 7, "deepseek-v3-tiny": 11}
 BUILTIN_EXPECTED = {
-    "llama-tiny": (DENSE, 102, 13, 3, 8),
-    "qwen3-tiny": (DENSE, 126, 13, 3, 8),
-    "qwen3-next-tiny": (dict(MOE, decode_linear=8), 185, 19, 7, 8),
+    "llama-tiny": (DENSE, 102, 13, 1, 8),  # SwiGLU inside the down projection (kunlun::gated_linear)
+    "qwen3-tiny": (DENSE, 126, 13, 1, 8),
+    "qwen3-next-tiny": (dict(MOE, decode_linear=8), 185, 19, 1, 8),  # + attention gate, shared-expert residual
     "qwen3-moe-tiny": (MOE, 148, 17, 1, 6),
-    "deepseek-v3-tiny": (dict(MOE, decode_linear=6), 160, 19, 7, 8),
+    "deepseek-v3-tiny": (dict(MOE, decode_linear=6), 160, 19, 3, 8),  # + the shared expert's residual add
 }
 
 

@@ -39,7 +39,7 @@ def test_siblings_of_one_input_share_one_launch():
     decode, group = _ops(compiled.kunlun_backend.report)
     assert decode.matches == 5  # one row: every linear is a GEMV
     assert group.matches == 1  # router, gate_up and gate; the biased one and `down` (other input) stay alone
-    # kernels: the group, the biased linear, `down` (the shared SwiGLU and gate multiply are generated)
+    # kernels: the group, the biased linear, `down` with the SwiGLU inside (the gate multiply is generated)
     assert compiled.kunlun_backend.report.graphs[0].kernels["fused"] == 3
 
 

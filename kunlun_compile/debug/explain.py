@@ -49,8 +49,8 @@ def moe_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[str
 
 
 def linear_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[str, Any]]:
-    """kunlun::linear / linear_group calls grouped by weight shapes: how many, and the kernel at each
-    shown size.  A group's `out_features` lists its weights' (one launch for all at GEMV sizes)."""
+    """kunlun::linear / gated_linear / linear_group calls grouped by weight shapes: how many, and the
+    kernel at each shown size.  A group's `out_features` lists its weights' (one launch for all at GEMV sizes)."""
     sizes = [s for s in SHOWN_SIZES if s in set(capture_sizes)] or list(capture_sizes)[:8]
     groups: Dict[tuple, List[str]] = {}
     for n in gm.graph.nodes:
@@ -58,6 +58,8 @@ def linear_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[
             continue
         if n.target is torch.ops.kunlun.linear.default:
             ws = [n.args[1]]
+        elif n.target is torch.ops.kunlun.gated_linear.default:  # the GEMV plan, prologue/epilogue inside
+            ws = [n.args[2]]
         elif n.target is torch.ops.kunlun.linear_group.default:
             ws = list(n.args[1])
         else:

@@ -5,7 +5,7 @@ plain-torch `reference` (the definition of correct; the CPU path), a Triton
 kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
-from . import add_rmsnorm, attention_mask, fused_moe, linear, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
+from . import add_rmsnorm, attention_mask, fused_moe, gated_linear, linear, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
 from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 
 OP_MODULES = {
@@ -16,10 +16,11 @@ OP_MODULES = {
     "moe_gate": moe_gate,
     "fused_moe": fused_moe,
     "linear": linear,
+    "gated_linear": gated_linear,
     "masked_input": masked_input,
     "attention_mask": attention_mask,
     "pointwise": pointwise,
 }
 
-__all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "cpu_kernels", "fused_moe", "interpreter_usable", "masked_input", "moe_gate",
+__all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "cpu_kernels", "fused_moe", "gated_linear", "interpreter_usable", "masked_input", "moe_gate",
            "norm_rope_gate", "qk_norm_rope", "use_triton"]

@@ -95,12 +95,19 @@ MAX_GROUP = 4  # weights one kunlun::linear_group launch reads
 @kernel
 def _gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, M, K,
                  n0, n1, n2, n3, x_stride, ws0, ws1, ws2, ws3, os0, os1, os2, os3,
+                 g_ptr, g_stride, s_ptr, s_stride, r_ptr, r_stride,
                  GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+                 BK: tl.constexpr, EVEN: tl.constexpr, GATE_ACT: tl.constexpr, ROW_GATE: tl.constexpr,
+                 ADDEND: tl.constexpr, PDL: tl.constexpr):
     """out[rows, n-block] = x[rows] @ W[n-block]^T: products kept in an fp32 [ROWS, BN, BK] tile
     and reduced once at the end.  GROUP > 1: the programs are split over GROUP weights (n-blocks of
     w0 first, then w1, ...), each with its own output.  EVEN: every N % BN == 0 and K % BK == 0, the
-    weight loads need no mask."""
+    weight loads need no mask.
+
+    kunlun::gated_linear's prologue and epilogue (GROUP == 1): GATE_ACT 1 / 2 reads x as
+    `x * silu(g)` / `x * sigmoid(g)` (each program recomputes its K tiles: the gate is a few KB
+    from L2, where a separate kernel would cost a launch); ROW_GATE scales each output row by
+    `sigmoid(s[row])`; ADDEND adds `r`.  One rounding, at the store."""
     wait_for_producers(PDL)
     pid = tl.program_id(0)
     zero = pid * 0  # the selected values must be tensors in both branches (an int arg of 1 is a constant)
@@ -125,6 +132,7 @@ def _gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b_ptr, o0_ptr, o1_ptr, o
     m_ok = m < M
     n_ok = n < N
     x_rows = x_ptr + m[:, None].to(tl.int64) * x_stride
+    g_rows = g_ptr + m[:, None].to(tl.int64) * g_stride
     w_rows = w_ptr + n[:, None].to(tl.int64) * w_stride
     acc = tl.zeros([ROWS, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -133,27 +141,49 @@ def _gemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b_ptr, o0_ptr, o1_ptr, o
             w = tl.load(w_rows + k[None, :])
         else:
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
-        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-        acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+        if GATE_ACT != 0:
+            g = tl.load(g_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            act = tl.sigmoid(g)
+            if GATE_ACT == 1:
+                act = g * act
+            # rounded to the input dtype, as the product kernel it replaces stored it
+            a = (a * act).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + m[:, None].to(tl.int64) * o_stride + n[None, :], y.to(o0_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if ROW_GATE:
+        s = tl.load(s_ptr + m.to(tl.int64) * s_stride, mask=m_ok, other=0.0).to(tl.float32)
+        y = y * tl.sigmoid(s)[:, None]
+    if ADDEND:
+        y += tl.load(r_ptr + m[:, None].to(tl.int64) * r_stride + n[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + m[:, None].to(tl.int64) * o_stride + n[None, :], y.to(o0_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _launch(x, weights, bias, plan: LinearPlan) -> List[torch.Tensor]:
-    """One launch over `weights` (row-major, at most MAX_GROUP); one output each."""
+GATE_ACTIVATIONS = {"silu": 1, "sigmoid": 2}  # kunlun::gated_linear's prologue, as the kernel's GATE_ACT
+
+
+def _launch(x, weights, bias, plan: LinearPlan, gate=None, activation: str = "", row_gate=None,
+            addend=None) -> List[torch.Tensor]:
+    """One launch over `weights` (row-major, at most MAX_GROUP); one output each.  `gate`,
+    `row_gate`, `addend` (one weight only): kunlun::gated_linear's prologue and epilogue, each
+    tensor with unit column stride."""
     M, K = x.shape
     ns = [w.shape[0] for w in weights]
     outs = [x.new_empty(M, n) for n in ns]
     pad = MAX_GROUP - len(weights)
     blocks = sum(triton.cdiv(n, plan.block_n) for n in ns)
+    extras = [(t, t.stride(0)) if t is not None else (x, 0) for t in (gate, row_gate, addend)]
     _gemv_kernel.on(x.device)[(blocks, triton.cdiv(M, plan.rows))](
         x, *weights, *[x] * pad, bias if bias is not None else x, *outs, *[x] * pad, M, K, *ns, *[0] * pad,
         x.stride(0), *[w.stride(0) for w in weights], *[0] * pad, *[o.stride(0) for o in outs], *[0] * pad,
+        *[v for pair in extras for v in pair],
         GROUP=len(weights), HAS_BIAS=bias is not None, ROWS=plan.rows, BN=plan.block_n, BK=plan.block_k,
-        EVEN=all(n % plan.block_n == 0 for n in ns) and K % plan.block_k == 0, num_warps=plan.num_warps)
+        EVEN=all(n % plan.block_n == 0 for n in ns) and K % plan.block_k == 0,
+        GATE_ACT=GATE_ACTIVATIONS[activation] if gate is not None else 0, ROW_GATE=row_gate is not None,
+        ADDEND=addend is not None, num_warps=plan.num_warps)
     return outs
 
 

@@ -32,7 +32,8 @@ DESCRIPTIONS = {
     "moe_gate": "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate",
     "moe_ffn": "routed expert FFN -> kunlun::fused_moe",
     "add_rmsnorm": "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
-    "decode_linear": "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above)",
+    "decode_linear": "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above); "
+                     "with a gated input (SwiGLU, attention gate) and gated residual -> kunlun::gated_linear",
 }
 
 

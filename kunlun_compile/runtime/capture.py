@@ -140,9 +140,15 @@ class CapturedPiece:
                     raise RuntimeError(f"kunlun backend: {self.name} input {i} (a parameter/buffer) moved since "
                                        f"capture ({ptr:#x} -> {args[i].data_ptr():#x}); the graph would read "
                                        "stale memory")
+        targets, sources = [], []
         for i, (static, a) in enumerate(zip(entry.static_inputs, args)):
             if i not in self.static_positions and isinstance(a, torch.Tensor) and static.data_ptr() != a.data_ptr():
-                static.copy_(a)
+                targets.append(static)
+                sources.append(a)
+        if len(targets) == 1:
+            targets[0].copy_(sources[0])
+        elif targets:  # one launch per dtype instead of one per input (token ids and positions: one)
+            torch._foreach_copy_(targets, sources)
         self.counters.replays += 1
         if entry.graph is PLAIN:
             return self.gm(*entry.static_inputs)
