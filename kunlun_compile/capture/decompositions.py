@@ -7,6 +7,9 @@ than one spelling, so that each computation reaches the passes in one form.
 """
 from __future__ import annotations
 
+import functools
+from typing import Dict
+
 import torch
 from torch._decomp import get_decompositions
 
@@ -28,5 +31,12 @@ DECOMPOSED_OPS = {
 }
 
 
-def decomposition_table() -> dict:
+@functools.lru_cache(maxsize=None)
+def _table() -> Dict:
     return get_decompositions(list(DECOMPOSED_OPS))
+
+
+def decomposition_table() -> dict:
+    """A copy of the table (built once: each build walks torch's registry, ~4 ms, and every pattern
+    trace asks for it)."""
+    return dict(_table())

@@ -126,7 +126,7 @@ class Rewrite:
 def trace_aten(fn: Callable, args: Sequence[Any]) -> fx.GraphModule:
     """Trace `fn` the way the backend captures models: functional ATen, our decompositions."""
     with torch.no_grad():
-        gm = make_fx(torch.func.functionalize(fn), decomposition_table(), tracing_mode="real")(*args)
+        gm = make_fx(torch.func.functionalize(fn), decomposition_table(), tracing_mode="fake")(*args)
     canonicalize(gm)
     return gm
 
