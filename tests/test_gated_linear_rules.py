@@ -95,3 +95,20 @@ def test_broadcast_gate_is_refused_with_a_reason():
     (decode,) = [p for p in g.passes if p.name == "decode_linear"]
     assert any("broadcast gate" in line for line in decode.near_misses), decode.near_misses
     assert decode.matches == 2  # both linears plain
+
+
+def test_explain_shows_the_gated_linears_kernel_by_size():
+    """`kunlun-compile explain`'s linear table: a gated linear is its own row, with its own plan."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kunlun_compile.debug.explain import linear_paths
+
+    def step(x, gate, w, w2):
+        return torch.ops.kunlun.gated_linear(x, gate, w, "silu"), torch.ops.kunlun.linear(x, w2)
+
+    gm = make_fx(step)(torch.randn(1, 768), torch.randn(1, 768), torch.randn(2048, 768), torch.randn(2048, 768))
+    rows = {r["gated"]: r for r in linear_paths(gm, [1, 2, 4, 8])}
+    assert rows[True]["out_features"] == [2048] and rows[False]["out_features"] == [2048]
+    assert rows[True]["plans"][1] == "GEMV, 2 column(s) per program, K tile 1024, 4 warps, gated product in the prologue"
+    assert rows[False]["plans"][1] == "GEMV, 2 column(s) per program, K tile 1024, 2 warps"
+    assert rows[True]["plans"][4].startswith("F.linear (cuBLAS), with product / epilogue kernels")

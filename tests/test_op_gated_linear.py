@@ -13,6 +13,15 @@ from .conftest import rel_err
 from .op_helpers import DTYPE_TOL, DTYPES, PATHS, needs_interpreter, seeded
 
 
+def test_plan_is_the_linear_plan_with_four_warps_on_the_gemv():
+    """4 warps hide the prologue's extra loads (H100 sweep, NOTES v11); the path is kunlun::linear's."""
+    for rows, n, k in [(1, 2048, 4096), (1, 2048, 768), (8, 64, 2048), (4, 2048, 768), (17, 64, 64)]:
+        plain, gated = linear.plan_linear(rows, n, k), gated_linear.plan_gated_linear(rows, n, k)
+        assert gated.path == plain.path
+        assert gated == (replace(plain, num_warps=4) if plain.path == "gemv" else plain)
+    assert gated_linear.plan_gated_linear(1, 2048, 4096).num_warps == 4
+
+
 def _inputs(M, N, K, dtype, gen, epilogue):
     gate_up = torch.randn(M, 2 * K, generator=gen).to(dtype)  # gate | up in one row, as a fused gate_up_proj
     gate, x = gate_up[:, :K], gate_up[:, K:]

@@ -128,6 +128,7 @@ def _print_linear_paths(paths) -> None:
             else:
                 runs.append([size, size, plan])
         what = "linear" if len(m["out_features"]) == 1 else "linear group (one launch)"
+        what = "gated linear" if m.get("gated") else what
         shape = "+".join(map(str, m["out_features"]))
         print(f"\n{m['graph']}: {what} {shape}x{m['in_features']} (x{len(m['nodes'])}); kernel by tokens:")
         for lo, hi, plan in runs:

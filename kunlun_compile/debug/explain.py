@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 import torch.fx as fx
 
+from ..ops.gated_linear import plan_gated_linear
 from ..ops.linear import describe_linear_group
 from ..ops.moe_plan import plan_fused_moe
 from ..passes.fusion import FAMILY_RULES
@@ -56,18 +57,26 @@ def linear_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
+        gated = n.target is torch.ops.kunlun.gated_linear.default
         if n.target is torch.ops.kunlun.linear.default:
             ws = [n.args[1]]
-        elif n.target is torch.ops.kunlun.gated_linear.default:  # the GEMV plan, prologue/epilogue inside
+        elif gated:
             ws = [n.args[2]]
         elif n.target is torch.ops.kunlun.linear_group.default:
             ws = list(n.args[1])
         else:
             continue
         shapes = [w.meta["val"].shape for w in ws]
-        groups.setdefault((tuple(int(s[0]) for s in shapes), int(shapes[0][1])), []).append(n.name)
-    return [{"out_features": list(ns), "in_features": K, "nodes": names,
-             "plans": {m: describe_linear_group(m, ns, K) for m in sizes}} for (ns, K), names in groups.items()]
+        groups.setdefault((tuple(int(s[0]) for s in shapes), int(shapes[0][1]), gated), []).append(n.name)
+
+    def describe(m, ns, K, gated):
+        if not gated:
+            return describe_linear_group(m, ns, K)
+        plan = plan_gated_linear(m, ns[0], K)
+        return plan.describe() + (", gated product in the prologue" if plan.path == "gemv" else
+                                  ", with product / epilogue kernels around it")
+    return [{"out_features": list(ns), "in_features": K, "gated": gated, "nodes": names,
+             "plans": {m: describe(m, ns, K, gated) for m in sizes}} for (ns, K, gated), names in groups.items()]
 
 
 def _guard_checks(rule) -> Dict[str, List[str]]:
