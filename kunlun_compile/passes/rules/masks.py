@@ -117,7 +117,8 @@ def _mask_rule(window: bool, padding: bool, additive: bool, dtype: torch.dtype) 
                                                          dtype=dtype, **p),
                    example_inputs=inputs, constants={"sliding_window": _WINDOW} if window else {},
                    guard=lambda b: _mask_guard(b, window, padding), dtypes=(dtype,) if additive else (),
-                   needs=(aten.le.Tensor,))
+                   needs=(aten.le.Tensor,) + ((aten.masked_fill.Scalar,) if additive else ()) +
+                   ((aten.lt.Scalar,) if window else ()) + ((aten.bitwise_and.Tensor,) if window or padding else ()))
 
 
 # additive masks first: a bool rule would otherwise take the `allowed` part of one

@@ -100,6 +100,15 @@ def _replace(*tensors, scoring, grouping, renormalize, scaled, top_k, num_groups
                                      scale if scaled else 1.0)
 
 
+def _needs(scoring: str, grouping: str, renormalize: bool) -> tuple:
+    """Ops each variant's pattern has (tests/test_rule_needs.py checks it): a graph without them
+    is not searched, so e.g. a softmax router's graph does not trace the 16 sigmoid variants."""
+    return ((aten.topk.default, aten._softmax.default if scoring == "softmax" else aten.sigmoid.default) +
+            ((aten.gather.default,) if grouping != "none" else ()) +
+            ((aten.scatter.value,) if grouping.startswith("groups") else ()) +
+            ((aten.sum.dim_IntList,) if renormalize else ()))
+
+
 def _rule(scoring, grouping, renormalize, scaled) -> Rewrite:
     name = f"{scoring}_{grouping}{'_renorm' if renormalize else ''}{'_scaled' if scaled else ''}"
     flags = dict(scoring=scoring, grouping=grouping, renormalize=renormalize, scaled=scaled)
@@ -113,7 +122,7 @@ def _rule(scoring, grouping, renormalize, scaled) -> Rewrite:
     return Rewrite(family="moe_gate", name=name, search=search,
                    replace=lambda *t, **p: _replace(*t, **flags, **p),
                    example_inputs=inputs, constants={"scale": SCALE} if scaled else {},
-                   guard=lambda b: _guard(b, **flags), needs=(aten.topk.default,))
+                   guard=lambda b: _guard(b, **flags), needs=_needs(scoring, grouping, renormalize))
 
 
 def _hf_rule(renormalize: bool) -> Rewrite:
@@ -124,7 +133,8 @@ def _hf_rule(renormalize: bool) -> Rewrite:
     return Rewrite(family="moe_gate", name="hf_topk_router" + ("" if renormalize else "_unnormalized"),
                    search=hf_router if renormalize else hf_router_unnormalized, replace=replace,
                    example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
-                   guard=lambda b: _guard(b, "softmax", "none", renormalize, False), needs=(aten.topk.default,))
+                   guard=lambda b: _guard(b, "softmax", "none", renormalize, False),
+                   needs=_needs("softmax", "none", renormalize))
 
 
 _COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigmoid", "bias"),

@@ -171,7 +171,10 @@ def _rule(gated: bool, norm: str, neox: bool, partial: bool) -> Rewrite:
                    example_inputs=lambda dtype: _example_inputs(dtype, norm, gated, partial),
                    constants={"eps": EPS} if norm != "none" else {},
                    guard=lambda b: _guard(b, norm, gated, partial),
-                   needs=(aten.split_with_sizes.default, aten.index_select.default))
+                   # GPT-J pairs are stacked, a gate's chunk is copied, a norm has rsqrt (checked in tests)
+                   needs=(aten.split_with_sizes.default, aten.index_select.default) +
+                   (() if neox else (aten.stack.default,)) + ((aten.clone.default,) if gated else ()) +
+                   ((aten.rsqrt.default,) if norm != "none" else ()))
 
 
 RULES = [_rule(gated, norm, neox, partial)
