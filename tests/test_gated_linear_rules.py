@@ -97,6 +97,33 @@ def test_broadcast_gate_is_refused_with_a_reason():
     assert decode.matches == 2  # both linears plain
 
 
+class BroadcastResiduals(nn.Module):
+    """A residual that is a bias vector and a gate with one value per element: neither is the epilogue's
+    form, so the residual rules refuse and the SwiGLU still goes into the down projection."""
+
+    def __init__(self, h=32, i=24):
+        super().__init__()
+        self.gate_up = nn.Linear(h, 2 * i, bias=False)
+        self.down = nn.Linear(i, h, bias=False)
+        self.down2 = nn.Linear(i, h, bias=False)
+        self.shift = nn.Parameter(torch.randn(h))
+
+    def forward(self, x, t):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        a = self.shift + self.down(F.silu(g) * u)
+        b = x + torch.sigmoid(t) * self.down2(F.silu(u) * g)
+        return a, b
+
+
+def test_broadcast_residuals_are_refused_and_the_prologue_still_fuses():
+    m = BroadcastResiduals().eval().requires_grad_(False)
+    g = _run(m, torch.randn(1, 32), torch.randn(1, 32))
+    (decode,) = [p for p in g.passes if p.name == "decode_linear"]
+    assert any("addend (32,) is not the output's shape" in line for line in decode.near_misses), decode.near_misses
+    assert any("is not one value per row" in line for line in decode.near_misses), decode.near_misses
+    assert decode.code_after.count("kunlun.gated_linear") == 2 and "'silu', None, " not in decode.code_after
+
+
 def test_explain_shows_the_gated_linears_kernel_by_size():
     """`kunlun-compile explain`'s linear table: a gated linear is its own row, with its own plan."""
     from torch.fx.experimental.proxy_tensor import make_fx

@@ -3,10 +3,11 @@ gated product (SwiGLU, an attention output gate), with or without a gated residu
 (Qwen3-Next's shared expert) -> kunlun::gated_linear.
 
 Both ops run a GEMV at decode row counts and cuBLAS otherwise (`ops.linear.plan_linear`), so the
-rewrites only refuse where the sizes are static and the plan is cuBLAS anyway.  The gated forms go
-first: the plain rule would take their linear.  It goes after every
-other family: their patterns may start at a projection's output, and a router's logits must
-still be a plain mm when the moe_gate rules look at them.
+rewrites only refuse where the sizes are static and the plan is cuBLAS anyway.  Within the family
+the gated forms go first (the plain rule would take their linear), the larger before the smaller
+(a refused residual leaves the gated product to the next rule).  The family goes after every other
+one: their patterns may start at a projection's output, and a router's logits must still be a
+plain mm when the moe_gate rules look at them.
 """
 from __future__ import annotations
 
