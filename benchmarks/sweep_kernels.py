@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_mid,moe_decode,linear,gated_linear]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_persistent,moe_mid,moe_decode,linear,gated_linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -32,6 +32,70 @@ def rel(a, b):
 def label_of(p):
     return (f"moe M={p.pairs // 8} {p.block_m}x{p.block_n}x{p.block_k} w{p.num_warps} s{p.num_stages} g{p.group_m} "
             f"sorted{int(p.sorted_act)} gemm2 {p.gemm2 or 'same'} tma{int(p.tma)}")
+
+
+def kernel_profile(fn, calls=10):
+    """ms per launch of each kernel `fn` runs, in launch order (GEMM1 and GEMM2 share a kernel name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [ev for ev in prof.events() if ev.device_type.name == "CUDA"]
+    per_call = len(events) // calls
+    return {f"{i} {ev.name[:50]}": sum(e.device_time for e in events[i::per_call]) / calls / 1000
+            for i, ev in enumerate(events[:per_call])}
+
+
+def moe_persistent_sweep():
+    """M=8192 and M=1024 (E=128, top-8, H=2048, I=768): experts' last rows in half-height units
+    (tail_m) and GEMM2 on persistent programs (one per SM, tile and K loops flattened into one
+    pipeline) against v9's plan, each variant profiled per kernel.  CUDA-graph replay."""
+    from triton.testing import do_bench_cudagraph
+
+    from bench_ops import matmul_tflops
+
+    E, H, I, k = 128, 2048, 768, 8
+    tflops = matmul_tflops()
+    res = {"bf16_matmul_TFLOPs": tflops}
+    print(f"matmul {tflops:.0f} TFLOP/s", flush=True)
+    w13 = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device=dev) / I ** 0.5).to(torch.bfloat16)
+    # MOE_VARIANTS=0,3 runs those only (a compile that hangs then costs one process, not the sweep)
+    picked = os.environ.get("MOE_VARIANTS")
+    for M in (8192, 1024):
+        floor = 2 * M * k * 3 * H * I / (tflops * 1e9)
+        x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
+        tw, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device=dev), k, "softmax", True, 1, 1, None, 1.0)
+        want = fused_moe.reference(x, w13, w2, tw, ids)
+        base = replace(plan_fused_moe(M, k, E), persistent=False, tail_m=0)
+        tail = base.block_m // 2
+        if base.gemm2:
+            g2s3 = base.gemm2[:3] + (3,)
+            variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, gemm2=g2s3, persistent=True),
+                        replace(base, gemm2=g2s3, persistent=True), replace(base, gemm2=g2s3),
+                        replace(base, tail_m=tail, gemm2=g2s3), replace(base, tail_m=tail, persistent=True)]
+        else:
+            variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, persistent=True)]
+        variants = [variants[int(i)] for i in picked.split(",") if int(i) < len(variants)] if picked else variants
+        for plan in variants:
+            label = label_of(plan) + f" persistent{int(plan.persistent)} tail{plan.tail_m}"
+            try:
+                err = rel(fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), want)
+                assert err < 8e-3, err
+                t = do_bench_cudagraph(lambda: fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), rep=200)
+                kernels = kernel_profile(lambda: fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan))
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded, not fatal
+                t, err, kernels = None, repr(e)[:300], {}
+            gemms = [round(v, 4) for name, v in kernels.items() if "gemm" in name]
+            res[label] = {"ms": t, "err": err, "x_floor": t and t / floor, "kernels_ms": kernels,
+                          "plan": plan.as_dict()}
+            print(f"{label}: {t} ms ({t / floor if t else float('nan'):.2f}x floor, err {err}) GEMMs {gemms} "
+                  f"sum of kernels {sum(kernels.values()):.4f}", flush=True)
+    return res
 
 
 def moe_mid_sweep():
@@ -115,20 +179,8 @@ def moe_sweep():
         if t is not None and (best is None or t < best[0]):
             best = (t, plan)
     res["moe M=8192 sort_pairs graph ms"] = do_bench_cudagraph(lambda: sort_pairs(ids, E, 128, "block-histogram"))
-    from torch.profiler import ProfilerActivity, profile
-
     plan = best[1]
-    fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan)
-        torch.cuda.synchronize()
-    kernels = {}  # per launch, in order (GEMM1 and GEMM2 share a kernel name)
-    events = [ev for ev in prof.events() if ev.device_type.name == "CUDA"]
-    per_call = len(events) // 10
-    for i, ev in enumerate(events[:per_call]):
-        kernels[f"{i} {ev.name[:50]}"] = sum(e.device_time for e in events[i::per_call]) / 10 / 1000
+    kernels = kernel_profile(lambda: fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan))
     print(f"best plan {label_of(plan)} per-kernel ms:", json.dumps(kernels, indent=0), flush=True)
     res["moe M=8192 best kernels ms"] = kernels
     return res
@@ -332,7 +384,7 @@ if __name__ == "__main__":
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
         out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
-                    "moe_decode": moe_decode_sweep, "linear": linear_sweep,
+                    "moe_decode": moe_decode_sweep, "moe_persistent": moe_persistent_sweep, "linear": linear_sweep,
                     "gated_linear": gated_linear_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:

@@ -175,12 +175,20 @@ FORCED_PLANS = [
     MoePlan("large", 0, "block-histogram", True, 16, 32, 32, 4, 2, gemm2=(16, 16, 4), group_m=4, sorted_act=True),
     MoePlan("medium", 0, "argsort", False, 16, 16, 16, 4, 2, group_m=2, sorted_act=True),
     MoePlan("large", 0, "block-histogram", True, 16, 16, 16, 4, 2, group_m=4, sorted_act=True, tma=True),
+    # persistent programs (3 on the CPU) walking the tiles: sorted and unsorted GEMM2 input, swizzled or not
+    MoePlan("large", 0, "block-histogram", True, 16, 16, 16, 4, 2, group_m=4, sorted_act=True, tma=True,
+            persistent=True),
+    MoePlan("medium", 0, "argsort", False, 16, 32, 32, 4, 2, persistent=True),
+    # experts' last rows in 8-row units (a second launch per GEMM), with and without persistent GEMM2
+    MoePlan("large", 0, "block-histogram", True, 16, 16, 16, 4, 2, group_m=4, sorted_act=True, tma=True,
+            tail_m=8),
+    MoePlan("large", 0, "block-histogram", True, 32, 16, 16, 4, 2, sorted_act=True, persistent=True, tail_m=16),
 ]
 
 
 def plan_id(p):
     return (f"{p.routing}-fused{int(p.swiglu_fused)}-bm{p.block_m}" + (f"-g{p.group_m}-sorted" if p.group_m else "")
-            + ("-tma" if p.tma else ""))
+            + ("-tma" if p.tma else "") + ("-persistent" if p.persistent else "") + (f"-tail{p.tail_m}" if p.tail_m else ""))
 
 
 # H, I not multiples of the tiles (masked loads) in every dtype; multiples (the grouped GEMM's unmasked
@@ -226,26 +234,45 @@ def test_fused_moe_matches_the_model_experts_bf16():
 @needs_interpreter
 @pytest.mark.parametrize("routing", ["argsort", "block-histogram"])
 @pytest.mark.parametrize("M", [300, 4500])  # 4500 x 2 pairs: 71 histogram blocks, more than one prefix tile
-def test_sort_pairs_blocks(routing, M):
+@pytest.mark.parametrize("tail_m", [0, 8])
+def test_sort_pairs_units(routing, M, tail_m):
     gen = seeded("sort", routing, M)
     E, k, bm = 12, 2, 16
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).to(torch.int32)
+    ids[:7, 0] = 5  # expert 5 gets a run that ends a few rows past a full block, so it has a tail
+    ids[:7, 1] = 6
     with cpu_kernels(True):
-        sorted_pairs, block_expert = sort_pairs(ids, E, bm, routing)
+        routed = sort_pairs(ids, E, bm, routing, tail_m)
     P = M * k
     flat = ids.flatten()
-    real = sorted_pairs[sorted_pairs < P]
+    real = routed.pairs[routed.pairs < P]
     assert sorted(real.tolist()) == list(range(P))  # every pair exactly once
-    for b, e in enumerate(block_expert.tolist()):
-        block = sorted_pairs[b * bm:(b + 1) * bm]
-        block = block[block < P].long()
-        if e < 0:
-            assert block.numel() == 0
-        else:
-            assert (flat[block] == e).all() and block.numel() > 0
-            assert (block.diff() > 0).all()  # stable: pairs of an expert keep their order
-    used = (block_expert >= 0).sum().item()
-    assert used == sum(-(-int((flat == e).sum()) // bm) for e in range(E))
+    num_big, num_tail = routed.num_units.tolist()
+    experts, starts = routed.unit_expert.tolist(), routed.unit_start.tolist()
+    covered = []
+    for u, (e, start) in enumerate(zip(experts, starts)):
+        big = u < routed.max_big
+        in_use = u < num_big if big else u - routed.max_big < num_tail
+        assert (e >= 0) == in_use, (u, e)
+        if not in_use:
+            continue
+        rows = bm if big else tail_m
+        unit = routed.pairs[start:start + rows]
+        pairs = unit[unit < P].long()
+        assert pairs.numel() > 0 and (flat[pairs] == e).all()
+        covered += list(range(start, start + rows))
+    assert sorted(covered) == sorted(set(covered))  # units do not overlap
+    assert set(torch.nonzero(routed.pairs < P).flatten().tolist()) <= set(covered)  # and hold every pair
+    counts = torch.bincount(flat.long(), minlength=E)
+    if tail_m:  # an expert whose last rows fit in a tail has one, and a tail holds at most tail_m pairs
+        assert num_tail == int(((counts % bm > 0) & (counts % bm <= tail_m)).sum())
+    else:
+        assert num_tail == 0 and num_big == int(((counts + bm - 1) // bm).sum())
+
+
+def test_sort_pairs_refuses_a_tail_not_below_the_block():
+    with pytest.raises(ValueError, match="tail_m"):
+        sort_pairs(torch.zeros(4, 2, dtype=torch.int32), 4, 16, "argsort", 16)
 
 
 def test_fused_moe_ids_out_of_range():

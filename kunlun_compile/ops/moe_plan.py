@@ -48,7 +48,7 @@ class MoePlan:
     block_k: int
     num_warps: int
     num_stages: int
-    # GEMM2's tile (block_n, block_k, num_warps) when it differs from GEMM1's
+    # GEMM2's tile (block_n, block_k, num_warps[, num_stages]) when it differs from GEMM1's
     gemm2: tuple = ()
     # sorted routing only: > 0 launches a 1-D grid where group_m neighbouring blocks sweep their
     # column blocks together; sorted_act makes GEMM1 write the SwiGLU output in sorted order
@@ -56,6 +56,12 @@ class MoePlan:
     sorted_act: bool = False
     # weight tiles (and GEMM2's sorted A tiles) through tensor descriptors (TMA) where tiles are whole
     tma: bool = False
+    # sorted routing only: GEMM2's block_m-row units on one program per SM (tile and K loops flattened
+    # into one pipeline)
+    persistent: bool = False
+    # sorted routing only, > 0: an expert's last rows, when at most tail_m, get a tail_m-row unit (a second
+    # launch per GEMM) instead of a padded block_m-row one
+    tail_m: int = 0
 
     def gemm2_tiles(self) -> tuple:
         return self.gemm2 or (self.block_n, self.block_k, self.num_warps)
@@ -68,12 +74,17 @@ class MoePlan:
         tiles = f"tiles {self.block_m}x{self.block_n}x{self.block_k}, {self.num_warps} warps"
         if self.gemm2 and self.routing != "per-pair":
             tiles += f", GEMM2 {self.block_m}x{self.gemm2[0]}x{self.gemm2[1]}/{self.gemm2[2]} warps"
+            tiles += f"/{self.gemm2[3]} stages" if len(self.gemm2) > 3 else ""
         if self.group_m:
             tiles += f", grid swizzled by {self.group_m} blocks"
         if self.sorted_act:
             tiles += ", SwiGLU output kept in sorted order"
         if self.tma:
             tiles += ", TMA descriptors"
+        if self.tail_m and self.routing not in ("per-pair", "scan"):
+            tiles += f", experts' last rows in {self.tail_m}-row tiles"
+        if self.persistent and self.routing not in ("per-pair", "scan"):
+            tiles += ", GEMM2 on persistent programs"
         if self.routing == "per-pair":
             bn, bk, warps = self.gemm2_tiles()
             tiles = (f"GEMV tiles {self.block_n}x{self.block_k}/{self.num_warps} warps, "
@@ -123,10 +134,14 @@ def fit_shared_memory(plan: MoePlan, element_size: int) -> MoePlan:
 
     def need(p: MoePlan) -> int:
         b_tiles = 2 if p.swiglu_fused else 1  # gate and up tiles side by side
-        gemm1 = (p.block_m + b_tiles * p.block_n) * p.block_k
-        gemm2 = (p.block_m + p.gemm2[0]) * p.gemm2[1] if p.gemm2 and p.routing != "per-pair" else 0
-        return max(gemm1, gemm2) * element_size * p.num_stages
+        gemm1 = (p.block_m + b_tiles * p.block_n) * p.block_k * p.num_stages
+        gemm2 = 0
+        if p.gemm2 and p.routing != "per-pair":
+            gemm2 = (p.block_m + p.gemm2[0]) * p.gemm2[1] * (p.gemm2[3] if len(p.gemm2) > 3 else p.num_stages)
+        return max(gemm1, gemm2) * element_size
 
+    if len(plan.gemm2) > 3 and need(plan) > SHARED_MEMORY_BUDGET:  # GEMM2 then follows the plan's stages
+        plan = replace(plan, gemm2=plan.gemm2[:3])
     while need(plan) > SHARED_MEMORY_BUDGET and plan.num_stages > 2:
         plan = replace(plan, num_stages=plan.num_stages - 1)
     while need(plan) > SHARED_MEMORY_BUDGET and plan.block_k > 32:
