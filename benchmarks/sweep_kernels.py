@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_persistent,moe_mid,moe_decode,linear,gated_linear]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_tails,moe_mid,moe_decode,linear,gated_linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -50,10 +50,9 @@ def kernel_profile(fn, calls=10):
             for i, ev in enumerate(events[:per_call])}
 
 
-def moe_persistent_sweep():
+def moe_tails_sweep():
     """M=8192 and M=1024 (E=128, top-8, H=2048, I=768): experts' last rows in half-height units
-    (tail_m) and GEMM2 on persistent programs (one per SM, tile and K loops flattened into one
-    pipeline) against v9's plan, each variant profiled per kernel.  CUDA-graph replay."""
+    (tail_m) against v9's plan, each variant profiled per kernel.  CUDA-graph replay."""
     from triton.testing import do_bench_cudagraph
 
     from bench_ops import matmul_tflops
@@ -71,18 +70,13 @@ def moe_persistent_sweep():
         x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
         tw, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device=dev), k, "softmax", True, 1, 1, None, 1.0)
         want = fused_moe.reference(x, w13, w2, tw, ids)
-        base = replace(plan_fused_moe(M, k, E), persistent=False, tail_m=0)
+        base = replace(plan_fused_moe(M, k, E), tail_m=0)
         tail = base.block_m // 2
-        if base.gemm2:
-            g2s3 = base.gemm2[:3] + (3,)
-            variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, gemm2=g2s3, persistent=True),
-                        replace(base, gemm2=g2s3, persistent=True), replace(base, gemm2=g2s3),
-                        replace(base, tail_m=tail, gemm2=g2s3), replace(base, tail_m=tail, persistent=True)]
-        else:
-            variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, persistent=True)]
+        variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, group_m=16),
+                    replace(base, tail_m=tail, group_m=4)]
         variants = [variants[int(i)] for i in picked.split(",") if int(i) < len(variants)] if picked else variants
         for plan in variants:
-            label = label_of(plan) + f" persistent{int(plan.persistent)} tail{plan.tail_m}"
+            label = label_of(plan) + f" tail{plan.tail_m}"
             try:
                 err = rel(fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), want)
                 assert err < 8e-3, err
@@ -384,7 +378,7 @@ if __name__ == "__main__":
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
         out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
-                    "moe_decode": moe_decode_sweep, "moe_persistent": moe_persistent_sweep, "linear": linear_sweep,
+                    "moe_decode": moe_decode_sweep, "moe_tails": moe_tails_sweep, "linear": linear_sweep,
                     "gated_linear": gated_linear_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:

@@ -155,19 +155,26 @@ def test_attention_mask_cuda(dtype):
         assert torch.equal(torch.ops.kunlun.attention_mask(*args), attention_mask.reference(*args))
 
 
+@pytest.mark.parametrize("tail_m", [0, 64])  # 64: experts' last rows in half-height units
 @pytest.mark.parametrize("dtype,H,I", [(torch.float16, 2048, 768), (torch.float32, 1024, 384),
                                        (torch.bfloat16, 1000, 500)])  # last: tiles not whole (no TMA)
-def test_fused_moe_large_path_cuda(dtype, H, I):
+def test_fused_moe_large_path_cuda(dtype, H, I, tail_m):
+    from dataclasses import replace
+
     from kunlun_compile.ops import fused_moe
     from kunlun_compile.ops.moe_plan import plan_fused_moe
 
     M, E, k = 4096, 64, 4  # 256 pairs per expert: the large plan with its swizzled grid and descriptors
-    assert plan_fused_moe(M, k, E).tma
+    plan = plan_fused_moe(M, k, E)
+    assert plan.tma
     x = torch.randn(M, H, device="cuda", dtype=dtype)
     w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
     w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
     w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
-    got = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
+    if tail_m:
+        got = fused_moe.triton_impl(x, w13, w2, w, ids, plan=replace(plan, tail_m=tail_m))
+    else:
+        got = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
     exact = fused_moe.reference(x.double(), w13.double(), w2.double(), w.double(), ids)
     assert not got.isnan().any()
     assert rel_err(got, exact) < (1e-4 if dtype == torch.float32 else 1e-2)

@@ -19,7 +19,6 @@ stays capturable) the token it belongs to gets NaN.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -162,18 +161,21 @@ def _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, sl
 
 @kernel
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, unit_expert_ptr, unit_start_ptr,
-                     a_desc, w_desc, M, N, K, num_blocks, first_unit, w_rows, a_stride, w_stride_e, w_stride_n,
-                     out_stride,
+                     unit_rows_ptr, a_desc, a_tail_desc, w_desc, M, N, K, num_blocks, w_rows, a_stride, w_stride_e,
+                     w_stride_n, out_stride,
                      TOP_K: tl.constexpr, SCAN: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr,
                      SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                      A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr, GROUP_M: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr, PDL: tl.constexpr):
+                     BM: tl.constexpr, TM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKK: tl.constexpr,
+                     PDL: tl.constexpr):
     """One program per output tile (`_moe_tile`) for one expert's rows.
 
     SCAN: program (expert, n-block, token chunk) finds its rows in the [M, k] id table.
-    else: program (block, n-block) takes unit first_unit + block of the expert-sorted pairs (BM rows
-    from its start slot); with GROUP_M > 0 the grid is one-dimensional and swizzled (`_swizzled_tile`).
+    else: program (unit, n-block) takes a unit of expert-sorted pairs (`moe_routing.SortedPairs`): BM
+    rows from its start slot, or TM (> 0) rows for an expert's tail unit, a second instance of the
+    tile code with its own shapes (and, TMA_A, its own descriptor); with GROUP_M > 0 the grid is
+    one-dimensional and swizzled (`_swizzled_tile`).
     A rows are tokens (GEMM1: x), pairs (GEMM2: the SwiGLU output), or, A_SORTED, the block's own
     slots (GEMM2 reading an output GEMM1 wrote in sorted order, OUT_SORTED: contiguous tiles).
     SWIGLU: W rows n and n + N are gate and up; the output is silu(gate) * up.
@@ -205,44 +207,27 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, unit_ex
         pair = tok * TOP_K + tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
         active = tl.sum(row_ok.to(tl.int32), axis=0) > 0
     else:
-        e = tl.load(unit_expert_ptr + first_unit + pid0)
-        start = tl.load(unit_start_ptr + first_unit + pid0)
-        slot = start + r
-        pair = tl.load(sorted_ptr + slot, mask=(r * 0 + e) >= 0, other=P)  # past the end: no valid slot
-        row_ok = pair < P
-        active = e >= 0
-    if active:
-        _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
-                  N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR, SWIGLU, SCALE,
-                  IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
-
-
-@kernel
-def _moe_gemm_persistent_kernel(a_ptr, w_ptr, out_ptr, tw_ptr, sorted_ptr, unit_expert_ptr, unit_start_ptr,
-                                num_units_ptr,
-                                a_desc, w_desc, M, N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride,
-                                TOP_K: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr,
-                                SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                                A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr, GROUP_M: tl.constexpr,
-                                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA_A: tl.constexpr,
-                                TMA_W: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BM: tl.constexpr,
-                                BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    """The sorted routing's BM-row units on NUM_PROGRAMS programs (one per SM), each walking the
-    swizzled tile order with stride NUM_PROGRAMS.  Only units in use are walked (their count is read
-    on the device, so no host sync).  The tile loop and the K loop are flattened into one
-    software pipeline: the next tile's first loads are in flight during this tile's epilogue,
-    which a one-tile program cannot overlap."""
-    wait_for_producers(PDL)
-    P = M * TOP_K
-    num_blocks = tl.load(num_units_ptr)
-    r = tl.arange(0, BM)
-    for t in tl.range(tl.program_id(0), num_blocks * tl.cdiv(N, BN), NUM_PROGRAMS, flatten=True):
-        pid0, pid_n = _swizzled_tile(t, num_blocks, N, BN, GROUP_M)
         e = tl.load(unit_expert_ptr + pid0)
         start = tl.load(unit_start_ptr + pid0)
+        rows = tl.load(unit_rows_ptr + pid0)
         slot = start + r
-        pair = tl.load(sorted_ptr + slot)
-        _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, pair < P,
+        # a unit past the end has no valid slots, and a tail's slots end at start + TM
+        pair = tl.load(sorted_ptr + slot, mask=(r < rows) & ((r * 0 + e) >= 0), other=P)
+        row_ok = pair < P
+        active = e >= 0
+    if TM > 0:  # (a static branch: with TM = 0 the tail instance is not compiled at all)
+        if active & (rows < BM):
+            slot_t = start + tl.arange(0, TM)
+            pair_t = tl.load(sorted_ptr + slot_t)
+            _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_tail_desc, w_desc, e, start, pid_n, slot_t, pair_t,
+                      pair_t < P, N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR,
+                      SWIGLU, SCALE, IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, TM, BN, BK)
+        elif active:
+            _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
+                      N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR, SWIGLU, SCALE,
+                      IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
+    elif active:
+        _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
                   N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR, SWIGLU, SCALE,
                   IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
 
@@ -355,78 +340,41 @@ def _sum_pairs_kernel(pairs_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BK
 
 def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: int, top_k: int, *,
           a_by_pair: bool, swiglu: bool, scale: bool, a_sorted: bool = False, out_sorted: bool = False,
-          tiles: Optional[tuple] = None, persistent: bool = False):
-    """One grouped GEMM: a launch over the plan's block_m-row units and, with tails, one over the
-    tail_m-row units; `persistent` runs the first on one program per SM."""
-    if plan.routing == "scan":
-        _launch_gemm(a, w, out, topk_ids, topk_weights, routing, plan, M, N, top_k, plan.block_m, tiles,
-                     a_by_pair=a_by_pair, swiglu=swiglu, scale=scale, a_sorted=a_sorted, out_sorted=out_sorted)
-        return
-    units = [(plan.block_m, 0, routing.max_big, persistent)]
-    if plan.tail_m:
-        units.append((plan.tail_m, routing.max_big, routing.unit_expert.numel() - routing.max_big, False))
-    for block_m, first_unit, num_units, persistent in units:
-        _launch_gemm(a, w, out, topk_ids, topk_weights, routing, plan, M, N, top_k, block_m, tiles,
-                     first_unit=first_unit, num_units=num_units, persistent=persistent, a_by_pair=a_by_pair,
-                     swiglu=swiglu, scale=scale, a_sorted=a_sorted, out_sorted=out_sorted)
-
-
-def _launch_gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: int, top_k: int,
-                 block_m: int, tiles: Optional[tuple], *, a_by_pair: bool, swiglu: bool, scale: bool,
-                 a_sorted: bool, out_sorted: bool, first_unit: int = 0, num_units: int = 0,
-                 persistent: bool = False):
+          tiles: Optional[tuple] = None):
     E, K = w.shape[0], w.shape[2]
     block_n, block_k, warps, *stages = tiles or (plan.block_n, plan.block_k, plan.num_warps)
     stages = stages[0] if stages else plan.num_stages
     n_blocks = triton.cdiv(N, block_n)
+    tail_m = plan.tail_m if plan.routing != "scan" else 0
+    if plan.routing == "scan":
+        grid = (E, n_blocks, triton.cdiv(M, plan.block_m))
+        sorted_pairs = unit_expert = unit_start = unit_rows = topk_ids
+        num_units, group_m = E, 0
+    else:
+        sorted_pairs, unit_expert, unit_start, unit_rows = routing[:4]
+        num_units, group_m = unit_expert.numel(), plan.group_m
+        grid = (num_units * n_blocks,) if group_m else (num_units, n_blocks, 1)
     on_cpu = a.device.type == "cpu"
     even_k, even_n = K % block_k == 0, N % block_n == 0
     # descriptors need whole tiles (a W tile past N would read the next expert's rows) and aligned rows
     tma = (plan.tma and even_k and even_n and (K * a.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
            and a.data_ptr() % 16 == 0)
-    a_desc = w_desc = None
+    a_desc = a_tail_desc = w_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w_desc = TensorDescriptor.from_tensor(w.view(E * w.shape[1], K), [block_n, block_k])
         if a_sorted:
-            a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
-    common = dict(TOP_K=top_k, A_BY_PAIR=a_by_pair, SWIGLU=swiglu, SCALE=scale,
-                  IEEE=a.dtype == torch.float32 or on_cpu, UPCAST=on_cpu, A_SORTED=a_sorted, OUT_SORTED=out_sorted,
-                  EVEN_K=even_k, EVEN_N=even_n, TMA_A=a_desc is not None, TMA_W=w_desc is not None,
-                  BM=block_m, BN=block_n, BK=block_k, num_warps=warps, num_stages=stages)
-    if persistent:
-        programs = min(num_units * n_blocks, persistent_programs(a.device))
-        _moe_gemm_persistent_kernel.on(a.device)[(programs,)](
-            a, w, out, topk_weights, routing.pairs, routing.unit_expert, routing.unit_start, routing.num_units,
-            a_desc, w_desc, M, N, K, w.shape[1], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-            GROUP_M=max(plan.group_m, 1), NUM_PROGRAMS=programs, **common)
-        return
-    if plan.routing == "scan":
-        grid = (E, n_blocks, triton.cdiv(M, block_m))
-        sorted_pairs = unit_expert = unit_start = topk_ids
-        num_units, group_m = E, 0
-    else:
-        sorted_pairs, unit_expert, unit_start = routing.pairs, routing.unit_expert, routing.unit_start
-        group_m = plan.group_m
-        grid = (num_units * n_blocks,) if group_m else (num_units, n_blocks, 1)
+            a_desc = TensorDescriptor.from_tensor(a, [plan.block_m, block_k])
+            a_tail_desc = TensorDescriptor.from_tensor(a, [tail_m, block_k]) if tail_m else a_desc
     _moe_gemm_kernel.on(a.device)[grid](
-        a, w, out, topk_ids, topk_weights, sorted_pairs, unit_expert, unit_start, a_desc, w_desc,
-        M, N, K, num_units, first_unit, w.shape[1], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        SCAN=plan.routing == "scan", GROUP_M=group_m, BKK=triton.next_power_of_2(top_k), **common)
-
-
-def persistent_programs(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM on a GPU; a few on the CPU, so the interpreter
-    walks the tile loop with a stride."""
-    if device.type == "cpu":
-        return 3
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+        a, w, out, topk_ids, topk_weights, sorted_pairs, unit_expert, unit_start, unit_rows, a_desc, a_tail_desc,
+        w_desc, M, N, K, num_units, w.shape[1], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        TOP_K=top_k, SCAN=plan.routing == "scan", A_BY_PAIR=a_by_pair, SWIGLU=swiglu, SCALE=scale,
+        IEEE=a.dtype == torch.float32 or on_cpu, UPCAST=on_cpu, A_SORTED=a_sorted, OUT_SORTED=out_sorted,
+        GROUP_M=group_m, EVEN_K=even_k, EVEN_N=even_n, TMA_A=a_desc is not None, TMA_W=w_desc is not None,
+        BM=plan.block_m, TM=tail_m, BN=block_n, BK=block_k, BKK=triton.next_power_of_2(top_k),
+        num_warps=warps, num_stages=stages)
 
 
 def _per_pair_impl(x, w13, w2, tw, ids, plan: MoePlan, out):
@@ -486,7 +434,7 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
         _silu_mul_kernel.on(x.device)[(act.shape[0], triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
     per_pair = x.new_empty(P, H)
     _gemm(act, w2, per_pair, ids, tw, routing, plan, M, H, top_k, a_by_pair=True, swiglu=False, scale=True,
-          a_sorted=sorted_act, tiles=plan.gemm2 or None, persistent=plan.persistent)
+          a_sorted=sorted_act, tiles=plan.gemm2 or None)
     _sum_pairs_kernel.on(x.device)[(M, triton.cdiv(H, 1024))](
         per_pair, ids, out, H, E, TOP_K=top_k, BKK=triton.next_power_of_2(top_k), BLOCK=1024)
     return out

@@ -56,11 +56,8 @@ class MoePlan:
     sorted_act: bool = False
     # weight tiles (and GEMM2's sorted A tiles) through tensor descriptors (TMA) where tiles are whole
     tma: bool = False
-    # sorted routing only: GEMM2's block_m-row units on one program per SM (tile and K loops flattened
-    # into one pipeline)
-    persistent: bool = False
-    # sorted routing only, > 0: an expert's last rows, when at most tail_m, get a tail_m-row unit (a second
-    # launch per GEMM) instead of a padded block_m-row one
+    # sorted routing only, > 0: an expert's last rows, when at most tail_m, get a tail_m-row unit (next to
+    # the expert's other units, same launch) instead of a padded block_m-row one
     tail_m: int = 0
 
     def gemm2_tiles(self) -> tuple:
@@ -83,8 +80,6 @@ class MoePlan:
             tiles += ", TMA descriptors"
         if self.tail_m and self.routing not in ("per-pair", "scan"):
             tiles += f", experts' last rows in {self.tail_m}-row tiles"
-        if self.persistent and self.routing not in ("per-pair", "scan"):
-            tiles += ", GEMM2 on persistent programs"
         if self.routing == "per-pair":
             bn, bk, warps = self.gemm2_tiles()
             tiles = (f"GEMV tiles {self.block_n}x{self.block_k}/{self.num_warps} warps, "
@@ -113,8 +108,9 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
         # M=8192 sweep (benchmarks/NOTES.md v9): 1.92 ms as v2's 128x128x64 s3 on a 2-D grid; the swizzled
         # grid, GEMM1 writing its output in sorted order and GEMM2 on 128x256 tiles 1.54; descriptors
         # (TMA) for the weights and GEMM2's A and 4 stages 1.48 (group 4/8/16 within noise)
+        # experts' last rows in 64-row units: 1.505 -> 1.458 ms (v12, same run; GROUP_M 4/8/16 alike)
         return MoePlan("large", pairs, "block-histogram", True, 128, 128, 64, 8, 4, gemm2=(256, 64, 8), group_m=8,
-                       sorted_act=True, tma=True)
+                       sorted_act=True, tma=True, tail_m=64)
     if per_expert >= 32:  # M=1024 (64 per expert): 0.582 ms as v2's plan, 0.512 with v9's options and 4 stages
         return MoePlan("large", pairs, "block-histogram", True, 64, 128, 64, 8, 4, group_m=8, sorted_act=True,
                        tma=True)

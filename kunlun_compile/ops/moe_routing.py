@@ -3,13 +3,14 @@
 Output (`SortedPairs`), for block size BM and an optional tail size TM < BM:
   pairs [capacity] int32: pair indices (m·k + j) grouped by expert, each
       expert's run padded with the sentinel P = M·k;
-  unit_expert, unit_start [max_units] int32: the blocks ("units") of one expert
-      each that the grouped GEMM runs, by expert and first slot; -1 past the end.
-      Units [0, max_big) have BM rows; with TM, units from max_big on have TM rows:
-      an expert whose run ends with at most TM pairs past its last full BM block
-      gets a TM-row unit there instead of a BM-row one (half the padding on
-      average at TM = BM / 2);
-  num_units [2] int32: how many BM-row and TM-row units are in use.
+  unit_expert, unit_start, unit_rows [max_units] int32: the units (blocks of one
+      expert) the grouped GEMM runs, in expert order: expert, first slot, rows
+      (BM, or TM for the tail unit); expert -1 past the end.  With TM, an expert
+      whose run ends at most TM pairs past its last full BM block gets a TM-row
+      unit there instead of a padded BM-row one (half the padding on average at
+      TM = BM / 2); the tail stays next to its expert's other units, so the GEMM
+      runs it while that expert's weights are still in L2;
+  num_units [2] int32: units in use, and how many of them are tails.
 Capacity is an upper bound fixed by the sizes, so nothing is read back to the
 host (the grid is launched at the bound; blocks past the end exit at once) —
 which keeps the op capturable in a CUDA graph.
@@ -40,8 +41,8 @@ class SortedPairs(NamedTuple):
     pairs: torch.Tensor
     unit_expert: torch.Tensor
     unit_start: torch.Tensor
+    unit_rows: torch.Tensor
     num_units: torch.Tensor
-    max_big: int  # table index of the first TM-row unit
 
 
 def block_capacity(pairs: int, num_experts: int, block_m: int) -> Tuple[int, int]:
@@ -88,13 +89,12 @@ def _block_prefix_kernel(counts_ptr, offsets_ptr, totals_ptr, NB, E: tl.constexp
 
 
 @kernel
-def _align_kernel(totals_ptr, pstart_ptr, unit_expert_ptr, unit_start_ptr, num_units_ptr, max_big,
+def _align_kernel(totals_ptr, pstart_ptr, unit_expert_ptr, unit_start_ptr, unit_rows_ptr, num_units_ptr, max_units,
                   E: tl.constexpr, BM: tl.constexpr, TM: tl.constexpr, BE: tl.constexpr, BB: tl.constexpr,
                   PDL: tl.constexpr):
-    """Each expert's padded start and the units in use (program 0 stores them, and the TM-row units)
-    and the BM-row units: program b owns units [b·BB, (b+1)·BB).  Every program redoes the E-long
-    prefix sums, which is cheaper than a serial walk over all units in one program (9.4 µs at
-    M=8192, top-8, 640 units)."""
+    """Each expert's padded start and the unit counts (program 0 stores them), and the unit table:
+    program b owns units [b·BB, (b+1)·BB).  Every program redoes the E-long prefix sums, which is
+    cheaper than a serial walk over all units in one program (9.4 µs at M=8192, top-8, 640 units)."""
     wait_for_producers(PDL)
     e = tl.arange(0, BE)
     e_ok = e < E
@@ -108,24 +108,22 @@ def _align_kernel(totals_ptr, pstart_ptr, unit_expert_ptr, unit_start_ptr, num_u
         tail = tl.zeros([BE], dtype=tl.int32)
     padded = big * BM + tail * TM
     pstart = tl.cumsum(padded, axis=0) - padded
-    big_end = tl.cumsum(big, axis=0)
+    units = big + tail
+    unit_end = tl.cumsum(units, axis=0)
     if tl.program_id(0) == 0:
         tl.store(pstart_ptr + e, pstart, mask=e_ok)
-        tl.store(num_units_ptr, tl.sum(big, axis=0))
+        tl.store(num_units_ptr, tl.sum(units, axis=0))
         tl.store(num_units_ptr + 1, tl.sum(tail, axis=0))
-        if TM > 0:  # unit t of the tails: the t-th expert with a tail, after its BM-row units
-            tail_end = tl.cumsum(tail, axis=0)
-            t = tl.arange(0, BE)
-            owner = tl.sum((tail_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
-            start = tl.sum(tl.where(e[None, :] == owner[:, None], pstart + big * BM, 0), axis=1)
-            tl.store(unit_expert_ptr + max_big + t, tl.where(owner < E, owner, -1), mask=t < E)
-            tl.store(unit_start_ptr + max_big + t, start, mask=t < E)
     u = tl.program_id(0) * BB + tl.arange(0, BB)
-    owner = tl.sum((big_end[None, :] <= u[:, None]).to(tl.int32), axis=1)
-    first_unit = tl.sum(tl.where(e[None, :] == owner[:, None], big_end - big, 0), axis=1)
-    start = tl.sum(tl.where(e[None, :] == owner[:, None], pstart, 0), axis=1) + (u - first_unit) * BM
-    tl.store(unit_expert_ptr + u, tl.where(owner < E, owner, -1), mask=u < max_big)
-    tl.store(unit_start_ptr + u, start, mask=u < max_big)
+    owner = tl.sum((unit_end[None, :] <= u[:, None]).to(tl.int32), axis=1)
+    mine = e[None, :] == owner[:, None]
+    j = u - tl.sum(tl.where(mine, unit_end - units, 0), axis=1)  # the unit's index within its expert
+    start = tl.sum(tl.where(mine, pstart, 0), axis=1) + j * BM
+    rows = tl.where(j < tl.sum(tl.where(mine, big, 0), axis=1), BM, TM)
+    ok = u < max_units
+    tl.store(unit_expert_ptr + u, tl.where(owner < E, owner, -1), mask=ok)
+    tl.store(unit_start_ptr + u, start, mask=ok)
+    tl.store(unit_rows_ptr + u, rows, mask=ok)
 
 
 @kernel
@@ -173,16 +171,15 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, routing: 
     else:
         raise ValueError(f"sort_pairs: unknown routing {routing!r}")
     pstart = torch.empty(E, dtype=torch.int32, device=device)
-    max_units = max_blocks + (E if tail_m else 0)
-    unit_expert = torch.empty(max_units, dtype=torch.int32, device=device)
-    unit_start = torch.empty(max_units, dtype=torch.int32, device=device)
+    unit_expert, unit_start, unit_rows = (torch.empty(max_blocks, dtype=torch.int32, device=device)
+                                          for _ in range(3))
     num_units = torch.empty(2, dtype=torch.int32, device=device)
     _align_kernel.on(device)[(triton.cdiv(max_blocks, ALIGN_BLOCKS),)](
-        totals, pstart, unit_expert, unit_start, num_units, max_blocks, E=E, BM=block_m, TM=tail_m,
+        totals, pstart, unit_expert, unit_start, unit_rows, num_units, max_blocks, E=E, BM=block_m, TM=tail_m,
         BE=triton.next_power_of_2(E), BB=ALIGN_BLOCKS)
     sorted_pairs = torch.full((capacity,), P, dtype=torch.int32, device=device)
     place_block = 1024
     _place_kernel.on(device)[(triton.cdiv(P, place_block),)](
         ids, rank, pstart, block_offsets, sorted_pairs, P, E=E, HIST_BLOCK=HISTOGRAM_BLOCK,
         BLOCK_OFFSETS=routing == "block-histogram", BLOCK=place_block)
-    return SortedPairs(sorted_pairs, unit_expert, unit_start, num_units, max_blocks)
+    return SortedPairs(sorted_pairs, unit_expert, unit_start, unit_rows, num_units)
