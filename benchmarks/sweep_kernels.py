@@ -1,6 +1,6 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_tails,moe_mid,moe_decode,linear,gated_linear]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_tails,moe_occupancy,moe_mid,moe_decode,linear,gated_linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -53,6 +53,45 @@ def kernel_profile(fn, calls=10):
 def moe_tails_sweep():
     """M=8192 and M=1024 (E=128, top-8, H=2048, I=768): experts' last rows in half-height units
     (tail_m) against v9's plan, each variant profiled per kernel.  CUDA-graph replay."""
+    def variants(plan):
+        base = replace(plan, tail_m=0)
+        tail = base.block_m // 2
+        return [base, replace(base, tail_m=tail), replace(base, tail_m=tail, group_m=16),
+                replace(base, tail_m=tail, group_m=4)]
+    return moe_variants_sweep(variants)
+
+
+def moe_occupancy_sweep():
+    """M=8192: GEMM tiles whose operand stages fit two programs per SM (<= 113 KB of shared memory
+    each; whether the registers allow it is printed per compiled kernel), against v12's plan, which
+    runs one 192 KB program per SM with no overlap of one tile's epilogue with the next's loads."""
+    def variants(plan):
+        if plan.block_m != 128:
+            return [plan]
+        g2 = plan.gemm2[:3] + (plan.num_stages,)  # GEMM2 as in the plan while GEMM1's stages change
+        gemm1 = [(64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 4)]
+        gemm2 = [(128, 64, 8, 3), (128, 64, 4, 3), (256, 32, 8, 4), (128, 128, 8, 2)]
+        return ([plan] + [replace(plan, block_n=bn, block_k=bk, num_warps=w, num_stages=st, gemm2=g2)
+                          for bn, bk, w, st in gemm1] + [replace(plan, gemm2=g) for g in gemm2])
+    return moe_variants_sweep(variants)
+
+
+def compiled_kernels(jit_fn):
+    """{cache key: (registers, spills, shared bytes, warps)} of the kernels `jit_fn` has compiled."""
+    out = {}
+    for cache in getattr(jit_fn, "device_caches", {}).values():
+        for key, k in cache[0].items():
+            try:
+                k._init_handles()
+                out[key] = (k.n_regs, k.n_spills, k.metadata.shared, k.metadata.num_warps)
+            except Exception:  # noqa: BLE001 - diagnostics only
+                pass
+    return out
+
+
+def moe_variants_sweep(variants_of):
+    """Plans `variants_of(plan at M)` at M=8192 and M=1024 (E=128, top-8, H=2048, I=768), each checked
+    against the reference, timed by CUDA-graph replay and profiled per kernel."""
     from triton.testing import do_bench_cudagraph
 
     from bench_ops import matmul_tflops
@@ -70,13 +109,12 @@ def moe_tails_sweep():
         x = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
         tw, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device=dev), k, "softmax", True, 1, 1, None, 1.0)
         want = fused_moe.reference(x, w13, w2, tw, ids)
-        base = replace(plan_fused_moe(M, k, E), tail_m=0)
-        tail = base.block_m // 2
-        variants = [base, replace(base, tail_m=tail), replace(base, tail_m=tail, group_m=16),
-                    replace(base, tail_m=tail, group_m=4)]
+        variants = variants_of(plan_fused_moe(M, k, E))
         variants = [variants[int(i)] for i in picked.split(",") if int(i) < len(variants)] if picked else variants
+        gemm_kernel = fused_moe._moe_gemm_kernel._compiled_fn()
         for plan in variants:
             label = label_of(plan) + f" tail{plan.tail_m}"
+            seen = compiled_kernels(gemm_kernel)
             try:
                 err = rel(fused_moe.triton_impl(x, w13, w2, tw, ids, plan=plan), want)
                 assert err < 8e-3, err
@@ -85,8 +123,10 @@ def moe_tails_sweep():
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded, not fatal
                 t, err, kernels = None, repr(e)[:300], {}
             gemms = [round(v, 4) for name, v in kernels.items() if "gemm" in name]
+            compiled = [v for key, v in compiled_kernels(gemm_kernel).items() if key not in seen]
             res[label] = {"ms": t, "err": err, "x_floor": t and t / floor, "kernels_ms": kernels,
-                          "plan": plan.as_dict()}
+                          "plan": plan.as_dict(), "new_gemm_kernels (regs, spills, shared, warps)": compiled}
+            print(f"  new GEMM kernels (regs, spills, shared, warps): {compiled}", flush=True)
             print(f"{label}: {t} ms ({t / floor if t else float('nan'):.2f}x floor, err {err}) GEMMs {gemms} "
                   f"sum of kernels {sum(kernels.values()):.4f}", flush=True)
     return res
@@ -378,7 +418,8 @@ if __name__ == "__main__":
     sections = sys.argv[2].split(",") if len(sys.argv) > 2 else ["prologue", "moe", "moe_decode"]
     for name in sections:
         out.update({"prologue": prologue_sweep, "moe": moe_sweep, "moe_mid": moe_mid_sweep,
-                    "moe_decode": moe_decode_sweep, "moe_tails": moe_tails_sweep, "linear": linear_sweep,
+                    "moe_decode": moe_decode_sweep, "moe_tails": moe_tails_sweep, "moe_occupancy": moe_occupancy_sweep,
+                    "linear": linear_sweep,
                     "gated_linear": gated_linear_sweep}[name]())
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "sweep.json"), "w") as f:
