@@ -3,8 +3,8 @@
 usage: python3 benchmarks/bench_ops.py [OUT_DIR] [section,...]   -> ops.json, ops.png, a table on stdout
 sections: add_rmsnorm, masked_input, prologue, moe_gate, fused_moe, attention_mask (default: all)
 Floor = bytes that must move (each input read once, each output written once) at the measured
-device-copy bandwidth, or for the MoE GEMMs the larger of that and the flops at the measured bf16
-matmul rate.  Times are medians of triton.testing.do_bench (CUDA events).
+device-copy bandwidth, or for the MoE GEMMs the larger of that and the flops at the bf16 matmul rate
+measured just before and after that row (the rate falls as the GPU warms under load).  Times are medians of triton.testing.do_bench (CUDA events).
 """
 import json
 import os
@@ -69,7 +69,9 @@ def matmul_tflops():
 
 
 def row(name, size, floor_bytes, bw, fns, check, want=None, floor_ms=None):
+    """floor_ms: a number, or a function of the row's timings' (start, end) matmul rates (see fused_moe_rows)."""
     r = {"op": name, "size": size, "floor_ms": floor_ms if floor_ms is not None else floor_bytes / (bw * 1e6)}
+    rate_before = matmul_tflops() if callable(floor_ms) else None
     if want is not None:
         r["inductor_mismatch_vs_eager"] = mismatch(fns["inductor"](), want)
         r["kunlun_mismatch_vs_eager"] = mismatch(fns["kunlun"](), want)
@@ -78,6 +80,9 @@ def row(name, size, floor_bytes, bw, fns, check, want=None, floor_ms=None):
         r[f"{label}_ms"] = bench(fn)
         r[f"{label}_graph_ms"] = graph_ms(fn)
         r[f"{label}_kernels"] = kernels(fn)
+    if callable(floor_ms):
+        r["matmul_TFLOPs_around_row"] = (rate_before, matmul_tflops())
+        r["floor_ms"] = floor_ms(*r["matmul_TFLOPs_around_row"])
     r["kunlun_frac_of_bw"] = r["floor_ms"] / r["kunlun_ms"]
     if r["kunlun_graph_ms"]:
         r["kunlun_graph_frac_of_bw"] = r["floor_ms"] / r["kunlun_graph_ms"]
@@ -204,7 +209,7 @@ def moe_experts_grouped_mm(x, w13, w2, topk_weights, topk_ids):
     return torch.zeros_like(x).index_add_(0, tok, o)
 
 
-def fused_moe_rows(bw, tflops):
+def fused_moe_rows(bw):
     from dataclasses import replace
 
     from kunlun_compile.ops import fused_moe
@@ -230,7 +235,12 @@ def fused_moe_rows(bw, tflops):
 
         distinct = ids.unique().numel()
         moved = distinct * 3 * H * I * 2 + 2 * M * H * 2
-        floor = max(moved / (bw * 1e6), 2 * M * k * 3 * H * I / (tflops * 1e9))
+
+        # the matmul rate at the start of the run (GPU cool, boost clock) runs up to ~15% above the rate
+        # a minute of load later (700 W cap: 1980 -> ~1440 MHz; moe_clocks.py), so the flops floor takes
+        # the mean of the rates measured just before and just after this row's timings
+        def floor(before, after, moved=moved, M=M):
+            return max(moved / (bw * 1e6), 2 * M * k * 3 * H * I / ((before + after) / 2 * 1e9))
         fns = {"eager": lambda: moe_experts_grouped_mm(*args), "inductor": lambda: compiled(*args),
                "kunlun": lambda: torch.ops.kunlun.fused_moe(*args, "silu"),
                "kunlun_swiglu_flipped": lambda: fused_moe.triton_impl(*args, plan=flipped)}
@@ -289,7 +299,7 @@ def main():
     bw, tflops = copy_bandwidth_gbps(), matmul_tflops()
     sections = {"add_rmsnorm": lambda: add_rmsnorm_rows(bw), "masked_input": lambda: masked_input_rows(bw),
                 "prologue": lambda: prologue_rows(bw), "moe_gate": lambda: moe_gate_rows(bw),
-                "fused_moe": lambda: fused_moe_rows(bw, tflops), "attention_mask": lambda: attention_mask_rows(bw)}
+                "fused_moe": lambda: fused_moe_rows(bw), "attention_mask": lambda: attention_mask_rows(bw)}
     rows = [r for name, run in sections.items() if SECTIONS is None or name in SECTIONS for r in run()]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "copy_GBps": bw, "bf16_matmul_TFLOPs": tflops, "rows": rows}
@@ -308,7 +318,9 @@ def main():
         print(f"{r['op']:<26}{r['size']:>8}{r['eager_ms']:>9.4f}{r['inductor_ms']:>9.4f}{r['kunlun_ms']:>9.4f} |"
               f"{g['eager']}{g['inductor']}{g['kunlun']}{r['floor_ms']:>9.4f}{100 * frac:>4.0f}%  "
               f"{r['eager_kernels']}/{r['inductor_kernels']}/{r['kunlun_kernels']}"
-              + (f"  swiglu unfused {r['kunlun_swiglu_flipped_graph_ms'] or 0:.4f}" if "plan" in r else ""))
+              + (f"  swiglu unfused {r['kunlun_swiglu_flipped_graph_ms'] or 0:.4f}" if "plan" in r else "")
+              + ("  matmul {:.0f}/{:.0f} TFLOP/s".format(*r["matmul_TFLOPs_around_row"])
+                 if "matmul_TFLOPs_around_row" in r else ""))
 
 
 if __name__ == "__main__":
