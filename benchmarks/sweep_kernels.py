@@ -91,7 +91,9 @@ def compiled_kernels(jit_fn):
 
 def moe_variants_sweep(variants_of):
     """Plans `variants_of(plan at M)` at M=8192 and M=1024 (E=128, top-8, H=2048, I=768), each checked
-    against the reference, timed by CUDA-graph replay and profiled per kernel."""
+    against the reference, timed by CUDA-graph replay and profiled per kernel.  Compare variants with
+    each other: the x-floor column uses one matmul rate taken at the start, on a cool GPU, which reads
+    up to ~15% above the rate under load (NOTES v13; bench_ops and moe_clocks.py measure it around)."""
     from triton.testing import do_bench_cudagraph
 
     from bench_ops import matmul_tflops
