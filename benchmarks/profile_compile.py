@@ -48,8 +48,17 @@ def child(model_name: str, variant: str) -> None:
     from bench_runtime import BUILTIN_CONFIGS, MODELS, SIZES, build_model, make_inputs
     from kunlun_compile.passes import pattern_engine
 
+    import threading
+
     triton_timer, pattern_timer = Timer(), Timer()
-    triton.compiler.compile = triton_timer.wrap(triton.compiler.compile)  # what JITFunction imports lazily
+    in_workers = []  # compiles off the main thread: runtime/precompile.py's parallel ones
+    real_compile = triton.compiler.compile
+
+    def compile_noting_thread(*a, **k):
+        if threading.current_thread() is not threading.main_thread():
+            in_workers.append(1)
+        return real_compile(*a, **k)
+    triton.compiler.compile = triton_timer.wrap(compile_noting_thread)  # what JITFunction imports lazily
     pattern_engine.compile_rewrite = pattern_timer.wrap(pattern_engine.compile_rewrite)
 
     overrides = dict(SIZES, **MODELS[model_name])
@@ -57,6 +66,7 @@ def child(model_name: str, variant: str) -> None:
     cfg = dataclasses.replace(BUILTIN_CONFIGS[model_name], **overrides)
     args = make_inputs(cfg, 1, device="cuda", generator=torch.Generator().manual_seed(0))
     backend, mode = variant.split("-", 1)
+    mode = mode.removesuffix("-serial")  # -serial: KUNLUN_COMPILE_JIT_WORKERS=1 (set by run_fresh)
     calls = []
     with torch.inference_mode():
         model(*args)
@@ -74,7 +84,8 @@ def child(model_name: str, variant: str) -> None:
             calls.append(time.perf_counter() - t0)
         total = time.perf_counter() - t_start
     row = {"model": model_name, "variant": variant, "compile_s": total, "calls_s": calls,
-           "triton_compiles": triton_timer.calls, "triton_compile_s": triton_timer.seconds,
+           "triton_compiles": triton_timer.calls, "triton_compiles_in_parallel": len(in_workers),
+           "triton_compile_s_summed_over_threads": triton_timer.seconds,
            "pattern_traces": pattern_timer.calls, "pattern_trace_s": pattern_timer.seconds}
     if backend == "kunlun":
         graphs = fn.kunlun_backend.report.graphs
@@ -90,6 +101,8 @@ def run_fresh(model: str, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor", TRITON_CACHE_DIR=f"{tmp}/triton",
                    KUNLUN_COMPILE_CACHE_DIR=f"{tmp}/kunlun")
+        if variant.endswith("-serial"):  # the fused kernels compiled at their launches, one by one
+            env["KUNLUN_COMPILE_JIT_WORKERS"] = "1"
         run = subprocess.run([sys.executable, __file__, "--child", model, variant], env=env,
                              capture_output=True, text=True, timeout=600)
     if run.returncode != 0:

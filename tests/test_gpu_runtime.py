@@ -122,3 +122,45 @@ def test_inside_a_callers_cuda_graph_the_runtime_steps_aside():
         g.replay()
         torch.testing.assert_close(out, model(ids, pos), rtol=2e-4, atol=2e-4)
     assert compiled.kunlun_backend.report.graphs[0].runtime["counters"]["uncaptured_runs"] >= 1
+
+
+_COLD_FIRST_CALL = """
+import threading, json, torch, triton.compiler
+import kunlun_compile as kc
+from kunlun_compile.models import BUILTIN_CONFIGS, build_model, make_inputs
+seen = []
+real = triton.compiler.compile
+def counting(src, *a, **k):
+    seen.append((threading.current_thread() is threading.main_thread(), getattr(src, "name", "?")))
+    return real(src, *a, **k)
+triton.compiler.compile = counting
+model, _ = build_model("qwen3-moe-tiny", device="cuda", seed=2, num_tokens=16)
+compiled = kc.compile(model, dynamic=True, strict=True, graph_mode="piecewise", capture_sizes=[1, 2, 4])
+with torch.no_grad():
+    for t in (3, 3, 3, 1):
+        ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], t, device="cuda", generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=2e-4, atol=2e-4)
+rt = compiled.kunlun_backend.report.graphs[0].runtime
+print(json.dumps({"compiles": seen, "ahead": rt["kernels_compiled_ahead_for"], "skips": rt["precompile_skips"]}))
+"""
+
+
+def test_fused_kernels_compile_ahead_in_parallel(tmp_path):
+    """On empty caches, the first call at a size compiles the fused ops' kernels on the precompile's
+    worker threads; the call itself (main thread) compiles none of them (the models' own attention
+    kernel is not a fused op and still compiles at its launch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), KUNLUN_COMPILE_CACHE_DIR=str(tmp_path / "kc"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    run = subprocess.run([sys.executable, "-c", _COLD_FIRST_CALL], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["ahead"] == 2 and out["skips"] == []  # sizes 4 (3 padded) and 1
+    in_workers = [name for main, name in out["compiles"] if not main]
+    in_call = [name for main, name in out["compiles"] if main and "attention" not in name]
+    assert len(in_workers) >= 5 and in_call == [], out["compiles"]

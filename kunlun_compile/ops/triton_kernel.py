@@ -23,10 +23,16 @@ hides part of each launch: H100, 64 chained one-program kernels, 1.31 -> 1.05
 benchmarks/NOTES.md v10).  The wait returns at once when there is no
 programmatic dependency (the kernel before is cuBLAS, a copy, or none).
 KUNLUN_COMPILE_PDL=0 turns it off (launches as plain kernels, for comparison).
+
+`compiling_only(executor)`: inside, a CUDA launch compiles its kernel on the
+executor (Triton's AsyncCompileMode) and does not run it — the outputs hold
+garbage — so one walk over a graph's ops compiles all their kernels in
+parallel (runtime/precompile.py); leaving the block waits for the compiles.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -59,6 +65,8 @@ class Kernel:
     def on(self, device: torch.device):
         """The launchable kernel for `device`: `.on(device)[grid](*args, **constexprs)`."""
         fn = self._interpreted_fn() if device.type == "cpu" else self._compiled_fn()
+        if device.type == "cuda" and _compiling_only.get():
+            fn = _CompileOnly(fn)
         if not self.pdl:
             return fn
         return _PDLLauncher(fn, device.type == "cuda" and pdl_enabled())
@@ -76,6 +84,33 @@ class Kernel:
         if self._compiled is None:
             self._compiled = triton.JITFunction(self.fn)
         return self._compiled
+
+
+_compiling_only = contextvars.ContextVar("kunlun_compiling_only", default=False)
+
+
+@contextlib.contextmanager
+def compiling_only(executor):
+    """CUDA launches inside compile their kernels on `executor` and skip running them; on leaving, every
+    compile has finished (failed ones are dropped: the kernel compiles again at its real launch)."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    with AsyncCompileMode(executor, ignore_errors=True):
+        token = _compiling_only.set(True)
+        try:
+            yield
+        finally:
+            _compiling_only.reset(token)
+
+
+class _CompileOnly:
+    """`[grid](...)` that compiles the specialization a launch with these arguments would use, and stops."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return functools.partial(self.fn.run, grid=grid, warmup=True)
 
 
 class _PDLLauncher:

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from ..graph_stats import count_kernels
 from .capture import CapturedPiece, RuntimeCounters, SharedPool
+from .precompile import precompile_fused_kernels
 from .splitting import Piece, SplitGraph, split_graph, splitting_nodes
 from .token_dims import SymbolBinder, evaluate, token_dims, token_symbol, why_not_token_wise
 
@@ -102,6 +103,8 @@ class GraphRuntime:
         self._runner_args = dict(use_cuda_graphs=self.on_cuda, pool=self.pool, counters=self.counters,
                                  max_captures=max_captures, check_addresses=check_addresses, warned=warned,
                                  fallbacks=self.fallbacks)
+        self.precompiled: Set[Any] = set()  # sizes whose kernels were compiled ahead (precompile.py)
+        self.precompile_skips: List[str] = []  # fused calls that could not be made ahead, and why
         self.boundaries: List[str] = []
         self.piecewise: Optional[_Plan] = None
         self.full: Optional[_Plan] = None
@@ -149,6 +152,8 @@ class GraphRuntime:
             "full_graph": self.full_refusal or ("yes" if self.full else "no"),
             "counters": self.counters.as_dict(),
             "capture_failures": list(self.fallbacks),
+            "kernels_compiled_ahead_for": len(self.precompiled),
+            "precompile_skips": list(self.precompile_skips),
         }
 
     @property
@@ -160,6 +165,7 @@ class GraphRuntime:
     # ---- running -----------------------------------------------------------------------------------------
     def __call__(self, *args):
         if self.mode == "none":
+            self._precompile(args, None)
             return self.gm(*args)
         if self.graph_api_capturing():
             # the caller is capturing its own CUDA graph around us (a benchmark, vLLM's cudagraph
@@ -170,6 +176,7 @@ class GraphRuntime:
         bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
+        self._precompile(args, size if plan is not None else None)
         if plan is None:
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
@@ -182,6 +189,22 @@ class GraphRuntime:
         if tokens is None or size == tokens:
             return plan.run_unpadded(size, args)
         return _Call(self, plan, bindings, tokens, size).run(args)
+
+    def _precompile(self, args: Sequence[Any], padded_size: Optional[int]) -> None:
+        """Before the first call at a size: the graph's fused kernels compiled in parallel, at the token
+        count the pieces will run (the padded size), so the call itself finds them compiled."""
+        if not self.on_cuda:
+            return
+        bindings = self.bind_symbols(args)
+        if padded_size is not None and self.sym is not None and self.sym in bindings:
+            bindings[self.sym] = padded_size
+        key = tuple(sorted((str(k), v) for k, v in bindings.items()))
+        if key in self.precompiled:
+            return
+        self.precompiled.add(key)
+        skipped: List[str] = []
+        precompile_fused_kernels(self.gm, args, self.static_input_indices, bindings, on_skip=skipped.append)
+        self.precompile_skips.extend(skipped)
 
     @staticmethod
     def graph_api_capturing() -> bool:
