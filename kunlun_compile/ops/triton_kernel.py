@@ -27,7 +27,10 @@ KUNLUN_COMPILE_PDL=0 turns it off (launches as plain kernels, for comparison).
 `compiling_only(executor)`: inside, a CUDA launch compiles its kernel on the
 executor (Triton's AsyncCompileMode) and does not run it — the outputs hold
 garbage — so one walk over a graph's ops compiles all their kernels in
-parallel (runtime/precompile.py); leaving the block waits for the compiles.
+parallel (runtime/precompile.py); leaving the block waits for the compiles,
+then loads the kernels and builds their launchers (a host C compile per
+argument signature, otherwise done serially at each first launch) on the
+executor as well.
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ class Kernel:
     def on(self, device: torch.device):
         """The launchable kernel for `device`: `.on(device)[grid](*args, **constexprs)`."""
         fn = self._interpreted_fn() if device.type == "cpu" else self._compiled_fn()
-        if device.type == "cuda" and _compiling_only.get():
-            fn = _CompileOnly(fn)
+        collected = _compiling_only.get()
+        if device.type == "cuda" and collected is not None:
+            fn = _CompileOnly(fn, collected)
         if not self.pdl:
             return fn
         return _PDLLauncher(fn, device.type == "cuda" and pdl_enabled())
@@ -86,31 +90,47 @@ class Kernel:
         return self._compiled
 
 
-_compiling_only = contextvars.ContextVar("kunlun_compiling_only", default=False)
+# inside `compiling_only`: the kernels its launches compiled (or found compiled)
+_compiling_only = contextvars.ContextVar("kunlun_compiling_only", default=None)
 
 
 @contextlib.contextmanager
 def compiling_only(executor):
     """CUDA launches inside compile their kernels on `executor` and skip running them; on leaving, every
-    compile has finished (failed ones are dropped: the kernel compiles again at its real launch)."""
-    from triton.runtime._async_compile import AsyncCompileMode
+    compile has finished and its kernel is loaded, launcher built (failed ones are dropped: the kernel
+    compiles again at its real launch)."""
+    from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
 
+    compiled: list = []
     with AsyncCompileMode(executor, ignore_errors=True):
-        token = _compiling_only.set(True)
+        token = _compiling_only.set(compiled)
         try:
             yield
         finally:
             _compiling_only.reset(token)
+    kernels = [k.kernel if isinstance(k, FutureKernel) else k for k in compiled]
+    list(executor.map(_load, [k for k in kernels if k is not None]))
+
+
+def _load(kernel) -> None:
+    try:
+        kernel._init_handles()  # module load + launcher build; idempotent, else done at the first launch
+    except Exception:  # noqa: BLE001 - the first launch does it (and reports any error) instead
+        pass
 
 
 class _CompileOnly:
     """`[grid](...)` that compiles the specialization a launch with these arguments would use, and stops."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, collected: list):
+        self.fn, self.collected = fn, collected
 
     def __getitem__(self, grid):
-        return functools.partial(self.fn.run, grid=grid, warmup=True)
+        def compile_only(*args, **kwargs):
+            kernel = self.fn.run(*args, grid=grid, warmup=True, **kwargs)
+            if kernel is not None:
+                self.collected.append(kernel)
+        return compile_only
 
 
 class _PDLLauncher:
