@@ -35,6 +35,9 @@ from .token_dims import SymbolBinder, evaluate, token_dims, token_symbol, why_no
 from ..config import GRAPH_MODES as MODES
 
 
+MAX_PRECOMPILED_SIZES = 8  # sizes per graph whose fused kernels are compiled ahead (_precompile)
+
+
 def resolve_mode(mode: str, on_cuda: bool) -> str:
     if mode not in MODES:
         raise ValueError(f"kunlun backend: graph_mode must be one of {MODES}, got {mode!r}")
@@ -165,7 +168,7 @@ class GraphRuntime:
     # ---- running -----------------------------------------------------------------------------------------
     def __call__(self, *args):
         if self.mode == "none":
-            self._precompile(args, None)
+            self._precompile(args, self.bind_symbols(args) if self.on_cuda else {}, None)
             return self.gm(*args)
         if self.graph_api_capturing():
             # the caller is capturing its own CUDA graph around us (a benchmark, vLLM's cudagraph
@@ -176,7 +179,7 @@ class GraphRuntime:
         bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
-        self._precompile(args, size if plan is not None else None)
+        self._precompile(args, bindings, size if plan is not None else None)
         if plan is None:
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
@@ -190,15 +193,17 @@ class GraphRuntime:
             return plan.run_unpadded(size, args)
         return _Call(self, plan, bindings, tokens, size).run(args)
 
-    def _precompile(self, args: Sequence[Any], padded_size: Optional[int]) -> None:
+    def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], padded_size: Optional[int]) -> None:
         """Before the first call at a size: the graph's fused kernels compiled in parallel, at the token
         count the pieces will run (the padded size), so the call itself finds them compiled."""
-        if not self.on_cuda:
+        # the first sizes compile most specializations (plans change at a few size boundaries); later new
+        # sizes (a server's prefill lengths) would pay a walk over the graph each for little: they compile
+        # at their launches, as without this
+        if not self.on_cuda or len(self.precompiled) >= MAX_PRECOMPILED_SIZES:
             return
-        bindings = self.bind_symbols(args)
         if padded_size is not None and self.sym is not None and self.sym in bindings:
-            bindings[self.sym] = padded_size
-        key = tuple(sorted((str(k), v) for k, v in bindings.items()))
+            bindings = {**bindings, self.sym: padded_size}
+        key = tuple(bindings.values())  # SymbolBinder's order is fixed
         if key in self.precompiled:
             return
         self.precompiled.add(key)
