@@ -168,7 +168,9 @@ class GraphRuntime:
     # ---- running -----------------------------------------------------------------------------------------
     def __call__(self, *args):
         if self.mode == "none":
-            self._precompile(args, self.bind_symbols(args) if self.on_cuda else {}, None)
+            if self.on_cuda and len(self.precompiled) < MAX_PRECOMPILED_SIZES:
+                bindings = self.bind_symbols(args)
+                self._precompile(args, bindings, bindings.get(self.sym), None)
             return self.gm(*args)
         if self.graph_api_capturing():
             # the caller is capturing its own CUDA graph around us (a benchmark, vLLM's cudagraph
@@ -179,7 +181,7 @@ class GraphRuntime:
         bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
-        self._precompile(args, bindings, size if plan is not None else None)
+        self._precompile(args, bindings, tokens, size if plan is not None else None)
         if plan is None:
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
@@ -193,20 +195,22 @@ class GraphRuntime:
             return plan.run_unpadded(size, args)
         return _Call(self, plan, bindings, tokens, size).run(args)
 
-    def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], padded_size: Optional[int]) -> None:
+    def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
+                    padded_size: Optional[int]) -> None:
         """Before the first call at a size: the graph's fused kernels compiled in parallel, at the token
-        count the pieces will run (the padded size), so the call itself finds them compiled."""
+        count the pieces will run (the padded size), so the call itself finds them compiled.  Keyed by the
+        size the kernels see — a hot path: nothing is built for a size already done."""
         # the first sizes compile most specializations (plans change at a few size boundaries); later new
         # sizes (a server's prefill lengths) would pay a walk over the graph each for little: they compile
         # at their launches, as without this
         if not self.on_cuda or len(self.precompiled) >= MAX_PRECOMPILED_SIZES:
             return
-        if padded_size is not None and self.sym is not None and self.sym in bindings:
-            bindings = {**bindings, self.sym: padded_size}
-        key = tuple(bindings.values())  # SymbolBinder's order is fixed
+        key = padded_size if padded_size is not None else ("unpadded", tokens)
         if key in self.precompiled:
             return
         self.precompiled.add(key)
+        if padded_size is not None and self.sym is not None and self.sym in bindings:
+            bindings = {**bindings, self.sym: padded_size}
         skipped: List[str] = []
         precompile_fused_kernels(self.gm, args, self.static_input_indices, bindings, on_skip=skipped.append)
         self.precompile_skips.extend(skipped)
