@@ -108,8 +108,9 @@ def compiling_only(executor):
             yield
         finally:
             _compiling_only.reset(token)
-    kernels = [k.kernel if isinstance(k, FutureKernel) else k for k in compiled]
-    list(executor.map(_load, [k for k in kernels if k is not None]))
+    # one load per kernel (a kernel several calls share appears once per call; two threads must not load it)
+    kernels = {id(k): k for k in (k.kernel if isinstance(k, FutureKernel) else k for k in compiled) if k is not None}
+    list(executor.map(_load, kernels.values()))
 
 
 def _load(kernel) -> None:

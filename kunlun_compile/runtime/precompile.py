@@ -22,14 +22,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..graph_stats import FUSED_NAMESPACE
+from ..graph_stats import kernel_kind
 from ..ops.triton_kernel import compiling_only
 from .token_dims import evaluate
 
 
 def _is_fused_op(node: fx.Node) -> bool:
-    t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == FUSED_NAMESPACE
+    """A `kunlun::` call: a fused op or a generated element-wise kernel (graph_stats' kinds)."""
+    return node.op == "call_function" and kernel_kind(node) != "aten"
 
 
 def _concrete(size: Any, bindings: Dict[sympy.Symbol, int]) -> int:
