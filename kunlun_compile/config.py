@@ -42,6 +42,10 @@ class CompileConfig:
     max_captures_per_piece: int = 128
     # Check on every replay that parameters/buffers are where they were at capture.
     debug_graph_addresses: bool = False
+    # After every replay, check that each value crossing pieces still holds what it held when it was
+    # produced, and name the piece and value that changed (runtime/checking.py).  Costs a checksum per
+    # crossing value per piece; off by default.
+    check_replays: bool = False
     # Element-wise lowering (lowering/): approximate SFU forms for every math function the target's
     # SFU has, and no rounding of intermediate bf16/fp16 results (default: approximate only where a
     # bf16/fp16 result hides the error; eager's roundings kept).
@@ -79,7 +83,7 @@ class CompileConfig:
         options["disable"] = tuple(dict.fromkeys(disable + env_disable))
         if "strict" not in options and env.get(ENV_STRICT):
             options["strict"] = env[ENV_STRICT] not in ("0", "false", "False", "")
-        for name in ("strict", "report", "debug_graph_addresses", "fast_math"):
+        for name in ("strict", "report", "debug_graph_addresses", "check_replays", "fast_math"):
             if name in options and not isinstance(options[name], bool):
                 raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
         if "graph_mode" in options and options["graph_mode"] not in GRAPH_MODES:
