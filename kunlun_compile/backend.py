@@ -116,8 +116,9 @@ class KunlunBackend:
         try:
             rt = GraphRuntime(name, gm, example_inputs, set(static_input_indices()), mode=cfg.graph_mode,
                               capture_sizes=cfg.capture_sizes, splitting_ops=cfg.splitting_ops,
-                              max_captures=cfg.max_captures_per_piece, check_addresses=cfg.debug_graph_addresses,
-                              warned=self.warned)
+                              max_captures=cfg.max_captures_per_piece,
+                              check_replays=cfg.check_replays or cfg.debug_graph_addresses, warned=self.warned,
+                              strict=cfg.strict)
         except Exception as e:  # noqa: BLE001
             if cfg.strict:
                 raise

@@ -1,10 +1,11 @@
-"""One piece, captured once per size and replayed.
+"""One piece, captured once per capture set and replayed.
 
-`CapturedPiece.run(size, args)` walks a size through warm-up (first call: plain,
-so lazy initialisation and Triton compilation happen outside a capture), capture
-(second call) and replay (every later call: inputs copied into the capture's
-static buffers, one `replay()`).  Parameters and buffers are not copied: their
-addresses are fixed, and the debug mode checks that they did not move.
+A capture set (runtime/capture_sets.py) is a size plus the addresses of the
+graph's parameters; it walks all its pieces together through warm-up (first
+call: plain, so lazy initialisation and Triton compilation happen outside a
+capture), capture (second call) and replay (every later call: inputs copied into
+the capture's buffers, one `replay()`).  Parameters and buffers are read in
+place, which is why their addresses are part of the set's key.
 
 The device decides the graph API: CUDA graphs on CUDA (one memory pool shared by
 every piece and size of a compiled graph), plain calls elsewhere, so everything
@@ -13,7 +14,7 @@ but the capture itself runs and is tested on the CPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,7 @@ class RuntimeCounters:
     full_graph_runs: int = 0
     piecewise_runs: int = 0
     capture_failures: int = 0
+    piece_fallbacks: int = 0  # calls in which a captured piece failed and ran uncaptured
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,47 +51,39 @@ class SharedPool:
 
 @dataclasses.dataclass
 class _Entry:
-    calls: int = 0
+    """A piece's capture in one capture set."""
     graph: Any = None  # torch.cuda.CUDAGraph, or the plain-call marker
     static_inputs: List[Any] = dataclasses.field(default_factory=list)
     static_outputs: Any = None
-    static_addresses: Dict[int, int] = dataclasses.field(default_factory=dict)
+    copies: List[Any] = dataclasses.field(default_factory=list)  # InputCopy per non-parameter tensor input
 
 
 PLAIN = "plain call"
+WARM_UP, CAPTURE, REPLAY = "warm-up", "capture", "replay"
 
 
 class CapturedPiece:
+    """One graph piece.  `run(set_id, phase, args)`: the capture set (runtime/capture_sets.py) decides
+    the phase, so every piece of a set is warmed up, captured and replayed in the call order."""
+
     def __init__(self, name: str, gm: fx.GraphModule, static_positions: Set[int], *, use_cuda_graphs: bool,
-                 pool: SharedPool, counters: RuntimeCounters, max_captures: int, check_addresses: bool,
-                 warned: Set[str], fallbacks: List[str]):
+                 pool: SharedPool, counters: RuntimeCounters, warned: Set[str], fallbacks: List[str]):
         self.name = name
         self.gm = gm
         self.static_positions = static_positions  # argument positions holding parameters/buffers
         self.use_cuda_graphs = use_cuda_graphs
         self.pool = pool
         self.counters = counters
-        self.max_captures = max_captures
-        self.check_addresses = check_addresses
         self.warned = warned
         self.fallbacks = fallbacks
-        self.entries: Dict[int, _Entry] = {}
+        self.entries: Dict[int, _Entry] = {}  # capture set id -> capture
         self.broken: Optional[str] = None  # why this piece runs uncaptured from now on
 
-    def run(self, size: int, args: Sequence[Any]):
+    def run(self, set_id: int, phase: str, args: Sequence[Any]):
         if self.broken:
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
-        entry = self.entries.get(size)
-        if entry is None:
-            if len(self.entries) >= self.max_captures:
-                warn_once(f"kunlun backend: {self.name} reached max_captures_per_piece={self.max_captures}; "
-                          f"sizes not captured yet run without a graph", self.warned)
-                self.counters.uncaptured_runs += 1
-                return self.gm(*args)
-            entry = self.entries[size] = _Entry()
-        entry.calls += 1
-        if entry.calls == 1:  # warm-up
+        if phase == WARM_UP:
             if not self.use_cuda_graphs:
                 return self.gm(*args)
             out, culprit = run_checking_host_syncs(self.gm, args)
@@ -97,16 +91,22 @@ class CapturedPiece:
                 self._give_up(f"{culprit} syncs with the host", None)
                 return self.gm(*args)
             return out
-        if entry.graph is None:
+        entry = self.entries.get(set_id)
+        if entry is None:
+            if phase == REPLAY:  # not captured in its set's capture call (it was broken then)
+                self.counters.uncaptured_runs += 1
+                return self.gm(*args)
+            entry = self.entries[set_id] = _Entry()
             return self._capture(entry, args)
         return self._replay(entry, args)
 
     # ---- capture ---------------------------------------------------------------------------------------
     def _capture(self, entry: _Entry, args: Sequence[Any]):
-        entry.static_inputs = [a if (i in self.static_positions or not isinstance(a, torch.Tensor))
-                               else a.clone() for i, a in enumerate(args)]
-        entry.static_addresses = {i: a.data_ptr() for i, a in enumerate(args)
-                                  if i in self.static_positions and isinstance(a, torch.Tensor)}
+        try:
+            entry.static_inputs, entry.copies = self._static_inputs(args)
+        except ValueError as e:
+            self._give_up(str(e), None)
+            return self.gm(*args)
         if not self.use_cuda_graphs:
             entry.graph = PLAIN
             self.counters.captures += 1
@@ -122,6 +122,19 @@ class CapturedPiece:
         self.counters.captures += 1
         return self._replay(entry, args)
 
+    def _static_inputs(self, args: Sequence[Any]) -> Tuple[List[Any], List["InputCopy"]]:
+        """What the capture reads: parameters and non-tensors as they are, every other tensor from a buffer
+        of its own that each replay refills."""
+        seen, copies = [], []
+        for i, a in enumerate(args):
+            if i in self.static_positions or not isinstance(a, torch.Tensor):
+                seen.append(a)
+                continue
+            buf, copy = static_buffer_like(a, i)
+            seen.append(buf)
+            copies.append(copy)
+        return seen, copies
+
     def _give_up(self, reason: str, error: Optional[Exception]) -> None:
         if error is not None:
             torch.cuda.synchronize()
@@ -134,17 +147,16 @@ class CapturedPiece:
 
     # ---- replay ----------------------------------------------------------------------------------------
     def _replay(self, entry: _Entry, args: Sequence[Any]):
-        if self.check_addresses:
-            for i, ptr in entry.static_addresses.items():
-                if args[i].data_ptr() != ptr:
-                    raise RuntimeError(f"kunlun backend: {self.name} input {i} (a parameter/buffer) moved since "
-                                       f"capture ({ptr:#x} -> {args[i].data_ptr():#x}); the graph would read "
-                                       "stale memory")
         targets, sources = [], []
-        for i, (static, a) in enumerate(zip(entry.static_inputs, args)):
-            if i not in self.static_positions and isinstance(a, torch.Tensor) and static.data_ptr() != a.data_ptr():
-                targets.append(static)
-                sources.append(a)
+        for copy in entry.copies:
+            a = args[copy.position]
+            source = copy.source(a) if copy.broadcast_dims else a
+            if source is None:  # broadcast at capture, not now: this call cannot use the capture
+                self.counters.uncaptured_runs += 1
+                return self.gm(*args)
+            if source is not copy.target:
+                targets.append(copy.target)
+                sources.append(source)
         if len(targets) == 1:
             targets[0].copy_(sources[0])
         elif targets:  # one launch per dtype instead of one per input (token ids and positions: one)
@@ -154,6 +166,50 @@ class CapturedPiece:
             return self.gm(*entry.static_inputs)
         entry.graph.replay()
         return entry.static_outputs
+
+
+@dataclasses.dataclass
+class InputCopy:
+    """How one input reaches a capture: copied into `target` before every replay.  `broadcast_dims`:
+    dims the input had stride 0 on at capture; the buffer stores one element along them, so an input
+    must still be broadcast there to be copied (else the call runs uncaptured)."""
+    position: int
+    target: torch.Tensor
+    broadcast_dims: Tuple[int, ...] = ()
+
+    def source(self, a: torch.Tensor) -> Optional[torch.Tensor]:
+        for d in self.broadcast_dims:
+            if a.stride(d) != 0:
+                return None
+            a = a.narrow(d, 0, 1)
+        return a
+
+
+def static_buffer_like(a: torch.Tensor, position: int = 0) -> Tuple[torch.Tensor, InputCopy]:
+    """(the tensor a capture reads an input from, how to refill it): the input's own sizes and strides
+    (the piece was compiled for them, and a kernel may rely on them), filled with its values.  Stride-0
+    (broadcast) dims keep stride 0 over one stored element.  Other self-overlapping layouts are refused
+    (ValueError): a buffer with them cannot be written element by element."""
+    broadcast = tuple(d for d, (n, st) in enumerate(zip(a.shape, a.stride())) if st == 0 and n > 1)
+    base = a
+    for d in broadcast:
+        base = base.narrow(d, 0, 1)
+    if not _non_overlapping(base):
+        raise ValueError(f"input {position} has a self-overlapping layout (strides {tuple(a.stride())})")
+    buf = torch.empty_strided(base.shape, base.stride(), dtype=a.dtype, device=a.device)
+    buf.copy_(base)
+    seen = buf.expand(a.shape) if broadcast else buf
+    return seen, InputCopy(position, buf, broadcast)
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two elements share memory: with dims sorted by stride, each stride covers the dims below it."""
+    extent = 1
+    for n, st in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n > 1), key=lambda x: x[1]):
+        if st < extent:
+            return False
+        extent = st * n
+    return True
 
 
 def run_checking_host_syncs(gm: fx.GraphModule, args: Sequence[Any]):

@@ -27,9 +27,13 @@ import torch
 import torch.fx as fx
 
 from ..graph_stats import count_kernels
-from .capture import CapturedPiece, RuntimeCounters, SharedPool
+from ..utils import warn_once
+from .capture import WARM_UP, CapturedPiece, RuntimeCounters, SharedPool
+from .capture_sets import CaptureSet, CaptureSets
+from .checking import ReplayChecker
+from .memory_plan import MemoryPlan, copy_outputs, plan_memory
 from .precompile import precompile_fused_kernels
-from .splitting import Piece, SplitGraph, split_graph, splitting_nodes
+from .splitting import Piece, SplitGraph, input_view_nodes, split_graph, splitting_nodes
 from .token_dims import SymbolBinder, evaluate, token_dims, token_symbol, why_not_token_wise
 
 from ..config import GRAPH_MODES as MODES
@@ -47,13 +51,16 @@ def resolve_mode(mode: str, on_cuda: bool) -> str:
 
 
 class _Plan:
-    """One way of running the graph: its pieces, their runners, and whether it may pad."""
+    """One way of running the graph: its pieces, their runners, its memory plan, and whether it may pad."""
 
-    def __init__(self, label: str, split: SplitGraph, runners: Dict[int, CapturedPiece], pad_refusal: Optional[str]):
+    def __init__(self, label: str, split: SplitGraph, runners: Dict[int, CapturedPiece], memory: MemoryPlan,
+                 pad_refusal: Optional[str], refused: List[str]):
         self.label = label
         self.split = split
-        self.runners = runners  # piece index -> runner (graph pieces only)
+        self.runners = runners  # piece index -> runner (captured pieces only)
+        self.memory = memory
         self.pad_refusal = pad_refusal  # None: padding is safe
+        self.refused = refused  # graph pieces the memory plan keeps uncaptured, and why
         # The unpadded call's route, as list positions rather than names: a call runs every step
         # of it, so it does no dict work per value (a model's graph has dozens of inputs).
         slot = {name: i for i, name in enumerate(split.graph_inputs)}
@@ -61,34 +68,40 @@ class _Plan:
             for name in piece.outputs:
                 slot.setdefault(name, len(slot))
         self.slot_count = len(slot)
-        self.steps = [(runners.get(p.index) or p.gm, runners.get(p.index) is not None,
-                       [slot[n] for n in p.inputs], [slot[n] for n in p.outputs]) for p in split.pieces]
-        in_graph_memory = {n for p in split.pieces if p.index in runners for n in p.outputs}
-        # (slot, copy it, constant): graph memory is rewritten by the next replay, so what the
-        # caller holds of it must be a copy
-        self.outputs = [(slot[x], x in in_graph_memory, None) if isinstance(x, str) else (None, False, x)
-                        for x in split.graph_outputs]
+        self.steps = [(p, runners.get(p.index), [slot[n] for n in p.inputs], [slot[n] for n in p.outputs])
+                      for p in split.pieces]
+        self.outputs = [(slot[x], None) if isinstance(x, str) else (None, x) for x in split.graph_outputs]
 
-    def run_unpadded(self, size: int, args: Sequence[Any]) -> tuple:
+    def run_unpadded(self, rt: "GraphRuntime", capture_set: CaptureSet, phase: str, args: Sequence[Any]) -> tuple:
         """A call at a capture size (or a static graph): every value at its real size."""
         values = list(args) + [None] * (self.slot_count - len(args))
-        for run, captured, ins, outs in self.steps:
+        checker = rt.replay_checker(self, phase)
+        for piece, runner, ins, outs in self.steps:
             piece_args = [values[i] for i in ins]
-            results = run.run(size, piece_args) if captured else run(*piece_args)
+            if checker is not None:
+                checker.before(piece, piece_args)
+            if runner is None:
+                results = piece.gm(*piece_args)
+            else:
+                results = rt.run_captured(runner, capture_set, phase, piece, piece_args)
             for i, v in zip(outs, results):
                 values[i] = v
-        return tuple(constant if i is None else
-                     values[i].clone() if copy and isinstance(values[i], torch.Tensor) else values[i]
-                     for i, copy, constant in self.outputs)
+            if checker is not None:
+                checker.after(piece, piece_args, results, runner is not None)
+        outputs = [constant if i is None else values[i] for i, constant in self.outputs]
+        if checker is not None:
+            checker.finish(outputs)
+        return tuple(copy_outputs(outputs, self.memory.output_copies))
 
 
 class GraphRuntime:
     def __init__(self, name: str, gm: fx.GraphModule, example_inputs: Sequence[Any], static_input_indices: Set[int],
                  *, mode: str, capture_sizes: Sequence[int], splitting_ops: Sequence[str], max_captures: int,
-                 check_addresses: bool, warned: Set[str]):
+                 check_replays: bool, warned: Set[str], strict: bool = False):
         self.name = name
         self.gm = gm
-        self.input_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self.input_vals = [n.meta.get("val") for n in placeholders]
         self.bind_symbols = SymbolBinder(self.input_vals)
         self.on_cuda = _graph_device(example_inputs) == "cuda"
         self.mode = resolve_mode(mode, self.on_cuda)
@@ -99,13 +112,17 @@ class GraphRuntime:
                                    if isinstance(x, torch.Tensor) and x.dim() > 0 and i not in static_input_indices
                                    and isinstance(x.shape[0], int)), None) if self.sym is None else None
         self.static_input_indices = set(static_input_indices)
+        self.parameter_names = frozenset(placeholders[i].name for i in self.static_input_indices
+                                         if i < len(placeholders))
+        self.strict = strict
+        self.check_replays = check_replays
         self.counters = RuntimeCounters()
         self.fallbacks: List[str] = []
         self.warned = warned
         self.pool = SharedPool()
+        self.sets = CaptureSets(name, sorted(self.static_input_indices), max_captures, warned)
         self._runner_args = dict(use_cuda_graphs=self.on_cuda, pool=self.pool, counters=self.counters,
-                                 max_captures=max_captures, check_addresses=check_addresses, warned=warned,
-                                 fallbacks=self.fallbacks)
+                                 warned=warned, fallbacks=self.fallbacks)
         self.precompiled: Set[Any] = set()  # sizes whose kernels were compiled ahead (precompile.py)
         self.precompile_skips: List[str] = []  # fused calls that could not be made ahead, and why
         self.boundaries: List[str] = []
@@ -114,34 +131,40 @@ class GraphRuntime:
         self.full_refusal: Optional[str] = None
         if self.mode == "none":
             return
-        reasons = splitting_nodes(gm, splitting_ops, "cuda" if self.on_cuda else "cpu")
-        hard = sorted({r for r in reasons.values() if not r.startswith(("attention op", "user splitting op"))})
+        capturable = frozenset([self.sym]) if self.sym is not None else frozenset()
+        reasons = splitting_nodes(gm, splitting_ops, "cuda" if self.on_cuda else "cpu", capturable)
+        reasons.update(input_view_nodes(gm, self.parameter_names))
+        hard = sorted({str(r) for r in reasons.values() if r.hard})
         if self.mode in ("piecewise", "full_and_piecewise"):
             self.piecewise = self._plan("piecewise", split_graph(gm, reasons))
-            self.boundaries = [p.describe() for p in self.piecewise.split.pieces]
+            self.boundaries = [p.describe() for p in self.piecewise.split.pieces] + self.piecewise.refused
         if self.mode in ("full", "full_and_piecewise"):
             if hard:
                 self.full_refusal = f"the whole graph cannot be captured: {hard[0]}"
             else:
-                self.full = self._plan("full", split_graph(gm, {}))
+                views = {n: r for n, r in reasons.items() if r.kind == "input_view"}
+                self.full = self._plan("full", split_graph(gm, views))
             if self.mode == "full":
-                self.boundaries = [self.full_refusal] if self.full_refusal else ["piece 0: graph, the whole graph"]
+                self.boundaries = [self.full_refusal] if self.full_refusal else \
+                    [p.describe() for p in self.full.split.pieces] + self.full.refused
 
     def _plan(self, label: str, split: SplitGraph) -> _Plan:
+        candidates = {p.index for p in split.pieces if p.kind == "graph" and sum(count_kernels(p.gm).values())}
+        memory = plan_memory(split, candidates, self.parameter_names)
+        refused = [f"piece {i}: not captured, {why}" for i, why in sorted(memory.refusals.items())]
+        if memory.refusals:  # the homes of their values change: plan again without them
+            candidates -= set(memory.refusals)
+            memory = plan_memory(split, candidates, self.parameter_names)
         runners = {}
-        refusal = None
+        pad_refusal = None
         for piece in split.pieces:
-            if piece.kind != "graph" or not sum(count_kernels(piece.gm).values()):
+            if piece.index not in candidates:
                 continue  # eager pieces, and pieces of views only, are called directly
-            static = {i for i, name in enumerate(piece.inputs) if self._is_static_input(name)}
+            static = {i for i, name in enumerate(piece.inputs) if name in self.parameter_names}
             runners[piece.index] = CapturedPiece(f"{self.name}/{label}/piece_{piece.index}", piece.gm, static,
                                                  **self._runner_args)
-            refusal = refusal or why_not_token_wise(piece.gm, self.sym)
-        return _Plan(label, split, runners, refusal)
-
-    def _is_static_input(self, name: str) -> bool:
-        names = [n.name for n in self.gm.graph.find_nodes(op="placeholder")]
-        return name in names and names.index(name) in self.static_input_indices
+            pad_refusal = pad_refusal or why_not_token_wise(piece.gm, self.sym)
+        return _Plan(label, split, runners, memory, pad_refusal, refused)
 
     # ---- report ----------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -189,11 +212,38 @@ class GraphRuntime:
             self.counters.full_graph_runs += 1
         else:
             self.counters.piecewise_runs += 1
+        capture_set = self.sets.lookup(plan.label, size, args)
+        if capture_set is None:
+            self.counters.uncaptured_runs += 1
+            return self.gm(*args)
+        phase = capture_set.next_phase()
         if tokens is not None and size != tokens:
             self.counters.padded_runs += 1
         if tokens is None or size == tokens:
-            return plan.run_unpadded(size, args)
-        return _Call(self, plan, bindings, tokens, size).run(args)
+            return plan.run_unpadded(self, capture_set, phase, args)
+        return _Call(self, plan, capture_set, phase, bindings, tokens, size).run(args)
+
+    def run_captured(self, runner: CapturedPiece, capture_set: CaptureSet, phase: str, piece: Piece,
+                     args: Sequence[Any]):
+        """One captured piece's step of a call.  If it fails, that piece runs as plain code for this call
+        (one warning); an error that the plain piece raises too is the caller's, and reaches them."""
+        try:
+            return runner.run(capture_set.id, phase, args)
+        except Exception as e:  # noqa: BLE001 - the smallest unit that failed falls back, for this call
+            if self.strict:
+                raise
+            reason = f"{type(e).__name__}: {str(e)[:200]}"
+            self.counters.piece_fallbacks += 1
+            self.fallbacks.append(f"{runner.name}: failed at run time ({phase}), ran uncaptured: {reason}")
+            warn_once(f"kunlun backend: {runner.name} failed at run time and ran uncaptured for this call: "
+                      f"{reason}", self.warned)
+            return piece.gm(*args)
+
+    def replay_checker(self, plan: "_Plan", phase: str) -> Optional[ReplayChecker]:
+        """With check_replays: the checker of one call (replays and captures only)."""
+        if not self.check_replays or phase == WARM_UP:
+            return None
+        return ReplayChecker(self.name, plan.memory)
 
     def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
                     padded_size: Optional[int]) -> None:
@@ -242,11 +292,12 @@ class GraphRuntime:
 
 
 class _Call:
-    """One call through a plan: values tracked by name, padded for captured pieces, real for the rest."""
+    """One padded call through a plan: values tracked by name, padded for captured pieces, real for the rest."""
 
-    def __init__(self, rt: GraphRuntime, plan: _Plan, bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
-                 size: int):
-        self.rt, self.plan, self.tokens, self.size = rt, plan, tokens, size
+    def __init__(self, rt: GraphRuntime, plan: _Plan, capture_set: CaptureSet, phase: str,
+                 bindings: Dict[sympy.Symbol, int], tokens: int, size: int):
+        self.rt, self.plan, self.capture_set, self.phase = rt, plan, capture_set, phase
+        self.tokens, self.size = tokens, size
         self.real_bindings = bindings
         self.padded_bindings = dict(bindings)
         if rt.sym is not None:
@@ -254,34 +305,42 @@ class _Call:
         self.values: Dict[str, Any] = {}
         self.vals: Dict[str, Any] = {}  # name -> meta val
         self.padded: Set[str] = set()  # values at the padded size
-        self.in_graph_memory: Set[str] = set()
         self._pad_cache: Dict[str, Any] = {}
 
     def run(self, args):
         split = self.plan.split
+        checker = self.rt.replay_checker(self.plan, self.phase)
         for name, value, val in zip(split.graph_inputs, args, self.rt.input_vals):
             self.values[name], self.vals[name] = value, val
         for piece in split.pieces:
             runner = self.plan.runners.get(piece.index)
             if runner is not None:
-                outs = runner.run(self.size, [self._padded(n) for n in piece.inputs])
-                self._store(piece, outs, padded=True, graph_memory=True)  # static buffers are reused
+                piece_args = [self._padded(n) for n in piece.inputs]
+                if checker is not None:
+                    checker.before(piece, piece_args)
+                outs = self.rt.run_captured(runner, self.capture_set, self.phase, piece, piece_args)
             else:
-                outs = piece.gm(*[self._real(n) for n in piece.inputs])
-                self._store(piece, outs, padded=False, graph_memory=False)
-        return tuple(self._output(x) for x in split.graph_outputs)
+                piece_args = [self._real(n) for n in piece.inputs]
+                if checker is not None:
+                    checker.before(piece, piece_args)
+                outs = piece.gm(*piece_args)
+            self._store(piece, outs, padded=runner is not None)
+            if checker is not None:
+                checker.after(piece, piece_args, outs, runner is not None)
+        outputs = [self._real(x) if isinstance(x, str) else x for x in split.graph_outputs]
+        if checker is not None:
+            checker.finish(outputs)
+        return tuple(copy_outputs(outputs, self.plan.memory.output_copies))
 
-    def _store(self, piece: Piece, outs, padded: bool, graph_memory: bool) -> None:
+    def _store(self, piece: Piece, outs, padded: bool) -> None:
         for name, value, val in zip(piece.outputs, outs, piece.output_vals):
             self.values[name], self.vals[name] = value, val
-            if padded and self.tokens is not None and self.size != self.tokens:
+            if padded:
                 self.padded.add(name)
-            if graph_memory:
-                self.in_graph_memory.add(name)
 
     def _padded(self, name: str):
         value, val = self.values[name], self.vals[name]
-        if name in self.padded or self.tokens is None or self.size == self.tokens:
+        if name in self.padded:
             return value
         if name in self._pad_cache:
             return self._pad_cache[name]
@@ -300,8 +359,6 @@ class _Call:
     def _real(self, name: str):
         value, val = self.values[name], self.vals[name]
         if name not in self.padded:
-            if isinstance(val, torch.SymInt) and self.size != self.tokens and self.tokens is not None:
-                return evaluate(val, self.real_bindings)
             return value
         if isinstance(value, torch.Tensor):
             for d in token_dims(val, self.rt.sym):
@@ -309,14 +366,6 @@ class _Call:
             return value
         if isinstance(val, torch.SymInt):
             return evaluate(val, self.real_bindings)
-        return value
-
-    def _output(self, x):
-        if not isinstance(x, str):
-            return x
-        value = self._real(x)
-        if x in self.in_graph_memory and isinstance(value, torch.Tensor):
-            return value.clone()  # graph memory is rewritten by the next replay
         return value
 
 

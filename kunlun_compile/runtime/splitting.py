@@ -7,7 +7,9 @@ every time, at the real size).  Splitting ops are
   captured batch would get wrong, and vLLM keeps them outside its pieces too;
 - collectives, which must run outside a captured region;
 - anything that syncs with the host (`.item()`, `nonzero`, data-dependent
-  shapes) or makes CPU tensors in a GPU graph: a capture cannot contain it.
+  shapes) or makes CPU tensors in a GPU graph: a capture cannot contain it;
+- anything whose sizes depend on a symbol other than the token count (a KV
+  length that grows every decode step): a capture replays one fixed size.
 
 The graph is already in topological order, so the split is one linear walk: a
 piece's inputs are the values it uses from earlier pieces (or graph inputs),
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
+
+from .aliasing import is_view
 
 aten = torch.ops.aten
 
@@ -63,24 +68,84 @@ def _matches(name: str, listed: Iterable[str]) -> bool:
     return any(name == x or base == x for x in listed)
 
 
-def split_reason(node: fx.Node, extra_splitting_ops: Sequence[str] = (), graph_device: str = "cuda") -> Optional[str]:
-    """Why `node` must run outside a captured piece, or None."""
+@dataclasses.dataclass(frozen=True)
+class SplitReason:
+    """Why a node runs outside captured pieces.  `kind` is one of KINDS; `soft` kinds (attention,
+    user-chosen ops) may still be captured inside a whole-graph capture, hard kinds never."""
+
+    kind: str
+    detail: str
+
+    KINDS = ("attention", "user", "host_sync", "collective", "cpu_tensor", "dynamic_shape", "input_view")
+    SOFT = ("attention", "user", "input_view")
+    # consecutive nodes of these kinds share one eager piece (one call instead of one per node)
+    GROUPED = ("dynamic_shape", "input_view")
+    _PREFIX = {"attention": "attention op", "user": "user splitting op", "host_sync": "host sync",
+               "collective": "collective", "cpu_tensor": "", "dynamic_shape": "", "input_view": ""}
+
+    @property
+    def hard(self) -> bool:
+        return self.kind not in self.SOFT
+
+    def __str__(self) -> str:
+        prefix = self._PREFIX[self.kind]
+        return f"{prefix} {self.detail}" if prefix else self.detail
+
+
+def _foreign_symbols(node: fx.Node, capturable: FrozenSet[sympy.Symbol]) -> List[sympy.Symbol]:
+    """Symbols other than `capturable` in the sizes of `node`'s inputs and outputs, by name."""
+    found = set()
+    for v in _vals(node) + [a.meta.get("val") for a in node.all_input_nodes]:
+        found |= _free_symbols(v)
+    return sorted(found - capturable, key=str)
+
+
+def _free_symbols(v) -> set:
+    if isinstance(v, torch.SymInt):
+        return set(v.node.expr.free_symbols)
+    if isinstance(v, torch.Tensor):
+        out = set()
+        for s in (*v.shape, *v.stride(), v.storage_offset()):
+            if isinstance(s, torch.SymInt):
+                out |= s.node.expr.free_symbols
+        return out
+    return set()
+
+
+def split_reason(node: fx.Node, extra_splitting_ops: Sequence[str] = (), graph_device: str = "cuda",
+                 capturable_symbols: Optional[FrozenSet[sympy.Symbol]] = None) -> Optional[SplitReason]:
+    """Why `node` must run outside a captured piece, or None.
+
+    `capturable_symbols`: the size symbols a capture may depend on (the token count, which the
+    runtime keys and pads its captures by).  A node whose sizes involve any other symbol (a KV-cache
+    length, an unbacked data-dependent size) runs uncaptured: that size can change on every call, and a
+    replay would run at the size of its capture.  None: symbols are not checked."""
     if node.op != "call_function":
         return None
     name = op_name(node.target)
     if not name:
+        if capturable_symbols is not None:  # Python arithmetic on sizes (operator.mul of SymInts, ...)
+            foreign = _foreign_symbols(node, capturable_symbols)
+            if foreign:
+                return SplitReason("dynamic_shape", f"{node.name} depends on size {foreign[0]}, "
+                                                    "which is not the token count")
         return None
     if _matches(name, ATTENTION_OPS):
-        return f"attention op {name}"
+        return SplitReason("attention", name)
     if _matches(name, extra_splitting_ops):
-        return f"user splitting op {name}"
+        return SplitReason("user", name)
     if _matches(name, HOST_SYNC_OPS):
-        return f"host sync {name}"
+        return SplitReason("host_sync", name)
     if name.split("::")[0] in COLLECTIVE_NAMESPACES:
-        return f"collective {name}"
+        return SplitReason("collective", name)
     if graph_device == "cuda" and any(isinstance(v, torch.Tensor) and v.device.type == "cpu"
                                       for v in _vals(node)):
-        return f"{name} makes a CPU tensor"
+        return SplitReason("cpu_tensor", f"{name} makes a CPU tensor")
+    if capturable_symbols is not None:
+        foreign = _foreign_symbols(node, capturable_symbols)
+        if foreign:
+            return SplitReason("dynamic_shape", f"{name} depends on size {foreign[0]}, which is not the token "
+                                                "count")
     return None
 
 
@@ -117,10 +182,12 @@ class SplitGraph:
     graph_outputs: List  # value names (str) or python constants, in the output's order
 
 
-def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.Node, int]:
-    """Node -> piece index; a splitting node gets a piece of its own, its getitems join it."""
+def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> Dict[fx.Node, int]:
+    """Node -> piece index; a splitting node gets a piece of its own (consecutive nodes of a grouped
+    kind share one), its getitems join it."""
     piece_of: Dict[fx.Node, int] = {}
     current, current_open = -1, False
+    open_group: Optional[str] = None  # the grouped kind of the eager piece just made, if any
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -128,10 +195,14 @@ def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.No
             piece_of[node] = piece_of[node.args[0]]
             continue
         if node in reasons:
-            current += 1
+            kind = reasons[node].kind
+            if not (open_group == kind and kind in SplitReason.GROUPED):
+                current += 1
             piece_of[node] = current
             current_open = False
+            open_group = kind
             continue
+        open_group = None
         if not current_open:
             current += 1
             current_open = True
@@ -139,7 +210,7 @@ def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> Dict[fx.No
     return piece_of
 
 
-def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> SplitGraph:
+def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> SplitGraph:
     """Cut `gm` at the nodes in `reasons` (node -> why).  With no reasons: one graph piece."""
     piece_of = assign_pieces(gm, reasons)
     count = max(piece_of.values(), default=-1) + 1
@@ -191,7 +262,7 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, str]) -> SplitGraph:
             if n.op == "get_attr":
                 _copy_attr(gm, root, n.target)
         piece_gm = fx.GraphModule(root, graph, f"piece_{idx}")
-        eager_reason = next((reasons[n] for n in nodes if n in reasons), None)
+        eager_reason = next((str(reasons[n]) for n in nodes if n in reasons), None)
         pieces.append(Piece(len(pieces), "eager" if eager_reason else "graph", eager_reason or "",
                             piece_gm, [n.name for n in inputs], [n.name for n in outs],
                             [n.meta.get("val") for n in inputs], [n.meta.get("val") for n in outs]))
@@ -216,11 +287,29 @@ def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
         setattr(d, leaf, value)
 
 
-def splitting_nodes(gm: fx.GraphModule, extra_splitting_ops: Sequence[str] = (),
-                    graph_device: str = "cuda") -> Dict[fx.Node, str]:
+def input_view_nodes(gm: fx.GraphModule, parameters: FrozenSet[str]) -> Dict[fx.Node, SplitReason]:
+    """The view chains from a caller's input to a graph output.  They run outside captures: inside one
+    they would view the capture's copy of the input, and the caller must get a view of its own tensor."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    outs = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    found: Dict[fx.Node, SplitReason] = {}
+    for out in outs:
+        chain = []
+        node = out
+        while isinstance(node, fx.Node) and is_view(node):
+            chain.append(node)
+            node = node.args[0]
+        if chain and isinstance(node, fx.Node) and node.op == "placeholder" and node.name not in parameters:
+            for n in chain:
+                found[n] = SplitReason("input_view", f"{n.name} is a view of the input {node.name}, returned")
+    return found
+
+
+def splitting_nodes(gm: fx.GraphModule, extra_splitting_ops: Sequence[str] = (), graph_device: str = "cuda",
+                    capturable_symbols: Optional[FrozenSet[sympy.Symbol]] = None) -> Dict[fx.Node, SplitReason]:
     out = {}
     for node in gm.graph.nodes:
-        why = split_reason(node, extra_splitting_ops, graph_device)
+        why = split_reason(node, extra_splitting_ops, graph_device, capturable_symbols)
         if why:
             out[node] = why
     return out
