@@ -88,7 +88,7 @@ def plan_memory(split: SplitGraph, captured: Set[int], parameters: FrozenSet[str
                 home, base_name = source.home, source.base  # a view of memory the piece reads in place
             else:  # fresh memory, or a view of the capture's own copy of an input
                 home = f"graph:{piece.index}" if piece.index in captured else f"call:{piece.index}"
-                base_name = name if source is None else source.base
+                base_name = base.name if source is None else source.base
             values[name] = ValuePlan(name, home, piece.index, [], base_name)
         if piece.index in captured:
             written = [w.name for n in piece.gm.graph.nodes for w in writes_inputs(n)

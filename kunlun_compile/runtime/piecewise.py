@@ -34,7 +34,7 @@ from .checking import ReplayChecker
 from .memory_plan import MemoryPlan, copy_outputs, plan_memory
 from .precompile import precompile_fused_kernels
 from .splitting import Piece, SplitGraph, input_view_nodes, split_graph, splitting_nodes
-from .token_dims import SymbolBinder, evaluate, token_dims, token_symbol, why_not_token_wise
+from .token_dims import SymbolBinder, evaluate, token_layout, token_symbol, why_not_token_wise
 
 from ..config import GRAPH_MODES as MODES
 
@@ -232,12 +232,13 @@ class GraphRuntime:
         except Exception as e:  # noqa: BLE001 - the smallest unit that failed falls back, for this call
             if self.strict:
                 raise
+            out = piece.gm(*args)  # raises the caller's error when the input itself is bad
             reason = f"{type(e).__name__}: {str(e)[:200]}"
             self.counters.piece_fallbacks += 1
             self.fallbacks.append(f"{runner.name}: failed at run time ({phase}), ran uncaptured: {reason}")
             warn_once(f"kunlun backend: {runner.name} failed at run time and ran uncaptured for this call: "
                       f"{reason}", self.warned)
-            return piece.gm(*args)
+            return out
 
     def replay_checker(self, plan: "_Plan", phase: str) -> Optional[ReplayChecker]:
         """With check_replays: the checker of one call (replays and captures only)."""
@@ -348,9 +349,8 @@ class _Call:
             out = evaluate(val, self.padded_bindings)
         elif isinstance(value, torch.Tensor):
             out = value
-            for d in token_dims(val, self.rt.sym):
-                index = torch.arange(self.size, device=value.device).clamp_(max=self.tokens - 1)
-                out = out.index_select(d, index)  # padded rows repeat the last real one
+            for d, per_token in token_layout(val, self.rt.sym):
+                out = out.index_select(d, _padding_index(self.tokens, self.size, per_token, value.device))
         else:
             out = value
         self._pad_cache[name] = out
@@ -361,12 +361,20 @@ class _Call:
         if name not in self.padded:
             return value
         if isinstance(value, torch.Tensor):
-            for d in token_dims(val, self.rt.sym):
-                value = value.narrow(d, 0, self.tokens)
+            for d, per_token in token_layout(val, self.rt.sym):
+                value = value.narrow(d, 0, self.tokens * per_token)
             return value
         if isinstance(val, torch.SymInt):
             return evaluate(val, self.real_bindings)
         return value
+
+
+def _padding_index(tokens: int, size: int, per_token: int, device) -> torch.Tensor:
+    """Rows of a padded value: the real ones, then the last real token's rows repeated (ids, positions
+    and activations of a real token stay in range)."""
+    rows = torch.arange(size * per_token, device=device)
+    last = (tokens - 1) * per_token + rows % per_token
+    return torch.where(rows < tokens * per_token, rows, last)
 
 
 def _graph_device(example_inputs: Sequence[Any]) -> str:

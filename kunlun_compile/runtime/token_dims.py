@@ -13,7 +13,7 @@ the last real row, so padded ids, positions and activations stay in range.
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
@@ -43,6 +43,30 @@ def token_dims(val: Any, sym: Optional[sympy.Symbol]) -> List[int]:
     if sym is None or not isinstance(val, torch.Tensor):
         return []
     return [d for d, s in enumerate(val.shape) if _expr(s) == sym]
+
+
+def token_layout(val: Any, sym: Optional[sympy.Symbol]) -> List[Tuple[int, int]]:
+    """(dim, rows per token) of every dim that grows with the token count: `n` anywhere (1 row per
+    token), `c*n` in dim 0 (token-major: each token's c rows together, as a [n, c] view flattened)."""
+    if sym is None or not isinstance(val, torch.Tensor):
+        return []
+    out = []
+    for d, s in enumerate(val.shape):
+        e = _expr(s)
+        if e == sym:
+            out.append((d, 1))
+        elif d == 0 and isinstance(e, sympy.Expr) and sym in e.free_symbols:
+            coeff = sympy.simplify(e / sym)
+            if coeff.is_Integer and coeff > 0:
+                out.append((0, int(coeff)))
+    return out
+
+
+def _token_related(val: Any, sym) -> List[int]:
+    """Dims whose size involves the token count at all."""
+    if sym is None or not isinstance(val, torch.Tensor):
+        return []
+    return [d for d, s in enumerate(val.shape) if isinstance(_expr(s), sympy.Expr) and sym in _expr(s).free_symbols]
 
 
 def _odd_dim(val: Any, sym) -> Optional[str]:
@@ -76,6 +100,13 @@ _ALONG_DIM = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.var_mean
 _FACTORIES = {aten.full, aten.zeros, aten.ones, aten.empty, aten.arange, aten.full_like, aten.zeros_like,
               aten.ones_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided, aten.new_zeros,
               aten.new_ones, aten.new_full, aten.new_empty}
+# Writes of rows into another tensor at given indices: padded rows would be written or added in.
+_SCATTERS = {aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_add, aten.index_copy, aten.index_put,
+             aten._index_put_impl, aten.index_fill, aten.masked_scatter}
+# Reshapes keep tokens apart only while the token dim is the outermost one, in and out.
+_RESHAPES = {aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten._reshape_alias}
+# Layout changes that move a token dim without mixing rows.
+_MOVES = {aten.permute, aten.transpose, aten.t, aten.expand, aten.unsqueeze, aten.squeeze}
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.matmul, aten.linear, aten.baddbmm}
 # Size queries: read metadata only.
 _METADATA = {aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset}
@@ -115,7 +146,7 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
         odd = _odd_dim(v, sym)
         if odd:
             return f"{name}: {odd}"
-    if not any(token_dims(v, sym) for v in ins + outs):
+    if not any(_token_related(v, sym) for v in ins + outs):
         return None  # no token dim involved: a weight- or constant-only computation
     target, packet = node.target, _packet(node.target)
     if not isinstance(target, torch._ops.OpOverload):
@@ -125,13 +156,22 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
         return None
     if torch.Tag.pointwise in target.tags or packet in _FACTORIES or packet in _METADATA:
         return None
+    src = ins[0] if ins else None
+    if packet in _RESHAPES:
+        if any(d != 0 for v in (src, *outs) for d in _token_related(v, sym)):
+            return f"{name} reshapes across a token dim that is not the outermost"
+        return None
+    if packet in _MOVES:
+        return None  # a moved token dim stays a token dim; every value's sizes are checked above
+    if packet is aten.repeat:
+        return _repeat_reason(name, src, node.args[1], sym)
+    if packet in _SCATTERS:
+        return _scatter_reason(name, node, src, ins[1:], sym)
+    if packet is aten.index:
+        return None if not _token_related(src, sym) else f"{name} indexes a token-sized tensor"
     if packet in _LAYOUT or packet in _ALONG_DIM:
-        src = ins[0] if ins else None
         rank = src.dim() if isinstance(src, torch.Tensor) else 0
-        if packet in (aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.permute, aten.transpose,
-                      aten.t, aten.expand, aten.repeat, aten.unsqueeze, aten.squeeze):
-            return None  # token-major is checked on every value above; a moved token dim stays a token dim
-        tok = set(token_dims(src, sym))
+        tok = set(_token_related(src, sym))
         hit = [d for d in _dims_arg(node) if (d % rank if rank else d) in tok]
         if hit:
             return f"{name} works along the token dim {hit[0]}"
@@ -144,6 +184,38 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
     if packet is aten.embedding:
         return None if not token_dims(ins[0], sym) else f"{name} looks up rows of a token-sized table"
     return f"{name} is not known to treat tokens independently"
+
+
+def _repeat_reason(name: str, src: Any, repeats: Sequence[Any], sym) -> Optional[str]:
+    """`repeat` tiles whole copies: along a token dim the copies of padded rows land among real ones."""
+    if not isinstance(src, torch.Tensor):
+        return None
+    lead = len(repeats) - src.dim()
+    for d in _token_related(src, sym):
+        if repeats[lead + d] != 1:
+            return f"{name} tiles the token dim {d}"
+    return None
+
+
+def _scatter_reason(name: str, node: fx.Node, dest: Any, others: Sequence[Any], sym) -> Optional[str]:
+    """A scatter keeps tokens apart only when each token's row is written within that token's own row
+    of the destination: the scattered dim is not a token dim, and the index/source token dims are the
+    destination's (row i writes row i)."""
+    dest_dims = set(_token_related(dest, sym))
+    hit = [d for d in _dims_arg(node) if isinstance(dest, torch.Tensor) and d % max(dest.dim(), 1) in dest_dims]
+    if hit:
+        return f"{name} writes along the token dim {hit[0]}"
+    if packet_has_index_list(node):
+        return f"{name} writes at token-dependent indices" if any(_token_related(v, sym) for v in others) else None
+    for v in others:
+        extra = set(_token_related(v, sym)) - dest_dims
+        if extra:
+            return f"{name} writes token rows at indices into another tensor: padded rows would be written in"
+    return None
+
+
+def packet_has_index_list(node: fx.Node) -> bool:
+    return _packet(node.target) in (aten.index_put, aten._index_put_impl)
 
 
 def why_not_token_wise(gm: fx.GraphModule, sym: Optional[sympy.Symbol]) -> Optional[str]:
