@@ -74,24 +74,27 @@ def plan_memory(split: SplitGraph, captured: Set[int], parameters: FrozenSet[str
         values[name] = ValuePlan(name, "parameter" if name in parameters else "caller", -1, [], name)
     refusals: Dict[int, str] = {}
     for piece in split.pieces:
-        nodes = {n.name: n for n in piece.gm.graph.nodes}
+        graph = piece.gm.graph
+        # by position: the piece's node names may differ from the value names (renamed on collision)
+        input_of = {p: name for p, name in zip(graph.find_nodes(op="placeholder"), piece.inputs)}
+        output_nodes = list(next(iter(graph.find_nodes(op="output"))).args[0])
         for name in piece.inputs:
             if name not in values:
                 refusals.setdefault(piece.index, f"reads {name} before any piece makes it")
                 continue
             values[name].consumers.append(piece.index)
-        for name in piece.outputs:
-            node = nodes[name]
+        value_of = {node: name for name, node in zip(piece.outputs, output_nodes)}
+        for name, node in zip(piece.outputs, output_nodes):
             base = view_base(node)
-            source = values.get(base.name) if base.op == "placeholder" else None
+            source = values.get(input_of[base]) if base.op == "placeholder" else None
             if source is not None and (source.home == "parameter" or piece.index not in captured):
                 home, base_name = source.home, source.base  # a view of memory the piece reads in place
             else:  # fresh memory, or a view of the capture's own copy of an input
                 home = f"graph:{piece.index}" if piece.index in captured else f"call:{piece.index}"
-                base_name = base.name if source is None else source.base
+                base_name = source.base if source is not None else value_of.get(base, f"{piece.index}:{base.name}")
             values[name] = ValuePlan(name, home, piece.index, [], base_name)
         if piece.index in captured:
-            written = [w.name for n in piece.gm.graph.nodes for w in writes_inputs(n)
+            written = [input_of[view_base(w)] for n in graph.nodes for w in writes_inputs(n)
                        if view_base(w).op == "placeholder"]
             if written:
                 refusals.setdefault(piece.index, f"writes its input {written[0]} in place")
@@ -103,7 +106,7 @@ def plan_memory(split: SplitGraph, captured: Set[int], parameters: FrozenSet[str
             continue
         v = values[name]
         v.consumers.append(out_index)
-        if v.producer in captured and values[v.base].home == "caller":  # the splitter keeps these out
+        if v.producer in captured and v.base in values and values[v.base].home == "caller":  # kept out by the splitter
             refusals.setdefault(v.producer, f"returns {name}, a view of the caller's input {v.base}")
         if v.home.startswith("graph:"):
             copies.append(OutputCopy(i, groups.setdefault(v.base, len(groups))))
