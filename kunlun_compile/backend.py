@@ -37,6 +37,7 @@ class KunlunBackend:
         self.pass_manager = PassManager(default_passes() if passes is None else passes)
         self.pass_manager.check_disabled(self.config)
         self.report = CompileReport()
+        self.runtimes: Dict[str, GraphRuntime] = {}  # graph name -> its runtime (the CLI's align reads them)
         self.warned: set = set()
         self._ids = itertools.count()
 
@@ -130,6 +131,7 @@ class KunlunBackend:
             return gm
         report.pieces = rt.piece_count
         report.runtime_info = rt.describe
+        self.runtimes[name] = rt
         return rt
 
 

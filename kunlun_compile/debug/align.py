@@ -6,6 +6,10 @@ produced.  Every value of the compiled graph that stands for a value of the rece
 node, or a fused op's output that replaced it: `node.meta["kunlun_replaces"]`) is compared by
 relative error against the dtype's tolerance.  The first node out of tolerance, in execution
 order, is where the compiled graph starts to differ; later ones usually inherit it.
+
+That comparison runs each graph once as plain code.  With a graph mode that captures pieces, the
+result also has a `runtime` section (runtime_align.py): every captured piece's replays against the
+piece run as plain code, and the replayed calls' outputs against eager.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch.fx as fx
 
 from ..passes.rewrites import REPLACES
 from .inspect import InspectingBackend, KeptGraph
+from .runtime_align import align_runtime
 from .targets import TOLERANCE, Target
 
 
@@ -88,6 +93,7 @@ def align(target: Target, backend: InspectingBackend, worst: int = 10) -> Dict[s
                                           (0.0 if r["ok"] else float("inf"))))
     return {
         "target": target.name,
+        "runtime": align_runtime(target, backend.config),
         "nodes_compared": len(rows),
         "aligned": len(rows) - len(bad),
         "aligned_share": (len(rows) - len(bad)) / len(rows) if rows else 1.0,
@@ -95,6 +101,19 @@ def align(target: Target, backend: InspectingBackend, worst: int = 10) -> Dict[s
         "worst": ranked[:worst],
         "nodes": rows,
     }
+
+
+def runtime_summary(runtime: Dict[str, Any]) -> str:
+    """One line on the runtime section of an align result."""
+    if not runtime.get("checked"):
+        return f"runtime not checked ({runtime.get('why', 'no graph mode')})"
+    line = (f"runtime ({runtime['graph_mode']}): {runtime['replay_checks'] - runtime['replay_checks_failed']} of "
+            f"{runtime['replay_checks']} replay checks passed, replayed outputs "
+            f"{'within' if runtime['output_ok'] else 'OUT OF'} tolerance (rel_err {runtime['output_rel_err']:.2e})")
+    first = runtime.get("first_divergence")
+    if first:
+        line += f"; first divergence: {first['graph']} piece {first['piece']}, value {first['value']} ({first['check']})"
+    return line
 
 
 def html_report(result: Dict[str, Any]) -> str:
@@ -111,6 +130,7 @@ def html_report(result: Dict[str, Any]) -> str:
                f"({100 * result['aligned_share']:.1f}%)")
     if first:
         summary += f"; first divergence: {first['node']} ({first['op']}), rel_err {first['rel_err']:.3e}"
+    summary += "; " + runtime_summary(result.get("runtime") or {})
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>kunlun-compile align: {html.escape(result['target'])}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd;font-family:monospace}}

@@ -1,7 +1,10 @@
 """`kunlun-compile bisect`: the first pass, then the first single rewrite, after which the
 compiled output leaves eager's tolerance.
 
-Passes are switched on in pipeline order: a binary search over how many of them run finds the
+First the runtime: with a graph mode that captures pieces, the target runs over several calls in
+that mode (replays checked piece by piece, runtime_align.py); if only that mode is out of
+tolerance, the first piece and value whose replay differs is the answer.  Otherwise passes are
+bisected with graph mode none.  Passes are switched on in pipeline order: a binary search over how many of them run finds the
 first one whose addition breaks the output.  Inside that pass the number of rewrites it may make
 is limited (passes/rewrites.py) and searched the same way.  Each probe is a fresh compile, so a
 bisect costs about 2 + log2(passes) + log2(rewrites) compiles.
@@ -18,6 +21,7 @@ import torch
 from ..backend import KunlunBackend
 from ..config import CompileConfig
 from ..passes.rewrites import RewriteLog, limit_rewrites
+from .runtime_align import CALLS, graph_mode_of, run_replays
 from .targets import Comparison, Target, compare_outputs
 
 
@@ -51,7 +55,8 @@ class Bisector:
 
     def _probe(self, passes_on: int, limit: Optional[Tuple[str, Optional[int]]]) -> Probe:
         off = tuple(self.pass_names[passes_on:])
-        config = dataclasses.replace(self.config, disable=tuple(dict.fromkeys(self.config.disable + off)))
+        config = dataclasses.replace(self.config, disable=tuple(dict.fromkeys(self.config.disable + off)),
+                                     graph_mode="none")  # the passes alone: the runtime stage comes first
         backend = KunlunBackend(config)
         torch._dynamo.reset()
         compiled = torch.compile(self.target.module, backend=backend)
@@ -67,7 +72,10 @@ class Bisector:
 
     def run(self) -> Dict[str, Any]:
         n = len(self.pass_names)
-        result: Dict[str, Any] = {"passes": self.pass_names, "first_bad_pass": None, "first_bad_rewrite": None}
+        result: Dict[str, Any] = {"passes": self.pass_names, "first_bad_pass": None, "first_bad_rewrite": None,
+                                  "first_bad_piece": None}
+        if self._runtime_stage(result):
+            return self._finish(result, result.pop("verdict"))
         if self.probe(n).comparison.ok:
             return self._finish(result, "the compiled output is within tolerance with every pass on")
         if not self.probe(0).comparison.ok:
@@ -101,6 +109,30 @@ class Bisector:
         }
         return self._finish(result, f"rewrite {hi_r} of {len(made)} in pass {culprit} ({log.made[k]}) takes the "
                                     f"output out of tolerance")
+
+    def _runtime_stage(self, result: Dict[str, Any]) -> bool:
+        """Graph mode none against the chosen mode, over replays; when only the chosen mode is out of
+        tolerance, the runtime is the cause: name the first piece and value that diverge.  True when
+        this stage found the cause."""
+        mode = graph_mode_of(self.config, self.target)
+        if mode == "none":
+            return False
+        chosen = run_replays(self.target, self.config, record=True)
+        self.trail.append(Probe(f"every pass, graph mode {mode}, {CALLS} calls", chosen["output"], chosen["backend"],
+                                None))
+        checks_failed = [r for r in chosen["findings"] if not r["ok"]]
+        if chosen["output"].ok and not checks_failed:
+            return False
+        plain = self.probe(len(self.pass_names))
+        if not plain.comparison.ok and not checks_failed:
+            return False  # the passes are wrong already without the runtime: bisect them
+        first = checks_failed[0] if checks_failed else None
+        result["first_bad_piece"] = first
+        where = (f"{first['graph']} piece {first['piece']}, value {first['value']} ({first['check']}, "
+                 f"rel_err {first['rel_err']:.3g})" if first else "no single piece's replay differs from its plain run")
+        result["verdict"] = (f"the runtime: graph mode none is within tolerance and {mode} is not; first divergence: "
+                             f"{where}") if plain.comparison.ok else f"the runtime ({mode}) diverges: {where}"
+        return True
 
     def _finish(self, result: Dict[str, Any], verdict: str) -> Dict[str, Any]:
         result["verdict"] = verdict

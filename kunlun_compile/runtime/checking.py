@@ -8,7 +8,8 @@ For one call through a plan it
   while the value was live is named with the piece that ran last.
 
 Mismatches raise `ReplayCheckError`, which the fallbacks let through: a check the user asked for must
-not be turned into a silent fallback.  The cost is a second run of every captured piece and one copy
+not be turned into a silent fallback.  Given a `findings` list instead (`kunlun-compile align` and
+`bisect` do), every comparison is appended to it as a row and nothing raises.  The cost is a second run of every captured piece and one copy
 and one comparison per crossing value: a debugging mode, off by default.
 """
 from __future__ import annotations
@@ -51,9 +52,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class ReplayChecker:
-    def __init__(self, graph: str, memory: MemoryPlan):
+    def __init__(self, graph: str, memory: MemoryPlan, findings: Optional[List[Dict[str, Any]]] = None):
         self.graph = graph
         self.memory = memory
+        self.findings = findings
         self.held: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (live, copy, piece)
         self.last_piece: Optional[Piece] = None
 
@@ -67,10 +69,10 @@ class ReplayChecker:
             for name, got, want in zip(piece.outputs, outs, shadow):
                 if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor):
                     err = relative_error(got, want)
-                    if not err <= SHADOW_TOLERANCE:
-                        raise ReplayCheckError(
-                            f"kunlun backend: {self.graph} piece {piece.index}: the replay's value {name} differs "
-                            f"from the piece run as plain code on the same inputs (relative error {err:.3g})")
+                    self._report(piece.index, name, "replay vs the piece as plain code", err, err <= SHADOW_TOLERANCE,
+                                 f"kunlun backend: {self.graph} piece {piece.index}: the replay's value {name} "
+                                 f"differs from the piece run as plain code on the same inputs (relative error "
+                                 f"{err:.3g})")
         for name, value in zip(piece.outputs, outs):
             if isinstance(value, torch.Tensor):
                 self.held[name] = (value, value.clone(), piece.index)
@@ -79,9 +81,18 @@ class ReplayChecker:
         self._verify_held("at the end of the call")
 
     def _verify_held(self, when: str) -> None:
-        for name, (live, copy, producer) in self.held.items():
+        for name, (live, copy, producer) in list(self.held.items()):
             if not same_bits(live, copy):
-                culprit = f"piece {self.last_piece.index}" if self.last_piece is not None else "?"
-                raise ReplayCheckError(
-                    f"kunlun backend: {self.graph}: value {name} (made by piece {producer}) was overwritten "
-                    f"{when}; the last piece run was {culprit}")
+                culprit = self.last_piece.index if self.last_piece is not None else -1
+                self._report(culprit, name, f"made by piece {producer}, overwritten {when}", relative_error(live, copy),
+                             False, f"kunlun backend: {self.graph}: value {name} (made by piece {producer}) was "
+                                    f"overwritten {when}; the last piece run was piece {culprit}")
+                del self.held[name]  # reported once
+
+    def _report(self, piece: int, value: str, check: str, err: float, ok: bool, message: str) -> None:
+        if self.findings is None:
+            if not ok:
+                raise ReplayCheckError(message)
+            return
+        self.findings.append({"graph": self.graph, "piece": piece, "value": value, "check": check,
+                              "rel_err": err, "ok": ok})

@@ -116,6 +116,7 @@ class GraphRuntime:
                                          if i < len(placeholders))
         self.strict = strict
         self.check_replays = check_replays
+        self.replay_findings: Optional[List[Dict[str, Any]]] = None  # set: checks recorded here, not raised
         self.counters = RuntimeCounters()
         self.fallbacks: List[str] = []
         self.warned = warned
@@ -241,10 +242,11 @@ class GraphRuntime:
             return out
 
     def replay_checker(self, plan: "_Plan", phase: str) -> Optional[ReplayChecker]:
-        """With check_replays: the checker of one call (replays and captures only)."""
-        if not self.check_replays or phase == WARM_UP:
+        """With check_replays, or `replay_findings` set (the CLI's align): the checker of one call (replays
+        and captures only)."""
+        if not (self.check_replays or self.replay_findings is not None) or phase == WARM_UP:
             return None
-        return ReplayChecker(self.name, plan.memory)
+        return ReplayChecker(self.name, plan.memory, self.replay_findings)
 
     def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
                     padded_size: Optional[int]) -> None:
