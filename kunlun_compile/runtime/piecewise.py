@@ -1,4 +1,4 @@
-"""The graph runtime: a compiled graph run as captured pieces, per capture size.
+"""The graph runtime: a compiled graph run as captured pieces, per capture set (size + parameters).
 
 Modes (`graph_mode` option):
 - `none`: the graph is called as it is.
@@ -6,7 +6,7 @@ Modes (`graph_mode` option):
   them are captured per size and replayed, the splitting ops run directly at
   the real size.
 - `full`: the whole graph captured as one, when nothing in it forbids a capture
-  (host syncs, CPU tensors); otherwise run as it is.
+  (host syncs, CPU tensors, sizes other than the token count); otherwise run as it is.
 - `full_and_piecewise`: the whole graph at capture sizes it exactly fits (as a
   uniform decode batch does), pieces otherwise (padded sizes, non-capturable ops).
 - `auto` (default): `piecewise` on CUDA, `none` elsewhere.
@@ -15,7 +15,8 @@ Sizes: a token count that is a capture size runs at that size; one between two
 capture sizes is padded up to the next, when every captured piece treats tokens
 independently (runtime/token_dims.py; else it runs without a graph); one above
 the largest capture size runs without a graph.  Outputs handed back are copies
-when they live in graph memory, so a later replay cannot overwrite them.
+when they live in graph memory, so a later replay cannot overwrite them (the
+memory contract: runtime/__init__.py).
 """
 from __future__ import annotations
 
