@@ -381,3 +381,24 @@ def test_the_replay_checker_names_overwritten_memory(monkeypatch):
                 compiled(torch.randn(4, 16))
     finally:
         torch._dynamo.config.capture_dynamic_output_shape_ops = False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("check", [False, True])
+def test_a_graph_shared_by_layers_on_cuda_graphs(mode, check):
+    torch.manual_seed(0)
+    model = _Stack(h=256, layers=4).cuda().to(torch.bfloat16).eval()
+    reference = _Stack(h=256, layers=4).cuda().double().eval()
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    be = kc.backend(graph_mode=mode, check_replays=check)
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    with torch.no_grad():
+        for tokens in (16, 16, 16, 16, 64, 64, 64):
+            x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+            want = reference(x.double())
+            eager_err = rel(model(x), want)
+            assert rel(compiled(x), want) <= 2 * eager_err + 1e-3
+    assert sum(g.runtime_info()["counters"]["replays"] for g in be.report.graphs if g.runtime_info) > 0
