@@ -402,3 +402,53 @@ def test_a_graph_shared_by_layers_on_cuda_graphs(mode, check):
             eager_err = rel(model(x), want)
             assert rel(compiled(x), want) <= 2 * eager_err + 1e-3
     assert sum(g.runtime_info()["counters"]["replays"] for g in be.report.graphs if g.runtime_info) > 0
+
+
+def test_a_moved_parameter_is_a_new_capture_set():
+    """`param.data = ...` keeps the Parameter object and moves its memory: the capture set is keyed by
+    addresses, not by tensor identity (on CUDA the old capture would read the old memory)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.SiLU()).eval()
+    be = kc.backend(graph_mode="full", capture_sizes=[4])
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(torch.randn(4, 16))
+        model[0].weight.data = model[0].weight.data.clone() * 2
+        for _ in range(3):
+            x = torch.randn(4, 16)
+            assert rel(compiled(x), model(x)) < 1e-6
+    assert be.report.graphs[-1].runtime_info()["counters"]["captures"] == 2
+
+
+def test_a_node_found_to_sync_becomes_a_split_and_the_rest_is_captured_again():
+    """On CUDA, a warm-up that finds a node syncing with the host (a custom op no list names) tells the
+    runtime, which splits the graph there from the next call.  Planted here through the same hook."""
+    torch.manual_seed(0)
+    model = _Stack(layers=1).eval()
+    torch._dynamo.reset()
+    be = kc.backend(graph_mode="piecewise")
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(torch.randn(8, 32))
+        rt = next(r for r in be.runtimes.values() if r.piecewise and r.piecewise.runners)
+        calls = [n.name for n in rt.gm.graph.nodes if n.op == "call_function"]
+        silu = calls[len(calls) // 2]  # a node in the middle of the piece
+        assert rt._learn_sync(silu, "planted: syncs with the host")
+        assert not rt._learn_sync("no_such_node", "planted")
+        for _ in range(4):
+            x = torch.randn(8, 32)
+            assert rel(compiled(x), model(x)) < 1e-5
+    info = rt.describe()
+    assert info["split_at_host_syncs_found"] == {silu: "planted: syncs with the host"}
+    assert any("planted" in p for p in info["pieces"]) and info["counters"]["replays"] > 0
+
+
+def test_check_replays_from_the_environment(monkeypatch):
+    from kunlun_compile.config import CompileConfig
+
+    assert CompileConfig.from_options(environ={"KUNLUN_COMPILE_CHECK_REPLAYS": "1"}).check_replays
+    assert not CompileConfig.from_options(environ={"KUNLUN_COMPILE_CHECK_REPLAYS": "no"}).check_replays
+    with pytest.raises(ValueError):
+        CompileConfig.from_options(environ={"KUNLUN_COMPILE_CHECK_REPLAYS": "maybe"})

@@ -14,7 +14,7 @@ but the capture itself runs and is tested on the CPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -67,8 +67,12 @@ class CapturedPiece:
     the phase, so every piece of a set is warmed up, captured and replayed in the call order."""
 
     def __init__(self, name: str, gm: fx.GraphModule, static_positions: Set[int], *, use_cuda_graphs: bool,
-                 pool: SharedPool, counters: RuntimeCounters, warned: Set[str], fallbacks: List[str]):
+                 pool: SharedPool, counters: RuntimeCounters, warned: Set[str], fallbacks: List[str],
+                 on_host_sync: Optional[Callable[[str, str], bool]] = None):
         self.name = name
+        # told the name of a node found to sync with the host at warm-up; True: the runtime will split
+        # the graph there (no warning needed), False: this piece gives up capturing
+        self.on_host_sync = on_host_sync
         self.gm = gm
         self.static_positions = static_positions  # argument positions holding parameters/buffers
         self.use_cuda_graphs = use_cuda_graphs
@@ -88,7 +92,11 @@ class CapturedPiece:
                 return self.gm(*args)
             out, culprit = run_checking_host_syncs(self.gm, args)
             if culprit is not None:
-                self._give_up(f"{culprit} syncs with the host", None)
+                why = f"{culprit.name} ({culprit.target}) syncs with the host"
+                if self.on_host_sync is not None and self.on_host_sync(culprit.name, why):
+                    self.broken = why  # until the runtime splits the graph at that node
+                else:
+                    self._give_up(why, None)
                 return self.gm(*args)
             return out
         entry = self.entries.get(set_id)
@@ -214,7 +222,7 @@ def _non_overlapping(t: torch.Tensor) -> bool:
 
 def run_checking_host_syncs(gm: fx.GraphModule, args: Sequence[Any]):
     """Run `gm` node by node with CUDA's sync debug mode set to raise: (outputs, None), or
-    (None, "node (op)") naming the first node that synchronizes with the host (`.item()`,
+    (None, node): the first node that synchronizes with the host (`.item()`,
     `nonzero`, a device-to-host copy), which a capture could not contain.  Found this way,
     before any capture starts, a failed capture never leaves the CUDA RNG mid-capture."""
     interp = _Recorder(gm)
@@ -225,8 +233,7 @@ def run_checking_host_syncs(gm: fx.GraphModule, args: Sequence[Any]):
     except RuntimeError as e:
         if "synchroniz" not in str(e) or interp.current is None:
             raise
-        node = interp.current
-        return None, f"{node.name} ({node.target})"
+        return None, interp.current
     finally:
         torch.cuda.set_sync_debug_mode(previous)
 

@@ -15,7 +15,6 @@ up, captured and replayed in the same calls, in graph order:
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -31,7 +30,6 @@ MAX_PARAMETER_SETS = 256
 class CaptureSet:
     id: int
     size: int
-    parameters: List[Any]
     addresses: Tuple[int, ...]
     calls: int = 0
 
@@ -60,19 +58,16 @@ class CaptureSets:
                           "sizes not captured yet run without a graph", self.warned)
                 return None
             sets = self._sets[key] = []
-        for s in sets:  # the same tensor objects as last time: no address reads
-            if len(s.parameters) == len(parameters) and all(map(operator.is_, s.parameters, parameters)):
-                return s
+        # addresses, not tensor identity: `param.data = ...` moves a parameter and keeps the object
         addresses = tuple(p.data_ptr() if isinstance(p, torch.Tensor) else id(p) for p in parameters)
         for s in sets:
             if s.addresses == addresses:
-                s.parameters = parameters
                 return s
         if len(sets) >= MAX_PARAMETER_SETS:
             warn_once(f"kunlun backend: {self.name} is called with more than {MAX_PARAMETER_SETS} parameter "
                       "sets at one size; further sets run without a graph", self.warned)
             return None
-        new = CaptureSet(self._count, size, parameters, addresses)
+        new = CaptureSet(self._count, size, addresses)
         self._count += 1
         sets.append(new)
         return new

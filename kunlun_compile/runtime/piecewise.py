@@ -34,7 +34,7 @@ from .capture_sets import CaptureSet, CaptureSets
 from .checking import ReplayChecker
 from .memory_plan import MemoryPlan, copy_outputs, plan_memory
 from .precompile import precompile_fused_kernels
-from .splitting import Piece, SplitGraph, input_view_nodes, split_graph, splitting_nodes
+from .splitting import Piece, SplitGraph, SplitReason, input_view_nodes, split_graph, splitting_nodes
 from .token_dims import SymbolBinder, evaluate, token_layout, token_symbol, why_not_token_wise
 
 from ..config import GRAPH_MODES as MODES
@@ -124,19 +124,32 @@ class GraphRuntime:
         self.pool = SharedPool()
         self.sets = CaptureSets(name, sorted(self.static_input_indices), max_captures, warned)
         self._runner_args = dict(use_cuda_graphs=self.on_cuda, pool=self.pool, counters=self.counters,
-                                 warned=warned, fallbacks=self.fallbacks)
+                                 warned=warned, fallbacks=self.fallbacks, on_host_sync=self._learn_sync)
         self.precompiled: Set[Any] = set()  # sizes whose kernels were compiled ahead (precompile.py)
         self.precompile_skips: List[str] = []  # fused calls that could not be made ahead, and why
         self.boundaries: List[str] = []
         self.piecewise: Optional[_Plan] = None
         self.full: Optional[_Plan] = None
         self.full_refusal: Optional[str] = None
-        if self.mode == "none":
-            return
+        self.max_captures = max_captures
+        self.splitting_ops = tuple(splitting_ops)
+        # nodes found to sync with the host at a warm-up (custom ops no list names): split there next call
+        self.found_syncs: Dict[str, str] = {}
+        self._replan = False
+        if self.mode != "none":
+            self._build_plans()
+
+    def _build_plans(self) -> None:
+        gm = self.gm
         capturable = frozenset([self.sym]) if self.sym is not None else frozenset()
-        reasons = splitting_nodes(gm, splitting_ops, "cuda" if self.on_cuda else "cpu", capturable)
+        reasons = splitting_nodes(gm, self.splitting_ops, "cuda" if self.on_cuda else "cpu", capturable)
         reasons.update(input_view_nodes(gm, self.parameter_names))
+        for node in gm.graph.nodes:
+            if node.name in self.found_syncs:
+                reasons[node] = SplitReason("found_sync", self.found_syncs[node.name])
         hard = sorted({str(r) for r in reasons.values() if r.hard})
+        self.piecewise = self.full = None
+        self.full_refusal = None
         if self.mode in ("piecewise", "full_and_piecewise"):
             self.piecewise = self._plan("piecewise", split_graph(gm, reasons))
             self.boundaries = [p.describe() for p in self.piecewise.split.pieces] + self.piecewise.refused
@@ -149,6 +162,15 @@ class GraphRuntime:
             if self.mode == "full":
                 self.boundaries = [self.full_refusal] if self.full_refusal else \
                     [p.describe() for p in self.full.split.pieces] + self.full.refused
+
+    def _learn_sync(self, node_name: str, why: str) -> bool:
+        """A piece's warm-up found `node_name` syncing with the host: from the next call the graph is split
+        there (and captured again); False when the node is not one of this graph's."""
+        if node_name in self.found_syncs or not any(n.name == node_name for n in self.gm.graph.nodes):
+            return False
+        self.found_syncs[node_name] = why
+        self._replan = True
+        return True
 
     def _plan(self, label: str, split: SplitGraph) -> _Plan:
         candidates = {p.index for p in split.pieces if p.kind == "graph" and sum(count_kernels(p.gm).values())}
@@ -180,6 +202,7 @@ class GraphRuntime:
             "full_graph": self.full_refusal or ("yes" if self.full else "no"),
             "counters": self.counters.as_dict(),
             "capture_failures": list(self.fallbacks),
+            "split_at_host_syncs_found": dict(self.found_syncs),
             "kernels_compiled_ahead_for": len(self.precompiled),
             "precompile_skips": list(self.precompile_skips),
         }
@@ -203,6 +226,10 @@ class GraphRuntime:
             # overhead anyway, so the graph's kernels go straight into the caller's capture
             self.counters.uncaptured_runs += 1
             return self.gm(*args)
+        if self._replan:  # split at the nodes found to sync; the captures made so far are dropped
+            self._replan = False
+            self._build_plans()
+            self.sets = CaptureSets(self.name, sorted(self.static_input_indices), self.max_captures, self.warned)
         bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)

@@ -76,12 +76,14 @@ class SplitReason:
     kind: str
     detail: str
 
-    KINDS = ("attention", "user", "host_sync", "collective", "cpu_tensor", "dynamic_shape", "input_view")
+    KINDS = ("attention", "user", "host_sync", "collective", "cpu_tensor", "dynamic_shape", "input_view",
+             "found_sync")
     SOFT = ("attention", "user", "input_view")
     # consecutive nodes of these kinds share one eager piece (one call instead of one per node)
     GROUPED = ("dynamic_shape", "input_view")
     _PREFIX = {"attention": "attention op", "user": "user splitting op", "host_sync": "host sync",
-               "collective": "collective", "cpu_tensor": "", "dynamic_shape": "", "input_view": ""}
+               "collective": "collective", "cpu_tensor": "", "dynamic_shape": "", "input_view": "",
+               "found_sync": ""}
 
     @property
     def hard(self) -> bool:
@@ -141,6 +143,10 @@ def split_reason(node: fx.Node, extra_splitting_ops: Sequence[str] = (), graph_d
     if graph_device == "cuda" and any(isinstance(v, torch.Tensor) and v.device.type == "cpu"
                                       for v in _vals(node)):
         return SplitReason("cpu_tensor", f"{name} makes a CPU tensor")
+    if graph_device == "cuda" and any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].device.type == "cpu"
+                                      for a in node.all_input_nodes):
+        # a capture would copy (or read, for a 0-dim tensor) the CPU value once, at capture
+        return SplitReason("cpu_tensor", f"{name} reads a CPU tensor")
     if capturable_symbols is not None:
         foreign = _foreign_symbols(node, capturable_symbols)
         if foreign:
