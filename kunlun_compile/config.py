@@ -18,6 +18,7 @@ DEFAULT_CAPTURE_SIZES = (1, 2, 4) + tuple(range(8, 513, 8))
 # Environment variables read once, when a config is built (never mid-compile).
 ENV_DISABLE = "KUNLUN_COMPILE_DISABLE"  # comma-separated pass names to skip
 ENV_STRICT = "KUNLUN_COMPILE_STRICT"  # "1": raise instead of falling back
+ENV_CHECK_REPLAYS = "KUNLUN_COMPILE_CHECK_REPLAYS"  # "1": the replay checker on (runtime/checking.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,14 @@ class CompileConfig:
         disable = _as_name_tuple(options.pop("disable", ()))
         env_disable = _as_name_tuple(env.get(ENV_DISABLE, ""))
         options["disable"] = tuple(dict.fromkeys(disable + env_disable))
-        if "strict" not in options and env.get(ENV_STRICT):
-            options["strict"] = env[ENV_STRICT] not in ("0", "false", "False", "")
+        if "strict" not in options:
+            env_strict = parse_bool_setting(ENV_STRICT, env.get(ENV_STRICT))
+            if env_strict is not None:
+                options["strict"] = env_strict
+        if "check_replays" not in options:
+            env_check = parse_bool_setting(ENV_CHECK_REPLAYS, env.get(ENV_CHECK_REPLAYS))
+            if env_check is not None:
+                options["check_replays"] = env_check
         for name in ("strict", "report", "debug_graph_addresses", "check_replays", "fast_math"):
             if name in options and not isinstance(options[name], bool):
                 raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
@@ -104,6 +111,7 @@ class CompileConfig:
             raise TypeError(f"kunlun backend: dump_dir must be a path string, got {options['dump_dir']!r}")
         if "splitting_ops" in options:
             options["splitting_ops"] = _as_name_tuple(options["splitting_ops"])
+            _check_splitting_ops(options["splitting_ops"])
         if "max_captures_per_piece" in options and (not isinstance(options["max_captures_per_piece"], int)
                                                     or options["max_captures_per_piece"] < 1):
             raise ValueError("kunlun backend: max_captures_per_piece must be an int >= 1")
@@ -127,3 +135,56 @@ def _as_name_tuple(value: Any) -> Tuple[str, ...]:
             raise TypeError(f"kunlun backend: expected a list of names, got {value!r}")
         return tuple(value)
     raise TypeError(f"kunlun backend: expected a list of names or a comma-separated string, got {value!r}")
+
+
+# Spellings an on/off environment variable accepts (any case); anything else is an error.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool_setting(name: str, value: Optional[str]) -> Optional[bool]:
+    """An on/off environment variable: 1/0, true/false, yes/no, on/off in any case; None when unset
+    or empty.  Anything else is an error: a misspelt "no" must not turn a feature on."""
+    if value is None or not value.strip():
+        return None
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"kunlun backend: {name}={value!r} is not an on/off value; use one of "
+                     f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)} (any case)")
+
+
+def _check_splitting_ops(names: Tuple[str, ...]) -> None:
+    """Each name must be an op the runtime already splits at, or resolve through torch.ops, so that a
+    typo is an error rather than a split that silently never happens."""
+    from .runtime.splitting import ATTENTION_OPS, HOST_SYNC_OPS
+
+    known = ATTENTION_OPS + HOST_SYNC_OPS
+    unknown = [n for n in names if n not in known and not _is_registered_op(n)]
+    if not unknown:
+        return
+    import difflib
+
+    hints = {n: difflib.get_close_matches(n, known, n=1) for n in unknown}
+    described = ", ".join(f"{n!r}" + (f" (did you mean {hints[n][0]!r}?)" if hints[n] else "") for n in unknown)
+    raise ValueError(f"kunlun backend: unknown splitting_ops {described}; give registered ops as 'namespace::op' "
+                     f"(or 'namespace::op.overload'); known splitting ops are {list(known)}")
+
+
+def _is_registered_op(name: str) -> bool:
+    """'ns::op' or 'ns::op.overload' that resolves through torch.ops.ns.op[.overload]."""
+    namespace, sep, rest = name.partition("::")
+    if not sep or not namespace or not rest:
+        return False
+    op_name, _, overload = rest.partition(".")
+    import torch
+
+    try:
+        packet = getattr(getattr(torch.ops, namespace), op_name)
+        if overload:
+            getattr(packet, overload)
+    except (AttributeError, RuntimeError):
+        return False
+    return True

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from ..ops.triton_kernel import FUSED_KERNEL_NAMES
-from .targets import Target, compare_outputs
+from .targets import Target, compare_outputs, run_eager
 
 CLASSES = ("fused", "generated", "aten")
 _OP_PREFIXES = ("aten::", "kunlun::", "kunlun_models::")
@@ -79,11 +79,13 @@ def _has_op_ancestor(e) -> bool:
 def bench(target: Target, variants: Dict[str, Callable[[], Callable]], reps: int = 20,
           profile_calls: int = 3) -> Dict[str, Any]:
     """`variants`: label -> a function building the callable (compiling counts as warm-up)."""
+    if reps < 1 or profile_calls < 1:
+        raise ValueError(f"bench: reps and profile_calls must be >= 1, got {reps} and {profile_calls}")
     args = target.inputs
     on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     rows: List[Dict[str, Any]] = []
     with torch.inference_mode():
-        want = target.module(*args)
+        want = run_eager(target)
         for label, make in variants.items():
             row: Dict[str, Any] = {"variant": label}
             try:

@@ -15,7 +15,8 @@ cast to the dtype and the weighted product rounded, and the k products of a
 token are summed in fp32 and rounded once.
 
 An id outside [0, E) is an error on the CPU; on a GPU (no host read, so the op
-stays capturable) the token it belongs to gets NaN.
+stays capturable) the token it belongs to gets NaN, unless KUNLUN_COMPILE_CHECK_INDICES=1
+asks for the host check there too (index_checks.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .moe_plan import MoePlan, fit_shared_memory, for_interpreter, plan_fused_moe
+from .index_checks import check_index_range
 from .moe_routing import sort_pairs
 from .triton_kernel import kernel, use_triton, wait_for_producers
 
@@ -56,11 +58,8 @@ def check_args(x, w13, w2, topk_weights, topk_ids, activation: str) -> None:
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Host check, only where it costs no device sync (CPU tensors)."""
-    if topk_ids.device.type == "cpu" and topk_ids.numel():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"fused_moe: topk_ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
+    """Host check on CPU tensors (no device sync), and on CUDA ones when asked (index_checks.py)."""
+    check_index_range("fused_moe", "topk_ids", topk_ids, num_experts)
 
 
 def reference(x, w13, w2, topk_weights, topk_ids, activation: str = "silu") -> torch.Tensor:

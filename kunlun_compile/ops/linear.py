@@ -196,6 +196,8 @@ def triton_impl(x, weight, bias=None, plan: Optional[LinearPlan] = None):
     if plan.path != "gemv" or weight.stride(1) != 1:
         return reference(x, weight, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[n] at n: a strided view (a slice of a fused bias) copies
     return _launch(x, [weight], bias, plan)[0]
 
 

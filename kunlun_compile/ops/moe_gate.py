@@ -7,7 +7,8 @@
     ids     = top-k of `choice` among the kept experts, best first, ties to the lower index
     weights = scores[ids] (unbiased), / their sum if `renormalize`, × routed_scaling_factor
 
-Returns fp32 weights [M, k] and int32 ids [M, k], as vLLM's `select_experts`.
+Returns fp32 weights [M, k] and int32 ids [M, k], as vLLM's `select_experts`.  Ids are always in
+[0, E): a row whose scores are NaN gets NaN weights (and in-range ids), never an id past the experts.
 """
 from __future__ import annotations
 
@@ -119,8 +120,10 @@ def _moe_gate_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, logits_stride, scale,
         pick = tl.min(tl.min(tl.where(choice == top, expert, BIG), axis=1), axis=0)
         hit = expert == pick
         weight = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=0)
-        out_w = tl.where(k == s, weight, out_w)
-        out_i = tl.where(k == s, pick, out_i)
+        # NaN scores match no maximum: keep the id in range (expert 0) and make the weight say NaN
+        matched = pick < E
+        out_w = tl.where(k == s, tl.where(matched, weight, float("nan")), out_w)
+        out_i = tl.where(k == s, tl.where(matched, pick, 0), out_i)
         choice = tl.where(hit, -float("inf"), choice)
     if RENORM:
         out_w = out_w / tl.sum(out_w, axis=0)

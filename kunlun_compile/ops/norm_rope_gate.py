@@ -17,6 +17,11 @@ Rounding reproduces the modules being replaced, step by step (bf16/fp16):
 - norm_offset != 0 (Gemma style): `x * rsqrt(..) * (w + offset)` in fp32, cast once.
 - rotary (vLLM `apply_rotary_emb_torch`): cos/sin cast to the dtype; each of the
   two products and the sum rounded to the dtype.
+
+`positions` may be any 1-D view (the kernel reads it through its stride).  A
+position outside the table raises IndexError, as eager does, where the wrapper
+checks on the host (index_checks.py); otherwise the kernel reads no table row
+for it and that token's q and k come out NaN.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .index_checks import check_index_range
 from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
@@ -108,7 +114,7 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: in
 
 @kernel
 def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
-                      T, q_in_stride, k_in_stride, cs_stride, eps, norm_offset,
+                      T, q_in_stride, k_in_stride, cs_stride, cs_rows, pos_stride, eps, norm_offset,
                       NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       Q_HEAD_STRIDE: tl.constexpr, HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr,
                       HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HAS_POSITIONS: tl.constexpr,
@@ -117,8 +123,10 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
 
     q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`
     (both views of one fused qkv row, or two separate projections).  cos/sin rows are `positions[t]`
-    (HAS_POSITIONS) or `t`; a half-width table (vLLM's cache: column c of the pair) or a full-width
-    one (HF: cos[d] per column d).
+    (HAS_POSITIONS, read `pos_stride` apart) or `t`; a half-width table (vLLM's cache: column c of the
+    pair) or a full-width one (HF: cos[d] per column d).  A position outside [0, cs_rows) reads no
+    table row: its token's q and k rows come out NaN (the op wrapper can raise instead, see
+    index_checks.py).
 
     The gate (a pure copy) is loaded first so its latency overlaps the arithmetic, and q and k rows
     share one store through a selected row pointer: together 79% -> 86% of copy bandwidth at the
@@ -147,9 +155,11 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     if ROT > 0:
         if HAS_POSITIONS:
-            cs_row = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
+            cs_row = tl.load(pos_ptr + t * pos_stride, mask=t < T, other=0).to(tl.int64)
+            pos_ok = (cs_row >= 0) & (cs_row < cs_rows)
         else:
             cs_row = t
+            pos_ok = t < T
 
     # rotary partner of each column (ROT == 0: no rotary, every column passes through)
     half: tl.constexpr = ROT // 2
@@ -172,12 +182,14 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     if ROT > 0:
         cs_col = d if FULL_WIDTH_COS else c
         cs_off = cs_row[:, None] * cs_stride + cs_col[None, :]
-        cos = tl.load(cos_ptr + cs_off, mask=mr, other=0.0).to(out_ty).to(tl.float32)
-        sin = tl.load(sin_ptr + cs_off, mask=mr, other=0.0).to(out_ty).to(tl.float32)
+        mcs = mr & pos_ok[:, None]
+        cos = tl.load(cos_ptr + cs_off, mask=mcs, other=0.0).to(out_ty).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_off, mask=mcs, other=0.0).to(out_ty).to(tl.float32)
         a = (x * cos).to(out_ty).to(tl.float32)
         b = (xp * sin).to(out_ty).to(tl.float32)
         rotated = tl.where(first[None, :], a - b, a + b)
         x = tl.where(in_rot[None, :], rotated, x)
+        x = tl.where(pos_ok[:, None], x, float("nan"))
     tl.store(out_ptr + d[None, :], x.to(out_ty), mask=m)
     if HAS_GATE:
         tl.store(gate_ptr + t[:, None] * (NQ * D) + h[:, None] * D + d[None, :], g, mask=m & is_q[:, None])
@@ -208,7 +220,8 @@ def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, position
                      num_tokens, q_head_stride, head_dim, rotary_dim, eps, norm_offset, is_neox,
                      full_width_cos):
     """Launch the kernel.  q_in/k_in/gate_in: 2-D views [T, >= heads*stride] with unit column stride;
-    cos/sin: [rows, width] sharing one row stride; q/k/gate: contiguous outputs."""
+    cos/sin: [rows, width] sharing one row stride; positions: 1-D, any stride (None: row t of cos/sin);
+    q/k/gate: contiguous outputs."""
     nq, nkv, D = q.shape[1] // head_dim, k.shape[1] // head_dim, head_dim
     if not num_tokens:
         return
@@ -219,7 +232,8 @@ def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, position
         q_in, k_in, gate_in, q_weight if has_norm else q, k_weight if has_norm else q,
         cos if rotary_dim else q, sin if rotary_dim else q, q if positions is None else positions,
         q, k, gate, num_tokens, q_in.stride(0), k_in.stride(0), cos.stride(0) if rotary_dim else 0,
-        eps, norm_offset, NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, Q_HEAD_STRIDE=q_head_stride,
+        cos.shape[0], 0 if positions is None else positions.stride(0), eps, norm_offset,
+        NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, Q_HEAD_STRIDE=q_head_stride,
         HAS_GATE=gate.numel() > 0, IS_NEOX=is_neox, HAS_NORM=has_norm, GEMMA=norm_offset != 0.0,
         HAS_POSITIONS=positions is not None, FULL_WIDTH_COS=full_width_cos, BT=bt, BH=bh, BD=bd,
         num_warps=warps)
@@ -278,6 +292,8 @@ def split_norm_rope_gate(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_
             eps, norm_offset, has_gate, is_neox)
     check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
                rotary_dim, eps, has_gate)
+    if rotary_dim:  # positions index the table only with rotary
+        check_index_range("split_norm_rope_gate", "positions", positions, cos_sin_cache.shape[0])
     if use_triton(qkv):
         return triton_impl(*args)
     return reference(*args)
