@@ -57,3 +57,21 @@ def test_bisect_of_a_sound_runtime_goes_on_to_the_passes():
     result = Bisector(_target(), CompileConfig(graph_mode="piecewise")).run()
     assert result["first_bad_piece"] is None
     assert result["verdict"] == "the compiled output is within tolerance with every pass on"
+
+
+def test_bench_checks_the_replayed_calls(monkeypatch):
+    """`bench`'s check used to compare the first call only (a warm-up, run as plain code).  Planted
+    fault: replays return scaled results."""
+    import kunlun_compile as kc
+    from kunlun_compile.debug.bench import bench
+    from kunlun_compile.runtime.capture import CapturedPiece
+
+    real = CapturedPiece._replay
+    monkeypatch.setattr(CapturedPiece, "_replay", lambda self, entry, args: [
+        o * 1.5 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in real(self, entry, args)])
+
+    target = _target()
+    result = bench(target, {"kunlun": lambda: torch.compile(target.module, backend=kc.backend(graph_mode="piecewise"))},
+                   reps=2, profile_calls=1)
+    row = result["rows"][0]
+    assert row["calls_checked"] >= 4 and not row["matches_eager"] and row["rel_err"] > 1e-3
