@@ -75,3 +75,39 @@ def test_bench_checks_the_replayed_calls(monkeypatch):
                    reps=2, profile_calls=1)
     row = result["rows"][0]
     assert row["calls_checked"] >= 4 and not row["matches_eager"] and row["rel_err"] > 1e-3
+
+
+PLANTED = '''
+import torch
+from kunlun_compile.runtime.capture import CapturedPiece
+from tests.test_runtime_contract import _Stack
+
+_real = CapturedPiece._replay
+CapturedPiece._replay = lambda self, entry, args: [o * 1.5 if isinstance(o, torch.Tensor) and o.is_floating_point()
+                                                   else o for o in _real(self, entry, args)]
+
+
+def make():
+    torch.manual_seed(0)
+    return _Stack(layers=2).eval(), (torch.randn(8, 32),)
+'''
+
+
+def test_cli_align_and_bisect_name_the_piece(tmp_path, capsys, monkeypatch):
+    """Through the CLI, on a model file that plants a runtime fault (replays return scaled results)."""
+    import json
+
+    from kunlun_compile.cli.main import main
+    from kunlun_compile.runtime.capture import CapturedPiece
+
+    monkeypatch.setattr(CapturedPiece, "_replay", CapturedPiece._replay)  # undone after the test
+    path = tmp_path / "planted.py"
+    path.write_text(PLANTED)
+    assert main(["align", f"{path}:make", "--graph-mode", "piecewise", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    first = out["runtime"]["first_divergence"]
+    assert first["check"] == "replay vs the piece as plain code" and first["piece"] == 0
+    main(["bisect", f"{path}:make", "--graph-mode", "full", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"].startswith("the runtime: graph mode none is within tolerance and full is not")
+    assert out["first_bad_piece"]["piece"] == 0

@@ -38,6 +38,7 @@ from ..models import builtin_names
 from ..passes import default_passes
 from ..debug.align import align
 from ..debug.align import html_report as align_html
+from ..debug.align import runtime_summary
 from ..debug.bench import bench
 from ..debug.bisect import Bisector
 from ..debug.explain import linear_paths, moe_paths, pass_detail, pattern_catalog
@@ -261,6 +262,10 @@ def cmd_bisect(args) -> Outcome:
     for p in result["probes"]:
         print(f"  {'ok ' if p['ok'] else 'BAD'} rel_err {p['rel_err']:.3e}  {p['probe']}")
     print(f"\n{result['verdict']}")
+    piece = result.get("first_bad_piece")
+    if piece:
+        print(f"graph {piece['graph']}, piece {piece['piece']}, value {piece['value']}: {piece['check']} "
+              f"(rel_err {piece['rel_err']:.3e})")
     bad = result["first_bad_rewrite"]
     if bad:
         print(f"graph {bad['graph']}, rewrite {bad['index']} of {bad['of']}: {bad['description']} "
@@ -276,10 +281,14 @@ def cmd_align(args) -> Outcome:
     result = align(_target(args), InspectingBackend(config))
     if args.html:
         write_text(args.html, align_html(result), "--html")
+    runtime = result["runtime"]
+    code = EXIT_MISMATCH if runtime.get("checked") and (runtime["replay_checks_failed"] or not runtime["output_ok"]) \
+        else 0
     if args.json:
-        return 0, {k: v for k, v in result.items() if k != "nodes" or args.all}
+        return code, {k: v for k, v in result.items() if k != "nodes" or args.all}
     print(f"{result['aligned']} of {result['nodes_compared']} nodes aligned within tolerance "
           f"({100 * result['aligned_share']:.1f}%)")
+    print(runtime_summary(result["runtime"]))
     first = result["first_divergence"]
     if first:
         print(f"first divergence: {first['graph']}/{first['node']} ({first['op']}"
@@ -290,7 +299,7 @@ def cmd_align(args) -> Outcome:
               f"{r.get('tolerance', 0):>7.0e} {'' if r['ok'] else ' OUT'}")
     if args.html:
         print(f"\nHTML report: {args.html}")
-    return 0, result
+    return code, result
 
 
 def _on_device(target, device: str):
