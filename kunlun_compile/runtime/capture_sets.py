@@ -15,6 +15,7 @@ up, captured and replayed in the same calls, in graph order:
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -42,6 +43,9 @@ class CaptureSets:
     def __init__(self, name: str, parameter_positions: Sequence[int], max_sizes: int, warned: Set[str]):
         self.name = name
         self.positions = sorted(parameter_positions)
+        # args -> the parameters, one C call (a tuple even for one position)
+        self._pick = (operator.itemgetter(*self.positions) if len(self.positions) > 1 else
+                      (lambda args: (args[self.positions[0]],)) if self.positions else (lambda args: ()))
         self.max_sizes = max_sizes
         self.warned = warned
         self._sets: Dict[Tuple[str, int], List[CaptureSet]] = {}
@@ -49,7 +53,6 @@ class CaptureSets:
 
     def lookup(self, plan: str, size: int, args: Sequence[Any]) -> Optional[CaptureSet]:
         """The set this call belongs to (made on first sight), or None: run without graphs."""
-        parameters = [args[i] for i in self.positions]
         key = (plan, size)
         sets = self._sets.get(key)
         if sets is None:
@@ -59,7 +62,10 @@ class CaptureSets:
                 return None
             sets = self._sets[key] = []
         # addresses, not tensor identity: `param.data = ...` moves a parameter and keeps the object
-        addresses = tuple(p.data_ptr() if isinstance(p, torch.Tensor) else id(p) for p in parameters)
+        try:
+            addresses = tuple(map(torch.Tensor.data_ptr, self._pick(args)))
+        except TypeError:  # a non-tensor among them (a SymInt Dynamo counted as static)
+            addresses = tuple(map(_address, self._pick(args)))
         for s in sets:
             if s.addresses == addresses:
                 return s
@@ -74,3 +80,7 @@ class CaptureSets:
 
     def __len__(self) -> int:
         return self._count
+
+
+def _address(value: Any) -> int:
+    return value.data_ptr() if isinstance(value, torch.Tensor) else id(value)

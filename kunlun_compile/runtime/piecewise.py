@@ -176,6 +176,9 @@ class GraphRuntime:
         candidates = {p.index for p in split.pieces if p.kind == "graph" and sum(count_kernels(p.gm).values())}
         memory = plan_memory(split, candidates, self.parameter_names)
         refused = [f"piece {i}: not captured, {why}" for i, why in sorted(memory.refusals.items())]
+        for line in refused:
+            warn_once(f"kunlun backend: {self.name}/{label} {line} (the memory plan cannot prove a capture of it "
+                      "safe); it runs as plain code", self.warned)
         if memory.refusals:  # the homes of their values change: plan again without them
             candidates -= set(memory.refusals)
             memory = plan_memory(split, candidates, self.parameter_names)
