@@ -94,6 +94,9 @@ def main():
                             for m in ("default", "reduce-overhead")}
                 for mode in KUNLUN_MODES:
                     variants[f"kunlun-{mode}"] = lambda mode=mode: kc.compile(model, dynamic=True, graph_mode=mode)
+                # the replay checker's cost (a debugging mode): a shadow run and copies per replay
+                variants["kunlun-piecewise-checked"] = lambda: kc.compile(model, dynamic=True, graph_mode="piecewise",
+                                                                          check_replays=True)
                 for label, make in variants.items():
                     try:
                         fn, out, secs = timed_compile(make, args)
@@ -104,6 +107,8 @@ def main():
                             row[f"{label}_runtime"] = fn.kunlun_backend.report.graphs[-1].runtime.get("counters")
                     except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
                         row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if row.get("kunlun-piecewise_ms") and row.get("kunlun-piecewise-checked_ms"):
+                row["check_replays_cost_ms"] = row["kunlun-piecewise-checked_ms"] - row["kunlun-piecewise_ms"]
             best = min(row.get(f"kunlun-{m}_ms", float("inf")) for m in KUNLUN_MODES[1:])
             ro = row.get("inductor-reduce-overhead_ms")
             row["kunlun_best_vs_reduce_overhead"] = best / ro if ro else None
