@@ -135,6 +135,8 @@ class CapturedPiece:
         of its own that each replay refills."""
         seen, copies = [], []
         for i, a in enumerate(args):
+            if isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+                raise ValueError(f"input {i} is a list of tensors, which a capture would read as they were at capture")
             if i in self.static_positions or not isinstance(a, torch.Tensor):
                 seen.append(a)
                 continue

@@ -197,7 +197,8 @@ def assign_pieces(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> Di
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if node.op == "call_function" and node.target is operator.getitem and reasons.get(node.args[0]):
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in piece_of:
+            # with its source: only tensors cross pieces, never the list a split or unbind returns
             piece_of[node] = piece_of[node.args[0]]
             continue
         if node in reasons:
