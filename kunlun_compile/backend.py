@@ -24,6 +24,8 @@ from .lowering import describe_kernels, get_target
 from .passes import GraphPass, PassContext, PassManager, default_passes
 from .report import CompileReport, Fallback, GraphReport
 from .runtime import GraphExecutor, GraphRuntime
+from .runtime.checking import ReplayCheckError
+from .runtime.executor import SizeAssumptionBroken
 from .utils import copy_graph_module, describe_value, warn_once
 
 
@@ -64,8 +66,9 @@ class KunlunBackend:
         real_inputs = [*dict(gm.named_parameters(remove_duplicate=False)).values(),
                        *dict(gm.named_buffers(remove_duplicate=False)).values(), *example_inputs]
         try:
-            return to_aten_inference(gm, example_inputs,
-                                     lambda g, inputs: self._compile_aten(name, g, inputs, real_inputs))
+            compiled = to_aten_inference(gm, example_inputs,
+                                         lambda g, inputs: self._compile_aten(name, g, inputs, real_inputs))
+            return self._with_eager_fallback(name, compiled, gm.forward)
         except torch._dynamo.exc.RestartAnalysis:
             raise  # Dynamo's signal to re-trace (e.g. a float it wants constant): not a failure
         except Exception as e:  # noqa: BLE001
@@ -77,6 +80,31 @@ class KunlunBackend:
             report.fallbacks.append(Fallback(name, "capture", reason))
             self.report.graphs.append(report)
             return gm.forward
+
+    def _with_eager_fallback(self, name: str, compiled: Callable, eager: Callable) -> Callable:
+        """`compiled`, and when it raises, Dynamo's graph run eagerly for that call.  The ATen graph's own
+        fallback (runtime/executor.py) shares its capture's assumptions; this one does not: a size traced
+        size-obliviously as not 1 (a squeeze of a batch of one) is only right in the torch-level graph.
+        An error the eager graph raises too is the caller's, and reaches them."""
+        strict, warned, report = self.config.strict, self.warned, self.report
+
+        def run(*args):
+            try:
+                return compiled(*args)
+            except (ReplayCheckError, SizeAssumptionBroken):
+                raise  # a check that found the compiled graph wrong; Dynamo's graph shares the assumption
+            except Exception as e:  # noqa: BLE001 - never a crash inside the user's model that eager avoids
+                if strict:
+                    raise
+                out = eager(*args)
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                warn_once(f"kunlun backend: {name} failed in its compiled form and ran eagerly for this call: "
+                          f"{reason}", warned)
+                graph = next((g for g in report.graphs if g.name == name), None)
+                if graph is not None:
+                    graph.fallbacks.append(Fallback(name, "run", f"ran eagerly for one call: {reason}"))
+                return out
+        return run
 
     def _compile_aten(self, name: str, gm: fx.GraphModule, example_inputs: List[Any],
                       real_inputs: Optional[List[Any]] = None) -> Callable:

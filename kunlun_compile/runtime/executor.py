@@ -12,13 +12,41 @@ graph fails, that call runs uncompiled (one warning), and after
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Set
+from typing import Callable, List, Optional, Set
 
+import sympy
+import torch
 import torch.fx as fx
 
 from ..report import Fallback, GraphReport
 from ..utils import warn_once
 from .checking import ReplayCheckError
+from .token_dims import SymbolBinder
+
+aten = torch.ops.aten
+
+
+class SizeAssumptionBroken(RuntimeError):
+    """A size traced size-obliviously as "not 1" is 1 in this call: the graph (and Dynamo's graph it came
+    from, which shares the assumption) would compute the wrong thing (a squeeze traced as a no-op), so the
+    call raises instead of returning a wrong result."""
+
+
+def squeezed_symbolic_sizes(gm: fx.GraphModule) -> List[sympy.Expr]:
+    """Sizes a `squeeze` was asked to remove while symbolic: traced size-obliviously (serving shapes),
+    the squeeze is a no-op that is only right while the size is not 1."""
+    found = []
+    for node in gm.graph.find_nodes(op="call_function", target=aten.squeeze.dim) + \
+            gm.graph.find_nodes(op="call_function", target=aten.squeeze.dims):
+        src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(src, torch.Tensor):
+            continue
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        for d in dims:
+            size = src.shape[d]
+            if isinstance(size, torch.SymInt) and size.node.expr.free_symbols:
+                found.append(size.node.expr)
+    return found
 
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -27,6 +55,9 @@ class GraphExecutor:
     def __init__(self, name: str, compiled: Callable, fallback: fx.GraphModule, *, strict: bool,
                  report: Optional[GraphReport], warned: Set[str]):
         self.name = name
+        self.squeezed = squeezed_symbolic_sizes(fallback)
+        self.bind = SymbolBinder([n.meta.get("val") for n in fallback.graph.find_nodes(op="placeholder")]) \
+            if self.squeezed else None
         self.compiled = compiled
         self.fallback = fallback
         self.strict = strict
@@ -36,6 +67,8 @@ class GraphExecutor:
         self.consecutive_failures = 0
 
     def __call__(self, *args):
+        if self.squeezed:
+            self._check_sizes(args)
         if self.failed:
             return self.fallback(*args)
         try:
@@ -50,6 +83,16 @@ class GraphExecutor:
             return out
         self.consecutive_failures = 0
         return out
+
+    def _check_sizes(self, args) -> None:
+        bindings = self.bind(args)
+        for expr in self.squeezed:
+            if int(expr.xreplace(bindings)) == 1:
+                raise SizeAssumptionBroken(
+                    f"kunlun backend: {self.name} squeezes a dim of size {expr}, traced as never 1 (sizes are traced "
+                    "size-obliviously under kunlun_compile.compile(dynamic=True) / serving_shapes()), and it is 1 in "
+                    "this call: the squeeze would be skipped. Compile this model with dynamic=False or plain "
+                    "torch.compile(dynamic=True), or reshape instead of squeeze")
 
     def _compiled_failed(self, reason: str) -> None:
         self.consecutive_failures += 1
