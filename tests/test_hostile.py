@@ -179,8 +179,6 @@ def test_a_real_recording_still_loads_and_matches_eager(tmp_path, monkeypatch):
     assert rel_err(got, Constants()(x)) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="debug/record.py:134 loads constants.pt without weights_only=True; "
-                                       "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 then unpickles arbitrary objects")
 def test_constants_file_is_never_unpickled(tmp_path, monkeypatch):
     recorded = _record_constants_model(tmp_path, monkeypatch)
     marker = tmp_path / "marker"

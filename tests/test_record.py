@@ -1,7 +1,9 @@
 """Recording graphs (debug/record.py, debug/graph_io.py): exact round trips and faithful stand-ins."""
 import json
 import os
+import warnings
 
+import pytest
 import torch
 
 import kunlun_compile as kc
@@ -60,3 +62,80 @@ def test_recorded_stand_ins_keep_ranges_strides_and_symbolic_dims(tmp_path, monk
     with torch.inference_mode():
         out = module(*stand_ins)
     assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+
+
+class ResidualNorm(torch.nn.Module):
+    """A residual add + RMSNorm (the add_rmsnorm pass matches it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+
+    def forward(self, x, residual):
+        h = x + residual
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * self.weight, h
+
+
+def _compile_with_fake_inputs(monkeypatch, dump):
+    """Compile as vLLM does: the backend gets Dynamo's graph with fake example inputs (the
+    placeholders' example values), so the recorder sees fake tensors of the compile's shape env."""
+    if dump:
+        monkeypatch.setenv(ENV_DUMP, str(dump))
+    else:
+        monkeypatch.delenv(ENV_DUMP, raising=False)
+    torch._dynamo.reset()
+    backend = kc.backend()
+    shape_envs = []
+
+    def vllm_like(gm, example_inputs):
+        fakes = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
+        shape_envs.append(fakes[0].node.shape_env if isinstance(fakes[0], torch.SymInt) else fakes[0].fake_mode.shape_env)
+        backend(gm, fakes)
+        return gm.forward
+
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(ResidualNorm(), backend=vllm_like, dynamic=True)(torch.randn(8, 64), torch.randn(8, 64))
+    (shape_env,) = shape_envs
+    unbacked = [s for s in shape_env.var_to_range if str(s).startswith("u")]
+    return backend.report, [str(w.message) for w in caught if "kunlun" in str(w.message)], unbacked
+
+
+def test_recording_fake_inputs_changes_nothing(tmp_path, monkeypatch):
+    plain, plain_warnings, _ = _compile_with_fake_inputs(monkeypatch, None)
+    recorded, warnings_, unbacked = _compile_with_fake_inputs(monkeypatch, tmp_path)
+    assert plain_warnings == [] and warnings_ == []  # before the fix: "could not record graph_0 ... u0"
+    assert unbacked == []  # no data-dependent symbol added to the compile's shape env
+    assert recorded.summary()["patterns"] == plain.summary()["patterns"]
+    assert recorded.summary()["patterns"]["add_rmsnorm"] == 1
+    (graph,) = recorded.graphs
+    assert sorted(os.listdir(graph.recorded_at)) == ["graph.json", "graph.py", "inputs.json"]
+    tensors = [s for s in json.load(open(os.path.join(graph.recorded_at, "inputs.json")))["inputs"]
+               if s["kind"] == "tensor"]
+    assert [s["stats"] for s in tensors] == [{}, {}, {}]  # fake inputs (the weight too, here) have no data
+    module, stand_ins = load_recorded(graph.recorded_at)
+    with torch.inference_mode():
+        module(*stand_ins)
+
+
+def test_recording_data_dependent_sizes_and_no_half_written_graphs(tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from kunlun_compile.debug.record import describe_input, record_graph
+
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        nz = torch.ops.aten.nonzero.default(mode.from_tensor(torch.ones(4)))  # rows: a data-dependent u0
+    spec = describe_input(nz, None, False)
+    assert spec["shape"] == [None, 1] and spec["data_dependent_dims"] == [0] and spec["stats"] == {}
+
+    class Unrecordable(torch.nn.Module):  # a node whose target cannot be recorded
+        def forward(self, x):
+            return x + 1
+
+    gm = torch.fx.symbolic_trace(Unrecordable())
+    next(n for n in gm.graph.nodes if n.op == "call_function").target = lambda a, b: a + b
+    gm.recompile()
+    with pytest.raises(ValueError):
+        record_graph(str(tmp_path), gm, [torch.randn(2)], None, [])
+    assert os.listdir(tmp_path) == []  # nothing left behind, not even an empty graph_0

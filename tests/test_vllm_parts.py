@@ -1,4 +1,10 @@
-"""The parts of the vLLM integration that need no vLLM: options, duplicate splits, recorded op references."""
+"""The parts of the vLLM integration that need no vLLM: options, duplicate splits, recorded op references,
+warm starts (stored transformed graphs) and worker reports."""
+import json
+import os
+import shutil
+import warnings
+
 import pytest
 import torch
 import torch.fx as fx
@@ -52,3 +58,131 @@ def test_recorded_graph_keeps_op_references_and_higher_order_ops():
     (call,) = [n for n in back.graph.nodes if n.op == "call_function"]
     assert call.target is torch.ops.higher_order.auto_functionalized_v2
     assert call.args[0] is torch.ops.aten.add_.Tensor
+
+
+# ---- warm starts (kunlun_compile/vllm/warm_start.py): the pass pipeline's output stored and loaded ----
+
+class NormGate(torch.nn.Module):
+    """A residual add + RMSNorm (a fused kernel) and a SiLU gate (a generated element-wise kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+
+    def forward(self, x, residual, gate):
+        h = x + residual
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * self.weight
+        return torch.nn.functional.silu(gate) * normed, h
+
+
+INPUTS = (torch.randn(8, 64), torch.randn(8, 64), torch.randn(8, 64))
+
+
+def _start(store_dir, expected=None):
+    """One 'process start': a fresh backend and Dynamo, compiled inside a warm-start block as vLLM's
+    compile/load calls do.  (outputs, stats, report, kunlun warnings, the graph's entry key)"""
+    import kunlun_compile as kc
+    from kunlun_compile.vllm.graph_store import GraphStore
+    from kunlun_compile.vllm.warm_start import WarmStartStats, install, warm_start
+
+    torch._dynamo.reset()
+    backend = kc.backend(strict=True)
+    install(backend)
+    stats = WarmStartStats()
+    with warm_start(GraphStore(str(store_dir)), expected, stats, backend.warned) as session, \
+            torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)  # the same weights at every start
+        out = torch.compile(NormGate(), backend=backend, dynamic=True)(*INPUTS)
+    messages = [str(w.message) for w in caught if "kunlun" in str(w.message)]
+    return out, stats, backend.report, messages, session.key
+
+
+@pytest.fixture
+def cold(tmp_path):
+    return tmp_path, _start(tmp_path)
+
+
+def test_warm_start_loads_the_transformed_graph_and_runs_no_pass(cold):
+    store_dir, (want, cold_stats, cold_report, cold_warnings, key) = cold
+    assert (cold_stats.compiled, cold_stats.loaded, cold_warnings) == (1, 0, [])
+    (entry,) = os.listdir(store_dir)
+    assert entry == key
+    payload = json.load(open(store_dir / key / "entry.json"))["payload"]
+    assert len(payload["kernels"]) >= 1  # the generated kernel's KIR travels with the graph
+    got, stats, report, messages, warm_key = _start(store_dir)
+    assert (stats.compiled, stats.loaded, messages, warm_key) == (0, 1, [], key)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # the report reads as the cold one did: the same passes, matches and kernels; no pass time spent
+    (cold_graph,), (graph,) = cold_report.graphs, report.graphs
+    assert graph.patterns == cold_graph.patterns and graph.patterns["add_rmsnorm"] == 1
+    assert graph.kernels == cold_graph.kernels and graph.kernels["pointwise"] >= 1
+    assert [p.name for p in graph.passes] == [p.name for p in cold_graph.passes]
+    assert all(p.time_ms == 0.0 for p in graph.passes)
+
+
+def test_corrupt_entry_is_compiled_again_with_one_warning(cold):
+    store_dir, (want, _, _, _, key) = cold
+    entry = store_dir / key / "entry.json"
+    entry.write_text(entry.read_text()[:500])  # a write cut short
+    got, stats, _, messages, _ = _start(store_dir, expected=key)
+    assert (stats.compiled, stats.loaded) == (1, 0)
+    (message,) = messages
+    assert "compiled again" in message and "corrupt" in message and key in message
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    _, stats, _, messages, _ = _start(store_dir, expected=key)  # the entry was written anew
+    assert (stats.compiled, stats.loaded, messages) == (0, 1, [])
+
+
+def test_altered_entry_fails_its_checksum(cold):
+    store_dir, (_, _, _, _, key) = cold
+    entry = store_dir / key / "entry.json"
+    doc = json.loads(entry.read_text())
+    doc["payload"]["records"][0]["matches"] += 1  # valid JSON, wrong content
+    entry.write_text(json.dumps(doc))
+    _, stats, _, (message,), _ = _start(store_dir, expected=key)
+    assert stats.compiled == 1 and "checksum mismatch" in message
+
+
+def test_handle_naming_an_entry_of_another_torch_names_the_difference(cold):
+    """vLLM's handle names the entry made at the last start; made with another torch, the graph is
+    compiled again and the warning says what changed."""
+    store_dir, (_, _, _, _, key) = cold
+    old_entry = json.loads((store_dir / key / "entry.json").read_text())
+    old_entry["components"]["torch"] = "2.0.0"
+    old_key = "0" * 32
+    os.makedirs(store_dir / old_key)
+    (store_dir / old_key / "entry.json").write_text(json.dumps(old_entry))
+    shutil.rmtree(store_dir / key)
+    _, stats, _, (message,), new_key = _start(store_dir, expected=old_key)
+    assert stats.compiled == 1 and new_key == key
+    assert f"made with torch 2.0.0 -> {torch.__version__}" in message
+
+
+def test_worker_reports_round_trip(tmp_path):
+    from kunlun_compile.report import CompileReport, GraphReport, PassRecord
+    from kunlun_compile.vllm.reports import find_reports, format_reports, latest_run, select, write_report
+
+    report = CompileReport([GraphReport("graph_0", passes=[PassRecord("add_rmsnorm", "", 10, 8, 1,
+                                                                      patterns={"add_rmsnorm": 1})])])
+    old = tmp_path / "cache" / "aaa" / "rank_0_0"
+    write_report([str(old)], rank=0, report=report, model="m")
+    for rank in (1, 0):  # a later engine with two ranks
+        write_report([str(tmp_path / "cache" / "bbb" / f"rank_{rank}_0")], rank=rank, report=report,
+                     warm_start={"compiled": 0, "loaded": 1, "events": []}, model="m")
+    (tmp_path / "cache" / "ccc").mkdir()
+    (tmp_path / "cache" / "ccc" / "kunlun_report.json").write_text("{")  # unreadable: listed, not hidden
+    found = find_reports(str(tmp_path / "cache"))
+    assert len(found) == 4 and any("error" in r for r in found)
+    latest = latest_run([r for r in found if "error" not in r])
+    assert [(r["rank"], os.path.basename(os.path.dirname(os.path.dirname(r["path"])))) for r in latest] == \
+        [(0, "bbb"), (1, "bbb")]
+    assert latest[0]["summary"]["patterns"]["add_rmsnorm"] == 1
+    text = format_reports(latest)
+    assert "rank 0" in text and "rank 1" in text and "add_rmsnorm 1" in text and "1 loaded" in text
+    # what the CLI verb prints: the last engine's ranks, and the unreadable file named, not hidden
+    shown = select(str(tmp_path / "cache"))
+    assert [r.get("rank") for r in shown] == [0, 1, None] and shown[2]["error"]
+    assert len(select(str(tmp_path / "cache"), all_runs=True)) == 4

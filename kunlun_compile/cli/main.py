@@ -274,6 +274,16 @@ def cmd_bisect(args) -> Outcome:
     return 0, result
 
 
+def cmd_reports(args) -> Outcome:
+    """The compile reports vLLM's worker processes wrote, one per rank (kunlun_compile/vllm/reports.py)."""
+    from ..vllm.reports import format_reports, select
+
+    reports = select(args.path, all_runs=args.all)
+    if not args.json:
+        print(format_reports(reports))
+    return (0 if reports else EXIT_MISMATCH), reports
+
+
 def cmd_align(args) -> Outcome:
     if args.html:
         check_writable_file(args.html, "--html")
@@ -438,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: kunlun-compile bisect my_model.py:make --dtype bf16")
     common(p, target=True)
     p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("reports", help="the compile reports of vLLM's worker processes, per rank",
+                       description="Example: kunlun-compile reports /tmp/kunlun-dump\n"
+                                   "PATH: a dump dir, a vLLM cache dir or cache root "
+                                   "(default $KUNLUN_COMPILE_DUMP, else $VLLM_CACHE_ROOT or ~/.cache/vllm)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", nargs="?")
+    p.add_argument("--all", action="store_true", help="every report found, not only the last engine's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reports)
 
     p = sub.add_parser("align", help="compare every node of the compiled graph with eager",
                        description="Example: kunlun-compile align qwen3-next-tiny --html align.html")

@@ -16,10 +16,12 @@ Anything else raises `UntrustedGraphError`, naming the node; nothing is imported
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import keyword
 import math
 import operator
-from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -46,7 +48,7 @@ _LOADED_NODE_KINDS = ("placeholder", "get_attr", "call_function", "output")
 _ARG_COUNTS = {"placeholder": (0, 0), "get_attr": (0, 0), "output": (1, 1)}  # (min, max); no placeholder defaults
 # dtype / layout / memory_format arguments by name, read from torch's namespace without getattr
 # (which would import lazily loaded submodules for names like "onnx")
-_TYPED_CONSTANTS = {kind: {name: v for name, v in vars(torch).items() if isinstance(v, cls)}
+TYPED_CONSTANTS = {kind: {name: v for name, v in vars(torch).items() if isinstance(v, cls)}
                     for kind, cls in (("dtype", torch.dtype), ("layout", torch.layout),
                                       ("memory_format", torch.memory_format))}
 _NON_FINITE = ("inf", "-inf", "nan")
@@ -138,15 +140,32 @@ def _is_identifier(name: Any) -> bool:
     return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
 
 
+# Namespaces a caller trusts for one load on top of TRUSTED_OP_NAMESPACES (`trusting`), per thread/task.
+_extra_trusted: contextvars.ContextVar[FrozenSet[str]] = contextvars.ContextVar("kunlun_extra_trusted",
+                                                                                default=frozenset())
+
+
+@contextlib.contextmanager
+def trusting(namespaces: Iterable[str]) -> Iterator[None]:
+    """Inside: ops of `namespaces` load too.  For graphs this package wrote itself next to artifacts of
+    the same process's library (vLLM's compile cache: its `_C::` ops), never for recorded graphs."""
+    token = _extra_trusted.set(frozenset(namespaces))
+    try:
+        yield
+    finally:
+        _extra_trusted.reset(token)
+
+
 def _resolve_op(data: Any) -> torch._ops.OpOverload:
     """`{"op": "ns::name", "overload": "default"}` -> the registered OpOverload, for trusted namespaces only."""
     qualified, overload = data.get("op"), data.get("overload")
     if not isinstance(qualified, str) or not isinstance(overload, str):
         raise RecordedGraphError(f"malformed op reference {data!r}")
     namespace, sep, name = qualified.partition("::")
-    if not sep or namespace not in TRUSTED_OP_NAMESPACES:
+    trusted = TRUSTED_OP_NAMESPACES | _extra_trusted.get()
+    if not sep or namespace not in trusted:
         raise UntrustedGraphError(f"op {qualified!r} is not in a trusted namespace "
-                                  f"({', '.join(sorted(TRUSTED_OP_NAMESPACES))})")
+                                  f"({', '.join(sorted(trusted))})")
     if not name.isidentifier() or not overload.isidentifier():  # looked up by getattr: no dotted paths
         raise UntrustedGraphError(f"op {qualified}.{overload} is not a plain op name")
     try:
@@ -207,8 +226,8 @@ def _check_value(d: Any, defined: Set[str], depth: int = 0) -> None:
             torch.device(v)
         except (RuntimeError, ValueError) as e:
             raise RecordedGraphError(f"bad device {v!r}: {e}") from None
-    elif kind in _TYPED_CONSTANTS:
-        if not (isinstance(v, str) and v in _TYPED_CONSTANTS[kind]):
+    elif kind in TYPED_CONSTANTS:
+        if not (isinstance(v, str) and v in TYPED_CONSTANTS[kind]):
             raise UntrustedGraphError(f"{v!r} is not a torch {kind}")
     else:
         raise RecordedGraphError(f"malformed argument {d!r}")
@@ -308,7 +327,7 @@ def _value_from_data(d: Any, nodes: Dict[str, fx.Node]) -> Any:
         return _resolve_op(v)
     if kind == "device":
         return torch.device(v)
-    return _TYPED_CONSTANTS[kind][v]  # dtype, layout, memory_format
+    return TYPED_CONSTANTS[kind][v]  # dtype, layout, memory_format
 
 
 def graph_from_data(data: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> fx.GraphModule:

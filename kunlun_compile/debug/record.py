@@ -1,7 +1,8 @@
 """Recording the graphs the backend receives, so the CLI verbs work on them without the model.
 
 With `KUNLUN_COMPILE_DUMP=DIR` set, every ATen graph the backend is about to compile (after
-capture, before any pass) is written to `DIR/graph_N/`:
+capture, before any pass) is written to `DIR/graph_N/` (`DIR/rank_R/graph_N/` in a process of a
+torch.distributed group of more than one, e.g. a vLLM tensor-parallel worker):
 - `graph.py`: the readable code;
 - `graph.json` (+ `constants.pt` when the graph holds tensors): every node, exactly
   (debug/graph_io.py);
@@ -10,6 +11,12 @@ capture, before any pass) is written to `DIR/graph_N/`:
   mean/std of floats, the share of True.
 No tensor of the user's is stored: `load_recorded` draws every input from a seeded generator
 within those statistics, so ids stay in range and norm weights near their values.
+
+Recording must never change what the compiler does.  It runs mid-compile, where inputs may be
+fake tensors of the compiler's fake mode (vLLM hands its pieces over with fake inputs): an op on
+one of those (`.item()` for a statistic) would add a data-dependent symbol to the compile's shape
+environment and break the passes after it.  So statistics are taken from real tensors only, sizes
+are read as hints (None where data-dependent), and a graph directory appears only once complete.
 """
 from __future__ import annotations
 
@@ -20,24 +27,35 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .graph_io import graph_from_data, graph_to_data
+from .graph_io import TYPED_CONSTANTS, RecordedGraphError, graph_from_data, graph_to_data
 
 ENV_DUMP = "KUNLUN_COMPILE_DUMP"
 SEED = 0
+DATA_DEPENDENT_SIZE = 1  # what a recorded data-dependent dim is replayed at
 
 
 def dump_dir() -> Optional[str]:
     return os.environ.get(ENV_DUMP) or None
 
 
-def _hint(size) -> int:
+def _hint(size) -> Optional[int]:
+    """The example value of a size; None for a data-dependent (unbacked) one, which has none."""
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, has_guarding_hint
+
     if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
+        return int(guarding_hint_or_throw(size)) if has_guarding_hint(size) else None
     return int(size)
 
 
+def _is_plain(x: torch.Tensor) -> bool:
+    """A tensor with data we may compute on: not fake, not meta, not a tensor subclass."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and not is_fake(x) and x.device.type != "meta"
+
+
 def _stats(real: Optional[torch.Tensor]) -> Dict[str, Any]:
-    if real is None or real.numel() == 0 or real.device.type == "meta":
+    if real is None or not _is_plain(real) or real.numel() == 0:
         return {}
     x = real.detach()
     if x.dtype == torch.bool:
@@ -53,51 +71,90 @@ def describe_input(fake: Any, real: Any, is_parameter: bool) -> Dict[str, Any]:
         return {"kind": "int", "value": _hint(fake), "symbolic": isinstance(fake, torch.SymInt)}
     if not isinstance(fake, torch.Tensor):
         return {"kind": "other", "repr": repr(fake)}
+    shape = [_hint(s) for s in fake.shape]
     return {
         "kind": "tensor",
-        "shape": [_hint(s) for s in fake.shape],
+        "shape": shape,
         "stride": [_hint(s) for s in fake.stride()],
         "dtype": str(fake.dtype).replace("torch.", ""),
         "device": fake.device.type,
-        "symbolic_dims": [d for d, s in enumerate(fake.shape) if isinstance(s, torch.SymInt)],
+        "symbolic_dims": [d for d, s in enumerate(fake.shape) if isinstance(s, torch.SymInt) and shape[d] is not None],
+        # sizes only known at run time (after nonzero, say): replayed at DATA_DEPENDENT_SIZE
+        "data_dependent_dims": [d for d, s in enumerate(shape) if s is None],
         "parameter": is_parameter,
         "stats": _stats(real if isinstance(real, torch.Tensor) else None),
     }
 
 
+def rank_dir(directory: str) -> str:
+    """`directory`, or `directory/rank_R` in a torch.distributed group of more than one process
+    (tensor-parallel workers compile the same graphs; each rank's stay apart)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return os.path.join(directory, f"rank_{dist.get_rank()}")
+    return directory
+
+
 def record_graph(directory: str, gm: fx.GraphModule, fake_inputs: Sequence[Any],
                  real_inputs: Optional[Sequence[Any]], static_indices: Sequence[int]) -> str:
-    """Write one graph under `directory/graph_N` (the next free N); returns that path."""
+    """Write one graph under `directory/graph_N` (the next free N; per rank, see `rank_dir`);
+    returns that path."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily():  # called mid-compile, where tensor ops would be faked
-        return _record(directory, gm, fake_inputs, real_inputs, static_indices)
+    from ..utils import copy_graph_module
+
+    # called mid-compile, where tensor ops would be faked; on a copy, so the graph the passes get
+    # is the one the backend received, whatever the recorder does
+    with unset_fake_temporarily():
+        files = _files(copy_graph_module(gm), fake_inputs, real_inputs, static_indices)
+    return _write_next(rank_dir(directory), files)
 
 
-def _record(directory: str, gm: fx.GraphModule, fake_inputs: Sequence[Any],
-            real_inputs: Optional[Sequence[Any]], static_indices: Sequence[int]) -> str:
-    os.makedirs(directory, exist_ok=True)
-    n = 0
-    while True:
-        path = os.path.join(directory, f"graph_{n}")
-        try:
-            os.makedirs(path)
-            break
-        except FileExistsError:
-            n += 1
+def _files(gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Optional[Sequence[Any]],
+           static_indices: Sequence[int]) -> Dict[str, Any]:
+    """Everything a recorded graph is, in memory: nothing is written unless all of it could be made."""
     reals = list(real_inputs) if real_inputs is not None and len(real_inputs) == len(fake_inputs) else None
     static = set(static_indices)
     inputs = [describe_input(f, reals[i] if reals else None, i in static) for i, f in enumerate(fake_inputs)]
-    with open(os.path.join(path, "graph.py"), "w") as f:
-        f.write(gm.print_readable(print_output=False))
     data, constants = graph_to_data(gm)
-    with open(os.path.join(path, "graph.json"), "w") as f:
-        json.dump(data, f)
+    files = {"graph.py": gm.print_readable(print_output=False), "graph.json": json.dumps(data),
+             "inputs.json": json.dumps({"torch": torch.__version__, "seed": SEED, "inputs": inputs}, indent=1)}
     if constants:
-        torch.save(constants, os.path.join(path, "constants.pt"))
-    with open(os.path.join(path, "inputs.json"), "w") as f:
-        json.dump({"torch": torch.__version__, "seed": SEED, "inputs": inputs}, f, indent=1)
-    return path
+        files["constants.pt"] = constants
+    return files
+
+
+def _write_next(directory: str, files: Dict[str, Any]) -> str:
+    """Write `files` into a hidden folder, then rename it to the next free `graph_N`: a reader (or a
+    crash) never sees a half-written graph, and processes sharing `directory` never share an N."""
+    import tempfile
+
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".graph_tmp_", dir=directory)
+    try:
+        for name, content in files.items():
+            if name.endswith(".pt"):
+                torch.save(content, os.path.join(tmp, name))
+            else:
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(content)
+        n = 0
+        while True:
+            path = os.path.join(directory, f"graph_{n}")
+            if not os.path.exists(path):
+                try:
+                    os.rename(tmp, path)  # fails if another process took N in between
+                    return path
+                except OSError:
+                    if not os.path.isdir(path):
+                        raise
+            n += 1
+    finally:
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_recorded_graph(path: str) -> bool:
@@ -105,8 +162,15 @@ def is_recorded_graph(path: str) -> bool:
 
 
 def _stand_in(spec: Dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-    dtype = getattr(torch, spec["dtype"])
+    dtype = TYPED_CONSTANTS["dtype"].get(spec["dtype"])  # a fixed table: inputs.json is untrusted
+    if dtype is None:
+        raise RecordedGraphError(f"inputs.json: {spec['dtype']!r} is not a dtype")
     shape, stride, stats = spec["shape"], spec["stride"], spec.get("stats", {})
+    if any(s is not None and (not isinstance(s, int) or s < 0) for s in (*shape, *stride)) or len(shape) != len(stride):
+        raise RecordedGraphError(f"inputs.json: sizes {shape} / strides {stride} are not non-negative ints")
+    if None in shape or None in stride:  # data-dependent sizes: a contiguous stand-in
+        shape = [DATA_DEPENDENT_SIZE if s is None else s for s in shape]
+        stride = list(torch.empty(shape, device="meta").stride())
     # storage for the recorded strides: the largest offset reached, plus one
     numel = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
     if dtype == torch.bool:
@@ -131,7 +195,8 @@ def load_recorded(path: str) -> Tuple["RecordedGraph", List[torch.Tensor]]:
     with open(os.path.join(path, "graph.json")) as f:
         data = json.load(f)
     constants_file = os.path.join(path, "constants.pt")
-    constants = torch.load(constants_file) if os.path.isfile(constants_file) else {}
+    # weights_only: a recorded graph is shared in bug reports, never unpickle code from it
+    constants = torch.load(constants_file, weights_only=True) if os.path.isfile(constants_file) else {}
     gm = graph_from_data(data, constants)
     with open(os.path.join(path, "inputs.json")) as f:
         meta = json.load(f)

@@ -1,7 +1,10 @@
 """Runs inside the vLLM environment (tests/test_vllm.py builds it): one command per process.
 
     python driver.py checkpoints OUT              tiny random-weight Qwen3 / Qwen3-MoE checkpoints (float32)
-    python driver.py generate MODEL_DIR CONFIG    greedy tokens + logprobs + this backend's report, as JSON
+    python driver.py generate MODEL_DIR CONFIG [ENGINE]
+                                                  greedy tokens + logprobs + this backend's report, seconds to
+                                                  the first token, kunlun warnings, the workers' reports;
+                                                  ENGINE: more LLM(...) arguments (tensor_parallel_size)
     python driver.py fusion_pass                  the fusion passes as inductor's post-grad custom pass
     python driver.py unsupported                  selecting "kunlun" on a vLLM lacking a hook: the error
 
@@ -10,11 +13,14 @@ Prints one line `RESULT <json>` on success.
 import json
 import os
 import sys
+import time
+import warnings
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its report is readable
 
 PROMPTS = [[1, 5, 9, 33, 71, 2, 140, 7], [7, 3, 100, 250, 18], [400, 401, 2, 9, 9, 60, 300]]
 MAX_TOKENS = 12
+FIRST_TOKEN_PROMPT = [11, 12, 13]  # timed on its own; not one of PROMPTS, so their runs are unchanged
 LOGPROBS = 5
 COMMON = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -37,14 +43,28 @@ def checkpoints(out: str) -> dict:
     return paths
 
 
-def generate(model_dir: str, compilation_config: dict) -> dict:
+def generate(model_dir: str, compilation_config: dict, engine: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=128,
-              max_num_seqs=4, gpu_memory_utilization=0.3, compilation_config=compilation_config)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    from kunlun_compile.utils import KunlunCompileWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", KunlunCompileWarning)
+        start = time.perf_counter()
+        # a 64 MiB KV cache holds 4 sequences of 128 tokens many times over; vLLM's default share of the
+        # node's memory (GiBs per worker) costs seconds of page faults at every start
+        llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=128,
+                  max_num_seqs=4, kv_cache_memory_bytes=64 << 20, compilation_config=compilation_config, **engine)
+        engine_s = time.perf_counter() - start
+        llm.generate([{"prompt_token_ids": FIRST_TOKEN_PROMPT}],
+                     SamplingParams(temperature=0.0, max_tokens=1, detokenize=False))
+        first_token_s = time.perf_counter() - start
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS, detokenize=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     result = {
+        "engine_s": engine_s,  # LLM(...) returned
+        "first_token_s": first_token_s,  # ... and one token generated: what a restart costs a user
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, KunlunCompileWarning)],
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         # per step, the chosen token's logprob: compared with a tolerance (fusion reorders float sums)
         "logprobs": [[step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
@@ -59,7 +79,19 @@ def generate(model_dir: str, compilation_config: dict) -> dict:
     report = kunlun_compile.vllm_fusion_pass.report if uses_pass else kunlun_compile.last_report()
     result["report"] = report.summary()
     result["graph_names"] = [g.name for g in report.graphs]
+    result["worker_reports"] = worker_reports()
     return result
+
+
+def worker_reports() -> list:
+    """The reports the workers (this process too, without multiprocessing) wrote next to this run's
+    vLLM cache, read the way a user reads them (kunlun_compile.vllm.reports)."""
+    from kunlun_compile.vllm.reports import find_reports, latest_run
+
+    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.expanduser("~/.cache/vllm")
+    found = latest_run(find_reports(os.path.join(root, "torch_compile_cache")))
+    return [{k: r.get(k) for k in ("rank", "pid", "path", "summary", "warm_start", "tensor_parallel_size")}
+            for r in found]
 
 
 def fusion_pass() -> dict:
@@ -107,7 +139,7 @@ def main(argv):
     if argv[0] == "checkpoints":
         result = checkpoints(argv[1])
     elif argv[0] == "generate":
-        result = generate(argv[1], json.loads(argv[2]))
+        result = generate(argv[1], json.loads(argv[2]), json.loads(argv[3]) if len(argv) > 3 else {})
     elif argv[0] == "fusion_pass":
         result = fusion_pass()
     elif argv[0] == "unsupported":
