@@ -1,0 +1,176 @@
+"""The runtime fuzzer (tests/runtime_fuzz.py): generated models in every graph mode equal eager; the
+generator builds the features it claims; the harness catches the faults it exists to catch."""
+from collections import Counter
+
+import pytest
+import torch
+
+from . import runtime_fuzz as rf
+
+# A handful of CPU seeds covering cache_cat, in-place caches (input and buffer), graph breaks, host
+# syncs, several MoE spellings, both layouts and both compile styles, cheap enough for the default run.
+CPU_SEEDS = [4, 8, 9, 21, 28]
+GPU_SEEDS = range(200)
+
+
+def _assert_no_divergence(result: rf.CaseResult) -> None:
+    lines = [d.line() for d in rf._first_per_mode_kind(result.divergences)]
+    assert not result.divergences, f"{result.case.describe()}\n" + "\n".join(lines)
+
+
+@pytest.mark.parametrize("seed", CPU_SEEDS)
+def test_generated_model_matches_eager_in_every_mode(seed):
+    result = rf.run_case(rf.generate(seed))
+    _assert_no_divergence(result)
+    assert set(result.counters) == set(rf.MODES[1:])  # every graph mode ran
+
+
+def test_cpu_seeds_replay_and_pad():
+    """The default seeds exercise what the runtime does: replays and padded runs."""
+    total = Counter()
+    for seed in CPU_SEEDS[:3]:
+        for counters in rf.run_case(rf.generate(seed), modes=["piecewise"]).counters.values():
+            total.update(counters)
+    assert total["replays"] > 0 and total["padded_runs"] > 0, dict(total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(50))
+def test_cpu_sweep(seed):
+    _assert_no_divergence(rf.run_case(rf.generate(seed)))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_sweep():
+    failures = []
+    for seed in GPU_SEEDS:
+        result = rf.run_case(rf.generate(seed, "cuda", torch.bfloat16))
+        failures += [d.line() for d in rf._first_per_mode_kind(result.divergences)]
+    assert not failures, "\n".join(failures)
+
+
+# ---- the generator -----------------------------------------------------------------------------------
+
+def test_generation_is_deterministic_by_seed():
+    a, b = rf.generate(17), rf.generate(17)
+    assert a.spec == b.spec and a.schedule == b.schedule
+    for (na, pa), (nb, pb) in zip(a.build().state_dict().items(), b.build().state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    for call in (0, 5):
+        for x, y in zip(torch.utils._pytree.tree_leaves(a.inputs(call)), torch.utils._pytree.tree_leaves(b.inputs(call))):
+            assert torch.equal(x, y)
+    assert rf.generate(18).spec != a.spec
+
+
+def test_inputs_are_fresh_and_nonzero_every_call():
+    case = rf.generate(9)
+    first, second = case.inputs(0), case.inputs(1)
+    assert case.schedule[0] == case.schedule[1]  # same size, new values
+    assert not torch.equal(first[0], second[0])
+    assert (first[0] != 0).float().mean() > 0.99
+
+
+def test_schedule_covers_exact_padded_and_oversized_counts():
+    for seed in range(20):
+        sizes = set(rf.generate(seed).schedule)
+        assert sizes & set(rf.CAPTURE_SIZES)
+        assert any(n < max(rf.CAPTURE_SIZES) and n not in rf.CAPTURE_SIZES for n in sizes)
+        assert any(n > max(rf.CAPTURE_SIZES) for n in sizes)
+
+
+def _feature_counts(dtype, seeds):
+    claimed, seen = Counter(), Counter()
+    for seed in seeds:
+        case = rf.generate(seed, dtype=dtype)
+        spec_features, evidence = set(case.spec.features()), set(rf.evidence(case))
+        missing = spec_features - evidence
+        assert not missing, f"seed {seed} claims {sorted(missing)} but its model does not have them"
+        claimed.update(spec_features)
+        seen.update(evidence)
+    return claimed, seen
+
+
+def test_generator_builds_every_feature_it_claims():
+    """Over seeds 0-199 every feature of the vocabulary is in some model, checked on the model itself
+    (the calls it makes when run, its inputs and outputs), not only on its spec."""
+    claimed, _ = _feature_counts(torch.float32, range(200))
+    cpu_features = set(rf.FEATURES) - rf.BF16_ONLY
+    absent = {f: claimed[f] for f in cpu_features if claimed[f] < 3}
+    assert not absent, f"features in fewer than 3 of 200 models: {absent}"
+    claimed16, _ = _feature_counts(torch.bfloat16, range(60))
+    assert all(claimed16[f] >= 3 for f in rf.BF16_ONLY), dict(claimed16)
+
+
+# ---- the harness: each fault it exists to catch is caught -------------------------------------------
+
+def _planted(fault):
+    """A compile_fn whose 'compiled' model is eager with one fault planted."""
+
+    def compile_fn(model, case, mode, capture_sizes, **options):
+        state = {"first": None, "held": None, "calls": 0}
+
+        def run(x, pos=None, kv=None, slots=None):
+            state["calls"] += 1
+            if fault == "drop_mutation":  # the caller's caches are never written
+                kv = [t.clone() for t in kv]
+            out = model(x, pos, kv, slots)
+            leaves, spec = torch.utils._pytree.tree_flatten(out)
+            if fault == "stale" and state["first"] is not None:  # replays the first call's results
+                return torch.utils._pytree.tree_unflatten(state["first"], spec)
+            if fault == "stale":
+                state["first"] = [t.clone() for t in leaves]
+            if fault == "overwrite_held":  # one output buffer, rewritten every call
+                if state["held"] is None or state["held"].shape != leaves[0].shape:
+                    state["held"] = leaves[0].clone()
+                state["held"].copy_(leaves[0])
+                leaves[0] = state["held"]
+            if fault == "nan" and state["calls"] == 2:
+                leaves[0] = leaves[0].clone()
+                leaves[0].view(-1)[0] = float("nan")
+            if fault == "drift" and state["calls"] == 2:
+                leaves[0] = leaves[0] * (1 + 5 * rf.FP32_TOL)
+            return torch.utils._pytree.tree_unflatten(leaves, spec)
+
+        return run, None
+
+    return compile_fn
+
+
+def _seed_with(feature):
+    return next(s for s in range(200) if feature in rf.draw_spec(s).features())
+
+
+@pytest.mark.parametrize("fault, kind", [("stale", "value"), ("overwrite_held", "held"), ("nan", "nan"),
+                                         ("drift", "value"), ("drop_mutation", "mutation")])
+def test_harness_reports_planted_faults(fault, kind):
+    seed = _seed_with("attn_cache_inplace_input")
+    case = rf.generate(seed)
+    result = rf.run_case(case, modes=["piecewise"], compile_fn=_planted(fault))
+    kinds = {d.kind for d in result.divergences}
+    assert kind in kinds, [d.line() for d in result.divergences]
+    d = next(d for d in result.divergences if d.kind == kind)
+    assert d.seed == seed and d.mode == "piecewise" and d.size == case.schedule[d.call]
+
+
+def test_harness_passes_eager_itself():
+    """No false alarms: eager compared with eager, every call, held outputs and caches."""
+    case = rf.generate(_seed_with("attn_cache_inplace_input"))
+    result = rf.run_case(case, modes=["piecewise"], compile_fn=_planted("none"))
+    assert not result.divergences, [d.line() for d in result.divergences]
+
+
+def test_harness_reports_errors_with_seed_and_mode():
+    def broken(model, case, mode, capture_sizes, **options):
+        def run(*args):
+            raise RuntimeError("planted failure")
+        return run, None
+
+    result = rf.run_case(rf.generate(3), modes=["full"], compile_fn=broken)
+    (d,) = result.divergences
+    assert (d.seed, d.mode, d.kind, d.call) == (3, "full", "error", 0) and "planted failure" in d.detail
+
+
+def test_command_line_prints_a_summary(capsys):
+    rc = rf.main(["--seeds", "8", "--modes", "none,piecewise"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "failing seeds: none" in out and "    8" in out
