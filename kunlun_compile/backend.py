@@ -9,6 +9,7 @@ graph runs correctly without that stage (strict=True raises instead).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .capture.recompiles import DYNAMO_LOGGER, describe_hit, parse_limit_warning
 from .capture import needs_autograd, static_input_indices, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
 from .debug.record import dump_dir, record_graph
@@ -201,6 +203,25 @@ def shared_backend(config: CompileConfig) -> KunlunBackend:
     return inst
 
 
+class _RecompileLimitNotes(logging.Handler):
+    """Dynamo's recompile limit makes it run a function eagerly and never call the backend for it again;
+    it only logs a warning.  That warning becomes a note in the report of the backend used last."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            hit = parse_limit_warning(record.getMessage())
+            if hit is not None and _last_used:
+                _last_used[0].report.notes.append(describe_hit(hit))
+        except Exception:  # noqa: BLE001 - never break a compile over reading a log line
+            pass
+
+
+logging.getLogger(DYNAMO_LOGGER).addHandler(_RecompileLimitNotes())
+
+
 def last_report() -> CompileReport:
     """The report of the backend that `backend="kunlun"` used most recently."""
     return _last_used[0].report if _last_used else CompileReport()
@@ -212,6 +233,7 @@ def compile(model: Any, *, dynamic: Optional[bool] = None, fullgraph: bool = Fal
     With dynamic=True one graph serves every token count from 1 up (see capture/dynamic.py).
     """
     be = backend(**options)
+    _last_used[:] = [be]  # its recompile-limit notes land in its own report
     compiled = torch.compile(model, backend=be, dynamic=dynamic, fullgraph=fullgraph)
     if dynamic:
         compiled = with_serving_shapes(compiled)

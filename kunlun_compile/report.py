@@ -157,6 +157,8 @@ class CompileReport:
     """All graphs one backend instance compiled, in order."""
 
     graphs: List[GraphReport] = dataclasses.field(default_factory=list)
+    # what happened outside any graph: e.g. Dynamo's recompile limit made it run a function eagerly
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict:
         patterns = Counter(dict.fromkeys(PATTERN_FAMILIES, 0))
@@ -176,7 +178,9 @@ class CompileReport:
             "pieces": sum(g.pieces for g in self.graphs),
             "runtime_counters": dict(sum((Counter(g.runtime.get("counters", {})) for g in self.graphs), Counter())),
             "fallbacks": [f.as_dict() for g in self.graphs for f in g.fallbacks],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
-        return "\n\n".join(str(g) for g in self.graphs) or "(no graphs compiled)"
+        text = "\n\n".join(str(g) for g in self.graphs) or "(no graphs compiled)"
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kunlun_compile.cli.main as cli_main
-from kunlun_compile.cli.recompiles import parse_limit_warning
+from kunlun_compile.capture.recompiles import parse_limit_warning
 from kunlun_compile.config import CompileConfig
 from kunlun_compile.ops import cpu_kernels
 
@@ -298,3 +298,24 @@ def test_recompile_limit_warning_parsing():
                                          "last_reason": "0/7: tensor 'x' size mismatch at index 0. expected 7, "
                                                         "actual 8"}
     assert parse_limit_warning("torch._dynamo something else") is None
+
+
+def test_recompile_limit_is_a_note_in_the_library_report():
+    """Past Dynamo's recompile limit the backend is never called again for that function; the report
+    of the backend says so instead of staying silent."""
+    import torch
+    import kunlun_compile as kc
+
+    torch._dynamo.reset()
+    compiled = kc.compile(lambda x: torch.relu(x) * 2, dynamic=False)
+    old = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 2
+    try:
+        with torch.no_grad():
+            for n in range(1, 5):
+                compiled(torch.randn(n, 3))
+    finally:
+        torch._dynamo.config.recompile_limit = old
+    notes = compiled.kunlun_backend.report.notes
+    assert notes and "recompile_limit" in notes[0] and "not compiled by this backend" in notes[0]
+    assert "note: Dynamo hit" in str(compiled.kunlun_backend.report)

@@ -48,7 +48,7 @@ from ..debug.inspect import InspectingBackend
 from ..debug.targets import DEFAULT_TOKENS, DTYPES, TargetError, compare_outputs, resolve_target, run_compiled
 from .errors import (CliError, UsageError, check_writable_dir, check_writable_file, positive_int,
                      write_text)
-from .recompiles import describe_hit, watching_recompile_limit
+from ..capture.recompiles import describe_hit, watching_recompile_limit
 
 DEMO_MODEL = "qwen3-next-tiny"
 EXIT_MISMATCH, EXIT_ERROR = 1, 2

@@ -6,7 +6,8 @@ from then on and never calls the backend for it again, so the backend's report c
 Dynamo says so only in a log warning ("torch._dynamo hit config.recompile_limit (8)", with the
 function and the last guard failure); this module collects those warnings while a block runs.
 
-Not CLI-specific: the backend can wrap a compile in `watching_recompile_limit()` the same way.
+The backend turns each such warning into a note in the report of the backend used last; the CLI
+watches a block with `watching_recompile_limit()`.
 """
 from __future__ import annotations
 
