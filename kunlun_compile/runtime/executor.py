@@ -97,8 +97,9 @@ class GraphExecutor:
     def _compiled_failed(self, reason: str) -> None:
         self.consecutive_failures += 1
         self.failed = self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES
-        then = "now runs uncompiled" if self.failed else "ran uncompiled for this call"
-        warn_once(f"kunlun backend: compiled graph {self.name} failed at run time and {then}: {reason}",
+        warn_once(f"kunlun backend: compiled graph {self.name} failed at run time and the call ran uncompiled "
+                  f"(after {MAX_CONSECUTIVE_FAILURES} such calls in a row it stays uncompiled): {reason}",
                   self.warned)
         if self.report is not None:
+            then = "now runs uncompiled" if self.failed else "ran uncompiled for this call"
             self.report.fallbacks.append(Fallback(self.name, "runtime", f"{then}: {reason}"))
