@@ -68,15 +68,21 @@ def test_a_graph_shared_by_layers_replays_each_layers_weights(mode):
     assert sum(c["replays"] for c in counters) > 0
 
 
-def test_capture_sets_are_per_parameter_set_and_size():
+def _stack_run_three_times(layers: int):
+    """A _Stack compiled piecewise and called three times (warm-up, capture, replay): (model, backend)."""
     torch.manual_seed(0)
-    model = _Stack(layers=3).eval()
+    model = _Stack(layers=layers).eval()
     torch._dynamo.reset()
     be = kc.backend(graph_mode="piecewise")
     compiled = torch.compile(model, backend=be, dynamic=False)
     with torch.no_grad():
         for _ in range(3):
             compiled(torch.randn(8, 32))
+    return model, compiled, be
+
+
+def test_capture_sets_are_per_parameter_set_and_size():
+    _, _, be = _stack_run_three_times(3)
     shared = [g for g in be.report.graphs if g.runtime_info and g.runtime_info()["counters"]["captures"]]
     # the graph after the break runs once per layer: three parameter sets, each captured once
     assert any(g.runtime_info()["counters"]["captures"] == 3 for g in shared)
@@ -424,14 +430,8 @@ def test_a_moved_parameter_is_a_new_capture_set():
 def test_a_node_found_to_sync_becomes_a_split_and_the_rest_is_captured_again():
     """On CUDA, a warm-up that finds a node syncing with the host (a custom op no list names) tells the
     runtime, which splits the graph there from the next call.  Planted here through the same hook."""
-    torch.manual_seed(0)
-    model = _Stack(layers=1).eval()
-    torch._dynamo.reset()
-    be = kc.backend(graph_mode="piecewise")
-    compiled = torch.compile(model, backend=be, dynamic=False)
+    model, compiled, be = _stack_run_three_times(1)
     with torch.no_grad():
-        for _ in range(3):
-            compiled(torch.randn(8, 32))
         rt = next(r for r in be.runtimes.values() if r.piecewise and r.piecewise.runners)
         calls = [n.name for n in rt.gm.graph.nodes if n.op == "call_function"]
         silu = calls[len(calls) // 2]  # a node in the middle of the piece
