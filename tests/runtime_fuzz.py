@@ -746,7 +746,7 @@ class Reference:
             args = case.inputs(call)
             with torch.no_grad():
                 out = model(*args)
-            self.calls.append((_detach_clone(out), _mutables(args)))
+            self.calls.append((_detach_clone(out), _mutables(args) + _cache_buffers(model)))
             self.eager_err.append(self._error_vs_float64(model64, call, out) if model64 is not None else 0.0)
 
     @staticmethod
@@ -773,6 +773,11 @@ def _detach_clone(tree):
     return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
+def _cache_buffers(model: nn.Module) -> List[torch.Tensor]:
+    """Copies of the in-place cache buffers (written by the model, read back by later calls)."""
+    return [b.detach().clone() for name, b in model.named_buffers() if name.endswith(".cache")]
+
+
 def _mutables(args) -> List[torch.Tensor]:
     """The inputs a model may write in place: in-place cache tensors (a list of tensors, not of lists)."""
     kv = args[2]
@@ -796,8 +801,8 @@ def compile_model(model: nn.Module, case: Case, mode: str, capture_sizes: Sequen
 class _ModeRun:
     """One graph mode over a case's schedule: compares each call, then re-checks every held output."""
 
-    def __init__(self, case: Case, ref: Reference, mode: str, compiled: Callable):
-        self.case, self.ref, self.mode, self.compiled = case, ref, mode, compiled
+    def __init__(self, case: Case, ref: Reference, mode: str, compiled: Callable, model: nn.Module):
+        self.case, self.ref, self.mode, self.compiled, self.model = case, ref, mode, compiled, model
         self.held: List[Tuple[int, list, list]] = []  # (call, outputs as returned, their values then)
         self.found: List[Divergence] = []
 
@@ -830,7 +835,7 @@ class _ModeRun:
             return
         for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
             self.compare_tensor(call, str(i), g, w, tol, "value")
-        for i, (g, w) in enumerate(zip(_mutables(args), want_mut)):
+        for i, (g, w) in enumerate(zip(_mutables(args) + _cache_buffers(self.model), want_mut)):
             self.compare_tensor(call, f"cache[{i}]", g, w, tol, "mutation")
 
     def compare_tensor(self, call: int, name: str, g, w, tol: float, kind: str) -> None:
@@ -906,7 +911,7 @@ class ModeSwitch:
         from kunlun_compile.capture import to_aten_inference
 
         first = next(iter(self.backends.values()))
-        if not hasattr(first, "_compile_aten"):  # the backend changed shape: share Dynamo's trace only
+        if not (hasattr(first, "_compile_aten") and hasattr(first, "_ids")):  # the backend changed shape: share Dynamo's trace only
             runs = {m: be(gm, example_inputs) for m, be in self.backends.items()}
             return self._dispatch(runs)
         return to_aten_inference(gm, example_inputs, self._compile_aten)
@@ -959,20 +964,20 @@ def run_case(case: Case, modes: Sequence[str] = MODES, capture_sizes: Sequence[i
                 switch.mode = mode
                 _reset_buffers(model, case.build())
                 be = switch.backends[mode]
-                found += _run_mode(case, ref, mode, compiled)
             else:
                 torch._dynamo.reset()
-                compiled, be = compile_fn(case.build(), case, mode, capture_sizes, **options)
-                found += _run_mode(case, ref, mode, compiled)
+                model = case.build()
+                compiled, be = compile_fn(model, case, mode, capture_sizes, **options)
+            found += _run_mode(case, ref, mode, compiled, model)
             if be is not None:
                 counters[mode], graphs[mode] = _summed_counters(be)
     torch._dynamo.reset()
     return CaseResult(case, found, time.perf_counter() - t0, counters, graphs)
 
 
-def _run_mode(case: Case, ref: Reference, mode: str, compiled: Callable) -> List[Divergence]:
+def _run_mode(case: Case, ref: Reference, mode: str, compiled: Callable, model: nn.Module) -> List[Divergence]:
     try:
-        return _ModeRun(case, ref, mode, compiled).run()
+        return _ModeRun(case, ref, mode, compiled, model).run()
     except Exception as e:  # noqa: BLE001 - outside a call (the harness's own checks): still a finding
         return [Divergence(case.spec.seed, mode, case.schedule[0], 0, "-", "error", math.inf, _one_line(e))]
 

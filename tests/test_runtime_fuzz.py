@@ -7,9 +7,12 @@ import torch
 
 from . import runtime_fuzz as rf
 
-# A handful of CPU seeds covering cache_cat, in-place caches (input and buffer), graph breaks, host
-# syncs, several MoE spellings, both layouts and both compile styles, cheap enough for the default run.
-CPU_SEEDS = [4, 8, 9, 21, 28]
+# A handful of CPU seeds (about 35 s together on an idle 2-core machine): self-attention (SDPA and
+# matmul), a cat-ed KV cache, in-place cache inputs (index_copy_ and slice assignment), graph breaks
+# inside layers (8, 18 and 45 diverged on the runtime before a14ed22), a host sync, MoE as an expert loop,
+# gathered bmm and a dense mask, both layouts and both compile styles.
+# seed -> whether its graphs pad today (others refuse: attention over the step's tokens mixes them).
+CPU_SEEDS = {4: True, 8: True, 18: True, 35: False, 40: False, 43: True, 45: True, 49: False}
 GPU_SEEDS = range(200)
 
 
@@ -18,20 +21,16 @@ def _assert_no_divergence(result: rf.CaseResult) -> None:
     assert not result.divergences, f"{result.case.describe()}\n" + "\n".join(lines)
 
 
-@pytest.mark.parametrize("seed", CPU_SEEDS)
+@pytest.mark.parametrize("seed", list(CPU_SEEDS))
 def test_generated_model_matches_eager_in_every_mode(seed):
     result = rf.run_case(rf.generate(seed))
     _assert_no_divergence(result)
-    assert set(result.counters) == set(rf.MODES[1:])  # every graph mode ran
-
-
-def test_cpu_seeds_replay_and_pad():
-    """The default seeds exercise what the runtime does: replays and padded runs."""
     total = Counter()
-    for seed in CPU_SEEDS[:3]:
-        for counters in rf.run_case(rf.generate(seed), modes=["piecewise"]).counters.values():
-            total.update(counters)
-    assert total["replays"] > 0 and total["padded_runs"] > 0, dict(total)
+    for counters in result.counters.values():
+        total.update(counters)
+    # the case exercised the runtime: captures were replayed (and padded where the graph allows it)
+    assert set(result.counters) == set(rf.MODES) and total["replays"] > 0, dict(total)
+    assert total["padded_runs"] > 0 or not CPU_SEEDS[seed], dict(total)
 
 
 @pytest.mark.slow
@@ -58,7 +57,7 @@ def test_generation_is_deterministic_by_seed():
         assert na == nb and torch.equal(pa, pb)
     for call in (0, 5):
         for x, y in zip(torch.utils._pytree.tree_leaves(a.inputs(call)), torch.utils._pytree.tree_leaves(b.inputs(call))):
-            assert torch.equal(x, y)
+            assert (x is None and y is None) or torch.equal(x, y)
     assert rf.generate(18).spec != a.spec
 
 
@@ -113,7 +112,13 @@ def _planted(fault):
             state["calls"] += 1
             if fault == "drop_mutation":  # the caller's caches are never written
                 kv = [t.clone() for t in kv]
+            if fault == "drop_buffer_write":  # the model's cache buffer is put back after every call
+                saved = [b.clone() for b in model.buffers()]
             out = model(x, pos, kv, slots)
+            if fault == "drop_buffer_write":
+                with torch.no_grad():
+                    for b, old in zip(model.buffers(), saved):
+                        b.copy_(old)
             leaves, spec = torch.utils._pytree.tree_flatten(out)
             if fault == "stale" and state["first"] is not None:  # replays the first call's results
                 return torch.utils._pytree.tree_unflatten(state["first"], spec)
@@ -140,10 +145,13 @@ def _seed_with(feature):
     return next(s for s in range(200) if feature in rf.draw_spec(s).features())
 
 
-@pytest.mark.parametrize("fault, kind", [("stale", "value"), ("overwrite_held", "held"), ("nan", "nan"),
-                                         ("drift", "value"), ("drop_mutation", "mutation")])
-def test_harness_reports_planted_faults(fault, kind):
-    seed = _seed_with("attn_cache_inplace_input")
+@pytest.mark.parametrize("fault, kind, feature", [
+    ("stale", "value", "attn_cache_inplace_input"), ("overwrite_held", "held", "attn_cache_inplace_input"),
+    ("nan", "nan", "attn_cache_inplace_input"), ("drift", "value", "attn_cache_inplace_input"),
+    ("drop_mutation", "mutation", "attn_cache_inplace_input"),
+    ("drop_buffer_write", "mutation", "attn_cache_inplace_buffer")])
+def test_harness_reports_planted_faults(fault, kind, feature):
+    seed = _seed_with(feature)
     case = rf.generate(seed)
     result = rf.run_case(case, modes=["piecewise"], compile_fn=_planted(fault))
     kinds = {d.kind for d in result.divergences}

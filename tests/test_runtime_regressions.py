@@ -268,3 +268,38 @@ def test_squeezed_batch_of_one_after_a_graph_break(mode):
             for got, want in zip(plain(x), model(x)):
                 assert got.shape == want.shape
                 torch.testing.assert_close(got, want, rtol=FP32_TOL, atol=1e-5)
+
+class SortedExperts(nn.Module):
+    """Top-2 of 4 experts through torch._grouped_mm over argsort-ed tokens.  Dynamo breaks the graph at
+    bincount (a data-dependent size), so the graph after it starts from inputs like `order` [tokens * 2]."""
+
+    def __init__(self, hidden=32, inter=48, experts=4):
+        super().__init__()
+        gen = torch.Generator().manual_seed(10)
+        self.router = nn.Parameter(torch.randn(experts, hidden, generator=gen) / hidden ** 0.5, requires_grad=False)
+        self.w1 = nn.Parameter(torch.randn(experts, hidden, inter, generator=gen) / hidden ** 0.5, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(experts, inter, hidden, generator=gen) / inter ** 0.5, requires_grad=False)
+
+    def forward(self, x):
+        weights, ids = F.linear(x, self.router).softmax(-1).topk(2, dim=-1)
+        order = ids.reshape(-1).argsort(stable=True)
+        offs = torch.bincount(ids.reshape(-1), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
+        rows = order // 2
+        y = torch._grouped_mm(F.silu(torch._grouped_mm(x[rows], self.w1, offs=offs)), self.w2, offs=offs)
+        return torch.zeros_like(x).index_add_(0, rows, y * weights.reshape(-1)[order, None])
+
+
+@pytest.mark.parametrize("mode", ["piecewise", "full_and_piecewise"])
+def test_padding_after_a_data_dependent_graph_break(mode):
+    """Before a14ed22: at a padded size the graph after the break was padded along `order`'s dim 0
+    (tokens * 2 rows) as if it were the token count: IndexError, index 3 out of bounds for size 3.
+    bf16: _grouped_mm's meta function takes nothing else."""
+    model = SortedExperts().eval().to(torch.bfloat16)
+    compiled = kc.compile(model, dynamic=True, graph_mode=mode, capture_sizes=[1, 2, 4, 8], **STRICT)
+    record = _Calls(BF16_TOL)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for call, tokens in enumerate([4, 4, 4, 3, 3, 3, 12, 3]):
+            x = torch.randn(tokens, 32, generator=gen).to(torch.bfloat16)
+            record.check(f"call {call} tokens {tokens}", compiled(x), model(x))
+    record.finish()
