@@ -236,6 +236,8 @@ class GraphRuntime:
         bindings = self.bind_symbols(args)
         tokens = bindings.get(self.sym) if self.sym is not None else None
         plan, size = self._choose(tokens)
+        if plan is not None and not plan.runners:
+            plan = None  # nothing in it is captured: the graph as it is, neither split nor padded
         self._precompile(args, bindings, tokens, size if plan is not None else None)
         if plan is None:
             self.counters.uncaptured_runs += 1
