@@ -190,7 +190,7 @@ def load_recorded(path: str) -> Tuple["RecordedGraph", List[torch.Tensor]]:
     """A recorded graph as a module, and seeded stand-ins for its tensor inputs (dims that were
     symbolic are marked dynamic, so compiling the module traces the graph as it was recorded)."""
     import kunlun_compile.models  # noqa: F401 - registers the custom ops the graph may call
-    import kunlun_compile.ops  # noqa: F401
+    import kunlun_compile.ops  # noqa: F401 - registers the kunlun:: ops the graph may call
 
     with open(os.path.join(path, "graph.json")) as f:
         data = json.load(f)

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .memory_plan import MemoryPlan
 from .splitting import Piece
 
 # Shadow runs may differ from the replay by reduction order (atomics in scatter-adds): relative error
@@ -52,9 +51,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class ReplayChecker:
-    def __init__(self, graph: str, memory: MemoryPlan, findings: Optional[List[Dict[str, Any]]] = None):
+    def __init__(self, graph: str, findings: Optional[List[Dict[str, Any]]] = None):
         self.graph = graph
-        self.memory = memory
         self.findings = findings
         self.held: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (live, copy, piece)
         self.last_piece: Optional[Piece] = None

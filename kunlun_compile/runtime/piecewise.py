@@ -279,7 +279,7 @@ class GraphRuntime:
         and captures only)."""
         if not (self.check_replays or self.replay_findings is not None) or phase == WARM_UP:
             return None
-        return ReplayChecker(self.name, plan.memory, self.replay_findings)
+        return ReplayChecker(self.name, self.replay_findings)
 
     def _precompile(self, args: Sequence[Any], bindings: Dict[sympy.Symbol, int], tokens: Optional[int],
                     padded_size: Optional[int]) -> None:
