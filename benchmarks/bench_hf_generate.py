@@ -54,6 +54,21 @@ def time_generate(model, ids, kwargs):
     return out, statistics.median(times)
 
 
+def parting(model, want, got) -> dict:
+    """Where greedy tokens part from eager's, and eager's own logit gap there: eager's logits after the
+    shared prefix, the gap between eager's token and the compiled run's token, in bf16 ulps of the top
+    logit.  A gap of a few ulps is a tie that rounding decides; a wide one would be a wrong result."""
+    differ = (got[0] != want[0]).nonzero()
+    if not len(differ):
+        return {"parts_at": None}
+    i = int(differ[0])
+    with torch.no_grad():
+        logits = model(want[:, :i]).logits[0, -1].float()
+    top = logits[want[0, i]]
+    ulp = torch.finfo(torch.bfloat16).eps * max(abs(float(top)), 1e-3)
+    return {"parts_at": i, "eager_gap": float(top - logits[got[0, i]]), "eager_gap_ulps": float(top - logits[got[0, i]]) / ulp}
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     rows = []
@@ -74,7 +89,10 @@ def main():
                     t0 = time.perf_counter()
                     got, row[f"{label}_s"] = time_generate(model, ids, kwargs)
                     row[f"{label}_first_two_s"] = time.perf_counter() - t0 - REPS * row[f"{label}_s"]
-                    row[f"{label}_tokens_equal_eager"] = float((got == want).float().mean())
+                    n = ids.shape[1]  # the prompt is shared by construction
+                    row[f"{label}_new_tokens_equal_eager"] = float((got[:, n:] == want[:, n:]).float().mean())
+                    model.forward = original
+                    row[f"{label}_parting"] = parting(model, want, got)
                     if backend is None:
                         counters = {}
                         for g in be.report.graphs:
@@ -98,7 +116,8 @@ def main():
         json.dump(result, f, indent=1)
     for r in rows:
         print(f"{r['model']:10s} {r['cache']:8s} eager {r['eager_s']:.3f} s | inductor {r.get('inductor_s', float('nan')):.3f}"
-              f" | kunlun {r.get('kunlun_s', float('nan')):.3f} s (tokens = eager: {r.get('kunlun_tokens_equal_eager')})")
+              f" | kunlun {r.get('kunlun_s', float('nan')):.3f} s (new tokens = eager: {r.get('kunlun_new_tokens_equal_eager')});"
+              f" parting inductor {r.get('inductor_parting')} kunlun {r.get('kunlun_parting')}")
 
 
 if __name__ == "__main__":
