@@ -236,6 +236,6 @@ def compile(model: Any, *, dynamic: Optional[bool] = None, fullgraph: bool = Fal
     _last_used[:] = [be]  # its recompile-limit notes land in its own report
     compiled = torch.compile(model, backend=be, dynamic=dynamic, fullgraph=fullgraph)
     if dynamic:
-        compiled = with_serving_shapes(compiled)
+        compiled = with_serving_shapes(compiled, fall_back=not be.config.strict, warned=be.warned)
     compiled.kunlun_backend = be
     return compiled

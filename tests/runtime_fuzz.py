@@ -718,6 +718,7 @@ class CaseResult:
     seconds: float
     counters: Dict[str, Dict[str, int]]  # mode -> summed runtime counters
     graphs: Dict[str, int]  # mode -> graphs compiled
+    untraced: int = 0  # frames Dynamo could not trace under serving shapes (they ran eagerly)
 
     def failed_modes(self) -> List[str]:
         return sorted({d.mode for d in self.divergences}, key=MODES.index)
@@ -805,6 +806,7 @@ class _ModeRun:
         self.case, self.ref, self.mode, self.compiled, self.model = case, ref, mode, compiled, model
         self.held: List[Tuple[int, list, list]] = []  # (call, outputs as returned, their values then)
         self.found: List[Divergence] = []
+        self.untraced = 0  # frames Dynamo could not trace under serving shapes (they ran eagerly)
 
     def div(self, call: int, output: str, kind: str, error: float, detail: str = "") -> None:
         self.found.append(Divergence(self.case.spec.seed, self.mode, self.case.schedule[call], call, output, kind,
@@ -813,12 +815,19 @@ class _ModeRun:
     def run(self) -> List[Divergence]:
         for call in range(len(self.case.schedule)):
             args = self.case.inputs(call)
+            frames = _frame_failures()
             try:
                 with torch.no_grad():
                     out = self.compiled(*args)
             except Exception as e:  # noqa: BLE001 - a failing call is a finding, not a crash of the fuzzer
                 self.div(call, "-", "error", math.inf, _one_line(e))
                 break
+            failed, reasons = (after - before for after, before in zip(_frame_failures()[:2], frames[:2]))
+            if failed > reasons:  # given up without a tracer's reason: a (strict) backend raised, suppressed
+                self.div(call, "-", "error", math.inf, "a frame failed to compile and ran eagerly")
+            from kunlun_compile.capture.dynamic import untraceable_reasons
+
+            self.untraced += len(untraceable_reasons(frames[2]))
             self.compare(call, out, args)
             self.check_held(call)
             leaves = pytree.tree_leaves(out)
@@ -862,6 +871,14 @@ class _ModeRun:
                     self.div(earlier, str(i), "held", rel_error(t, v), f"changed by call {call}")
         self.held = [(c, l, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in l])
                      for c, l, _ in self.held]  # report each overwrite once
+
+
+def _frame_failures() -> Tuple[int, int, Dict[str, int]]:
+    """(frames Dynamo gave up on, reasons it recorded, the reasons), process-wide."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return frames["total"] - frames["ok"], sum(counters["unimplemented"].values()), dict(counters["unimplemented"])
 
 
 def _meta(t) -> str:
@@ -933,7 +950,9 @@ def _shared_compile(case: Case, model: nn.Module, switch: ModeSwitch):
     if case.spec.dynamic:
         from kunlun_compile.capture import with_serving_shapes
 
-        return with_serving_shapes(torch.compile(model, backend=switch, dynamic=True))
+        # as kunlun_compile.compile(dynamic=True) does for a user: a frame Dynamo cannot trace under
+        # serving shapes runs eagerly (one warning); `_ModeRun` tells those apart from backend failures
+        return with_serving_shapes(torch.compile(model, backend=switch, dynamic=True), fall_back=True)
     return torch.compile(model, backend=switch, dynamic=False)
 
 
@@ -951,7 +970,7 @@ def run_case(case: Case, modes: Sequence[str] = MODES, capture_sizes: Sequence[i
     mode on its own instead (tests swap it to plant faults)."""
     t0 = time.perf_counter()
     found: List[Divergence] = []
-    counters, graphs = {}, {}
+    counters, graphs, untraced = {}, {}, [0]
     torch._dynamo.reset()
     with _op_references(case.device), _dynamo_settings(case):
         ref = Reference(case)
@@ -968,16 +987,20 @@ def run_case(case: Case, modes: Sequence[str] = MODES, capture_sizes: Sequence[i
                 torch._dynamo.reset()
                 model = case.build()
                 compiled, be = compile_fn(model, case, mode, capture_sizes, **options)
-            found += _run_mode(case, ref, mode, compiled, model)
+            found += _run_mode(case, ref, mode, compiled, model, untraced)
             if be is not None:
                 counters[mode], graphs[mode] = _summed_counters(be)
     torch._dynamo.reset()
-    return CaseResult(case, found, time.perf_counter() - t0, counters, graphs)
+    return CaseResult(case, found, time.perf_counter() - t0, counters, graphs, untraced[0])
 
 
-def _run_mode(case: Case, ref: Reference, mode: str, compiled: Callable, model: nn.Module) -> List[Divergence]:
+def _run_mode(case: Case, ref: Reference, mode: str, compiled: Callable, model: nn.Module,
+              untraced: List[int]) -> List[Divergence]:
     try:
-        return _ModeRun(case, ref, mode, compiled, model).run()
+        run = _ModeRun(case, ref, mode, compiled, model)
+        found = run.run()
+        untraced[0] += run.untraced
+        return found
     except Exception as e:  # noqa: BLE001 - outside a call (the harness's own checks): still a finding
         return [Divergence(case.spec.seed, mode, case.schedule[0], 0, "-", "error", math.inf, _one_line(e))]
 
@@ -1018,6 +1041,8 @@ def summary(results: Sequence[CaseResult], modes: Sequence[str]) -> str:
     unreplayed = [r for r in results if not sum(c.get("replays", 0) for c in r.counters.values())]
     lines.append(f"\n{len(failing)} of {len(results)} seeds diverge; "
                  f"{len(runtime_only)} only in graph modes (mode none matches eager)")
+    lines.append("seeds with frames Dynamo could not trace under serving shapes (ran eagerly, one warning): "
+                 + (",".join(str(r.case.spec.seed) for r in results if r.untraced) or "none"))
     lines.append(f"{len(unreplayed)} seeds never replayed a capture in any mode (ran without graphs): "
                  + (",".join(str(r.case.spec.seed) for r in unreplayed) or "none"))
     lines.append("failing seeds: " + (",".join(str(r.case.spec.seed) for r in failing) or "none"))

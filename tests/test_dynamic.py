@@ -58,3 +58,37 @@ def test_serving_shapes_context_for_plain_torch_compile():
             ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-tiny"], t, generator=gen)
             torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=1e-5, atol=1e-5)
     assert len(be.report.graphs) == 1
+
+
+class BroadcastAfterBreak(torch.nn.Module):
+    """A graph break hands the rest of the forward to a frame whose inputs include a size-1 (broadcast)
+    dim: traced size-obliviously, that 1 is a symbol Dynamo cannot broadcast."""
+
+    def forward(self, x, scale):
+        h = torch.relu(x) + 1
+        torch._dynamo.graph_break()
+        return h * scale
+
+
+def test_a_frame_dynamo_cannot_trace_under_serving_shapes_runs_eagerly_with_one_warning():
+    import warnings
+
+    from kunlun_compile.utils import KunlunCompileWarning
+
+    model = BroadcastAfterBreak()
+    compiled = kc.compile(model, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in (4, 3, 6):
+            x, scale = torch.randn(b, 5, 8), torch.randn(b, 1, 8)
+            torch.testing.assert_close(compiled(x, scale), model(x, scale), rtol=0, atol=0)
+    mine = [str(w.message) for w in caught if issubclass(w.category, KunlunCompileWarning)]
+    assert len(mine) == 1 and "runs it eagerly" in mine[0] and "hint = 1" in mine[0], mine
+
+
+def test_strict_keeps_dynamos_error():
+    import pytest
+
+    compiled = kc.compile(BroadcastAfterBreak(), dynamic=True, strict=True)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match="fake tensor"):
+        compiled(torch.randn(4, 5, 8), torch.randn(4, 1, 8))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import List
 
 from .cleanup import dead_code, remove_noop_ops
+from .layouts import views_after_fused_ops
 from .fusion import fusion_passes
 from .linear_groups import group_linears
 from .lower_elementwise import lower_elementwise
@@ -24,6 +25,8 @@ def default_passes() -> List[GraphPass]:
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),
         GraphPass("lower_elementwise", "element-wise clusters -> KIR (vector/SFU instructions) -> one generated "
                   "Triton kernel each (kunlun::pointwise)", lower_elementwise),
+        GraphPass("views_after_fused_ops", "view -> reshape where a fused op's contiguous result may have changed "
+                  "the layout the view was traced against", views_after_fused_ops),
     ]
 
 
