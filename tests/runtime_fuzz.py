@@ -27,6 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from kunlun_compile.runtime.executor import SizeAssumptionBroken
+
 MODES = ("none", "piecewise", "full", "full_and_piecewise")
 CAPTURE_SIZES = (1, 2, 4, 8)
 FP32_TOL = 1e-4  # relative to the reference norm
@@ -701,7 +703,7 @@ class Divergence:
     size: int
     call: int
     output: str  # output index, "cache[i]" for a mutated input, "-" for an error
-    kind: str  # value | nan | shape | structure | held | mutation | error
+    kind: str  # value | nan | shape | structure | held | mutation | error | refused (a clear error by contract)
     error: float
     detail: str = ""
 
@@ -721,7 +723,14 @@ class CaseResult:
     untraced: int = 0  # frames Dynamo could not trace under serving shapes (they ran eagerly)
 
     def failed_modes(self) -> List[str]:
-        return sorted({d.mode for d in self.divergences}, key=MODES.index)
+        return sorted({d.mode for d in self.wrong()}, key=MODES.index)
+
+    def wrong(self) -> List[Divergence]:
+        """Divergences other than the runtime's documented refusals (a clear error, never a wrong value)."""
+        return [d for d in self.divergences if d.kind != "refused"]
+
+    def refused(self) -> bool:
+        return any(d.kind == "refused" for d in self.divergences)
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -819,6 +828,9 @@ class _ModeRun:
             try:
                 with torch.no_grad():
                     out = self.compiled(*args)
+            except SizeAssumptionBroken as e:  # the runtime's documented refusal, never a wrong result
+                self.div(call, "-", "refused", math.inf, _one_line(e))
+                break
             except Exception as e:  # noqa: BLE001 - a failing call is a finding, not a crash of the fuzzer
                 self.div(call, "-", "error", math.inf, _one_line(e))
                 break
@@ -1036,11 +1048,13 @@ def summary(results: Sequence[CaseResult], modes: Sequence[str]) -> str:
         replays = sum(c.get("replays", 0) for c in r.counters.values())
         lines.append(f"{r.case.spec.seed:>5}  " + "  ".join(cells) + f"  {r.seconds:5.1f}  {replays:>7}  "
                      f"{r.case.spec.short()}")
-    failing = [r for r in results if r.divergences]
+    failing = [r for r in results if r.wrong()]
     runtime_only = [r for r in failing if "none" not in r.failed_modes()]
     unreplayed = [r for r in results if not sum(c.get("replays", 0) for c in r.counters.values())]
     lines.append(f"\n{len(failing)} of {len(results)} seeds diverge; "
                  f"{len(runtime_only)} only in graph modes (mode none matches eager)")
+    lines.append("seeds refused with a clear error (SizeAssumptionBroken: a squeeze traced size-obliviously met "
+                 "a size of 1): " + (",".join(str(r.case.spec.seed) for r in results if r.refused()) or "none"))
     lines.append("seeds with frames Dynamo could not trace under serving shapes (ran eagerly, one warning): "
                  + (",".join(str(r.case.spec.seed) for r in results if r.untraced) or "none"))
     lines.append(f"{len(unreplayed)} seeds never replayed a capture in any mode (ran without graphs): "
@@ -1086,13 +1100,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"seed {seed}: eager reference failed\n{traceback.format_exc()}", file=sys.stderr)
             continue
         results.append(r)
-        print(f"seed {seed}: {'FAIL ' + ','.join(r.failed_modes()) if r.divergences else 'ok'} "
+        print(f"seed {seed}: {'FAIL ' + ','.join(r.failed_modes()) if r.wrong() else 'refused' if r.refused() else 'ok'} "
               f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
         if a.verbose:
             for d in r.divergences:
                 print("  " + d.line(), file=sys.stderr)
     print(summary(results, modes))
-    return 1 if any(r.divergences for r in results) else 0
+    return 1 if any(r.wrong() for r in results) else 0
 
 
 if __name__ == "__main__":

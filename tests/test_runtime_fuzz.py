@@ -44,7 +44,7 @@ def test_gpu_bf16_sweep():
     failures = []
     for seed in GPU_SEEDS:
         result = rf.run_case(rf.generate(seed, "cuda", torch.bfloat16))
-        failures += [d.line() for d in rf._first_per_mode_kind(result.divergences)]
+        failures += [d.line() for d in rf._first_per_mode_kind(result.wrong())]  # refusals are clear errors
     assert not failures, "\n".join(failures)
 
 
