@@ -79,7 +79,7 @@ def test_passes_listing():
     rows = json.loads(r.stdout)
     assert [row["name"] for row in rows] == ["remove_noop_ops", "masked_input", "attention_mask", "norm_rope_gate",
                                              "moe_gate", "moe_ffn", "add_rmsnorm", "decode_linear", "group_linears",
-                                             "dead_code", "lower_elementwise"]
+                                             "dead_code", "lower_elementwise", "views_after_fused_ops"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
     patterns = {row["name"]: row["patterns"] for row in rows}

@@ -52,4 +52,4 @@ def views_after_fused_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
             relaid.add(node)
     if changed:
         gm.recompile()
-    return PassOutcome(matches=changed, patterns={"view -> reshape": changed} if changed else {})
+    return PassOutcome(matches=changed)  # not a fusion family: no pattern counts

@@ -26,30 +26,11 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..config import ATTENTION_OPS, HOST_SYNC_OPS  # defined with the options, which are checked against them
 from .aliasing import is_view
 
 aten = torch.ops.aten
 
-# Attention ops by qualified name: the built-in models', vLLM's, and PyTorch's own.
-ATTENTION_OPS = (
-    "kunlun_models::attention",
-    "vllm::unified_attention",
-    "vllm::unified_attention_with_output",
-    "vllm::unified_mla_attention",
-    "vllm::unified_mla_attention_with_output",
-    "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_efficient_attention",
-    "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_flash_attention_forward",
-    "aten::_efficient_attention_forward",
-)
-# Ops whose result the host must see (a capture would bake in one value or fail).
-HOST_SYNC_OPS = (
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
-    "aten::_unique2", "aten::unique_consecutive", "aten::item", "aten::equal", "aten::is_nonzero",
-    "aten::repeat_interleave.Tensor", "aten::_assert_async", "aten::_assert_async.msg",
-)
 COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d", "_dtensor")
 
 
@@ -237,31 +218,16 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> Spli
         if not nodes:
             continue
         inside = set(nodes)
-        graph = fx.Graph()
-        env: Dict[fx.Node, fx.Node] = {}
-        inputs: List[fx.Node] = []
-
-        def load(n: fx.Node) -> fx.Node:
-            if n in env:
-                return env[n]
-            if n.op == "get_attr":  # constants are copied into the piece that uses them
-                env[n] = graph.get_attr(n.target)
-                env[n].meta = dict(n.meta)
-                return env[n]
-            p = graph.placeholder(n.name)
-            p.meta = dict(n.meta)
-            env[n] = p
-            inputs.append(n)
-            return p
-
+        build = _PieceBuilder()
         for n in nodes:
             for dep in n.all_input_nodes:
                 if dep not in inside:
-                    load(dep)
+                    build.load(dep)
             if n.op == "get_attr":
-                load(n)
+                build.load(n)
                 continue
-            env[n] = graph.node_copy(n, lambda a: env[a] if a in env else load(a))
+            build.copy(n)
+        graph, env, inputs = build.graph, build.env, build.inputs
         outs = [n for n in nodes if n.op != "get_attr" and used_later(n, idx)]
         graph.output(tuple(env[n] for n in outs))
         root = torch.nn.Module()
@@ -275,6 +241,32 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> Spli
                             [n.meta.get("val") for n in inputs], [n.meta.get("val") for n in outs]))
     flat = [x.name if isinstance(x, fx.Node) else x for x in graph_out_nodes]
     return SplitGraph(pieces, [n.name for n in gm.graph.find_nodes(op="placeholder")], flat)
+
+
+class _PieceBuilder:
+    """One piece's graph: nodes copied in, values from outside loaded as placeholders (constants as
+    get_attrs of their own)."""
+
+    def __init__(self):
+        self.graph = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.inputs: List[fx.Node] = []  # the outer nodes the placeholders stand for, in order
+
+    def load(self, n: fx.Node) -> fx.Node:
+        if n in self.env:
+            return self.env[n]
+        if n.op == "get_attr":  # constants are copied into the piece that uses them
+            self.env[n] = self.graph.get_attr(n.target)
+            self.env[n].meta = dict(n.meta)
+            return self.env[n]
+        p = self.graph.placeholder(n.name)
+        p.meta = dict(n.meta)
+        self.env[n] = p
+        self.inputs.append(n)
+        return p
+
+    def copy(self, n: fx.Node) -> None:
+        self.env[n] = self.graph.node_copy(n, self.load)
 
 
 def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
