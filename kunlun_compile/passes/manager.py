@@ -40,6 +40,7 @@ class GraphPass:
     name: str
     description: str
     fn: Callable[[fx.GraphModule, PassContext], PassOutcome]
+    family: bool = False  # a fusion pass: its name is a pattern family, counted in every report (0 if none)
 
 
 class PassFailure(RuntimeError):
@@ -67,6 +68,7 @@ class PassManager:
         for p in self.passes:
             before = _node_count(gm)
             record = PassRecord(p.name, p.description, before, before)
+            record.patterns = {p.name: 0} if p.family else {}
             if report is not None:
                 report.passes.append(record)
             if not ctx.config.is_enabled(p.name):
@@ -95,7 +97,7 @@ class PassManager:
                 continue
             record.time_ms = (time.perf_counter() - t0) * 1e3
             record.matches = outcome.matches
-            record.patterns = dict(outcome.patterns)
+            record.patterns.update(outcome.patterns)
             record.near_misses = list(outcome.near_misses)
             record.nodes_after = _node_count(gm)
             if keep_code:

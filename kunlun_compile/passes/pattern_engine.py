@@ -41,6 +41,7 @@ from torch.fx.passes.tools_common import legalize_graph
 
 from ..capture.decompositions import decomposition_table
 from .canonical import canonicalize
+from .manager import PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
 
 aten = torch.ops.aten
@@ -236,16 +237,6 @@ def graph_float_dtypes(gm: fx.GraphModule) -> set:
 
 # ---- running rules over a graph -----------------------------------------------------------
 
-@dataclasses.dataclass
-class FusionResult:
-    patterns: Dict[str, int] = dataclasses.field(default_factory=dict)
-    near_misses: List[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def matches(self) -> int:
-        return sum(self.patterns.values())
-
-
 def _candidates(gm: fx.GraphModule, targets) -> List[fx.Node]:
     targets = set(targets) if isinstance(targets, (list, tuple)) else {targets}
     return [n for n in reversed(gm.graph.nodes) if n.op == "call_function" and n.target in targets]
@@ -261,9 +252,9 @@ def _escaping_intermediate(m: pm.Match, outputs: Sequence[fx.Node]) -> Optional[
     return None
 
 
-def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> FusionResult:
+def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
     """Apply `rules` in order (all matches of one rule before the next); count per family."""
-    result = FusionResult()
+    result = PassOutcome()
     canonicalize(gm)
     dtypes = graph_float_dtypes(gm)
     present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
@@ -281,7 +272,7 @@ def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> FusionResult
     return result
 
 
-def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: FusionResult) -> None:
+def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> None:
     rule = c.rule
     label = f"{rule.family}/{rule.name}"
     for node in _candidates(gm, c.anchor_targets):
@@ -310,6 +301,7 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: FusionResult) -> 
         m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=trace_aten)
         _mark_replacements(uses)
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
+        result.matches += 1
 
 
 def _uses_of(outputs: Sequence[fx.Node]) -> List[Tuple[fx.Node, fx.Node, int]]:
