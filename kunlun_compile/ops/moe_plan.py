@@ -96,25 +96,30 @@ def plan_fused_moe(num_tokens: int, top_k: int, num_experts: int) -> MoePlan:
         raise ValueError(f"plan_fused_moe: bad sizes M={num_tokens}, top_k={top_k}, E={num_experts}")
     pairs = num_tokens * top_k
     if pairs <= PER_PAIR_MAX_PAIRS:
-        return MoePlan("small", pairs, "per-pair", True, 1, 8, 128, 8, 1, gemm2=(2, 128, 4))  # swept
+        return MoePlan("small", pairs, routing="per-pair", swiglu_fused=True, block_m=1, block_n=8, block_k=128,
+                       num_warps=8, num_stages=1, gemm2=(2, 128, 4))  # tiles from the kernel sweep
     if pairs < SMALL_MAX_PAIRS:
         # one program per (expert, column block, chunk of tokens); tl.dot needs >= 16 rows
         block_m = min(max(_pow2_at_least(num_tokens), 16), 64)
-        return MoePlan("small", pairs, "scan", True, block_m, 64, 128, 4, 4)
+        return MoePlan("small", pairs, routing="scan", swiglu_fused=True, block_m=block_m, block_n=64, block_k=128,
+                       num_warps=4, num_stages=4)
     if pairs <= MEDIUM_MAX_PAIRS:
-        return MoePlan("medium", pairs, "argsort", True, 16, 64, 128, 4, 4)
+        return MoePlan("medium", pairs, routing="argsort", swiglu_fused=True, block_m=16, block_n=64, block_k=128,
+                       num_warps=4, num_stages=4)
     per_expert = pairs / num_experts
     if per_expert >= 128:
-        # M=8192 sweep (benchmarks/NOTES.md v9): 1.92 ms as v2's 128x128x64 s3 on a 2-D grid; the swizzled
-        # grid, GEMM1 writing its output in sorted order and GEMM2 on 128x256 tiles 1.54; descriptors
-        # (TMA) for the weights and GEMM2's A and 4 stages 1.48 (group 4/8/16 within noise)
-        # experts' last rows in 64-row units: 1.505 -> 1.458 ms (v12, same run; GROUP_M 4/8/16 alike)
-        return MoePlan("large", pairs, "block-histogram", True, 128, 128, 64, 8, 4, gemm2=(256, 64, 8), group_m=8,
-                       sorted_act=True, tma=True, tail_m=64)
-    if per_expert >= 32:  # M=1024 (64 per expert): 0.582 ms as v2's plan, 0.512 with v9's options and 4 stages
-        return MoePlan("large", pairs, "block-histogram", True, 64, 128, 64, 8, 4, group_m=8, sorted_act=True,
-                       tma=True)
-    return MoePlan("large", pairs, "block-histogram", True, 16, 64, 128, 4, 4)
+        # many rows per expert: the GEMMs are compute-bound, so big tiles, a swizzled grid (neighbouring
+        # blocks share weight tiles in L2), GEMM1 writing in sorted order (GEMM2 reads it contiguously),
+        # TMA for the weights, and experts' last rows in 64-row units (less padding than 128-row blocks);
+        # measured step by step in benchmarks/NOTES.md (v9, v12)
+        return MoePlan("large", pairs, routing="block-histogram", swiglu_fused=True, block_m=128, block_n=128,
+                       block_k=64, num_warps=8, num_stages=4, gemm2=(256, 64, 8), group_m=8, sorted_act=True,
+                       tma=True, tail_m=64)
+    if per_expert >= 32:  # the same options on 64-row blocks (benchmarks/NOTES.md v9)
+        return MoePlan("large", pairs, routing="block-histogram", swiglu_fused=True, block_m=64, block_n=128,
+                       block_k=64, num_warps=8, num_stages=4, group_m=8, sorted_act=True, tma=True)
+    return MoePlan("large", pairs, routing="block-histogram", swiglu_fused=True, block_m=16, block_n=64, block_k=128,
+                   num_warps=4, num_stages=4)
 
 
 # Hopper has 227 KB of shared memory per block; keep a margin for the epilogue's scratch.
