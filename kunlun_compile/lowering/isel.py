@@ -206,16 +206,19 @@ def _div(b, args, kwargs, out):
     return b.div(x, y)
 
 
-def _compare(op: str):
-    """Compare in the operands' common dtype, as torch does: a Python scalar is first rounded to it
-    (`bf16 > 0.3` compares with bf16(0.3)); two values of that dtype then compare exactly in opmath."""
-    def rule(b, args, kwargs, out, operand_dtype: torch.dtype = torch.float32):
+class _Compare:
+    """A comparison rule.  Compares in the operands' common dtype, as torch does: a Python scalar is first
+    rounded to it (`bf16 > 0.3` compares with bf16(0.3)); two values of that dtype then compare exactly in
+    opmath.  The only kind of rule told the operands' dtype (instruction selection checks the type)."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def __call__(self, b, args, kwargs, out, operand_dtype: torch.dtype = torch.float32):
         comp = opmath(operand_dtype)
         x, y = (b.cast(a, comp) if isinstance(a, Value) else b.const(_rounded(a, operand_dtype), comp)
                 for a in args[:2])
-        return b.vec(op, x, y)
-    rule.needs_operand_dtype = True
-    return rule
+        return b.vec(self.op, x, y)
 
 
 def _rounded(value: Any, dtype: torch.dtype) -> Any:
@@ -404,8 +407,8 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.pow: _pow, aten.relu: _relu, aten.leaky_relu: _leaky_relu,
     aten.clamp: _clamp("both"), aten.clamp_min: _clamp("min"), aten.clamp_max: _clamp("max"),
     aten.where: _where, aten.masked_fill: _masked_fill,
-    aten.eq: _compare("eq"), aten.ne: _compare("ne"), aten.lt: _compare("lt"), aten.le: _compare("le"),
-    aten.gt: _compare("gt"), aten.ge: _compare("ge"),
+    aten.eq: _Compare("eq"), aten.ne: _Compare("ne"), aten.lt: _Compare("lt"), aten.le: _Compare("le"),
+    aten.gt: _Compare("gt"), aten.ge: _Compare("ge"),
     aten.logical_and: _logical("and"), aten.logical_or: _logical("or"), aten.logical_xor: _logical("xor"),
     aten.logical_not: _logical("not"),
     aten.bitwise_and: _bitwise("and"), aten.bitwise_or: _bitwise("or"), aten.bitwise_xor: _bitwise("xor"),
@@ -519,7 +522,7 @@ def lower_cluster(spec: ClusterSpec, target: Target, policy: Policy) -> KernelIR
         args = [value_of_arg(a) for a in node.args]
         kwargs = {k: value_of_arg(v) for k, v in node.kwargs.items()}
         b.result_dtype = out
-        if getattr(rule, "needs_operand_dtype", False):
+        if isinstance(rule, _Compare):
             operand_dtype = torch.result_type(*[_dummy(a) for a in node.args[:2]])
             v = rule(b, args, kwargs, out, operand_dtype=operand_dtype)
         else:
