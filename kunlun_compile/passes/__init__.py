@@ -16,9 +16,8 @@ from .manager import GraphPass, PassContext, PassFailure, PassManager, PassOutco
 
 def default_passes() -> List[GraphPass]:
     return [
-        GraphPass("remove_noop_ops", "merge duplicate splits; drop views to the same shape, detach, identity permutes/slices and "
-                  "same-dtype copies",
-                  remove_noop_ops),
+        GraphPass("remove_noop_ops", "merge duplicate splits; drop views to the same shape, detach, identity "
+                  "permutes/slices and same-dtype copies", remove_noop_ops),
         *fusion_passes(),
         GraphPass("group_linears", "kunlun::linear calls on one input (no bias) -> one kunlun::linear_group launch",
                   group_linears),

@@ -326,6 +326,6 @@ def _match_outputs(m: pm.Match) -> List[fx.Node]:
     return [o for o in outs if o is not None]
 
 
-def _note(result: FusionResult, line: str) -> None:
+def _note(result: PassOutcome, line: str) -> None:
     if line not in result.near_misses:
         result.near_misses.append(line)

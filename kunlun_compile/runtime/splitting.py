@@ -231,9 +231,9 @@ def split_graph(gm: fx.GraphModule, reasons: Dict[fx.Node, SplitReason]) -> Spli
         outs = [n for n in nodes if n.op != "get_attr" and used_later(n, idx)]
         graph.output(tuple(env[n] for n in outs))
         root = torch.nn.Module()
-        for n in nodes + [d for n in nodes for d in n.all_input_nodes]:
-            if n.op == "get_attr":
-                _copy_attr(gm, root, n.target)
+        for used in nodes + [dep for node in nodes for dep in node.all_input_nodes]:
+            if used.op == "get_attr":
+                _copy_attr(gm, root, used.target)
         piece_gm = fx.GraphModule(root, graph, f"piece_{idx}")
         eager_reason = next((str(reasons[n]) for n in nodes if n in reasons), None)
         pieces.append(Piece(len(pieces), "eager" if eager_reason else "graph", eager_reason or "",
