@@ -66,7 +66,8 @@ def parting(model, want, got) -> dict:
         logits = model(want[:, :i]).logits[0, -1].float()
     top = logits[want[0, i]]
     ulp = torch.finfo(torch.bfloat16).eps * max(abs(float(top)), 1e-3)
-    return {"parts_at": i, "eager_gap": float(top - logits[got[0, i]]), "eager_gap_ulps": float(top - logits[got[0, i]]) / ulp}
+    gap = float(top - logits[got[0, i]])
+    return {"parts_at": i, "eager_gap": gap, "eager_gap_ulps": gap / ulp}
 
 
 def main():
@@ -115,8 +116,10 @@ def main():
     with open(os.path.join(out_dir, "hf_generate.json"), "w") as f:
         json.dump(result, f, indent=1)
     for r in rows:
-        print(f"{r['model']:10s} {r['cache']:8s} eager {r['eager_s']:.3f} s | inductor {r.get('inductor_s', float('nan')):.3f}"
-              f" | kunlun {r.get('kunlun_s', float('nan')):.3f} s (new tokens = eager: {r.get('kunlun_new_tokens_equal_eager')});"
+        nan = float("nan")
+        print(f"{r['model']:10s} {r['cache']:8s} eager {r['eager_s']:.3f} s | inductor {r.get('inductor_s', nan):.3f}"
+              f" | kunlun {r.get('kunlun_s', nan):.3f} s "
+              f"(new tokens = eager: {r.get('kunlun_new_tokens_equal_eager')});"
               f" parting inductor {r.get('inductor_parting')} kunlun {r.get('kunlun_parting')}")
 
 

@@ -4,7 +4,8 @@ usage: python3 benchmarks/bench_ops.py [OUT_DIR] [section,...]   -> ops.json, op
 sections: add_rmsnorm, masked_input, prologue, moe_gate, fused_moe, attention_mask (default: all)
 Floor = bytes that must move (each input read once, each output written once) at the measured
 device-copy bandwidth, or for the MoE GEMMs the larger of that and the flops at the bf16 matmul rate
-measured just before and after that row (the rate falls as the GPU warms under load).  Times are medians of triton.testing.do_bench (CUDA events).
+measured just before and after that row (the rate falls as the GPU warms under load).  Times are medians of
+triton.testing.do_bench (CUDA events).
 """
 import json
 import os
@@ -28,9 +29,11 @@ def bench(fn):
 
 def kernels(fn):
     from torch.profiler import ProfilerActivity, profile
-    fn(); torch.cuda.synchronize()
+    fn()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as p:
-        fn(); torch.cuda.synchronize()
+        fn()
+        torch.cuda.synchronize()
     return sum(1 for e in p.events() if e.device_type.name == "CUDA")
 
 
@@ -52,7 +55,8 @@ def graph_ms(fn):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            fn(); fn()
+            fn()
+            fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -294,10 +298,14 @@ def plot(rows, path):
             ax.plot(xs, ys, marker="o", fillstyle="full" if graph else "none",
                     label=label + ("" if graph else " (per call)"))
         ax.plot(xs, [r["floor_ms"] for r in rs], marker="o", label="floor")
-        ax.set_xscale("log"); ax.set_yscale("log"); ax.set_title(op, fontsize=9)
-        ax.set_xlabel("tokens (T or M)"); ax.set_ylabel("ms (graph replay)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(op, fontsize=9)
+        ax.set_xlabel("tokens (T or M)")
+        ax.set_ylabel("ms (graph replay)")
         ax.legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -318,7 +326,8 @@ def main():
     print(f"{'op':<26}{'size':>8}{'eager':>9}{'induct':>9}{'kunlun':>9} |{'eager':>8}{'induct':>8}{'kunlun':>8}"
           f"{'floor':>9}{'%fl':>5}  kernels e/i/k")
     for r in result["rows"]:
-        g = {k: (f"{r[k + '_graph_ms']:>8.4f}" if r[k + "_graph_ms"] else f"{'-':>8}") for k in ("eager", "inductor", "kunlun")}
+        g = {k: (f"{r[k + '_graph_ms']:>8.4f}" if r[k + "_graph_ms"] else f"{'-':>8}")
+             for k in ("eager", "inductor", "kunlun")}
         frac = r.get("kunlun_graph_frac_of_bw", r["kunlun_frac_of_bw"])
         print(f"{r['op']:<26}{r['size']:>8}{r['eager_ms']:>9.4f}{r['inductor_ms']:>9.4f}{r['kunlun_ms']:>9.4f} |"
               f"{g['eager']}{g['inductor']}{g['kunlun']}{r['floor_ms']:>9.4f}{100 * frac:>4.0f}%  "

@@ -12,6 +12,7 @@ the share of outputs not bit-equal to eager.  Floor: bytes moved / copy bandwidt
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -83,19 +84,22 @@ def main(out_dir):
                 got = f(*args)
                 got = got if isinstance(got, tuple) else (got,)
                 r[f"{label}_not_bit_equal"] = sum((g != w).float().mean().item() for g, w in zip(got, want)) / len(got)
-                r[f"{label}_max_rel"] = max(((g.float() - w.float()).abs() / w.float().abs().clamp_min(1e-3)).max().item()
-                                            for g, w in zip(got, want))
-                call = (lambda f=f: f(*args))
+                r[f"{label}_max_rel"] = max(
+                    ((g.float() - w.float()).abs() / w.float().abs().clamp_min(1e-3)).max().item()
+                    for g, w in zip(got, want))
+                call = functools.partial(f, *args)
                 r[f"{label}_ms"] = bench(call)
                 r[f"{label}_graph_ms"] = graph_ms(call)
                 r[f"{label}_kernels"] = kernels(call)
             r["kunlun_vs_inductor_graph"] = r["kunlun_graph_ms"] / r["inductor_graph_ms"]
             r["kunlun_frac_of_bw"] = r["floor_ms"] / r["kunlun_graph_ms"]
             rows.append(r)
-            print(f"{name:<15} T={T:<5} floor {r['floor_ms']*1e3:7.1f}us | graph us: eager {r['eager_graph_ms']*1e3:7.1f} "
-                  f"({r['eager_kernels']} k)  inductor {r['inductor_graph_ms']*1e3:7.1f} ({r['inductor_kernels']} k)  "
-                  f"kunlun {r['kunlun_graph_ms']*1e3:7.1f} ({r['kunlun_kernels']} k)  fast {r['kunlun_fast_math_graph_ms']*1e3:7.1f}"
-                  f" | kunlun/inductor {r['kunlun_vs_inductor_graph']:.2f}  bw {r['kunlun_frac_of_bw']:.0%} | not bit-equal: "
+            us = {k: r[f"{k}_graph_ms"] * 1e3 for k in ("eager", "inductor", "kunlun", "kunlun_fast_math")}
+            print(f"{name:<15} T={T:<5} floor {r['floor_ms']*1e3:7.1f}us | graph us: eager {us['eager']:7.1f} "
+                  f"({r['eager_kernels']} k)  inductor {us['inductor']:7.1f} ({r['inductor_kernels']} k)  "
+                  f"kunlun {us['kunlun']:7.1f} ({r['kunlun_kernels']} k)  fast {us['kunlun_fast_math']:7.1f}"
+                  f" | kunlun/inductor {r['kunlun_vs_inductor_graph']:.2f}  bw {r['kunlun_frac_of_bw']:.0%} | "
+                  "not bit-equal: "
                   f"inductor {r['inductor_not_bit_equal']:.1%} kunlun {r['kunlun_not_bit_equal']:.1%} "
                   f"fast {r['kunlun_fast_math_not_bit_equal']:.1%}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

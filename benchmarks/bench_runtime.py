@@ -28,7 +28,8 @@ from kunlun_compile.models import BUILTIN_CONFIGS, build_model, make_inputs
 SIZES = dict(num_hidden_layers=4, vocab_size=4096, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
              intermediate_size=6144, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=768,
              max_position_embeddings=4096)
-MODELS = {"qwen3-moe-tiny": {}, "qwen3-next-tiny": dict(head_dim=256, rotary_dim=64, shared_expert_intermediate_size=768)}
+MODELS = {"qwen3-moe-tiny": {},
+          "qwen3-next-tiny": dict(head_dim=256, rotary_dim=64, shared_expert_intermediate_size=768)}
 BATCHES = tuple(int(b) for b in os.environ.get("BENCH_BATCHES", "1,16,64").split(","))  # a subset: quick checks
 KUNLUN_MODES = ("none", "piecewise", "full", "full_and_piecewise")
 

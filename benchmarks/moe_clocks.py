@@ -120,7 +120,8 @@ def main():
         print(f"{p['phase']:<46} {p['ms_per_call']:.4f} ms/call  SM {p.get('sm_clock_mhz_median', '-')} MHz  "
               f"{p.get('power_w_median', '-')} W  {p.get('temperature_c_max', '-')} C  ({p['samples']} samples)")
     print(f"matmul {result['matmul_TFLOPs']:.0f} TFLOP/s -> floor {result['moe_floor_ms']:.4f} ms; replay "
-          f"{phases[1]['ms_per_call'] / result['moe_floor_ms']:.2f}x, spaced {phases[2]['ms_per_call'] / result['moe_floor_ms']:.2f}x")
+          f"{phases[1]['ms_per_call'] / result['moe_floor_ms']:.2f}x, "
+          f"spaced {phases[2]['ms_per_call'] / result['moe_floor_ms']:.2f}x")
     for r in rounds:
         print(f"do_bench round: matmul {2 * 8192 ** 3 / r['matmul_ms'] / 1e9:.0f} TFLOP/s, op {r['moe_ms']:.4f} ms "
               f"-> {r['ratio']:.3f}x the floor")

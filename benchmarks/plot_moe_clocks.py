@@ -2,9 +2,10 @@
 
 usage: python3 benchmarks/plot_moe_clocks.py   -> benchmarks/results/moe_clocks_h100.png
 Left: SM clock and power of the floor's matmul and of the op, back to back (700 W cap) and spaced out
-(`moe_clocks.py`, three runs; the spaced phase's power is mostly the idle time between calls).  Right: the op's time over the floor — with the matmul rate taken in the
-same state as the op (alternating do_bench rounds: each round's ratio; back to back), and with the rate
-measured once at the start of the run, as the anchors did (bench_ops v13's first measurement).
+(`moe_clocks.py`, three runs; the spaced phase's power is mostly the idle time between calls).  Right: the op's
+time over the floor — with the matmul rate taken in the same state as the op (alternating do_bench rounds:
+each round's ratio; back to back), and with the rate measured once at the start of the run, as the anchors
+did (bench_ops v13's first measurement).
 """
 import json
 import os

@@ -103,7 +103,8 @@ def measure(got: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> dict:
     err = (got.double() - ref64).abs()[ok] / ulp(ref64[ok], dtype)
     bad = (~torch.isfinite(got.double()[ok])).sum().item()
     return {"max_ulp": round(err.max().item(), 3), "mean_ulp": round(err.mean().item(), 4),
-            "p99_ulp": round(torch.quantile(err[: 1 << 20].float(), 0.99).item(), 3) if err.numel() else 0.0, "nonfinite": bad}
+            "p99_ulp": round(torch.quantile(err[: 1 << 20].float(), 0.99).item(), 3) if err.numel() else 0.0,
+            "nonfinite": bad}
 
 
 def main(out_dir: str) -> None:
@@ -118,7 +119,8 @@ def main(out_dir: str) -> None:
                 x = x[torch.isfinite(x)]
             xd = x.to(dev)
             ref = ref_fn(x.double())
-            row = {"function": name, "dtype": str(dtype).replace("torch.", ""), "eager": measure(eager_fn(xd).cpu(), ref, dtype)}
+            row = {"function": name, "dtype": str(dtype).replace("torch.", ""),
+                   "eager": measure(eager_fn(xd).cpu(), ref, dtype)}
             for form in ("precise", "approx"):
                 kir = _build(body, form, dtype)
                 got = kernel_for(register(kir))([xd], list(xd.shape))[0]
@@ -128,7 +130,8 @@ def main(out_dir: str) -> None:
             print(f"{name:<24} {row['dtype']:<9} eager max {row['eager']['max_ulp']:>8}  precise max "
                   f"{row['precise']['max_ulp']:>8}  approx max {row['approx']['max_ulp']:>8}  "
                   f"(approx mean {row['approx']['mean_ulp']})", flush=True)
-    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__, "triton": triton.__version__,
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)",
+              "torch": torch.__version__, "triton": triton.__version__,
               "inputs_per_function": N, "rows": rows}
     path = os.path.join(out_dir, "sfu_ulp_h100.json" if "H100" in result["device"] else "sfu_ulp.json")
     with open(path, "w") as f:

@@ -1,6 +1,7 @@
 """Tile / launch sweeps for the kernels whose targets are not met yet (GPU).  Prints a table, writes JSON.
 
-usage: python3 benchmarks/sweep_kernels.py [OUT_DIR] [prologue,moe,moe_tails,moe_occupancy,moe_mid,moe_decode,linear,gated_linear]
+usage: python3 benchmarks/sweep_kernels.py [OUT_DIR]
+           [prologue,moe,moe_tails,moe_occupancy,moe_mid,moe_decode,linear,gated_linear]
 Each variant is checked against the reference before it is timed.
 """
 import json
@@ -266,8 +267,9 @@ def moe_decode_sweep():
                     p = replace(pp, block_n=bn, block_k=bk, num_warps=w)
                     times[label(p)] = (run(label(p), p), p)
                 g1 = min((v for lab, v in times.items() if lab != "scan"), key=lambda v: v[0])[1]
-                for bn, bk, w in [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024) for w in (2, 4, 8)
-                                  if bn * bk <= 512 * w]:  # the [k=8, BN, BK] fp32 tile within ~128 registers
+                # the [k=8, BN, BK] fp32 tile within ~128 registers
+                for bn, bk, w in [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (64, 128, 256, 512, 1024)
+                                  for w in (2, 4, 8) if bn * bk <= 512 * w]:
                     p = replace(g1, gemm2=(bn, bk, w))
                     times[label(p)] = (run(label(p), p), p)
                 top = sorted((v for lab, v in times.items() if lab != "scan"), key=lambda v: v[0])[:4]
@@ -366,7 +368,8 @@ def linear_sweep():
                     "ms": t, "err": err, "floor_ms": floor, "cublas_ms": cublas, "default": p == base}
             best = min(times, key=lambda v: v[0])
             print(f"N={N} K={K} M={M}: floor {floor * 1e3:.1f} us | cuBLAS {cublas * 1e3:.1f} | default "
-                  f"{times[0][0] * 1e3:.1f} ({base.block_n}x{base.block_k}w{base.num_warps}) | best {best[0] * 1e3:.1f} "
+                  f"{times[0][0] * 1e3:.1f} ({base.block_n}x{base.block_k}w{base.num_warps}) | "
+                  f"best {best[0] * 1e3:.1f} "
                   f"({best[1].block_n}x{best[1].block_k}w{best[1].num_warps})", flush=True)
     return res
 
@@ -406,7 +409,7 @@ def gated_linear_sweep():
                     t = timed(lambda w: gated_linear.triton_impl(x, gate, w, act, rg, r, plan=p)) if err < 8e-3 \
                         else float("inf")
                     rows.append((f"gated {bn}x{p.block_k}w{nw}" + (" (default)" if p == base else ""), p, t))
-        for label, p, t in rows:
+        for label, _plan, t in rows:
             res[f"gated N={N} K={K} {act}{' +epilogue' if epi else ''} {label}"] = {"ms": t}
         best = min(rows[1:], key=lambda v: v[2])
         default = next(t for label, _, t in rows if "(default)" in label)

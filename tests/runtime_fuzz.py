@@ -610,7 +610,8 @@ def _op_features(log: _CallLog, model: FuzzModel, args) -> set:
     if "rsqrt" in n and "pow" in n:  # gemma reads its weight in float32 for 1 + w
         gemma = any(log.given("float", m.weight) for m in model.modules() if isinstance(m, Norm))
         f.add("norm_gemma" if gemma else "norm_rms_manual")
-    f |= {"ffn_swiglu"} if any(isinstance(m, Ffn) and m.kind == "swiglu" for m in model.modules()) and "silu" in n else set()
+    swiglu = any(isinstance(m, Ffn) and m.kind == "swiglu" for m in model.modules())
+    f |= {"ffn_swiglu"} if swiglu and "silu" in n else set()
     f |= {"ffn_linear"} if "gelu" in n else set()
     attn = next((m for m in model.modules() if isinstance(m, Attention)), None)
     if attn is not None:
@@ -881,8 +882,8 @@ class _ModeRun:
             for i, (t, v) in enumerate(zip(leaves, then)):
                 if isinstance(t, torch.Tensor) and not torch.equal(t, v):
                     self.div(earlier, str(i), "held", rel_error(t, v), f"changed by call {call}")
-        self.held = [(c, l, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in l])
-                     for c, l, _ in self.held]  # report each overwrite once
+        self.held = [(c, leaves, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves])
+                     for c, leaves, _ in self.held]  # report each overwrite once
 
 
 def _frame_failures() -> Tuple[int, int, Dict[str, int]]:
@@ -940,7 +941,8 @@ class ModeSwitch:
         from kunlun_compile.capture import to_aten_inference
 
         first = next(iter(self.backends.values()))
-        if not (hasattr(first, "_compile_aten") and hasattr(first, "_ids")):  # the backend changed shape: share Dynamo's trace only
+        # the backend changed shape: share Dynamo's trace only
+        if not (hasattr(first, "_compile_aten") and hasattr(first, "_ids")):
             runs = {m: be(gm, example_inputs) for m, be in self.backends.items()}
             return self._dispatch(runs)
         return to_aten_inference(gm, example_inputs, self._compile_aten)
@@ -1100,7 +1102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"seed {seed}: eager reference failed\n{traceback.format_exc()}", file=sys.stderr)
             continue
         results.append(r)
-        print(f"seed {seed}: {'FAIL ' + ','.join(r.failed_modes()) if r.wrong() else 'refused' if r.refused() else 'ok'} "
+        verdict = "FAIL " + ",".join(r.failed_modes()) if r.wrong() else "refused" if r.refused() else "ok"
+        print(f"seed {seed}: {verdict} "
               f"({r.seconds:.1f} s)", file=sys.stderr, flush=True)
         if a.verbose:
             for d in r.divergences:

@@ -51,7 +51,7 @@ class _Calls:
 
     def finish(self) -> None:
         overwritten = [label for label, t, then in self.held if not torch.equal(t, then)]
-        assert not self.errors, "beyond tolerance: " + ", ".join(f"{l} rel_err {e:.3e}" for l, e in self.errors)
+        assert not self.errors, "beyond tolerance: " + ", ".join(f"{where} rel_err {e:.3e}" for where, e in self.errors)
         assert not overwritten, f"outputs changed by later calls: {overwritten}"
 
 
