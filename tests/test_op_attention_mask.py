@@ -59,6 +59,7 @@ def test_matches_the_model_mask(path, window):
 
 
 def test_bad_args_and_opcheck():
+    gen = seeded("mask-bad-args")
     op = torch.ops.kunlun.attention_mask
     p = torch.arange(5)
     with pytest.raises(ValueError, match="positions must be"):
@@ -71,5 +72,5 @@ def test_bad_args_and_opcheck():
         op(p, p, None, True, -1, torch.bool, 0.0)
     with pytest.raises(ValueError, match="dtype"):
         op(p, p, None, True, 0, torch.int32, 0.0)
-    torch.library.opcheck(op.default, (p, p, torch.rand(5) > 0.5, True, 2, torch.float32, -1e4))
+    torch.library.opcheck(op.default, (p, p, torch.rand(5, generator=gen) > 0.5, True, 2, torch.float32, -1e4))
     torch.library.opcheck(op.default, (p[None], p[None], None, True, 0, torch.bool, 0.0))

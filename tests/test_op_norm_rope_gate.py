@@ -115,23 +115,24 @@ def test_matches_the_modules_it_replaces(dtype, gemma):
 
 
 def test_bad_args():
-    qkv = torch.randn(3, (4 + 2) * 16)
+    gen = seeded("nrg-bad-args")
+    qkv = torch.randn(3, (4 + 2) * 16, generator=gen)
     pos = torch.arange(3)
-    cache = torch.randn(8, 8)
-    w = torch.randn(16)
+    cache = torch.randn(8, 8, generator=gen)
+    w = torch.randn(16, generator=gen)
     op = torch.ops.kunlun.split_norm_rope_gate
     with pytest.raises(ValueError, match="rotary_dim must be even"):
-        op(qkv, w, w, torch.randn(8, 7), pos, 4, 1, 16, 7, 1e-6, 0.0, False, True)
+        op(qkv, w, w, torch.randn(8, 7, generator=gen), pos, 4, 1, 16, 7, 1e-6, 0.0, False, True)
     with pytest.raises(ValueError, match="rotary_dim must be even"):
-        op(qkv, w, w, torch.randn(8, 18), pos, 4, 1, 16, 18, 1e-6, 0.0, False, True)
+        op(qkv, w, w, torch.randn(8, 18, generator=gen), pos, 4, 1, 16, 18, 1e-6, 0.0, False, True)
     with pytest.raises(ValueError, match="columns"):
         op(qkv, w, w, cache, pos, 4, 1, 16, 8, 1e-6, 0.0, True, True)
     with pytest.raises(ValueError, match="q_weight must be"):
-        op(qkv, torch.randn(8), w, cache, pos, 4, 1, 16, 8, 1e-6, 0.0, False, True)
+        op(qkv, torch.randn(8, generator=gen), w, cache, pos, 4, 1, 16, 8, 1e-6, 0.0, False, True)
     with pytest.raises(ValueError, match="positions"):
         op(qkv, w, w, cache, torch.arange(4), 4, 1, 16, 8, 1e-6, 0.0, False, True)
     with pytest.raises(ValueError, match="cos_sin_cache"):
-        op(qkv, w, w, torch.randn(8, 4), pos, 4, 1, 16, 8, 1e-6, 0.0, False, True)
+        op(qkv, w, w, torch.randn(8, 4, generator=gen), pos, 4, 1, 16, 8, 1e-6, 0.0, False, True)
     with pytest.raises(ValueError, match="both"):
         op(qkv, w, None, cache, pos, 4, 1, 16, 8, 1e-6, 0.0, False, True)
 

@@ -6,7 +6,7 @@ import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
 from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable
 
 from .conftest import rel_err
-from .op_helpers import DTYPE_TOL, DTYPES, PATHS, assert_same_rounding, needs_interpreter
+from .op_helpers import DTYPE_TOL, DTYPES, PATHS, assert_same_rounding, needs_interpreter, seeded
 
 
 def _add_rmsnorm_inputs(rows, cols, dtype, gen):
@@ -26,7 +26,7 @@ def _add_rmsnorm_float64(x, r, w, eps, offset):
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("shape", [(7, 64), (3, 5, 100), (1, 2048)])
 def test_fused_add_rmsnorm(path, dtype, offset, shape):
-    gen = torch.Generator().manual_seed(hash((path, str(dtype), offset, shape)) % 2**31)
+    gen = seeded(path, dtype, offset, shape)
     x = torch.randn(*shape, generator=gen).to(dtype)
     r = torch.randn(*shape, generator=gen).to(dtype)
     w = (offset == 0) + 0.3 * torch.randn(shape[-1], generator=gen)
@@ -48,7 +48,7 @@ def test_fused_add_rmsnorm(path, dtype, offset, shape):
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("shape", [(7, 64), (3, 5, 100)])
 def test_rms_norm_without_residual(path, dtype, offset, shape):
-    gen = torch.Generator().manual_seed(hash(("lone", path, str(dtype), offset, shape)) % 2**31)
+    gen = seeded("lone", path, dtype, offset, shape)
     x = torch.randn(*shape, generator=gen).to(dtype)
     w = ((offset == 0) + 0.3 * torch.randn(shape[-1], generator=gen)).to(dtype)
     with cpu_kernels(path == "triton"):
@@ -98,27 +98,29 @@ def test_fused_add_rmsnorm_sum_in_dtype_matches_hf_bf16():
 
 
 def test_fused_add_rmsnorm_bad_args():
-    x = torch.randn(4, 8)
+    gen = seeded("add-rmsnorm-bad-args")
+    x, w = torch.randn(4, 8, generator=gen), torch.randn(8, generator=gen)
     with pytest.raises(ValueError, match="differ"):
-        torch.ops.kunlun.fused_add_rmsnorm(x, torch.randn(4, 9), torch.randn(8), 1e-6, 0.0)
+        torch.ops.kunlun.fused_add_rmsnorm(x, torch.randn(4, 9, generator=gen), w, 1e-6, 0.0)
     with pytest.raises(ValueError, match="weight"):
-        torch.ops.kunlun.fused_add_rmsnorm(x, x, torch.randn(9), 1e-6, 0.0)
+        torch.ops.kunlun.fused_add_rmsnorm(x, x, torch.randn(9, generator=gen), 1e-6, 0.0)
     with pytest.raises(ValueError, match="dtype"):
-        torch.ops.kunlun.fused_add_rmsnorm(x, x.double(), torch.randn(8), 1e-6, 0.0)
+        torch.ops.kunlun.fused_add_rmsnorm(x, x.double(), w, 1e-6, 0.0)
     with pytest.raises(ValueError, match="eps"):
-        torch.ops.kunlun.fused_add_rmsnorm(x, x, torch.randn(8), 0.0, 0.0)
+        torch.ops.kunlun.fused_add_rmsnorm(x, x, w, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_add_rmsnorm_opcheck(path):
-    x, r = torch.randn(5, 32), torch.randn(5, 32)
+    gen = seeded("add-rmsnorm-opcheck", path)
+    x, r = torch.randn(5, 32, generator=gen), torch.randn(5, 32, generator=gen)
     with cpu_kernels(path == "triton"):
-        _opcheck_add_rmsnorm(x, r)
+        _opcheck_add_rmsnorm(x, r, gen)
 
 
-def _opcheck_add_rmsnorm(x, r):
-    torch.library.opcheck(torch.ops.kunlun.fused_add_rmsnorm.default, (x, r, torch.randn(32), 1e-5, 0.0))
-    torch.library.opcheck(torch.ops.kunlun.fused_add_rmsnorm.default, (x, r, torch.randn(32), 1e-5, 1.0))
+def _opcheck_add_rmsnorm(x, r, gen):
+    torch.library.opcheck(torch.ops.kunlun.fused_add_rmsnorm.default, (x, r, torch.randn(32, generator=gen), 1e-5, 0.0))
+    torch.library.opcheck(torch.ops.kunlun.fused_add_rmsnorm.default, (x, r, torch.randn(32, generator=gen), 1e-5, 1.0))
 
 
 # ---- masked_input -----------------------------------------------------------------------------------
@@ -136,11 +138,14 @@ def _masked_input_python(ids, s, e, pad, a_s, a_e):
     out, inv = [], []
     for t in ids.tolist():
         if s <= t < e:
-            out.append(t - s); inv.append(False)
+            out.append(t - s)
+            inv.append(False)
         elif a_s <= t < a_e:
-            out.append(t - a_s + (e - s) + pad); inv.append(False)
+            out.append(t - a_s + (e - s) + pad)
+            inv.append(False)
         else:
-            out.append(0); inv.append(True)
+            out.append(0)
+            inv.append(True)
     return torch.tensor(out, dtype=torch.int64), torch.tensor(inv)
 
 
@@ -148,7 +153,7 @@ def _masked_input_python(ids, s, e, pad, a_s, a_e):
 @pytest.mark.parametrize("case", MASK_CASES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_masked_input(path, case, dtype):
-    gen = torch.Generator().manual_seed(sum(case))
+    gen = seeded("masked", path, case, dtype)
     ids = torch.randint(0, 4100, (2500,), generator=gen).to(dtype)
     want, want_inv = _masked_input_python(ids, *case)
     with cpu_kernels(path == "triton"):
@@ -162,7 +167,7 @@ def test_masked_input(path, case, dtype):
 def test_masked_input_matches_vllm_formulation_2d():
     from kunlun_compile.models.layers import get_masked_input_and_mask
 
-    ids = torch.randint(0, 5000, (3, 77))
+    ids = torch.randint(0, 5000, (3, 77), generator=seeded("masked-2d"))
     want = get_masked_input_and_mask(ids, 1000, 2000, 8, 4000, 4010)
     with cpu_kernels(True):
         got = torch.ops.kunlun.masked_input(ids, 1000, 2000, 8, 4000, 4010)
@@ -180,7 +185,8 @@ def test_the_test_process_interprets_triton():
 
 def test_masked_input_bad_args_and_opcheck():
     with pytest.raises(ValueError, match="int32 or int64"):
-        torch.ops.kunlun.masked_input(torch.randn(4), 0, 10, 0, 10, 10)
+        torch.ops.kunlun.masked_input(torch.ones(4), 0, 10, 0, 10, 10)
     with pytest.raises(ValueError, match="bad vocab ranges"):
         torch.ops.kunlun.masked_input(torch.arange(4), 10, 0, 0, 10, 10)
-    torch.library.opcheck(torch.ops.kunlun.masked_input.default, (torch.randint(0, 50, (40,)), 10, 20, 0, 40, 45))
+    ids = torch.randint(0, 50, (40,), generator=seeded("masked-opcheck"))
+    torch.library.opcheck(torch.ops.kunlun.masked_input.default, (ids, 10, 20, 0, 40, 45))

@@ -97,19 +97,20 @@ def test_matches_hf_modules(dtype, norm):
 
 
 def test_bad_args():
-    q, k, w = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(16)
-    cos = sin = torch.randn(3, 16)
+    gen = seeded("qk-bad-args")
+    q, k, w = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen), torch.randn(16, generator=gen)
+    cos = sin = torch.randn(3, 16, generator=gen)
     op = torch.ops.kunlun.qk_norm_rope
     with pytest.raises(ValueError, match="tokens, heads, head_dim"):
         op(q[0], k, w, w, cos, sin, 1e-6, 0.0, True)
     with pytest.raises(ValueError, match="must share"):
-        op(q, torch.randn(3, 2, 8), w, w, cos, sin, 1e-6, 0.0, True)
+        op(q, torch.randn(3, 2, 8, generator=gen), w, w, cos, sin, 1e-6, 0.0, True)
     with pytest.raises(ValueError, match="cos and sin"):
-        op(q, k, w, w, cos, torch.randn(3, 8), 1e-6, 0.0, True)
+        op(q, k, w, w, cos, torch.randn(3, 8, generator=gen), 1e-6, 0.0, True)
     with pytest.raises(ValueError, match="rotary_dim 18"):
-        op(q, k, w, w, torch.randn(3, 18), torch.randn(3, 18), 1e-6, 0.0, True)
+        op(q, k, w, w, torch.randn(3, 18, generator=gen), torch.randn(3, 18, generator=gen), 1e-6, 0.0, True)
     with pytest.raises(ValueError, match="k_weight must be"):
-        op(q, k, w, torch.randn(8), cos, sin, 1e-6, 0.0, True)
+        op(q, k, w, torch.randn(8, generator=gen), cos, sin, 1e-6, 0.0, True)
     with pytest.raises(ValueError, match="both"):
         op(q, k, w, None, cos, sin, 1e-6, 0.0, True)
 
