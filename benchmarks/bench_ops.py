@@ -15,7 +15,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.models.layers import GemmaRMSNorm, RMSNorm, get_masked_input_and_mask
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")

@@ -15,7 +15,7 @@ import sys
 import torch
 import triton
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import fused_moe
 from kunlun_compile.ops.moe_plan import plan_fused_moe
 from sweep_kernels import kernel_profile

@@ -13,7 +13,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUNS = ["moe_clocks_h100_run2.json", "moe_clocks_h100_run3.json", "moe_clocks_h100_run4.json"]

@@ -11,7 +11,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

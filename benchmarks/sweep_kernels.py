@@ -13,7 +13,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import fused_moe, linear, norm_rope_gate
 from kunlun_compile.ops.moe_plan import plan_fused_moe
 from kunlun_compile.ops.moe_routing import sort_pairs

@@ -98,7 +98,8 @@ def programs(draw, max_steps=6):
         if bools:
             choices += ["where", "masked_fill", "logical", "not"]
         kind = draw(st.sampled_from(choices))
-        pick = lambda pool: draw(st.sampled_from(pool))  # noqa: E731
+        def pick(pool):
+            return draw(st.sampled_from(pool))
         if kind == "unary":
             program.append(("unary", draw(st.sampled_from(sorted(UNARY))), (pick(floats),)))
             floats.append(n)

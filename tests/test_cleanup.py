@@ -55,7 +55,7 @@ def test_returned_copy_is_not_removed():
 
 def test_dead_code_removed():
     def f(x):
-        unused = torch.exp(x) * 3  # noqa: F841
+        unused = torch.exp(x) * 3  # noqa: F841 - the dead code the pass must remove
         return x + 1
 
     x = torch.randn(3)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_option_types_are_checked():
 
 def test_config_is_frozen():
     cfg = CompileConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.strict = True
 
 

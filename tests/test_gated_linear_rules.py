@@ -136,6 +136,7 @@ def test_explain_shows_the_gated_linears_kernel_by_size():
     gm = make_fx(step)(torch.randn(1, 768), torch.randn(1, 768), torch.randn(2048, 768), torch.randn(2048, 768))
     rows = {r["gated"]: r for r in linear_paths(gm, [1, 2, 4, 8])}
     assert rows[True]["out_features"] == [2048] and rows[False]["out_features"] == [2048]
-    assert rows[True]["plans"][1] == "GEMV, 2 column(s) per program, K tile 1024, 4 warps, gated product in the prologue"
+    assert rows[True]["plans"][1] == ("GEMV, 2 column(s) per program, K tile 1024, 4 warps, "
+                                      "gated product in the prologue")
     assert rows[False]["plans"][1] == "GEMV, 2 column(s) per program, K tile 1024, 2 warps"
     assert rows[True]["plans"][4].startswith("F.linear (cuBLAS), with product / epilogue kernels")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import add_rmsnorm, masked_input
 
 from .conftest import rel_err

@@ -117,7 +117,8 @@ def test_inside_a_callers_cuda_graph_the_runtime_steps_aside():
     """A caller capturing its own CUDA graph around the compiled model (vLLM's cudagraph wrapper, a
     benchmark) gets the kernels in its graph; replaying ours inside a capture is illegal."""
     model, compiled = _compiled("qwen3-moe-tiny", "piecewise")
-    ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], 8, device="cuda", generator=torch.Generator().manual_seed(1))
+    ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], 8, device="cuda",
+                           generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for _ in range(3):  # warm-up, capture, replay of our own graphs
             compiled(ids, pos)
@@ -148,7 +149,8 @@ model, _ = build_model("qwen3-moe-tiny", device="cuda", seed=2, num_tokens=16)
 compiled = kc.compile(model, dynamic=True, strict=True, graph_mode="piecewise", capture_sizes=[1, 2, 4])
 with torch.no_grad():
     for t in (3, 3, 3, 1):
-        ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], t, device="cuda", generator=torch.Generator().manual_seed(t))
+        ids, pos = make_inputs(BUILTIN_CONFIGS["qwen3-moe-tiny"], t, device="cuda",
+                               generator=torch.Generator().manual_seed(t))
         torch.testing.assert_close(compiled(ids, pos), model(ids, pos), rtol=2e-4, atol=2e-4)
 rt = compiled.kunlun_backend.report.graphs[0].runtime
 print(json.dumps({"compiles": seen, "ahead": rt["kernels_compiled_ahead_for"], "skips": rt["precompile_skips"]}))

@@ -18,7 +18,7 @@ from typing import Callable, Dict
 import pytest
 import torch
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.models.layers import RotaryEmbedding
 from kunlun_compile.ops import (add_rmsnorm, attention_mask, cpu_kernels, fused_moe, gated_linear, linear,
                                 masked_input, moe_gate, norm_rope_gate, qk_norm_rope)

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import cpu_kernels, linear
 
 from .op_helpers import (DTYPES, PATHS, UNIT_ROUNDOFF, assert_close_to_float64, matmul_condition, needs_interpreter,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import cpu_kernels, fused_moe
 from kunlun_compile.ops.moe_plan import MoePlan, plan_fused_moe
 from kunlun_compile.ops.moe_routing import sort_pairs

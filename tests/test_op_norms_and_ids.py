@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kunlun_compile  # noqa: F401  (registers torch.ops.kunlun)
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import add_rmsnorm, cpu_kernels, interpreter_usable
 
 from .conftest import rel_err

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import kunlun_compile  # noqa: F401
+import kunlun_compile  # noqa: F401 - registers torch.ops.kunlun
 from kunlun_compile.ops import cpu_kernels, interpreter_usable, qk_norm_rope
 
 from .conftest import rel_err

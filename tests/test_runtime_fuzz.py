@@ -56,7 +56,8 @@ def test_generation_is_deterministic_by_seed():
     for (na, pa), (nb, pb) in zip(a.build().state_dict().items(), b.build().state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
     for call in (0, 5):
-        for x, y in zip(torch.utils._pytree.tree_leaves(a.inputs(call)), torch.utils._pytree.tree_leaves(b.inputs(call))):
+        leaves = torch.utils._pytree.tree_leaves
+        for x, y in zip(leaves(a.inputs(call)), leaves(b.inputs(call))):
             assert (x is None and y is None) or torch.equal(x, y)
     assert rf.generate(18).spec != a.spec
 

@@ -130,7 +130,7 @@ def unsupported() -> dict:
 
     try:
         CompilationConfig(mode=3, backend="kunlun")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any refusal is the answer this probe reports
         return {"error": f"{type(e).__name__}: {e}"}
     return {"error": None}
 
