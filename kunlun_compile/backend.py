@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 
 from .capture.recompiles import DYNAMO_LOGGER, describe_hit, parse_limit_warning
+from .capture.record import dump_dir, record_graph
 from .capture import needs_autograd, static_input_indices, to_aten_inference, with_serving_shapes
 from .config import CompileConfig
-from .debug.record import dump_dir, record_graph
 from .graph_stats import count_kernels, generated_kernels
 from .lowering import describe_kernels, get_target
 from .passes import GraphPass, PassContext, PassManager, default_passes
@@ -125,7 +125,7 @@ class KunlunBackend:
         return GraphExecutor(name, run, uncompiled, strict=self.config.strict, report=report, warned=self.warned)
 
     def _record(self, name: str, gm: fx.GraphModule, example_inputs, real_inputs, report: GraphReport) -> None:
-        """With KUNLUN_COMPILE_DUMP=DIR: write the graph as received (debug/record.py)."""
+        """With KUNLUN_COMPILE_DUMP=DIR: write the graph as received (capture/record.py)."""
         directory = self.config.dump_dir or dump_dir()
         if not directory:
             return

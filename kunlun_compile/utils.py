@@ -11,6 +11,8 @@ from typing import Any, Optional, Set
 import torch
 import torch.fx as fx
 
+from ._version import __version__
+
 
 class KunlunCompileWarning(UserWarning):
     """Every warning the backend gives (fallbacks, grad-mode, capture caps)."""
@@ -75,8 +77,6 @@ def code_fingerprint() -> str:
 def options_key(options: dict) -> str:
     """sha256 of (package version, source fingerprint, options): what a compiled artifact made by
     this code with these options is known by outside the process."""
-    from . import __version__
-
     text = json.dumps({"version": __version__, "code": code_fingerprint(), "options": options},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Hostile and unusual input: recorded graphs (debug/graph_io.py) and the kernel cache (lowering/cache.py).
+"""Hostile and unusual input: recorded graphs (capture/graph_io.py) and the kernel cache (lowering/cache.py).
 
 Recorded graphs come from bug reports and cache directories can be edited, truncated or planted:
 neither may run code the backend did not generate, and a bad cache entry must heal (regenerated,
@@ -22,9 +22,10 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import kunlun_compile as kc
+from kunlun_compile.capture.graph_io import TRUSTED_OP_NAMESPACES, UntrustedGraphError, graph_from_data
+from kunlun_compile.capture.record import ENV_DUMP
 from kunlun_compile.config import CompileConfig
-from kunlun_compile.debug.graph_io import TRUSTED_OP_NAMESPACES, UntrustedGraphError, graph_from_data
-from kunlun_compile.debug.record import ENV_DUMP, load_recorded
+from kunlun_compile.debug.record import load_recorded
 from kunlun_compile.graph_stats import generated_kernels
 from kunlun_compile.lowering import cache
 from kunlun_compile.lowering.kir import KernelIR
@@ -58,7 +59,7 @@ def _output(value):
 
 
 def _recording(directory: Path, nodes) -> Path:
-    """A graph directory as debug/record.py writes it: one float input of shape [4]."""
+    """A graph directory as capture/record.py writes it: one float input of shape [4]."""
     directory.mkdir()
     (directory / "graph.json").write_text(json.dumps({"nodes": nodes}))
     spec = {"kind": "tensor", "shape": [4], "stride": [1], "dtype": "float32", "device": "cpu",

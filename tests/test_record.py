@@ -1,4 +1,5 @@
-"""Recording graphs (debug/record.py, debug/graph_io.py): exact round trips and faithful stand-ins."""
+"""Recording graphs (capture/record.py, capture/graph_io.py) and replaying them (debug/record.py): exact round
+trips and faithful stand-ins."""
 import json
 import os
 import warnings
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 import kunlun_compile as kc
-from kunlun_compile.debug.graph_io import graph_from_data, graph_to_data
+from kunlun_compile.capture.graph_io import graph_from_data, graph_to_data
+from kunlun_compile.capture.record import ENV_DUMP
 from kunlun_compile.debug.inspect import InspectingBackend
-from kunlun_compile.debug.record import ENV_DUMP, load_recorded
+from kunlun_compile.debug.record import load_recorded
 from kunlun_compile.models import build_model
 
 
@@ -122,7 +124,7 @@ def test_recording_data_dependent_sizes_and_no_half_written_graphs(tmp_path):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from kunlun_compile.debug.record import describe_input, record_graph
+    from kunlun_compile.capture.record import describe_input, record_graph
 
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         nz = torch.ops.aten.nonzero.default(mode.from_tensor(torch.ones(4)))  # rows: a data-dependent u0

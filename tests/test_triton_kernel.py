@@ -2,7 +2,7 @@
 import torch
 import triton.language as tl
 
-from kunlun_compile.ops import triton_kernel as tk
+from kunlun_compile import triton_kernel as tk
 
 
 def _with_pdl(x_ptr, PDL: tl.constexpr):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from kunlun_compile.debug.graph_io import graph_from_data, graph_to_data
+from kunlun_compile.capture.graph_io import graph_from_data, graph_to_data
 from kunlun_compile.passes.cleanup import merge_duplicates
 from kunlun_compile.vllm.options import config_from_vllm, options_from_vllm
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from ..ops.triton_kernel import FUSED_KERNEL_NAMES
+from ..triton_kernel import FUSED_KERNEL_NAMES
 from .targets import Target, compare_outputs, run_eager
 
 CLASSES = ("fused", "generated", "aten")

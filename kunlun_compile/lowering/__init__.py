@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+from .cache import kir_for, source_path
+from .codegen import generate
 from .targets import TARGETS, Target, get_target
 
 
 def describe_kernels(keys: Sequence[str], target: Target, with_source: bool = False) -> List[dict]:
     """One dict per generated kernel call: what it came from, its instruction counts and listing."""
-    from .cache import kir_for, source_path
-    from .codegen import generate
-
     out = []
     for key in keys:
         kir = kir_for(key)

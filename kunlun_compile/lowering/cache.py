@@ -7,7 +7,8 @@ version, runs it and wraps it in a launcher.  Triton caches the compiled
 binaries by source, so a warm disk cache skips both code generation and
 compilation.
 
-Directory: $KUNLUN_COMPILE_CACHE_DIR, else ~/.cache/kunlun_compile, subfolder
+Directory: $KUNLUN_COMPILE_CACHE_DIR, else the process's default (`set_default_cache_dir`;
+the vLLM integration puts it next to vLLM's cache), else ~/.cache/kunlun_compile, subfolder
 `pointwise/`.  If that is not writable: `<tmpdir>/kunlun_compile_<uid>/pointwise`,
 created owner-only and refused when another user owns it or group/others may
 write to it (then the kernels live in memory only, with one warning).
@@ -43,11 +44,11 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import triton
 
-from ..ops.triton_kernel import Kernel
+from ..config import ENV_CACHE_DIR, env_setting
+from ..triton_kernel import Kernel
 from .codegen import CODEGEN_VERSION, coalesce, generate
 from .kir import KernelIR
 
-ENV_CACHE_DIR = "KUNLUN_COMPILE_CACHE_DIR"
 ENTRY_FORMAT = 1  # bump when an entry's layout or hash changes
 BLOCK = 1024
 NUM_WARPS = 4
@@ -77,9 +78,19 @@ def _warn_once(subject: str, message: str) -> None:
 
 # ---- the directory ------------------------------------------------------------------------------
 
+_default_root: Optional[str] = None  # set_default_cache_dir
+
+
+def set_default_cache_dir(directory: Optional[str]) -> None:
+    """The cache directory of this process while KUNLUN_COMPILE_CACHE_DIR is unset (None: back to
+    ~/.cache/kunlun_compile).  The vLLM integration sets it next to vLLM's cache of the model."""
+    global _default_root
+    _default_root = directory
+
+
 def cache_dir() -> Optional[Path]:
     """The folder of generated-kernel entries, or None: no safe folder, kernels stay in memory."""
-    root = Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kunlun_compile") / "pointwise"
+    root = Path(env_setting(ENV_CACHE_DIR) or _default_root or Path.home() / ".cache" / "kunlun_compile") / "pointwise"
     return root if _writable(root) else _private_fallback(root)
 
 

@@ -62,7 +62,7 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
               + [f"size{d}" for d in range(1, r)]
               + [f"st{k}_{d}" for k in range(n_in) for d in range(r)] + ["RANK: tl.constexpr", "INDEX64: tl.constexpr",
                                                                          "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
-    # programmatic dependent launch (ops/triton_kernel.py): wait for the kernel before, CUDA flavour only
+    # programmatic dependent launch (triton_kernel.py): wait for the kernel before, CUDA flavour only
     body = (["if PDL:", "    tl.extra.cuda.gdc_wait()"] if cuda else []) + [
             "if INDEX64:",
             "    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",

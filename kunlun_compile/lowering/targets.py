@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, FrozenSet, Mapping, Tuple
 
+from ..config import TARGET_NAMES
 from .kir import KernelIR
 
 # Math ops that have a single hardware instruction on some SFU.
@@ -89,6 +90,8 @@ TARGETS: Dict[str, Target] = {
                       "div": (2, 1)},
         has_inline_asm=False),
 }
+if tuple(TARGETS) != TARGET_NAMES:  # config.py checks the `target` option against its list of names
+    raise ImportError(f"lowering/targets.py describes {tuple(TARGETS)}, config.TARGET_NAMES lists {TARGET_NAMES}")
 
 
 def get_target(name: str) -> Target:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.triton_kernel import kernel, wait_for_producers
+from ..triton_kernel import kernel, wait_for_producers
 
 BLOCK_N = 32
 

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# vLLM's router and the gather form of the routed experts, written once: as the fusion rules' search
+# functions (the rules own the spelling they match; this demo model uses it)
+from ..passes.rules.moe_experts import gather_experts as experts_forward
+from ..passes.rules.moe_gate import select_experts
 from .attention_op import attention
 
 
@@ -200,53 +204,6 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         d = gate_up.shape[-1] // 2
         return self.down_proj(F.silu(gate_up[..., :d]) * gate_up[..., d:])
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int,
-                   topk_group: int, correction_bias: Optional[torch.Tensor], routed_scaling_factor: float):
-    """Router: softmax/sigmoid -> (grouped) top-k -> renormalise -> scale.  fp32 weights, int32 ids."""
-    if scoring == "softmax":
-        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    else:
-        scores = router_logits.float().sigmoid()
-    if num_groups > 1:  # DeepSeek-V3: pick groups on biased scores, experts within them
-        T, E = scores.shape
-        choice = scores + correction_bias.float() if correction_bias is not None else scores
-        grouped = choice.view(T, num_groups, E // num_groups)
-        if correction_bias is not None:
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        topk_ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
-        topk_weights = scores.gather(1, topk_ids)
-    elif correction_bias is not None:  # the bias steers the choice; weights stay unbiased
-        topk_ids = torch.topk(scores + correction_bias.float(), top_k, dim=-1)[1]
-        topk_weights = scores.gather(1, topk_ids)
-    else:
-        topk_weights, topk_ids = torch.topk(scores, top_k, dim=-1)
-    if renormalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    if routed_scaling_factor != 1.0:
-        topk_weights = topk_weights * routed_scaling_factor
-    return topk_weights, topk_ids.to(torch.int32)
-
-
-def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor) -> torch.Tensor:
-    """Routed experts, gather form: each token's k experts' weights are gathered and applied.
-
-    w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].  Capturable (no host sync).
-    """
-    ids = topk_ids.long()
-    h = torch.einsum("th,tkih->tki", x, w13[ids])
-    gate, up = h.chunk(2, dim=-1)
-    act = F.silu(gate) * up
-    out = torch.einsum("tki,tkhi->tkh", act, w2[ids])
-    return (out * topk_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
 class MoE(nn.Module):

@@ -5,9 +5,9 @@ plain-torch `reference` (the definition of correct; the CPU path), a Triton
 kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
+from ..triton_kernel import cpu_kernels, interpreter_usable, use_triton
 from . import add_rmsnorm, attention_mask, fused_moe, gated_linear, linear, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
 from .index_checks import check_indices
-from .triton_kernel import cpu_kernels, interpreter_usable, use_triton
 
 OP_MODULES = {
     "split_norm_rope_gate": norm_rope_gate,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> None:

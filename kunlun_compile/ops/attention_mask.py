@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(q_positions, k_positions, key_valid, sliding_window: int, dtype: torch.dtype) -> None:

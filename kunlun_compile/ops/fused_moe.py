@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 from .moe_plan import MoePlan, fit_shared_memory, for_interpreter, plan_fused_moe
 from .index_checks import check_index_range
 from .moe_routing import sort_pairs
-from .triton_kernel import kernel, use_triton, wait_for_producers
 
 ACTIVATIONS = ("silu",)
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 from .linear import GATE_ACTIVATIONS, LinearPlan, _launch, for_interpreter, plan_linear
-from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, activation: str,

@@ -17,15 +17,12 @@ warm-up run before it is checked).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from ..config import parse_bool_setting
+from ..config import ENV_CHECK_INDICES, env_setting
 
-ENV_CHECK_INDICES = "KUNLUN_COMPILE_CHECK_INDICES"
-
-_checking = bool(parse_bool_setting(ENV_CHECK_INDICES, os.environ.get(ENV_CHECK_INDICES)))
+_checking = env_setting(ENV_CHECK_INDICES)
 
 
 class IndexOutOfRange(IndexError, ValueError):

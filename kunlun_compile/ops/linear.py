@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 
 # H100 sweep (benchmarks/NOTES.md v10, bf16, weights read from HBM): at one row the GEMV beats
 # cuBLAS on every linear of the built-in models (e.g. 2560x2048 5.7 vs 6.9 µs, 2048x4096 8.2 vs

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def check_args(input_ids: torch.Tensor, org_start: int, org_end: int, padding: int, added_start: int,

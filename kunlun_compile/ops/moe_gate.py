@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 
 SCORING = ("softmax", "sigmoid")
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import kernel, wait_for_producers
+from ..triton_kernel import kernel, wait_for_producers
 
 HISTOGRAM_BLOCK = 128  # pairs per program of the block statistics
 # experts per program of the prefix sums over blocks (H100, M=8192, top-8: 32 -> 8 took it 9.9 -> 6.8 µs)

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_kernel import kernel, use_triton, wait_for_producers
 from .index_checks import check_index_range
-from .triton_kernel import kernel, use_triton, wait_for_producers
 
 
 def qkv_columns(num_q_heads: int, num_kv_heads: int, head_dim: int, has_gate: bool) -> int:

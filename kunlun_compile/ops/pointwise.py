@@ -12,13 +12,13 @@ from typing import List
 
 import torch
 
-from .triton_kernel import use_triton
+from ..lowering import cache  # looked up at each call (tests replace cache.kernel_for)
+from ..lowering.interpret import run_kir
+from ..triton_kernel import use_triton
 
 
 def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
-    from ..lowering.cache import kir_for
-
-    kir = kir_for(kernel)
+    kir = cache.kir_for(kernel)
     if len(inputs) != len(kir.inputs):
         raise ValueError(f"pointwise {kernel}: expected {len(kir.inputs)} inputs, got {len(inputs)}")
     for k, (x, dt) in enumerate(zip(inputs, kir.inputs)):
@@ -31,12 +31,9 @@ def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
 
 @torch.library.custom_op("kunlun::pointwise", mutates_args=())
 def pointwise(inputs: List[torch.Tensor], shape: List[int], kernel: str) -> List[torch.Tensor]:
-    from ..lowering.cache import kernel_for
-    from ..lowering.interpret import run_kir
-
     kir = check_args(inputs, shape, kernel)
     if inputs and use_triton(inputs[0]):
-        return kernel_for(kernel)(inputs, shape)
+        return cache.kernel_for(kernel)(inputs, shape)
     return run_kir(kir, inputs, shape)
 
 

@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..triton_kernel import use_triton
 from .norm_rope_gate import _rms_norm_head, launch_norm_rope
-from .triton_kernel import use_triton
 
 
 def check_args(q, k, q_weight, k_weight, cos, sin, eps) -> None:

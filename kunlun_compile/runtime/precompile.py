@@ -15,15 +15,15 @@ compiles at its real launch as before).
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import sympy
 import torch
 import torch.fx as fx
 
+from ..config import ENV_JIT_WORKERS, env_setting
 from ..graph_stats import kernel_kind
-from ..ops.triton_kernel import compiling_only
+from ..triton_kernel import compiling_only
 from .token_dims import evaluate
 
 
@@ -50,7 +50,7 @@ def _materialize(val: Any, bindings: Dict[sympy.Symbol, int]) -> Any:
 
 
 def _workers() -> int:
-    return int(os.environ.get("KUNLUN_COMPILE_JIT_WORKERS", min(16, os.cpu_count() or 1)))
+    return env_setting(ENV_JIT_WORKERS)  # default min(16, cores)
 
 
 def fused_calls(gm: fx.GraphModule, args: Sequence[Any], static_positions: Set[int],

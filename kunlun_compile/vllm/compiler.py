@@ -28,8 +28,8 @@ import torch.fx as fx
 from vllm.compilation.compiler_interface import CompilerInterface
 
 from ..backend import shared_backend
-from ..debug.record import dump_dir, rank_dir
-from ..lowering.cache import ENV_CACHE_DIR
+from ..capture.record import dump_dir, rank_dir
+from ..lowering.cache import set_default_cache_dir
 from ..utils import options_key, warn_once
 from .graph_store import GraphStore
 from .options import config_from_vllm, options_from_vllm
@@ -73,9 +73,10 @@ class KunlunCompilerInterface(CompilerInterface):
         base = cache_dir[: -len(prefix)] if prefix and cache_dir.endswith(prefix) else cache_dir
         self.rank_dir = base.rstrip(os.sep)
         self.store = None if disable_cache else GraphStore(os.path.join(self.rank_dir, GRAPHS_SUBDIR))
-        if not disable_cache and not os.environ.get(ENV_CACHE_DIR):
-            # generated kernels next to vLLM's own artifacts for this model and config
-            os.environ[ENV_CACHE_DIR] = os.path.join(base, "kunlun_cache")
+        if not disable_cache:
+            # generated kernels next to vLLM's own artifacts for this model and config (unless
+            # KUNLUN_COMPILE_CACHE_DIR names a directory: that one wins)
+            set_default_cache_dir(os.path.join(base, "kunlun_cache"))
 
     def compile(self, graph: fx.GraphModule, example_inputs: list, compiler_config: dict,
                 compile_range: Any, key: Optional[str] = None) -> Tuple[Optional[Callable], Any]:

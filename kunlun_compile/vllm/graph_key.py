@@ -17,8 +17,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.fx as fx
 
+from ..capture.graph_io import graph_to_data
 from ..config import CompileConfig
-from ..debug.graph_io import graph_to_data
 from ..utils import options_key
 
 FORMAT = 1  # of the key and of the stored entries (graph_store.py); bump when either changes

@@ -3,7 +3,7 @@
     <root>/<key>/entry.json     {"format", "components", "sha256", "payload"}
     <root>/<key>/constants.pt   the tensors the graph's get_attr nodes read (only when it has any)
 
-`payload` holds the transformed graph node by node (debug/graph_io.py), the pass records of the
+`payload` holds the transformed graph node by node (capture/graph_io.py), the pass records of the
 report, the KIR of every generated kernel the graph calls, the nodes' `kunlun_*` meta and the
 placeholder names.  `sha256` covers the payload's JSON and constants.pt, so a truncated or
 altered entry is found before anything of it is used.  An entry is written into a hidden folder

@@ -209,6 +209,8 @@ def _wrap_vllm_config_defaults() -> None:
         if _is_kunlun(cc):
             if not any(base in cc.custom_ops for base in ("all", "none")):
                 cc.custom_ops.append("none")
+            # vLLM's own variable, which vLLM reads from the environment: set there, not through
+            # kunlun_compile/config.py (which holds only the KUNLUN_COMPILE_* variables)
             if "VLLM_USE_AOT_COMPILE" not in os.environ:
                 os.environ["VLLM_USE_AOT_COMPILE"] = "0"
         result = original(self, *args, **kwargs)

@@ -20,14 +20,16 @@ import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
+from ..capture.record import dump_dir
+
 REPORT_NAME = "kunlun_report.json"
 FORMAT = 1
 
 
 def default_root() -> str:
     """Where reports are looked for when no folder is given: the dump dir, else vLLM's cache root."""
-    from ..debug.record import dump_dir
-
+    # VLLM_CACHE_ROOT and XDG_CACHE_HOME are vLLM's variables (its cache root, as vLLM computes it),
+    # read here directly; the KUNLUN_COMPILE_* ones go through config.py (dump_dir does)
     root = dump_dir() or os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
     return root

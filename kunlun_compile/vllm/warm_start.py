@@ -24,8 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 import torch
 import torch.fx as fx
 
-from ..debug import graph_io
-from ..debug.graph_io import graph_from_data, graph_to_data
+from ..capture import graph_io
+from ..capture.graph_io import graph_from_data, graph_to_data
 from ..graph_stats import generated_kernels
 from ..report import GraphReport, PassRecord
 from ..utils import warn_once

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...models.layers import experts_forward
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 
@@ -21,7 +20,20 @@ aten = torch.ops.aten
 _T, _H, _I, _E, _K = 5, 24, 12, 7, 3
 
 
-gather_experts = experts_forward  # vLLM-style gather form, as the built-in models write it
+# vLLM-style gather form.  The rule owns the spelling it matches; the built-in models import it from here
+# (models/layers.py `experts_forward`), so editing a demo model changes nothing here.
+def gather_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts, gather form: each token's k experts' weights are gathered and applied.
+
+    w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].  Capturable (no host sync).
+    """
+    ids = topk_ids.long()
+    h = torch.einsum("th,tkih->tki", x, w13[ids])
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    out = torch.einsum("tki,tkhi->tkh", act, w2[ids])
+    return (out * topk_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
 def hf_batched_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):

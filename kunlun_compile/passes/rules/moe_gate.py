@@ -9,10 +9,10 @@ back from the matched topk and view nodes.
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 import torch
 
-from ...models.layers import select_experts
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 
@@ -21,10 +21,45 @@ SCALE = 1.7654321  # marker for routed_scaling_factor
 _M, _E, _K, _GROUPS, _TOPK_GROUP = 5, 16, 3, 4, 2
 
 
+# vLLM's `select_experts` (its fused_moe layer's router).  The rule owns the spelling it matches; the
+# built-in models' MoE imports it from here (models/layers.py), so editing a demo model changes nothing here.
+def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool, num_groups: int,
+                   topk_group: int, correction_bias: Optional[torch.Tensor], routed_scaling_factor: float):
+    """Router: softmax/sigmoid -> (grouped) top-k -> renormalise -> scale.  fp32 weights, int32 ids."""
+    if scoring == "softmax":
+        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = router_logits.float().sigmoid()
+    if num_groups > 1:  # DeepSeek-V3: pick groups on biased scores, experts within them
+        T, E = scores.shape
+        choice = scores + correction_bias.float() if correction_bias is not None else scores
+        grouped = choice.view(T, num_groups, E // num_groups)
+        if correction_bias is not None:
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        topk_ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_ids)
+    elif correction_bias is not None:  # the bias steers the choice; weights stay unbiased
+        topk_ids = torch.topk(scores + correction_bias.float(), top_k, dim=-1)[1]
+        topk_weights = scores.gather(1, topk_ids)
+    else:
+        topk_weights, topk_ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    if routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
+
+
 def _make_search(scoring: str, grouping: str, renormalize: bool, scaled: bool):
     """grouping: "none", "bias" (top-k on scores + bias), "groups_bias" (DeepSeek-V3), "groups".
 
-    The search is vLLM's `select_experts` itself (the built-in models' router) at example sizes."""
+    The search is vLLM's `select_experts` (above; the built-in models' router too) at example sizes."""
     groups, topk_group = (_GROUPS, _TOPK_GROUP) if grouping.startswith("groups") else (1, 1)
 
     def select(logits, bias, scale):

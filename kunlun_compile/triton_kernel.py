@@ -24,6 +24,9 @@ benchmarks/NOTES.md v10).  The wait returns at once when there is no
 programmatic dependency (the kernel before is cuBLAS, a copy, or none).
 KUNLUN_COMPILE_PDL=0 turns it off (launches as plain kernels, for comparison).
 
+This module is at the bottom of the package's layers, beside config.py: lowering/
+(generated kernels), ops/ and the built-in models' attention all launch through it.
+
 `compiling_only(executor)`: inside, a CUDA launch compiles its kernel on the
 executor (Triton's AsyncCompileMode) and does not run it — the outputs hold
 garbage — so one walk over a graph's ops compiles all their kernels in
@@ -38,16 +41,18 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import os
 from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from .config import ENV_PDL, env_setting
+
 
 def pdl_enabled() -> bool:
-    return os.environ.get("KUNLUN_COMPILE_PDL", "1") != "0"
+    """KUNLUN_COMPILE_PDL, read at each launch."""
+    return env_setting(ENV_PDL)
 
 
 @triton.jit
