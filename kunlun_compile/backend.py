@@ -73,7 +73,7 @@ class KunlunBackend:
             return self._with_eager_fallback(name, compiled, gm.forward)
         except torch._dynamo.exc.RestartAnalysis:
             raise  # Dynamo's signal to re-trace (e.g. a float it wants constant): not a failure
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a failed capture runs the graph eagerly, never breaks the model
             if self.config.strict:
                 raise
             reason = f"{type(e).__name__}: {e}"
@@ -150,7 +150,7 @@ class KunlunBackend:
                               max_captures=cfg.max_captures_per_piece,
                               check_replays=cfg.check_replays or cfg.debug_graph_addresses, warned=self.warned,
                               strict=cfg.strict)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot be built: the graph runs uncaptured
             if cfg.strict:
                 raise
             reason = f"{type(e).__name__}: {e}"

@@ -33,7 +33,8 @@ def launches_kernel(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     t = node.target
-    if t is operator.getitem or getattr(t, "__module__", None) in ("_operator", "math", "torch.fx.experimental.sym_node"):
+    host_modules = ("_operator", "math", "torch.fx.experimental.sym_node")
+    if t is operator.getitem or getattr(t, "__module__", None) in host_modules:
         return False
     if isinstance(t, torch._ops.OpOverload):
         if t in _NON_KERNEL_ATEN or t.is_view:

@@ -91,7 +91,8 @@ def _compile_with_fake_inputs(monkeypatch, dump):
 
     def vllm_like(gm, example_inputs):
         fakes = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
-        shape_envs.append(fakes[0].node.shape_env if isinstance(fakes[0], torch.SymInt) else fakes[0].fake_mode.shape_env)
+        first = fakes[0]
+        shape_envs.append(first.node.shape_env if isinstance(first, torch.SymInt) else first.fake_mode.shape_env)
         backend(gm, fakes)
         return gm.forward
 

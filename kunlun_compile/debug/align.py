@@ -112,7 +112,8 @@ def runtime_summary(runtime: Dict[str, Any]) -> str:
             f"{'within' if runtime['output_ok'] else 'OUT OF'} tolerance (rel_err {runtime['output_rel_err']:.2e})")
     first = runtime.get("first_divergence")
     if first:
-        line += f"; first divergence: {first['graph']} piece {first['piece']}, value {first['value']} ({first['check']})"
+        line += (f"; first divergence: {first['graph']} piece {first['piece']}, value {first['value']} "
+                 f"({first['check']})")
     return line
 
 
@@ -133,10 +134,12 @@ def html_report(result: Dict[str, Any]) -> str:
     summary += "; " + runtime_summary(result.get("runtime") or {})
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>kunlun-compile align: {html.escape(result['target'])}</title>
-<style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd;font-family:monospace}}
+<style>body{{font-family:sans-serif}} table{{border-collapse:collapse}}
+td,th{{padding:2px 8px;border-bottom:1px solid #ddd;font-family:monospace}}
 tr.bad td{{background:#fdd}} tr.first td{{background:#f88;font-weight:bold}}</style></head>
 <body><h1>align: {html.escape(result['target'])}</h1><p id="summary">{html.escape(summary)}</p>
-<table id="nodes"><tr><th>graph</th><th>node</th><th>stands for</th><th>op</th><th>value</th><th>rel err</th><th>tolerance</th></tr>
+<table id="nodes"><tr><th>graph</th><th>node</th><th>stands for</th><th>op</th><th>value</th><th>rel err</th>
+<th>tolerance</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """

@@ -3,8 +3,8 @@
 Per variant: median time per call, and from a profile of a few calls the work per call split into
 fused kernels (the kunlun:: ops), generated element-wise kernels, ATen, and host overhead (the
 wall time no kernel accounts for).  The profiler slows calls down, so the split is the profile's
-proportions applied to the unprofiled time per call (the four parts add up to it).  On CUDA the split is over GPU kernels; on the CPU over the
-top-level operator calls of the profile (each one a "launch").
+proportions applied to the unprofiled time per call (the four parts add up to it).  On CUDA the split is
+over GPU kernels; on the CPU over the top-level operator calls of the profile (each one a "launch").
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ compiled output leaves eager's tolerance.
 First the runtime: with a graph mode that captures pieces, the target runs over several calls in
 that mode (replays checked piece by piece, runtime_align.py); if only that mode is out of
 tolerance, the first piece and value whose replay differs is the answer.  Otherwise passes are
-bisected with graph mode none.  Passes are switched on in pipeline order: a binary search over how many of them run finds the
-first one whose addition breaks the output.  Inside that pass the number of rewrites it may make
+bisected with graph mode none.  Passes are switched on in pipeline order: a binary search over how many of
+them run finds the first one whose addition breaks the output.  Inside that pass the number of rewrites it may make
 is limited (passes/rewrites.py) and searched the same way.  Each probe is a fresh compile, so a
 bisect costs about 2 + log2(passes) + log2(rewrites) compiles.
 """

@@ -130,7 +130,8 @@ def to_svg(desc: Dict, title: str) -> str:
         label = n["op"].replace("aten::", "").replace("kunlun::", "k::")
         out.append(f'<g class="node {n["kind"]}" data-name="{esc(n["name"])}"><title>{esc(n["name"])}: '
                    f'{esc(tip)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height="{BOX_H}" rx="4" '
-                   f'fill="{fill}" stroke="#455a64"/><text x="{x + 5:.0f}" y="{y + 17:.0f}">{esc(label[:20])}</text></g>')
+                   f'fill="{fill}" stroke="#455a64"/>'
+                   f'<text x="{x + 5:.0f}" y="{y + 17:.0f}">{esc(label[:20])}</text></g>')
     out.append("</svg>")
     return "\n".join(out)
 

@@ -227,7 +227,7 @@ def run_eager(target: Target) -> Any:
     user's inputs or model, not the compiler: said so, in one line."""
     try:
         return target.module(*target.inputs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - whatever the user's model raises, said in one line
         raise TargetError(f"{target.name} fails eagerly on its example inputs (before any compiling): "
                           f"{_one_line(e)}") from e
 

@@ -20,7 +20,8 @@ BLOCK_N = 32
 
 @kernel
 def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, T, sq, sk, sv, sm, so, scale,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr):
     wait_for_producers(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)

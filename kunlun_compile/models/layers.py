@@ -215,7 +215,8 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.randn(E, 2 * I, H) / math.sqrt(H))
         self.w2 = nn.Parameter(torch.randn(E, H, I) / math.sqrt(I))
         self.correction_bias = nn.Parameter(0.1 * torch.randn(E)) if cfg.correction_bias else None
-        self.shared_expert = MLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(H, shared) if shared else None
         self.shared_expert_gate = nn.Linear(H, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

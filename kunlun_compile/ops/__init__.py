@@ -6,7 +6,8 @@ kernel (`triton_impl`; CUDA, and CPU under TRITON_INTERPRET=1), and the
 `torch.library.custom_op` with its fake implementation.
 """
 from ..triton_kernel import cpu_kernels, interpreter_usable, use_triton
-from . import add_rmsnorm, attention_mask, fused_moe, gated_linear, linear, masked_input, moe_gate, norm_rope_gate, pointwise, qk_norm_rope
+from . import (add_rmsnorm, attention_mask, fused_moe, gated_linear, linear, masked_input, moe_gate, norm_rope_gate,
+               pointwise, qk_norm_rope)
 from .index_checks import check_indices
 
 OP_MODULES = {
@@ -23,5 +24,5 @@ OP_MODULES = {
     "pointwise": pointwise,
 }
 
-__all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "check_indices", "cpu_kernels", "fused_moe", "gated_linear", "interpreter_usable", "masked_input", "moe_gate",
-           "norm_rope_gate", "qk_norm_rope", "use_triton"]
+__all__ = ["OP_MODULES", "add_rmsnorm", "attention_mask", "check_indices", "cpu_kernels", "fused_moe", "gated_linear",
+           "interpreter_usable", "masked_input", "moe_gate", "norm_rope_gate", "qk_norm_rope", "use_triton"]

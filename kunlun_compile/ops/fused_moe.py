@@ -270,7 +270,8 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride
 
 @kernel
 def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stride, w_stride_e, w_stride_n,
-                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         PDL: tl.constexpr):
     """GEMM2 of the per-pair routing: out[token, n-block] = Σ_j tw_j · W[e_j, n-block, :] @ act[pair_j].
 
     One program holds a [k, BN, BK] tile: all k experts of its token at once (k loads in flight

@@ -127,8 +127,8 @@ def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def plan_gated_linear(rows: int, n: int, k: int) -> LinearPlan:
-    """kunlun::linear's plan with 4 warps on the GEMV (its narrow plans have 4 already): the prologue's extra loads and sigmoids
-    (H100 sweep, NOTES v11: o_proj 2048x4096 9.25 -> 8.65 µs at 2 columns per program; 2 warps
+    """kunlun::linear's plan with 4 warps on the GEMV (its narrow plans have 4 already): the prologue's extra
+    loads and sigmoids (H100 sweep, NOTES v11: o_proj 2048x4096 9.25 -> 8.65 µs at 2 columns per program; 2 warps
     are best without a prologue)."""
     plan = plan_linear(rows, n, k)
     return replace(plan, num_warps=4) if plan.path == "gemv" else plan

@@ -118,7 +118,8 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
                       NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       Q_HEAD_STRIDE: tl.constexpr, HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr,
                       HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
+                      PDL: tl.constexpr):
     """One program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token.
 
     q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`

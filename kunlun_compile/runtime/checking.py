@@ -9,8 +9,8 @@ For one call through a plan it
 
 Mismatches raise `ReplayCheckError`, which the fallbacks let through: a check the user asked for must
 not be turned into a silent fallback.  Given a `findings` list instead (`kunlun-compile align` and
-`bisect` do), every comparison is appended to it as a row and nothing raises.  The cost is a second run of every captured piece and one copy
-and one comparison per crossing value: a debugging mode, off by default.
+`bisect` do), every comparison is appended to it as a row and nothing raises.  The cost is a second run of
+every captured piece and one copy and one comparison per crossing value: a debugging mode, off by default.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def missing_hooks(*hooks: Tuple[str, str]) -> List[str]:
             obj = importlib.import_module(module_name)
             for part in path.split("."):
                 obj = getattr(obj, part)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - any failure to reach the hook means it is missing
             missing.append(f"{module_name}:{path}")
     return missing
 
