@@ -174,6 +174,14 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and bool(triton.knobs.runtime.interpret) and interpreter_usable()
 
 
+def contiguous_results(out):
+    """An op's torch-reference results laid out as its fake says (contiguous): element-wise torch ops
+    follow their input's layout, and a graph traced with the fake must fit whichever path ran."""
+    if isinstance(out, tuple):
+        return tuple(t.contiguous() for t in out)
+    return out.contiguous()
+
+
 @contextlib.contextmanager
 def cpu_kernels(enabled: bool):
     """Choose, for the duration, whether ops on CPU tensors run their Triton kernels

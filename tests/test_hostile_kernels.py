@@ -336,3 +336,42 @@ def test_gpu_each_tensor_input_as_a_view(name, arg, view):
     viewed[where] = VIEWS[view](args[where])
     assert_same(case.op(*viewed), case.reference(*args), tol=1e-4)  # TF32-free fp32, other sum order
 
+
+
+# ---- the fake (meta) result has the real result's layout -------------------------------------------
+
+def _layouts(out):
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [(tuple(t.shape), t.stride() if t.numel() > 1 else None, t.dtype) for t in outs]
+
+
+def dims_permuted(t: torch.Tensor) -> torch.Tensor:
+    """The same values, dense but with the last two dims' strides swapped (a transposed tensor made
+    contiguous and transposed back): element-wise torch ops give results in this layout."""
+    return t.mT.contiguous().mT if t.dim() >= 2 else t
+
+
+LAYOUT_CASES = STRIDED_CASES + [pytest.param(name, arg, "permuted", id=f"{name}-{arg}-permuted")
+                                for name, case in OP_CASES.items() for arg in case.tensors]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("triton_path", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("name,arg,view", LAYOUT_CASES)
+def test_fake_result_has_the_real_layout(name, arg, view, triton_path):
+    """The graph is traced with an op's fake and runs with the op: a view or a capture buffer laid out
+    by the fake must fit the real result, whichever path (kernel or torch reference) computes it, for
+    any input layout; and the values are the reference's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = OP_CASES[name]
+    args = list(case.make(seeded("layout", name, arg, view)))
+    contiguous = list(args)
+    args[case.tensors[arg]] = {**VIEWS, "permuted": dims_permuted}[view](args[case.tensors[arg]])
+    with cpu_kernels(triton_path):
+        real = case.op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = case.op(*fakes)
+    assert _layouts(fake) == _layouts(real)
+    assert_same(real, case.reference(*contiguous))

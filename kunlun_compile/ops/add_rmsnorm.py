@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import contiguous_results, kernel, use_triton, wait_for_producers
 
 
 def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> None:
@@ -124,7 +124,7 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     check_args(x, residual, weight, eps)
     if use_triton(x):
         return triton_impl(x, residual, weight, eps, norm_offset, sum_in_dtype)
-    return reference(x, residual, weight, eps, norm_offset, sum_in_dtype)
+    return contiguous_results(reference(x, residual, weight, eps, norm_offset, sum_in_dtype))
 
 
 @fused_add_rmsnorm.register_fake
@@ -139,7 +139,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_offset: flo
     check_args(x, None, weight, eps)
     if use_triton(x):
         return triton_impl(x, None, weight, eps, norm_offset)[0]
-    return reference(x, None, weight, eps, norm_offset)[0]
+    return contiguous_results(reference(x, None, weight, eps, norm_offset)[0])
 
 
 @rms_norm.register_fake

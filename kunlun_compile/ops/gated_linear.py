@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import contiguous_results, kernel, use_triton, wait_for_producers
 from .linear import GATE_ACTIVATIONS, LinearPlan, _launch, for_interpreter, plan_linear
 
 
@@ -157,7 +157,7 @@ def gated_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, acti
     check_args(x, gate, weight, activation, row_gate, addend)
     if use_triton(x):
         return triton_impl(x, gate, weight, activation, row_gate, addend)
-    return reference(x, gate, weight, activation, row_gate, addend)
+    return contiguous_results(reference(x, gate, weight, activation, row_gate, addend))
 
 
 @gated_linear.register_fake

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_kernel import kernel, use_triton, wait_for_producers
+from ..triton_kernel import contiguous_results, kernel, use_triton, wait_for_producers
 
 
 def check_args(input_ids: torch.Tensor, org_start: int, org_end: int, padding: int, added_start: int,
@@ -73,7 +73,7 @@ def masked_input(input_ids: torch.Tensor, org_vocab_start: int, org_vocab_end: i
     check_args(input_ids, *args)
     if use_triton(input_ids):
         return triton_impl(input_ids, *args)
-    return reference(input_ids, *args)
+    return contiguous_results(reference(input_ids, *args))
 
 
 @masked_input.register_fake
