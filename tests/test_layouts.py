@@ -97,3 +97,25 @@ def test_only_views_behind_other_ops_become_reshapes():
     flat, merged_out, _, _ = gm(x, w)  # the transposed result is not viewable: the reshape copies
     ref = torch.ops.kunlun.rms_norm(x, w, 1e-6, 0.0)
     assert torch.equal(merged_out, ref.transpose(1, 2).reshape(2, -1))
+
+
+@pytest.mark.parametrize("disable", [(), ("views_after_fused_ops",)], ids=["with-pass", "without-pass"])
+def test_hf_gemma3_norms_after_the_head_transpose(disable):
+    """HF transformers' Gemma3 applies its Q/K norms after the head transpose (one of the architectures
+    that fell back to eager for the whole graph on the Triton path): exact with the pass, and the same
+    graph without it cannot run its view."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=128, sliding_window=32)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    compiled = torch.compile(model, backend=kc.backend(graph_mode="none", disable=disable, **STRICT))
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        if disable:
+            with pytest.raises(RuntimeError, match="view size is not compatible"):
+                compiled(ids)
+        else:
+            assert rel_err(compiled(ids).logits, want) < 1e-5
