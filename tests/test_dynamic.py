@@ -92,3 +92,22 @@ def test_strict_keeps_dynamos_error():
     compiled = kc.compile(BroadcastAfterBreak(), dynamic=True, strict=True)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match="fake tensor"):
         compiled(torch.randn(4, 5, 8), torch.randn(4, 1, 8))
+
+
+def test_each_compiled_model_warns_for_its_own_untraceable_frame():
+    """Dynamo's reason text can repeat across models (the same op, the same symbols): a second model
+    that hits it still gets its warning."""
+    import warnings
+
+    from kunlun_compile.utils import KunlunCompileWarning
+
+    for _ in range(2):
+        torch._dynamo.reset()
+        model = BroadcastAfterBreak()
+        compiled = kc.compile(model, dynamic=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x, scale = torch.randn(4, 5, 8), torch.randn(4, 1, 8)
+            torch.testing.assert_close(compiled(x, scale), model(x, scale), rtol=0, atol=0)
+        mine = [str(w.message) for w in caught if issubclass(w.category, KunlunCompileWarning)]
+        assert len(mine) == 1 and "runs it eagerly" in mine[0], mine

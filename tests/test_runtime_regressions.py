@@ -49,6 +49,15 @@ class _Calls:
             self.errors.append((label, err))
         self.held.append((label, got, got.clone()))
 
+    def run(self, compiled, model, shapes, seed: int) -> None:
+        """Call both with fresh inputs of each shape in turn (no grad), checking every call, then finish."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for call, shape in enumerate(shapes):
+                x = torch.randn(*shape, generator=gen)
+                self.check(f"call {call} shape {tuple(shape)}", compiled(x), model(x))
+        self.finish()
+
     def finish(self) -> None:
         overwritten = [label for label, t, then in self.held if not torch.equal(t, then)]
         assert not self.errors, "beyond tolerance: " + ", ".join(f"{where} rel_err {e:.3e}" for where, e in self.errors)
@@ -161,13 +170,7 @@ class BreakInEveryLayer(nn.Module):
 def test_a_graph_shared_by_layers_uses_each_layers_weights(mode, dynamic):
     model = BreakInEveryLayer().eval()
     compiled = kc.compile(model, dynamic=dynamic, graph_mode=mode, capture_sizes=[1, 2, 4, 8], **STRICT)
-    record = _Calls(FP32_TOL)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for call, tokens in enumerate([4, 4, 4, 3, 3, 3, 12, 4]):
-            x = torch.randn(tokens, 32, generator=gen)
-            record.check(f"call {call} tokens {tokens}", compiled(x), model(x))
-    record.finish()
+    _Calls(FP32_TOL).run(compiled, model, [(tokens, 32) for tokens in [4, 4, 4, 3, 3, 3, 12, 4]], seed=1)
 
 
 class SequenceMajor(nn.Module):
@@ -186,13 +189,7 @@ class SequenceMajor(nn.Module):
 def test_sequence_major_inputs_whose_length_varies(mode):
     model = SequenceMajor().eval()
     compiled = kc.compile(model, dynamic=True, graph_mode=mode, capture_sizes=[1, 2, 4, 8], **STRICT)
-    record = _Calls(FP32_TOL)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for call, seq in enumerate([4, 4, 4, 6, 6, 6, 11, 4]):
-            x = torch.randn(1, seq, 32, generator=gen)
-            record.check(f"call {call} seq {seq}", compiled(x), model(x))
-    record.finish()
+    _Calls(FP32_TOL).run(compiled, model, [(1, seq, 32) for seq in [4, 4, 4, 6, 6, 6, 11, 4]], seed=2)
 
 
 def test_a_list_of_tensors_crossing_pieces_is_refreshed_on_replay():

@@ -66,7 +66,7 @@ def with_serving_shapes(compiled, *, fall_back: bool = False, warned: Optional[S
                     return fn(*args, **kwargs)
             finally:
                 torch._dynamo.config.suppress_errors = saved
-                if len(counters["unimplemented"]) != len(seen):
+                if counters["unimplemented"].total() != sum(seen.values()):  # a few reasons: cheap
                     for reason in untraceable_reasons(seen):
                         warn_once("kunlun backend: Dynamo could not trace a frame under serving shapes (size-"
                                   f"oblivious sizes) and runs it eagerly: {_first_detail(reason)}", warned)
