@@ -742,23 +742,33 @@ class CaseResult:
         return any(d.kind == "refused" for d in self.divergences)
 
 
-class MoeInputs:
-    """Records each MoE layer's input rows while a model runs (`with MoeInputs(model) as seen:`)."""
+class _MoeInputHook:
+    """A forward pre-hook on every MoE layer of `model` while inside `with`; subclasses say what it does."""
 
     def __init__(self, model: nn.Module):
         self.moes = [m for m in model.modules() if isinstance(m, MoE)]
-        self.rows: List[torch.Tensor] = []
         self.hooks = []
 
-    def __enter__(self) -> "MoeInputs":
-        self.hooks = [m.register_forward_pre_hook(self._record) for m in self.moes]
+    def __enter__(self):
+        self.hooks = [m.register_forward_pre_hook(self.on_input) for m in self.moes]
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self.hooks:
             h.remove()
 
-    def _record(self, _module, args) -> None:
+    def on_input(self, module, args):
+        raise NotImplementedError
+
+
+class MoeInputs(_MoeInputHook):
+    """Records each MoE layer's input rows while a model runs (`with MoeInputs(model) as seen:`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.rows: List[torch.Tensor] = []
+
+    def on_input(self, module, args) -> None:
         self.rows.append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
 
@@ -772,23 +782,15 @@ def moe_input_errors(eager: MoeInputs, exact: MoeInputs) -> List[float]:
     return errs
 
 
-class PerturbedMoeInputs:
+class PerturbedMoeInputs(_MoeInputHook):
     """Multiplies each MoE layer's input by (1 + level * N(0, 1)), the level of that layer given: the
     same maths rounded otherwise, as accurately as eager."""
 
     def __init__(self, model: nn.Module, levels: Sequence[float], gen: torch.Generator):
-        self.moes = [m for m in model.modules() if isinstance(m, MoE)]
-        self.levels, self.gen, self.hooks, self.at = list(levels), gen, [], 0
+        super().__init__(model)
+        self.levels, self.gen, self.at = list(levels), gen, 0
 
-    def __enter__(self) -> "PerturbedMoeInputs":
-        self.hooks = [m.register_forward_pre_hook(self._perturb) for m in self.moes]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.hooks:
-            h.remove()
-
-    def _perturb(self, _module, args):
+    def on_input(self, module, args):
         x = args[0]
         level = self.levels[self.at] if self.at < len(self.levels) else 0.0
         self.at += 1

@@ -1,4 +1,6 @@
 """Fusion passes on real model code: exact matches per family, kernel counts, outputs, near misses."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -108,11 +110,15 @@ HF_EXPECTED = {
     "llama": (HF_COMMON, 108, 17, 5, 14),
     "qwen3": (HF_COMMON, 132, 17, 5, 14),
     "qwen3_moe": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 140, 21, 5, 10),
+    # transformers' default experts: sorted pairs, histc offsets, two grouped GEMMs
+    "qwen3_moe_grouped_mm": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 156, 21, 5, 10),
 }
 
 
 def _hf_model(kind):
-    return _hf(kind, experts_implementation="batched_mm") if kind == "qwen3_moe" else _hf(kind)
+    if kind == "qwen3_moe":
+        return _hf(kind, experts_implementation="batched_mm")
+    return _hf("qwen3_moe") if kind == "qwen3_moe_grouped_mm" else _hf(kind)
 
 
 @pytest.mark.parametrize("kind", list(HF_EXPECTED))
@@ -131,7 +137,7 @@ def test_hf_models_fuse_exactly(kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+@pytest.mark.parametrize("kind", ["qwen3", "llama", "qwen3_moe_grouped_mm"])
 def test_hf_bf16_batch2_stays_close_to_float64(kind):
     """Two sequences share one cos/sin table (position ids [1, S]): the replacement expands it per token."""
     model = _hf_model(kind).to(torch.bfloat16)
@@ -142,7 +148,8 @@ def test_hf_bf16_batch2_stays_close_to_float64(kind):
             got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
     # 20 static rows: every linear stays with cuBLAS
     assert compiled.kunlun_backend.report.graphs[0].patterns == dict(HF_EXPECTED[kind][0], decode_linear=0)
-    m64 = _hf_model(kind).to(torch.float64)
+    # grouped GEMMs take no float64: the reference runs the same experts through batched_mm
+    m64 = (_hf_model("qwen3_moe") if kind == "qwen3_moe_grouped_mm" else _hf_model(kind)).to(torch.float64)
     m64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = m64(input_ids=ids).logits
@@ -228,3 +235,79 @@ def test_matching_sees_through_views_clones_and_cancelling_transposes():
         want = m(x, r)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- HF grouped-GEMM experts: the device-dependent spelling ------------------------------------------------
+
+@pytest.mark.parametrize("cast, fused", [(torch.float32, 1), (torch.int32, 1), (torch.bfloat16, 0)])
+def test_hf_grouped_mm_experts_match_whatever_histc_counts_in(cast, fused):
+    """transformers casts the sorted expert ids to float32 for histc on the CPU and to int32 on CUDA;
+    both count exactly and fuse.  A cast that can round an id (bfloat16) is refused with the reason."""
+    from kunlun_compile.passes.pattern_engine import apply_rewrites, trace_aten
+    from kunlun_compile.passes.rules import moe_experts
+
+    gen = torch.Generator().manual_seed(3)
+    experts, k = 6, 2
+    args = (torch.randn(5, 16, generator=gen), torch.randn(experts, 24, 16, generator=gen),
+            torch.randn(experts, 16, 12, generator=gen), torch.randint(0, experts, (5, k), generator=gen),
+            torch.rand(5, k, generator=gen))
+    gm = trace_aten(moe_experts.hf_grouped_mm_experts, args)
+    (to_float,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default]
+    to_float.kwargs = {**to_float.kwargs, "dtype": cast}  # as a CUDA (or a hostile) graph spells it
+    outcome = apply_rewrites(gm, moe_experts.RULES)
+    assert outcome.patterns.get("moe_ffn", 0) == fused
+    if not fused:
+        assert any("cast to torch.bfloat16" in line for line in outcome.near_misses), outcome.near_misses
+
+
+# ---- forms found by the HF corpus probe (benchmarks/hf_corpus_probe.py) ------------------------------------
+
+def _hf_arch(arch: str, dtype, **extra):
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
+    moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch == "Mixtral" else {}
+    cfg = getattr(transformers, f"{arch}Config")(**common, **moe, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{arch}ForCausalLM")(cfg).to(dtype).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    # the router leaves its weights in float32; transformers' default grouped-GEMM experts
+    ("Mixtral", {"moe_gate": 2, "moe_ffn": 2, "add_rmsnorm": 5}),
+    # `(weight * x).to(dtype)`: the weight multiplies in float32 (q/k norms, post-norms: 9 lone norms)
+    ("Olmo2", {"add_rmsnorm": 9}),
+])
+def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
+    model = _hf_arch(arch, torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with cpu_kernels(False):  # op references: the interpreter's bf16 rounding is biased (tests/op_helpers.py)
+        compiled = kc.compile(model, strict=True)
+        with torch.no_grad():
+            got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    patterns = compiled.kunlun_backend.report.graphs[0].patterns
+    assert {k: patterns[k] for k in expected} == expected, patterns
+    # grouped GEMMs take no float64: the reference runs the same experts through batched_mm
+    m64 = _hf_arch(arch, torch.float64, **({"experts_implementation": "batched_mm"} if arch == "Mixtral" else {}))
+    m64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = m64(input_ids=ids).logits
+    assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+
+
+def test_an_alias_registered_after_the_first_compile_is_still_matched():
+    """transformers registers its grouped-GEMM op on import, which may come after a compile traced the
+    rules: the resolved aliases are part of a compiled pattern's cache key."""
+    from kunlun_compile.passes import pattern_engine as pe
+    from kunlun_compile.passes.rules import moe_experts
+
+    plain = next(r for r in moe_experts.RULES if r.name == "hf_grouped_mm")
+    rule = dataclasses.replace(plain, aliases={torch.ops.kunlun.grouped_mm.default:
+                                                               ("kunlun_late::grouped_mm",)})
+    before = pe._patterns_for(rule, {torch.float32})
+    assert pe.resolved_aliases(rule) == ()
+    lib = torch.library.Library("kunlun_late", "FRAGMENT")  # a throwaway op, this test only
+    lib.define("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor")
+    late = torch.ops.kunlun_late.grouped_mm.default
+    after = pe._patterns_for(rule, {torch.float32})
+    fns = [f for c in after for q in pe._pattern_nodes(c.strict) for f in q.fns]
+    assert late in fns and all(late not in q.fns for c in before for q in pe._pattern_nodes(c.strict))

@@ -1,4 +1,5 @@
 """kunlun::moe_gate and kunlun::fused_moe (every execution path) against float64 math."""
+import re
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,8 @@ from kunlun_compile.ops.moe_plan import MoePlan, plan_fused_moe
 from kunlun_compile.ops.moe_routing import sort_pairs
 
 from .conftest import rel_err
-from .op_helpers import BOUND_C, PATHS, U_ACC, UNIT_ROUNDOFF, assert_close_to_float64, needs_interpreter, seeded
+from .op_helpers import (BOUND_C, PATHS, U_ACC, UNIT_ROUNDOFF, assert_close_to_float64, needs_interpreter, seeded,
+                         stable_seed)
 
 # ---- moe_gate ------------------------------------------------------------------------------------
 
@@ -348,3 +350,40 @@ def test_fused_moe_bad_args_and_opcheck():
     with pytest.raises(ValueError, match="dtype"):
         op(x, w13.double(), w2, w, ids, "silu")
     torch.library.opcheck(op.default, (x, w13, w2, w, ids, "silu"))
+
+
+# ---- kunlun::grouped_mm: the primitive the HF grouped-GEMM experts rule is written with ---------------
+
+def test_grouped_mm_is_one_matmul_per_group_and_zero_past_the_last_offset():
+    gen = torch.Generator().manual_seed(stable_seed("grouped_mm"))
+    a, b = torch.randn(11, 6, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    offs = torch.tensor([3, 3, 7, 9], dtype=torch.int32)  # group 1 empty, rows 9-10 past the end
+    got = torch.ops.kunlun.grouped_mm(a, b, offs)
+    want = torch.zeros(11, 5, dtype=torch.float64)
+    for g, (lo, hi) in enumerate([(0, 3), (3, 3), (3, 7), (7, 9)]):
+        want[lo:hi] = a[lo:hi].double() @ b[g].double()
+    assert_close_to_float64(got, want, rtol=1e-6)
+    assert torch.equal(got[9:], torch.zeros(2, 5))
+
+
+def test_grouped_mm_matches_torch_grouped_mm_where_that_runs():
+    gen = torch.Generator().manual_seed(stable_seed("grouped_mm_bf16"))
+    a, b = torch.randn(16, 32, generator=gen).bfloat16(), torch.randn(3, 32, 16, generator=gen).bfloat16()
+    offs = torch.tensor([5, 12, 16], dtype=torch.int32)
+    try:
+        want = torch._grouped_mm(a, b, offs=offs)
+    except (RuntimeError, NotImplementedError) as e:  # no kernel for this device/dtype in this build
+        pytest.skip(f"torch._grouped_mm does not run here: {e}")
+    got = torch.ops.kunlun.grouped_mm(a, b, offs)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (((4, 6), (2, 5, 3), (2,)), "a's K 6 != b's K 5"),
+    (((4, 6), (2, 6, 3), (3,)), "offs must be int32/int64 [2]"),
+    (((4, 6, 1), (2, 6, 3), (2,)), "a must be [rows, K]"),
+])
+def test_grouped_mm_rejects_bad_shapes_with_a_clear_error(shapes, message):
+    a, b, offs = torch.randn(*shapes[0]), torch.randn(*shapes[1]), torch.zeros(*shapes[2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.ops.kunlun.grouped_mm(a, b, offs)

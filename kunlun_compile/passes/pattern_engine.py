@@ -62,6 +62,8 @@ SIZE_ARGUMENTS = {
     aten.repeat_interleave.self_int: (1,),
     aten.one_hot.default: (1,),
     aten.topk.default: (1,),
+    aten.histc.default: (1, 3),  # bins, max: the number of experts (the guard checks them)
+    aten.floor_divide.default: (1,),  # the sorted pair -> token divisor, top-k (the guard checks it)
 }
 # kwargs of these types never decide a result: devices, pin_memory, layout.
 _IGNORED_TYPES = (torch.device,)
@@ -120,6 +122,10 @@ class Rewrite:
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     # ATen ops the pattern cannot do without: a graph with none of them is not searched (saves the trace)
     needs: Tuple[Any, ...] = ()
+    # a primitive op the search function is written with -> the ops ("namespace::name") it also matches
+    aliases: Mapping[Any, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # (op, keyword) pairs that match any value (spellings that differ by device); the guard checks them
+    free_kwargs: Tuple[Tuple[Any, str], ...] = ()
 
 
 # ---- tracing and pattern building -------------------------------------------------------
@@ -142,6 +148,13 @@ def _wildcard_sizes(gm: fx.GraphModule) -> None:
             if i < len(args):
                 args[i] = _as_wildcard(args[i])
         node.args = tuple(args)
+
+
+def _free_kwargs(gm: fx.GraphModule, free: Sequence[Tuple[Any, str]]) -> None:
+    for node in gm.graph.nodes:
+        names = [k for op, k in free if node.target is op and k in node.kwargs]
+        if names:
+            node.kwargs = {**node.kwargs, **{k: pm.Ignored() for k in names}}
 
 
 def _as_wildcard(x):
@@ -185,12 +198,14 @@ class CompiledRewrite:
         return first.fns
 
 
-def compile_rewrite(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
+def compile_rewrite(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any], ...] = ()) -> CompiledRewrite:
+    """`aliases`: (primitive, op) pairs resolved now (`resolved_aliases`)."""
     tensors = list(rule.example_inputs(dtype))
     names = tuple(_parameter_names(rule.search))[: len(tensors)]
     markers = dict(rule.constants)
     gm = trace_aten(lambda *ts: rule.search(*ts, **markers), tensors)
     _wildcard_sizes(gm)
+    _free_kwargs(gm, rule.free_kwargs)
     strict, relaxed = (pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
                        for _ in range(2))
     for out in _outputs(strict):  # outputs may have any number of users outside
@@ -198,7 +213,34 @@ def compile_rewrite(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
             out.users = pm.MULTIPLE
     for q in _pattern_nodes(relaxed):
         q.users = pm.MULTIPLE
+    for p in (strict, relaxed):
+        _add_aliases(p, aliases)
     return CompiledRewrite(rule, dtype, strict, relaxed, names)
+
+
+def resolved_aliases(rule: Rewrite) -> Tuple[Tuple[Any, Any], ...]:
+    """(primitive, op) for each alias op registered by now: part of a compiled pattern's cache key, so a
+    library imported later (transformers registers its op on import) still gets matched."""
+    return tuple((prim, op) for prim, names in rule.aliases.items()
+                 for op in map(_resolve_op, names) if op is not None)
+
+
+def _add_aliases(pattern, aliases: Tuple[Tuple[Any, Any], ...]) -> None:
+    """A pattern node calling a primitive also matches the ops the primitive stands for."""
+    for q in _pattern_nodes(pattern):
+        extra = [op for prim, op in aliases if prim in q.fns_set and op not in q.fns_set]
+        if extra:
+            q.fns = list(q.fns) + extra
+            q.fns_set = type(q.fns_set)(q.fns)
+
+
+def _resolve_op(qualified: str):
+    """"namespace::name" -> its default overload, None while no library has registered it."""
+    namespace, name = qualified.split("::")
+    try:
+        return getattr(getattr(torch.ops, namespace), name).default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _parameter_names(fn: Callable) -> List[str]:
@@ -207,8 +249,8 @@ def _parameter_names(fn: Callable) -> List[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
-    return compile_rewrite(rule, dtype)
+def _compiled(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any], ...] = ()) -> CompiledRewrite:
+    return compile_rewrite(rule, dtype, aliases)
 
 
 def _patterns_for(rule: Rewrite, dtypes) -> List[CompiledRewrite]:
@@ -217,7 +259,7 @@ def _patterns_for(rule: Rewrite, dtypes) -> List[CompiledRewrite]:
     for dtype in rule.dtypes or (torch.float32,):  # () : no float work, one trace serves every graph
         if rule.dtypes and dtype not in dtypes:
             continue
-        c = _compiled(rule, dtype)
+        c = _compiled(rule, dtype, resolved_aliases(rule))
         key = repr(c.strict)
         if key not in seen:
             seen.add(key)

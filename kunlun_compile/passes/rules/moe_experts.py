@@ -4,7 +4,11 @@ Forms matched (each the way the model code writes it):
 - gather form (vLLM-style reference experts; the built-in models): each token's
   k experts' weights are gathered and applied with einsum;
 - HF transformers `batched_mm` experts (tokens repeated k times, per-pair bmm
-  against gathered weights, weighted sum over k).
+  against gathered weights, weighted sum over k);
+- HF transformers `grouped_mm` experts, its default: (token, k) pairs sorted by
+  expert, `histc(...).cumsum` offsets, two grouped GEMMs (`torch._grouped_mm`,
+  or transformers' fallback op in fp32), weights applied in sorted order, pairs
+  put back by the inverse permutation and summed over k.
 HF's default `eager` experts loop over `nonzero()` results: Dynamo breaks the
 graph there, so that form never reaches a pass (select `batched_mm`).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...ops import grouped_mm as grouped_mm_op
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 
@@ -50,6 +55,58 @@ def hf_batched_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, t
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
+def hf_grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    experts = gate_up_proj.shape[0]
+    # HF casts to float32 on the CPU, to int32 on CUDA: the rule leaves the cast's dtype free
+    tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    proj = torch.ops.kunlun.grouped_mm(selected, gate_up_proj.transpose(-2, -1), offsets)
+    gate, up = proj.chunk(2, dim=-1)
+    proj = F.silu(gate) * up
+    proj = torch.ops.kunlun.grouped_mm(proj, down_proj.transpose(-2, -1), offsets)
+    weighted = proj * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inv_perm]
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+_EXACT_FOR_EXPERT_IDS = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def _grouped_guard(b: Bindings):
+    """The wildcard sizes must be the ones the fused op assumes: histc over exactly the experts, pairs
+    mapped back to tokens by top-k."""
+    verdict = _guard(b, "hidden_states", "gate_up_proj", "down_proj", "top_k_weights", "top_k_index")
+    if isinstance(verdict, Refusal):
+        return verdict
+    experts, k = b.val("gate_up_proj").shape[0], b.val("top_k_index").shape[1]
+    (histc,) = b.nodes(aten.histc.default)
+    params = dict(zip(("bins", "min", "max"), histc.args[1:]), **histc.kwargs)
+    bins, low, high = params.get("bins", 100), params.get("min", 0), params.get("max", 0)
+    if not (g.known_equal(bins, experts) and low == 0 and g.known_equal(high, experts - 1)):
+        return Refusal(f"expert offsets count {bins} bins over [{low}, {high}], not the {experts} experts")
+    # the rule leaves every cast's dtype free: the one before histc must count ids exactly, any other
+    # (the weighted sum's cast back) must give the hidden states' dtype, which the fused op returns
+    for cast in b.nodes(aten._to_copy.default):
+        dtype = cast.kwargs.get("dtype")
+        if cast is histc.args[0] and dtype not in _EXACT_FOR_EXPERT_IDS:
+            return Refusal(f"expert ids are cast to {dtype} before counting them")
+        if cast is not histc.args[0] and dtype != b.val("hidden_states").dtype:
+            return Refusal(f"the experts' sum is cast to {dtype}, not to the hidden states' dtype")
+    (divide,) = b.nodes(aten.floor_divide.default)
+    if not g.known_equal(divide.args[1], k):
+        return Refusal(f"sorted pairs map to tokens by // {divide.args[1]}, not by top-k {k}")
+    return {}
+
+
 def _guard(b: Bindings, x: str, w13: str, w2: str, weights: str, ids: str):
     xv, w13v, w2v, wv, iv = (b.val(n) for n in (x, w13, w2, weights, ids))
     reason = g.first(
@@ -76,13 +133,17 @@ def _hf_replace(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weigh
                                       "silu")
 
 
-def _inputs(dtype, hf: bool):
+def _inputs(dtype, hf: bool, float_weights: bool = False):
     x = torch.randn(_T, _H, dtype=dtype)
     w13, w2 = torch.randn(_E, 2 * _I, _H, dtype=dtype), torch.randn(_E, _H, _I, dtype=dtype)
     ids = torch.randint(0, _E, (_T, _K), dtype=torch.int64 if hf else torch.int32)
-    weights = torch.rand(_T, _K, dtype=dtype if hf else torch.float32)
+    weights = torch.rand(_T, _K, dtype=dtype if hf and not float_weights else torch.float32)
     return (x, w13, w2, ids, weights) if hf else (x, w13, w2, weights, ids)
 
+
+_GROUPED = dict(replace=_hf_replace, guard=_grouped_guard, needs=(aten.sort.default, aten.histc.default),
+                aliases={torch.ops.kunlun.grouped_mm.default: grouped_mm_op.ALIASES},
+                free_kwargs=((aten._to_copy.default, "dtype"),))
 
 RULES = [
     Rewrite(family="moe_ffn", name="gather_einsum", search=gather_experts, replace=_gather_replace,
@@ -93,4 +154,11 @@ RULES = [
             example_inputs=lambda dtype: _inputs(dtype, hf=True),
             guard=lambda b: _guard(b, "hidden_states", "gate_up_proj", "down_proj", "top_k_weights", "top_k_index"),
             needs=(aten.bmm.default, aten.index.Tensor)),
+    Rewrite(family="moe_ffn", name="hf_grouped_mm", search=hf_grouped_mm_experts,
+            example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
+    # Mixtral's router leaves its weights in float32: the weighted sum promotes and casts back once
+    Rewrite(family="moe_ffn", name="hf_grouped_mm_float_weights", search=hf_grouped_mm_experts,
+            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=(torch.bfloat16,
+                                                                                              torch.float16),
+            **_GROUPED),
 ]

@@ -90,6 +90,15 @@ def hf_router_unnormalized(logits):
     return top_value.to(logits.dtype), indices
 
 
+def hf_router_float_weights(logits):
+    """transformers' Mixtral router: renormalised top-k of a float softmax, the weights left in float32
+    (the experts' sum promotes, and casts back once)."""
+    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    top_value, indices = torch.topk(probs, _K, dim=-1)
+    top_value /= top_value.sum(dim=-1, keepdim=True)
+    return top_value, indices
+
+
 def _gate_params(b: Bindings, grouping: str):
     """top_k, num_groups, topk_group from the matched nodes, or a reason."""
     topks = [n for n in b.nodes(aten.topk.default)]
@@ -160,14 +169,19 @@ def _rule(scoring, grouping, renormalize, scaled) -> Rewrite:
                    guard=lambda b: _guard(b, **flags), needs=_needs(scoring, grouping, renormalize))
 
 
-def _hf_rule(renormalize: bool) -> Rewrite:
+_HF_SEARCHES = {"": hf_router, "_unnormalized": hf_router_unnormalized, "_float_weights": hf_router_float_weights}
+
+
+def _hf_rule(variant: str) -> Rewrite:
+    renormalize = variant != "_unnormalized"
+    float_weights = variant == "_float_weights"
+
     def replace(logits, *, top_k, num_groups, topk_group):
         weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", renormalize, 1, 1, None, 1.0)
-        return weights.to(logits.dtype), ids.long()
+        return (weights if float_weights else weights.to(logits.dtype)), ids.long()
 
-    return Rewrite(family="moe_gate", name="hf_topk_router" + ("" if renormalize else "_unnormalized"),
-                   search=hf_router if renormalize else hf_router_unnormalized, replace=replace,
-                   example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+    return Rewrite(family="moe_gate", name="hf_topk_router" + variant, search=_HF_SEARCHES[variant],
+                   replace=replace, example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
                    guard=lambda b: _guard(b, "softmax", "none", renormalize, False),
                    needs=_needs("softmax", "none", renormalize))
 
@@ -176,4 +190,4 @@ _COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigm
            ("sigmoid", "groups_bias"), ("softmax", "groups"), ("sigmoid", "groups")]
 RULES = [_rule(s, grp, renorm, scaled)
          for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + \
-    [_hf_rule(True), _hf_rule(False)]
+    [_hf_rule(v) for v in _HF_SEARCHES]

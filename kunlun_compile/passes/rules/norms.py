@@ -5,7 +5,10 @@ The search functions are the norms as model code writes them:
 - Gemma / Qwen3-Next (sum in the dtype; `* (1 + weight)` in fp32, one cast),
 - HF transformers Llama/Qwen3 (`weight * x.to(dtype)`; the residual is added
   outside the norm, in the dtype: the op normalises that rounded sum
-  (`sum_in_dtype`), where vLLM's form normalises the unrounded fp32 sum).
+  (`sum_in_dtype`), where vLLM's form normalises the unrounded fp32 sum),
+- HF Olmo2 and kin (`(weight * x).to(dtype)`: the weight multiplies in fp32 and
+  the product is rounded once; the op rounds the normalised x, then the product,
+  i.e. at most one more bf16 rounding -- within the dtype's error, not equal bits).
 Rules with a residual come first, so a lone-norm rule never splits one.
 """
 from __future__ import annotations
@@ -85,6 +88,14 @@ def hf_lone(x, weight, eps):
     return weight * x.to(input_dtype)
 
 
+def hf_weight_first_lone(x, weight, eps):
+    input_dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return (weight * x).to(input_dtype)
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
 def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
@@ -141,5 +152,6 @@ LONE_RULES = [
     _rule("gemma_lone", gemma_lone, fused_lone, gemma=True, residual=False),
     _rule("vllm_lone", vllm_lone, fused_lone, gemma=False, residual=False),
     _rule("hf_lone", hf_lone, fused_lone, gemma=False, residual=False),
+    _rule("hf_weight_first_lone", hf_weight_first_lone, fused_lone, gemma=False, residual=False),
 ]
 RULES = RESIDUAL_RULES + LONE_RULES
