@@ -311,3 +311,35 @@ def test_an_alias_registered_after_the_first_compile_is_still_matched():
     after = pe._patterns_for(rule, {torch.float32})
     fns = [f for c in after for q in pe._pattern_nodes(c.strict) for f in q.fns]
     assert late in fns and all(late not in q.fns for c in before for q in pe._pattern_nodes(c.strict))
+
+
+# ---- why didn't it fuse: anchors left in the graph say how close a pattern came ---------------------------
+
+def test_an_expert_gemm_left_unfused_says_where_the_closest_pattern_differed():
+    from kunlun_compile.passes import pattern_engine as pe
+    from kunlun_compile.passes.fusion import fusion_passes
+    from kunlun_compile.passes.rules import moe_experts
+
+    gen = torch.Generator().manual_seed(3)
+    args = (torch.randn(5, 16, generator=gen), torch.randn(6, 24, 16, generator=gen),
+            torch.randn(6, 16, 12, generator=gen), torch.randint(0, 6, (5, 2), generator=gen),
+            torch.rand(5, 2, generator=gen))
+    gm = pe.trace_aten(moe_experts.hf_grouped_mm_experts, args)
+    for n in gm.graph.nodes:  # experts with a GELU: no rule has that form
+        if n.target is torch.ops.aten.silu.default:
+            n.target = torch.ops.aten.gelu.default
+    gm.recompile()
+    (moe_ffn,) = [p for p in fusion_passes() if p.name == "moe_ffn"]
+    outcome = moe_ffn.fn(gm, None)
+    assert not outcome.patterns.get("moe_ffn")
+    lines = [line for line in outcome.near_misses if "left unfused" in line]
+    assert len(lines) == 2, outcome.near_misses  # both grouped GEMMs
+    assert all("the pattern has aten::silu, the graph aten::gelu" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_grouped_mm"])
+def test_a_model_that_fuses_whole_reports_no_unfused_anchor(kind):
+    compiled = kc.compile(_hf_model(kind), strict=True)
+    with torch.no_grad():
+        compiled(input_ids=torch.randint(0, 256, (1, 12)))
+    assert not [line for line in _near_misses(compiled.kunlun_backend.report) if "left unfused" in line]

@@ -12,6 +12,7 @@ from typing import List, Sequence
 
 import torch.fx as fx
 
+from .explain import unfused_anchors
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
 from .rules import hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue
@@ -45,11 +46,14 @@ FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 FAMILY_RULES = {f.name: f.rules for f in FAMILIES}
 
 
-def _family_pass(rules: Sequence[Rewrite]):
+def _family_pass(family: str, rules: Sequence[Rewrite]):
     def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-        return apply_rewrites(gm, rules)
+        outcome = apply_rewrites(gm, rules)
+        outcome.near_misses += [line for line in unfused_anchors(gm, family, rules) if line not in outcome.near_misses]
+        return outcome
     return run
 
 
 def fusion_passes() -> List[GraphPass]:
-    return [GraphPass(f.name, f.description, _family_pass(FAMILY_RULES[f.name]), family=True) for f in FAMILIES]
+    return [GraphPass(f.name, f.description, _family_pass(f.name, FAMILY_RULES[f.name]), family=True)
+            for f in FAMILIES]
