@@ -268,7 +268,8 @@ def _hf_arch(arch: str, dtype, **extra):
     moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch == "Mixtral" else {}
     cfg = getattr(transformers, f"{arch}Config")(**common, **moe, **extra)
     torch.manual_seed(0)
-    return getattr(transformers, f"{arch}ForCausalLM")(cfg).to(dtype).eval().requires_grad_(False)
+    model_class = "Gemma3ForCausalLM" if arch == "Gemma3Text" else f"{arch}ForCausalLM"
+    return getattr(transformers, model_class)(cfg).to(dtype).eval().requires_grad_(False)
 
 
 @pytest.mark.parametrize("arch, expected", [
@@ -276,6 +277,12 @@ def _hf_arch(arch: str, dtype, **extra):
     ("Mixtral", {"moe_gate": 2, "moe_ffn": 2, "add_rmsnorm": 5}),
     # `(weight * x).to(dtype)`: the weight multiplies in float32 (q/k norms, post-norms: 9 lone norms)
     ("Olmo2", {"add_rmsnorm": 9}),
+    # rotary on a slice, the rest passed through by `cat`: partial (StableLm, a quarter of each head) and
+    # full width with an empty passed slice (Phi3, q/k sliced out of one fused projection)
+    ("StableLm", {"norm_rope_gate": 2}),
+    ("Phi3", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+    # Q/K norms (`1 + w`) after the head transpose, then rotary
+    ("Gemma3Text", {"norm_rope_gate": 2, "add_rmsnorm": 9}),
 ])
 def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
     model = _hf_arch(arch, torch.bfloat16)

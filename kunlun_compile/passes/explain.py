@@ -3,6 +3,8 @@ grouped or gathered expert GEMM for the experts, each top-k for the router, each
 that is still in the graph gets one near-miss line, with the closest any of the family's patterns came to
 matching around it (how far back from a pattern's output the match got, and the first node that differed).
 
+Not yet for the attention prologue: a rotation (`cat((-x2, x1))`) sits inside several patterns whose
+deepest failures mostly come from unrelated branches (tried on the HF corpus; the lines misled).
 A guard's refusal or an escaping intermediate is already recorded by the pattern engine; this covers the
 silent case: no pattern of the family matched the spelling at all.
 """
@@ -17,7 +19,9 @@ from torch._inductor import pattern_matcher as pm
 from . import pattern_engine as pe
 
 aten = torch.ops.aten
-_REACH = 48  # nodes after an anchor searched for a pattern output: a family's pattern spans fewer
+# a pattern output is looked for among the nodes this close after an anchor, and a failure counts only this
+# close around it: farther, a pattern (a residual add's) may fail on another branch entirely
+_AFTER, _BEFORE = 16, 8
 
 
 def _is_expert_gemm(node: fx.Node) -> bool:
@@ -50,15 +54,16 @@ def unfused_anchors(gm: fx.GraphModule, family: str, rules: Sequence[pe.Rewrite]
     for a in anchors:
         closest = _closest(a, compiled, order)
         why = (f"closest pattern {closest[1]} matched back from {closest[2]} to {closest[3]}, where {closest[4]}"
-               if closest else "no pattern of the family ends after it")
+               if closest else "no pattern of the family matched as far back as it")
         lines.append(f"{family}: {a.name} ({_op_name(a.target)}) left unfused; {why}")
     return lines
 
 
 def _closest(anchor: fx.Node, compiled, order) -> Optional[Tuple[int, str, str, str, str]]:
     """(depth, rule, pattern output node, first differing node, what differed) of the deepest failed match
-    of any pattern at any node within _REACH after the anchor."""
-    after = _descendants(anchor, _REACH)
+    of any pattern of the family ending near after the anchor and failing near it."""
+    after = _reach(anchor, _AFTER, lambda n: n.users)
+    near = set(after) | {anchor} | set(_reach(anchor, _BEFORE, lambda n: n.all_input_nodes))
     best = None
     for c in compiled:
         targets = set(c.anchor_targets)
@@ -69,9 +74,9 @@ def _closest(anchor: fx.Node, compiled, order) -> Optional[Tuple[int, str, str, 
             if m:  # matched now (the pass ran before this one, or a guard refused): the engine said why
                 continue
             node, expected = _failure_site(m)
-            if node is None or node not in order:
+            if node is None or node not in order or node not in near:
                 continue
-            depth = order[cand] - order[node]
+            depth = order[cand] - order[node]  # how far back from its output the pattern matched
             if best is None or depth > best[0]:
                 got = _op_name(node.target) if node.op == "call_function" else node.op
                 what = f"the pattern has {expected}, the graph {got}" if expected else str(m).split(", pattern=")[0]
@@ -79,12 +84,13 @@ def _closest(anchor: fx.Node, compiled, order) -> Optional[Tuple[int, str, str, 
     return best
 
 
-def _descendants(node: fx.Node, limit: int) -> List[fx.Node]:
+def _reach(node: fx.Node, limit: int, step) -> List[fx.Node]:
+    """Up to `limit` nodes reached from `node` by `step` (users: forward, inputs: backward), nearest first."""
     seen, frontier, out = {node}, [node], []
     while frontier and len(out) < limit:
         nxt = []
         for n in frontier:
-            for u in n.users:
+            for u in step(n):
                 if u not in seen:
                     seen.add(u)
                     out.append(u)

@@ -13,7 +13,7 @@ import torch
 
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
-from .norms import EPS, hf_lone
+from .norms import EPS, gemma_lone, hf_lone
 from .prologue import MAX_HEAD_DIM
 
 aten = torch.ops.aten
@@ -44,26 +44,56 @@ def hf_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     return hf_rope(q, k, cos, sin)
 
 
+def hf_gemma_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+    """Gemma3: q/k per-head views transposed first, then the `1 + w` norms (in fp32, one rounding), then
+    rotary.  A norm over the last dim commutes with the transpose: the op normalises the same rows."""
+    q = gemma_lone(q.transpose(1, 2), q_weight, eps)
+    k = gemma_lone(k.transpose(1, 2), k_weight, eps)
+    return hf_rope(q, k, cos, sin)
+
+
 def hf_plain_rope(q, k, cos, sin):
     """Llama: q/k per-head views [B, S, H, D] -> transpose -> rotary."""
     return hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
 
+def hf_partial_rope(q, k, cos, sin):
+    """Phi3 / StableLm: rotary over the first cos.shape[-1] dims of each head, the rest passed through by
+    slicing and `cat` (Phi3 slices even when the rotary is full width: the passed part is empty)."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    rot = cos.shape[-1]
+    q_embed, k_embed = hf_rope(q[..., :rot], k[..., :rot], cos, sin)
+    return torch.cat([q_embed, q[..., rot:]], dim=-1), torch.cat([k_embed, k[..., rot:]], dim=-1)
+
+
+def hf_sliced_full_rope(q, k, cos, sin):
+    """Phi3 at full rotary width: the rotated slice spans the head (cleanup folds it away) and the passed
+    slice is empty; the `cat` with it stays."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    rot = cos.shape[-1]
+    q_embed, k_embed = hf_rope(q, k, cos, sin)
+    return torch.cat([q_embed, q[..., rot:]], dim=-1), torch.cat([k_embed, k[..., rot:]], dim=-1)
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
-def _fused(q, k, q_weight, k_weight, cos, sin, eps):
+def _fused(q, k, q_weight, k_weight, cos, sin, eps, norm_offset=0.0):
     batch, seq, nq, d = q.shape
     nkv = k.shape[2]
     rot = cos.shape[-1]
     cos = cos.expand(batch, seq, rot).reshape(batch * seq, rot)  # a view unless cos is shared over the batch
     sin = sin.expand(batch, seq, rot).reshape(batch * seq, rot)
     q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
-                                                 q_weight, k_weight, cos, sin, eps, 0.0, True)
+                                                 q_weight, k_weight, cos, sin, eps, norm_offset, True)
     return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
 
 
 def fused_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps):
     return _fused(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def fused_gemma_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps):
+    return _fused(q, k, q_weight, k_weight, cos, sin, eps, norm_offset=1.0)
 
 
 def fused_plain_rope(q, k, cos, sin):
@@ -72,7 +102,7 @@ def fused_plain_rope(q, k, cos, sin):
 
 # ---- guard ----------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, norm: bool):
+def _guard(b: Bindings, norm: bool, partial: bool = False):
     q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need 4-D per-head "
@@ -89,7 +119,9 @@ def _guard(b: Bindings, norm: bool):
         None if g.known_equal(cos.shape[1], q.shape[1]) and (g.known_equal(cos.shape[0], q.shape[0])
                                                              or g.known_equal(cos.shape[0], 1))
         else f"cos {tuple(cos.shape)} is not per token of q {tuple(q.shape)}",
-        None if g.known_equal(cos.shape[2], d) else f"cos width {cos.shape[2]} is not head_dim {d}",
+        (None if isinstance(cos.shape[2], int) and cos.shape[2] % 2 == 0 and cos.shape[2] <= d
+         else f"rotary width {cos.shape[2]} is not even and at most head_dim {d}") if partial
+        else None if g.known_equal(cos.shape[2], d) else f"cos width {cos.shape[2]} is not head_dim {d}",
         None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
         else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
     )
@@ -101,10 +133,10 @@ def _guard(b: Bindings, norm: bool):
     return Refusal(reason) if reason else {}
 
 
-def _example_inputs(dtype, norm: bool):
+def _example_inputs(dtype, norm: bool, rot: int = _D):
     q = torch.randn(_B, _S, _NQ, _D, dtype=dtype)
     k = torch.randn(_B, _S, _NKV, _D, dtype=dtype)
-    cos, sin = torch.randn(_B, _S, _D, dtype=dtype), torch.randn(_B, _S, _D, dtype=dtype)
+    cos, sin = torch.randn(_B, _S, rot, dtype=dtype), torch.randn(_B, _S, rot, dtype=dtype)
     if not norm:
         return q, k, cos, sin
     return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
@@ -120,4 +152,20 @@ def _rule(norm: bool) -> Rewrite:
                    needs=(aten.cat.default, aten.neg.default, aten.transpose.int))
 
 
-RULES = [_rule(True), _rule(False)]  # with the norms first: the plain rule would split them off
+_SLICED = dict(family="norm_rope_gate", replace=fused_plain_rope,
+               needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.slice.Tensor))
+_PARTIAL = [
+    Rewrite(name="hf_partial_rope", search=hf_partial_rope, guard=lambda b: _guard(b, False, partial=True),
+            example_inputs=lambda dtype: _example_inputs(dtype, False, rot=_D // 2), **_SLICED),
+    Rewrite(name="hf_sliced_full_rope", search=hf_sliced_full_rope, guard=lambda b: _guard(b, False),
+            example_inputs=lambda dtype: _example_inputs(dtype, False), **_SLICED),
+]
+
+# with the norms first (the plain rule would split them off), the partial form before the plain one (whose
+# match inside it would leave the passed-through slice reading an intermediate)
+_GEMMA = Rewrite(family="norm_rope_gate", name="hf_gemma_qknorm_rope", search=hf_gemma_norm_rope,
+                 replace=fused_gemma_norm_rope, example_inputs=lambda dtype: _example_inputs(dtype, True),
+                 constants={"eps": EPS}, guard=lambda b: _guard(b, True),
+                 needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
+
+RULES = [_rule(True), _GEMMA, *_PARTIAL, _rule(False)]
