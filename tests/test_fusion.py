@@ -350,3 +350,25 @@ def test_a_model_that_fuses_whole_reports_no_unfused_anchor(kind):
     with torch.no_grad():
         compiled(input_ids=torch.randint(0, 256, (1, 12)))
     assert not [line for line in _near_misses(compiled.kunlun_backend.report) if "left unfused" in line]
+
+
+class NormBySumOverN(nn.Module):
+    """An RMSNorm with the mean spelled `sum / n`: no rule has that spelling (yet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / 32 + 1e-6) * self.weight
+
+
+def test_an_rsqrt_left_unfused_is_explained_and_a_refused_one_is_not_explained_twice():
+    x = torch.randn(6, 32)
+    _, report = _compile(NormBySumOverN().eval().requires_grad_(False), x)
+    lines = [line for line in _near_misses(report) if line.startswith("add_rmsnorm: ")]
+    assert len(lines) == 1 and "left unfused; closest pattern" in lines[0] and ", where " in lines[0], lines
+    _, report = _compile(NormWithTensorEps().eval().requires_grad_(False), x)
+    misses = _near_misses(report)
+    assert any("eps is a tensor" in line for line in misses)  # the guard's reason, and nothing more on it
+    assert not [line for line in misses if "left unfused" in line], misses

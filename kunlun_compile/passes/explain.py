@@ -26,8 +26,7 @@ _AFTER, _BEFORE = 16, 8
 
 def _is_expert_gemm(node: fx.Node) -> bool:
     """A grouped GEMM, or a bmm against weights gathered by expert id (attention's bmm is not one)."""
-    name = getattr(node.target, "name", lambda: "")()
-    if "grouped_mm" in name:
+    if node.op == "call_function" and "grouped_mm" in _op_name(node.target):
         return True
     return node.target is aten.bmm.default and any(
         isinstance(a, fx.Node) and a.target is aten.index.Tensor for a in node.args[:2])
@@ -48,20 +47,27 @@ def unfused_anchors(gm: fx.GraphModule, family: str, rules: Sequence[pe.Rewrite]
     if not anchors:
         return []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    dtypes = pe.graph_float_dtypes(gm)
-    compiled = [c for r in rules for c in pe._patterns_for(r, dtypes)]
+    dtypes, present = pe.graph_float_dtypes(gm), pe.present_ops(gm)
+    # only the patterns the pass searched: one whose ops the graph lacks cannot be close (and is not traced)
+    compiled = [c for r in rules if pe.searchable(r, present) for c in pe._patterns_for(r, dtypes)]
     lines = []
     for a in anchors:
         closest = _closest(a, compiled, order)
+        if closest is _MATCHED:  # a guard refused it or an intermediate escapes: the engine said so already
+            continue
         why = (f"closest pattern {closest[1]} matched back from {closest[2]} to {closest[3]}, where {closest[4]}"
                if closest else "no pattern of the family matched as far back as it")
         lines.append(f"{family}: {a.name} ({_op_name(a.target)}) left unfused; {why}")
     return lines
 
 
-def _closest(anchor: fx.Node, compiled, order) -> Optional[Tuple[int, str, str, str, str]]:
+_MATCHED = ("matched",)
+
+
+def _closest(anchor: fx.Node, compiled, order):
     """(depth, rule, pattern output node, first differing node, what differed) of the deepest failed match
-    of any pattern of the family ending near after the anchor and failing near it."""
+    of any pattern of the family ending near after the anchor and failing near it; _MATCHED when a
+    pattern does match there; None when no failure comes near."""
     after = _reach(anchor, _AFTER, lambda n: n.users)
     near = set(after) | {anchor} | set(_reach(anchor, _BEFORE, lambda n: n.all_input_nodes))
     best = None
@@ -71,8 +77,8 @@ def _closest(anchor: fx.Node, compiled, order) -> Optional[Tuple[int, str, str, 
             if cand.target not in targets:
                 continue
             m = c.strict.match(cand)
-            if m:  # matched now (the pass ran before this one, or a guard refused): the engine said why
-                continue
+            if m or c.relaxed.match(cand):  # matched, so refused by the guard or blocked by an escaping value
+                return _MATCHED
             node, expected = _failure_site(m)
             if node is None or node not in order or node not in near:
                 continue

@@ -294,14 +294,23 @@ def _escaping_intermediate(m: pm.Match, outputs: Sequence[fx.Node]) -> Optional[
     return None
 
 
+def present_ops(gm: fx.GraphModule) -> set:
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def searchable(rule: Rewrite, present: set) -> bool:
+    """Whether the graph has every op the rule's pattern needs (else it cannot match: not traced)."""
+    return all(t in present for t in rule.needs)
+
+
 def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
     """Apply `rules` in order (all matches of one rule before the next); count per family."""
     result = PassOutcome()
     canonicalize(gm)
     dtypes = graph_float_dtypes(gm)
-    present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    present = present_ops(gm)
     for rule in rules:
-        if rule.needs and not all(t in present for t in rule.needs):
+        if not searchable(rule, present):
             continue
         for compiled in _patterns_for(rule, dtypes):
             _apply_one(gm, compiled, result)

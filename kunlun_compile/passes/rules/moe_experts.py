@@ -9,8 +9,8 @@ Forms matched (each the way the model code writes it):
   expert, `histc(...).cumsum` offsets, two grouped GEMMs (`torch._grouped_mm`,
   or transformers' fallback op in fp32), weights applied in sorted order, pairs
   put back by the inverse permutation and summed over k.
-HF's default `eager` experts loop over `nonzero()` results: Dynamo breaks the
-graph there, so that form never reaches a pass (select `batched_mm`).
+HF's `eager` experts implementation loops over `nonzero()` results: Dynamo breaks
+the graph there, so that form never reaches a pass.
 """
 from __future__ import annotations
 

@@ -180,8 +180,10 @@ def _hf_rule(variant: str) -> Rewrite:
         weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", renormalize, 1, 1, None, 1.0)
         return (weights if float_weights else weights.to(logits.dtype)), ids.long()
 
+    # in fp32 the float-weights form is the plain one: traced only where they differ
+    dtypes = (torch.bfloat16, torch.float16) if float_weights else (torch.float32, torch.bfloat16, torch.float16)
     return Rewrite(family="moe_gate", name="hf_topk_router" + variant, search=_HF_SEARCHES[variant],
-                   replace=replace, example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+                   replace=replace, example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),), dtypes=dtypes,
                    guard=lambda b: _guard(b, "softmax", "none", renormalize, False),
                    needs=_needs("softmax", "none", renormalize))
 
