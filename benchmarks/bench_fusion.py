@@ -1,6 +1,6 @@
 """Model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
 
-For each built-in model and for HF transformers Llama and Qwen3 (one decoder layer
+For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3 (one decoder layer
 at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
 (counted with the profiler, the same way for all three), fused-op matches, and
 time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
@@ -48,27 +48,41 @@ class HFLogits(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
-def hf_layer(kind: str, tokens: int):
+HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3")
+
+
+def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
     import transformers
 
     common = dict(vocab_size=SIZES["vocab_size"], hidden_size=SIZES["hidden_size"],
                   intermediate_size=SIZES["intermediate_size"], num_hidden_layers=1,
                   num_attention_heads=SIZES["num_heads"], num_key_value_heads=SIZES["num_kv_heads"],
                   head_dim=SIZES["head_dim"], max_position_embeddings=SIZES["max_position_embeddings"])
+    moe = dict(common, num_experts_per_tok=MOE_SIZES["num_experts_per_tok"])
+    builders = {
+        "hf-llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)),
+        "hf-qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common)),
+        # corpus architectures that fuse since the HF-corpus rules (default settings: grouped_mm experts)
+        "hf-qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **moe, num_experts=MOE_SIZES["num_experts"], moe_intermediate_size=SIZES["moe_intermediate_size"],
+            decoder_sparse_step=1)),
+        "hf-mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **dict(moe, intermediate_size=SIZES["moe_intermediate_size"]), num_local_experts=MOE_SIZES["num_experts"])),
+        "hf-phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **{k: v for k, v in common.items() if k != "head_dim"}, pad_token_id=0)),
+        "hf-gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common)),
+    }
     torch.manual_seed(0)
-    if kind == "hf-llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
-    model = HFLogits(model.to("cuda", torch.bfloat16).eval().requires_grad_(False))
-    return model, (torch.randint(0, SIZES["vocab_size"], (1, tokens), device="cuda"),)
+    model = builders[kind]()
+    model = HFLogits(model.to(device, dtype).eval().requires_grad_(False))
+    return model, (torch.randint(0, SIZES["vocab_size"], (1, tokens), device=device),)
 
 
 def cases(tokens: int):
     for name in builtin_names():
         yield name, lambda name=name: build_model(name, dtype=torch.bfloat16, device="cuda", num_tokens=tokens,
                                                   seed=0, **overrides(name))
-    for kind in ("hf-llama", "hf-qwen3"):
+    for kind in HF_KINDS:
         yield kind, lambda kind=kind: hf_layer(kind, tokens)
 
 

@@ -7,6 +7,7 @@ compiles a static-cache forward with inductor by itself).  Each variant: two unt
 (compiles, captures), then the median of REPS timed ones.  Tokens are compared with eager's.
 
     python benchmarks/bench_hf_generate.py [OUT_DIR]   -> hf_generate.json
+    HF_GENERATE_MODELS=qwen3 python benchmarks/bench_hf_generate.py OUT_DIR   (one model's rows only)
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     rows = []
     ids = torch.randint(0, COMMON["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1)).cuda()
-    for kind in ("qwen3", "qwen3_moe"):
+    kinds = os.environ.get("HF_GENERATE_MODELS", "qwen3,qwen3_moe").split(",")  # a subset, to repeat a row
+    for kind in kinds:
         for cache in ("dynamic", "static"):
             kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, disable_compile=True,
                           cache_implementation="static" if cache == "static" else None)

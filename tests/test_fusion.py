@@ -260,6 +260,40 @@ def test_hf_grouped_mm_experts_match_whatever_histc_counts_in(cast, fused):
         assert any("cast to torch.bfloat16" in line for line in outcome.near_misses), outcome.near_misses
 
 
+def test_hf_grouped_mm_experts_with_sentinel_masks_fuse_when_ids_are_a_top_k():
+    """transformers 5.17 (the GPU machines' version) always zeroes expert-parallel sentinel rows (ids >= E)
+    around each grouped GEMM; 5.24 does it behind `_is_expert_parallel`.  Ids from the router's top-k over E
+    scores hold no sentinel: the masks select nothing and the experts fuse, exactly."""
+    model = _hf_model("qwen3_moe_grouped_mm")
+    for m in model.modules():
+        if hasattr(m, "_is_expert_parallel"):
+            m._is_expert_parallel = True
+    ids = torch.randint(0, 256, (1, 12))
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    assert compiled.kunlun_backend.report.graphs[0].patterns == HF_EXPECTED["qwen3_moe_grouped_mm"][0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_grouped_mm_experts_with_sentinel_masks_refused_when_ids_may_hold_sentinels():
+    """Ids handed in from outside (an expert-parallel dispatch) may be >= E: the masks then matter and the
+    fused op knows nothing of them, so the rule refuses and says why."""
+    from kunlun_compile.passes.pattern_engine import apply_rewrites, trace_aten
+    from kunlun_compile.passes.rules import moe_experts
+
+    gen = torch.Generator().manual_seed(4)
+    experts = 6
+    args = (torch.randn(5, 16, generator=gen), torch.randn(experts, 24, 16, generator=gen),
+            torch.randn(experts, 16, 12, generator=gen), torch.randint(0, experts + 1, (5, 2), generator=gen),
+            torch.rand(5, 2, generator=gen))
+    gm = trace_aten(moe_experts.hf_grouped_mm_sentinel_experts, args)
+    outcome = apply_rewrites(gm, moe_experts.RULES)
+    assert outcome.patterns.get("moe_ffn", 0) == 0
+    assert any("may hold sentinels" in line and "not from a top-k" in line for line in outcome.near_misses), \
+        outcome.near_misses
+
+
 # ---- forms found by the HF corpus probe (benchmarks/hf_corpus_probe.py) ------------------------------------
 
 def _hf_arch(arch: str, dtype, **extra):

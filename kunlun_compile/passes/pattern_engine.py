@@ -124,8 +124,9 @@ class Rewrite:
     needs: Tuple[Any, ...] = ()
     # a primitive op the search function is written with -> the ops ("namespace::name") it also matches
     aliases: Mapping[Any, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    # (op, keyword) pairs that match any value (spellings that differ by device); the guard checks them
-    free_kwargs: Tuple[Tuple[Any, str], ...] = ()
+    # (op, keyword or position) pairs that match any value (spellings that differ by device or model size);
+    # the guard checks them
+    free_arguments: Tuple[Tuple[Any, Union[str, int]], ...] = ()
 
 
 # ---- tracing and pattern building -------------------------------------------------------
@@ -150,11 +151,12 @@ def _wildcard_sizes(gm: fx.GraphModule) -> None:
         node.args = tuple(args)
 
 
-def _free_kwargs(gm: fx.GraphModule, free: Sequence[Tuple[Any, str]]) -> None:
+def _free_arguments(gm: fx.GraphModule, free: Sequence[Tuple[Any, Union[str, int]]]) -> None:
     for node in gm.graph.nodes:
-        names = [k for op, k in free if node.target is op and k in node.kwargs]
-        if names:
-            node.kwargs = {**node.kwargs, **{k: pm.Ignored() for k in names}}
+        keys = [key for op, key in free if node.target is op]
+        if keys:
+            node.args = tuple(pm.Ignored() if i in keys else a for i, a in enumerate(node.args))
+            node.kwargs = {k: pm.Ignored() if k in keys else v for k, v in node.kwargs.items()}
 
 
 def _as_wildcard(x):
@@ -205,7 +207,7 @@ def compile_rewrite(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any,
     markers = dict(rule.constants)
     gm = trace_aten(lambda *ts: rule.search(*ts, **markers), tensors)
     _wildcard_sizes(gm)
-    _free_kwargs(gm, rule.free_kwargs)
+    _free_arguments(gm, rule.free_arguments)
     strict, relaxed = (pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
                        for _ in range(2))
     for out in _outputs(strict):  # outputs may have any number of users outside

@@ -1,6 +1,7 @@
 """Checks shared by the rewrite rules' guards.  Each returns a reason string, or None when fine."""
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -55,3 +56,28 @@ def vector_of(w: torch.Tensor, n, what: str) -> Optional[str]:
 
 def first(*reasons: Optional[str]) -> Optional[str]:
     return next((r for r in reasons if r), None)
+
+
+_ID_PASSTHROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default,
+                   torch.ops.aten.clone.default}
+
+
+def topk_indices_over(ids: fx.Node, n) -> Optional[str]:
+    """None when `ids` are the indices of a top-k over a dimension of size `n` (so every id is < n): an
+    `aten.topk`, or a router already fused into `kunlun::moe_gate` (its ids index the logits' last dim)."""
+    while ids.op == "call_function" and ids.target in _ID_PASSTHROUGH:
+        if ids.target is torch.ops.aten._to_copy.default and ids.kwargs.get("dtype") not in (torch.int32,
+                                                                                            torch.int64, None):
+            return f"they are cast to {ids.kwargs.get('dtype')}"
+        ids = ids.args[0]
+    source = ids.args[0] if ids.op == "call_function" and ids.target is operator.getitem and ids.args[1] == 1 else None
+    if isinstance(source, fx.Node) and source.target is torch.ops.aten.topk.default:
+        dim = source.args[2] if len(source.args) > 2 else source.kwargs.get("dim", -1)
+    elif isinstance(source, fx.Node) and source.target is torch.ops.kunlun.moe_gate.default:
+        dim = -1
+    else:
+        return f"they come from {ids.target if ids.op == 'call_function' else ids.op}, not from a top-k"
+    scores = source.args[0].meta["val"]
+    if not known_equal(scores.shape[dim], n):
+        return f"the top-k picks among {scores.shape[dim]} scores, not {n}"
+    return None

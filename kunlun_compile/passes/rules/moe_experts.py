@@ -8,7 +8,9 @@ Forms matched (each the way the model code writes it):
 - HF transformers `grouped_mm` experts, its default: (token, k) pairs sorted by
   expert, `histc(...).cumsum` offsets, two grouped GEMMs (`torch._grouped_mm`,
   or transformers' fallback op in fp32), weights applied in sorted order, pairs
-  put back by the inverse permutation and summed over k.
+  put back by the inverse permutation and summed over k; also with the expert-parallel sentinel masks
+  (`masked_fill` of rows whose id >= E around each GEMM), fused only where the ids are a top-k over the
+  E router scores, so no sentinel can occur.
 HF's `eager` experts implementation loops over `nonzero()` results: Dynamo breaks
 the graph there, so that form never reaches a pass.
 """
@@ -55,7 +57,7 @@ def hf_batched_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, t
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def hf_grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+def _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels: bool):
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
     sample_weights = top_k_weights.reshape(-1)
@@ -67,15 +69,32 @@ def hf_grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, t
     # HF casts to float32 on the CPU, to int32 on CUDA: the rule leaves the cast's dtype free
     tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    if sentinels:  # expert-parallel sentinel ids (>= experts) zeroed around each GEMM
+        sentinel = (expert_ids_g >= experts).unsqueeze(-1)
+        selected = selected.masked_fill(sentinel, 0.0)
     proj = torch.ops.kunlun.grouped_mm(selected, gate_up_proj.transpose(-2, -1), offsets)
+    if sentinels:
+        proj = proj.masked_fill(sentinel, 0.0)
     gate, up = proj.chunk(2, dim=-1)
     proj = F.silu(gate) * up
     proj = torch.ops.kunlun.grouped_mm(proj, down_proj.transpose(-2, -1), offsets)
+    if sentinels:
+        proj = proj.masked_fill(sentinel, 0.0)
     weighted = proj * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
     weighted = weighted[inv_perm]
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def hf_grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    return _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels=False)
+
+
+def hf_grouped_mm_sentinel_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    """The same with transformers' expert-parallel sentinel masks: always on in transformers 5.17, behind
+    `_is_expert_parallel` in 5.24."""
+    return _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels=True)
 
 
 _EXACT_FOR_EXPERT_IDS = (torch.float32, torch.float64, torch.int32, torch.int64)
@@ -104,6 +123,12 @@ def _grouped_guard(b: Bindings):
     (divide,) = b.nodes(aten.floor_divide.default)
     if not g.known_equal(divide.args[1], k):
         return Refusal(f"sorted pairs map to tokens by // {divide.args[1]}, not by top-k {k}")
+    for compare in b.nodes(aten.ge.Scalar):  # the sentinel form: masks must provably select nothing
+        if not g.known_equal(compare.args[1], experts):
+            return Refusal(f"sentinel mask tests ids >= {compare.args[1]}, not >= the {experts} experts")
+        reason = g.topk_indices_over(b.node("top_k_index"), experts)
+        if reason:
+            return Refusal(f"expert ids may hold sentinels (>= {experts}): {reason}")
     return {}
 
 
@@ -143,7 +168,7 @@ def _inputs(dtype, hf: bool, float_weights: bool = False):
 
 _GROUPED = dict(replace=_hf_replace, guard=_grouped_guard, needs=(aten.sort.default, aten.histc.default),
                 aliases={torch.ops.kunlun.grouped_mm.default: grouped_mm_op.ALIASES},
-                free_kwargs=((aten._to_copy.default, "dtype"),))
+                free_arguments=((aten._to_copy.default, "dtype"), (aten.ge.Scalar, 1)))
 
 RULES = [
     Rewrite(family="moe_ffn", name="gather_einsum", search=gather_experts, replace=_gather_replace,
@@ -158,6 +183,12 @@ RULES = [
             example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
     # Mixtral's router leaves its weights in float32: the weighted sum promotes and casts back once
     Rewrite(family="moe_ffn", name="hf_grouped_mm_float_weights", search=hf_grouped_mm_experts,
+            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=(torch.bfloat16,
+                                                                                              torch.float16),
+            **_GROUPED),
+    Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels", search=hf_grouped_mm_sentinel_experts,
+            example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
+    Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels_float_weights", search=hf_grouped_mm_sentinel_experts,
             example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=(torch.bfloat16,
                                                                                               torch.float16),
             **_GROUPED),
