@@ -222,6 +222,7 @@ ENV_CACHE_DIR = "KUNLUN_COMPILE_CACHE_DIR"
 ENV_JIT_WORKERS = "KUNLUN_COMPILE_JIT_WORKERS"
 ENV_PDL = "KUNLUN_COMPILE_PDL"
 ENV_CHECK_INDICES = "KUNLUN_COMPILE_CHECK_INDICES"
+ENV_PATTERN_CACHE = "KUNLUN_COMPILE_PATTERN_CACHE"
 
 ENV_VARS: Tuple[EnvVar, ...] = (
     EnvVar(ENV_DISABLE, _parse_names, "comma-separated pass names to skip (merged with the `disable` option)",
@@ -242,6 +243,8 @@ ENV_VARS: Tuple[EnvVar, ...] = (
            "read at each launch (triton_kernel.py)", default=True),
     EnvVar(ENV_CHECK_INDICES, parse_bool_setting, "on: check index inputs on the host also on CUDA (one sync per "
            "call), read once at import (ops/index_checks.py)", default=False),
+    EnvVar(ENV_PATTERN_CACHE, parse_bool_setting, "off: keep traced rule patterns in memory only, not under the "
+           "cache directory, read at each pattern (passes/pattern_cache.py)", default=True),
 )
 _ENV_BY_NAME: Dict[str, EnvVar] = {v.name: v for v in ENV_VARS}
 

@@ -102,16 +102,18 @@ def _hf(kind: str, **extra):
 
 # The HF attention prologue (separate projections, rotate_half) -> qk_norm_rope (Qwen3 absorbs its q/k norms);
 # HF's residual adds fuse with the next norm (sum rounded to the dtype); sdpa builds no mask.
-# 12 static tokens: the 10 linears with <= 64 outputs take the GEMV.
+# 12 static tokens: the 10 linears with <= 64 outputs take the GEMV; each layer's q/k/v GEMVs read one input
+# (HF views the hidden states once per projection; canonicalisation merges the equal views) and are grouped
+# into one launch: 10 GEMVs in 6 kernels.
 HF_COMMON = dict.fromkeys(FAMILIES, 0) | {"norm_rope_gate": 2, "add_rmsnorm": 5, "decode_linear": 10}
 # kind -> (matches per family, ATen kernels before, kernels after: fused, generated element-wise, aten).
 # ATen left: matmuls, sdpa, embedding, the rotary table's arange and cat, the KV cache's cats.
 HF_EXPECTED = {
-    "llama": (HF_COMMON, 108, 17, 5, 14),
-    "qwen3": (HF_COMMON, 132, 17, 5, 14),
-    "qwen3_moe": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 140, 21, 5, 10),
+    "llama": (HF_COMMON, 108, 13, 5, 14),
+    "qwen3": (HF_COMMON, 132, 13, 5, 14),
+    "qwen3_moe": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 140, 17, 5, 10),
     # transformers' default experts: sorted pairs, histc offsets, two grouped GEMMs
-    "qwen3_moe_grouped_mm": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 156, 21, 5, 10),
+    "qwen3_moe_grouped_mm": (HF_COMMON | {"moe_gate": 2, "moe_ffn": 2}, 156, 17, 5, 10),
 }
 
 
@@ -300,24 +302,32 @@ def _hf_arch(arch: str, dtype, **extra):
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
     moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch == "Mixtral" else {}
-    cfg = getattr(transformers, f"{arch}Config")(**common, **moe, **extra)
+    cfg = getattr(transformers, f"{arch}Config")(**{**common, **moe, **extra})
     torch.manual_seed(0)
     model_class = "Gemma3ForCausalLM" if arch == "Gemma3Text" else f"{arch}ForCausalLM"
     return getattr(transformers, model_class)(cfg).to(dtype).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("arch, expected", [
+CORPUS_FORMS = [
     # the router leaves its weights in float32; transformers' default grouped-GEMM experts
     ("Mixtral", {"moe_gate": 2, "moe_ffn": 2, "add_rmsnorm": 5}),
-    # `(weight * x).to(dtype)`: the weight multiplies in float32 (q/k norms, post-norms: 9 lone norms)
-    ("Olmo2", {"add_rmsnorm": 9}),
+    # `(weight * x).to(dtype)`: the weight multiplies in float32 (q/k norms, post-norms: 9 lone norms);
+    # float32 cos/sin: the rotation promotes to float32 and is cast back once
+    ("Olmo2", {"add_rmsnorm": 9, "norm_rope_gate": 2}),
     # rotary on a slice, the rest passed through by `cat`: partial (StableLm, a quarter of each head) and
     # full width with an empty passed slice (Phi3, q/k sliced out of one fused projection)
     ("StableLm", {"norm_rope_gate": 2}),
     ("Phi3", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
     # Q/K norms (`1 + w`) after the head transpose, then rotary
     ("Gemma3Text", {"norm_rope_gate": 2, "add_rmsnorm": 9}),
-])
+    # pair (GPT-J) rotation: Cohere rotates in float32 and rounds back once (the op runs in float32 there),
+    # Glm over half of each head with tables it interleaves itself
+    ("Cohere", {"norm_rope_gate": 2}),
+    ("Glm", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+]
+
+
+@pytest.mark.parametrize("arch, expected", CORPUS_FORMS)
 def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
     model = _hf_arch(arch, torch.bfloat16)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -333,6 +343,17 @@ def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
     with torch.no_grad():
         ref = m64(input_ids=ids).logits
     assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+
+
+@pytest.mark.parametrize("arch", ["Cohere", "Glm"])
+def test_hf_pair_rotations_fuse_exactly_in_fp32(arch):
+    model = _hf_arch(arch, torch.float32)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    assert compiled.kunlun_backend.report.graphs[0].patterns["norm_rope_gate"] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_an_alias_registered_after_the_first_compile_is_still_matched():
@@ -406,3 +427,33 @@ def test_an_rsqrt_left_unfused_is_explained_and_a_refused_one_is_not_explained_t
     misses = _near_misses(report)
     assert any("eps is a tensor" in line for line in misses)  # the guard's reason, and nothing more on it
     assert not [line for line in misses if "left unfused" in line], misses
+
+
+class RopeTablesFirst(nn.Module):
+    """HF's rotary with the products written table-first (`cos * q`): no pattern has that order."""
+
+    def forward(self, q, k, cos, sin):
+        from kunlun_compile.passes.rules.hf_prologue import rotate_half
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos * q + sin * rotate_half(q), cos * k + sin * rotate_half(k)
+
+
+def test_a_rotation_left_unfused_is_described():
+    args = (torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+    _, report = _compile(RopeTablesFirst(), *args)
+    lines = [line for line in _near_misses(report) if line.startswith("norm_rope_gate: ")]
+    assert len(lines) == 2, lines  # q and k
+    assert "neox halves (cat), of float32 [2, 4, 5, 16] with cos float32 [2, 1, 5, 16]) left unfused" in lines[0]
+
+
+@pytest.mark.parametrize("head_dim", [16, 12])
+def test_a_fused_or_refused_rotation_is_not_described(head_dim):
+    """Fused rotations leave the graph; one the guard refused (head_dim 12: not a multiple of 8 for the
+    kernel) has its reason already."""
+    compiled = kc.compile(_hf_arch("Llama", torch.float32, head_dim=head_dim), strict=True)
+    with torch.no_grad():
+        compiled(input_ids=torch.randint(0, 256, (1, 7)))
+    misses = _near_misses(compiled.kunlun_backend.report)
+    assert not [line for line in misses if line.startswith("norm_rope_gate: ") and "left unfused" in line], misses
+    assert any("head_dim 12 is not supported" in line for line in misses) == (head_dim == 12), misses

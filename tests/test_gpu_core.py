@@ -6,7 +6,7 @@ import kunlun_compile as kc
 from kunlun_compile.models import BUILTIN_CONFIGS, build_model, builtin_names, make_inputs
 
 from .conftest import float64_reference, rel_err
-from .test_fusion import BUILTIN_EXPECTED, DYNAMIC_LINEARS
+from .test_fusion import BUILTIN_EXPECTED, CORPUS_FORMS, DYNAMIC_LINEARS
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ def test_builtin_bf16_on_cuda(name):
     assert compiled.kunlun_backend.report.graphs[0].patterns == want_patterns
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_moe_grouped_mm"])
 def test_hf_bf16_on_cuda(kind):
     """HF models: attention prologue and residual norms fused, Triton kernels in the loop."""
     pytest.importorskip("transformers")
@@ -41,10 +41,32 @@ def test_hf_bf16_on_cuda(kind):
     with torch.no_grad():
         got = compiled(input_ids=ids).logits
         want = model(input_ids=ids).logits
-    m64 = _hf_model(kind).to("cuda", torch.float64)
+    # grouped GEMMs take no float64: the reference runs the same experts through batched_mm
+    m64 = _hf_model("qwen3_moe" if kind == "qwen3_moe_grouped_mm" else kind).to("cuda", torch.float64)
     m64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = m64(input_ids=ids).logits
     # 24 static rows: every linear stays with cuBLAS
     assert compiled.kunlun_backend.report.graphs[0].patterns == dict(HF_EXPECTED[kind][0], decode_linear=0)
+    assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+
+
+@pytest.mark.parametrize("arch, expected", CORPUS_FORMS)
+def test_hf_corpus_forms_on_cuda(arch, expected):
+    """The forms found by the HF corpus, with the GPU machines' transformers (its spellings differ: 5.17
+    masks expert-parallel sentinels around the grouped GEMMs) and the Triton kernels."""
+    pytest.importorskip("transformers")
+    from .test_fusion import _hf_arch
+
+    model = _hf_arch(arch, torch.bfloat16).to("cuda")
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    patterns = compiled.kunlun_backend.report.graphs[0].patterns
+    assert {k: patterns[k] for k in expected} == expected, patterns
+    m64 = _hf_arch(arch, torch.float64, **({"experts_implementation": "batched_mm"} if arch == "Mixtral" else {}))
+    m64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = m64.to("cuda")(input_ids=ids).logits
     assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))

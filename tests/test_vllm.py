@@ -57,8 +57,8 @@ EXPECTED_PATTERNS = {"norm_rope_gate": 2, "add_rmsnorm": 5}
 PIECES = 3  # vLLM cuts the 2-layer models at their 2 attention ops
 
 
-def _run(python: str, *args: str, env: dict = None, timeout: int = 900) -> dict:
-    proc = subprocess.run([python, str(DRIVER), *args], capture_output=True, text=True, timeout=timeout,
+def _run(python: str, *args: str, env: dict = None, timeout: int = 900, script: Path = DRIVER) -> dict:
+    proc = subprocess.run([python, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

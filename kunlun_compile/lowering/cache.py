@@ -68,7 +68,7 @@ _warned: Set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def _warn_once(subject: str, message: str) -> None:
+def warn_once(subject: str, message: str) -> None:
     with _warned_lock:
         if subject in _warned:
             return
@@ -90,18 +90,24 @@ def set_default_cache_dir(directory: Optional[str]) -> None:
 
 def cache_dir() -> Optional[Path]:
     """The folder of generated-kernel entries, or None: no safe folder, kernels stay in memory."""
-    root = Path(env_setting(ENV_CACHE_DIR) or _default_root or Path.home() / ".cache" / "kunlun_compile") / "pointwise"
-    return root if _writable(root) else _private_fallback(root)
+    return cache_subdir("pointwise")
 
 
-def _private_fallback(root: Path) -> Optional[Path]:
-    """<tmpdir>/kunlun_compile_<uid>/pointwise if it is ours alone; else None, with one warning."""
+def cache_subdir(name: str) -> Optional[Path]:
+    """`name` under the cache root (also the traced-pattern cache's, passes/pattern_cache.py), with the
+    same fallback; None when no safe folder exists."""
+    root = Path(env_setting(ENV_CACHE_DIR) or _default_root or Path.home() / ".cache" / "kunlun_compile") / name
+    return root if _writable(root) else _private_fallback(root, name)
+
+
+def _private_fallback(root: Path, name: str) -> Optional[Path]:
+    """<tmpdir>/kunlun_compile_<uid>/<name> if it is ours alone; else None, with one warning."""
     try:
         base = _private_dir(Path(tempfile.gettempdir()) / f"kunlun_compile_{os.getuid()}")
-        return _private_dir(base / "pointwise")
+        return _private_dir(base / name)
     except OSError as e:
-        _warn_once(f"fallback:{root}", f"kunlun_compile: the kernel cache {root} is not writable and the fallback "
-                                       f"is not safe to use ({e}); generated kernels are kept in memory only")
+        warn_once(f"fallback:{root}", f"kunlun_compile: the cache {root} is not writable and the fallback "
+                                      f"is not safe to use ({e}); its entries are kept in memory only")
         return None
 
 
@@ -209,10 +215,10 @@ def _read_entry(path: Path) -> Optional[str]:
 
 def _reject(path: Path, why: _InvalidEntry, consequence: str) -> None:
     stats["rejected_entries"] += 1
-    _warn_once(f"entry:{path}", f"kunlun_compile: ignoring the cached kernel entry {path}: {why}; {consequence}")
+    warn_once(f"entry:{path}", f"kunlun_compile: ignoring the cached kernel entry {path}: {why}; {consequence}")
 
 
-def _write_atomic(path: Path, text: str) -> bool:
+def write_atomic(path: Path, text: str, what: str = "kernel cache entry") -> bool:
     """Write via a temporary file of this process and thread, then os.replace: readers see the old or
     the new file whole, and concurrent writers of one key each succeed (the last one stays)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
@@ -227,8 +233,8 @@ def _write_atomic(path: Path, text: str) -> bool:
             os.unlink(tmp)
         except OSError:
             pass
-        _warn_once(f"write:{path}", f"kunlun_compile: could not write the kernel cache entry {path} ({e}); "
-                                    f"using it from memory")
+        warn_once(f"write:{path}", f"kunlun_compile: could not write the {what} {path} ({e}); "
+                                   f"using it from memory")
         return False
 
 
@@ -250,7 +256,7 @@ def register(kir: KernelIR) -> str:
     if root is not None and (str(root), key) not in _kir_on_disk:
         path = root / kir_name(key)
         if _read_kir(path, key, "overwriting it") is None:
-            _write_atomic(path, _kir_entry(kir))
+            write_atomic(path, _kir_entry(kir))
         _kir_on_disk.add((str(root), key))
     return key
 
@@ -287,7 +293,7 @@ def _source_for(key: str, kir: KernelIR) -> Tuple[str, Path]:
     text = _source_entry(kir, generate(kir))
     stats["generated"] += 1
     if root is not None:
-        _write_atomic(path, text)
+        write_atomic(path, text)
     return text, path
 
 

@@ -6,9 +6,14 @@ so a pattern matches whatever spelling the model's code produced:
 - `_to_copy` loses `layout`/`device` keywords that restate the input's,
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
+- a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`),
+- equal pure views of one value are one node (functionalization re-creates `getitem`/`view`/`slice` of a
+  buffer at every use: vLLM's linears write into one),
 then the no-op removal of `cleanup.py` and dead-code elimination.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -63,6 +68,78 @@ def _compose_permutes(node: fx.Node) -> bool:
     return True
 
 
+# op -> position of its dimension argument (an int or a list of ints), counted on the first input's rank
+_DIM_ARGUMENTS = {
+    aten._softmax.default: 1, aten._log_softmax.default: 1, aten.topk.default: 2, aten.cat.default: 1,
+    aten.stack.default: 1, aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.amax.default: 1, aten.amin.default: 1,
+    aten.max.dim: 1, aten.min.dim: 1, aten.argmax.default: 1, aten.gather.default: 1, aten.sort.default: 1,
+    aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1,
+}
+# pure and cheap: equal ones (same op, same arguments) are one value.  Not `unsqueeze`: patterns spell one per
+# use (q's and k's cos), and a pattern node matches one graph node.
+_MERGED_VIEWS = (aten.view.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _rank(node: fx.Node):
+    first = node.args[0]
+    if isinstance(first, (list, tuple)):  # cat / stack: the tensors' rank (stack adds one dimension)
+        first = first[0] if first else None
+        extra = 1 if node.target is aten.stack.default else 0
+    else:
+        extra = 0
+    v = _val(first)
+    return v.dim() + extra if isinstance(v, torch.Tensor) else None
+
+
+def _negative_dims(node: fx.Node) -> bool:
+    pos = _DIM_ARGUMENTS.get(node.target)
+    if pos is None:
+        return False
+    args = list(node.args)
+    dim = args[pos] if pos < len(args) else node.kwargs.get("dim")
+    rank = _rank(node)
+    if rank is None or dim is None:
+        return False
+    if isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim < rank:
+        new = dim - rank
+    elif isinstance(dim, (list, tuple)) and dim and all(isinstance(d, int) and 0 <= d < rank for d in dim):
+        new = type(dim)(d - rank for d in dim)
+    else:
+        return False
+    if pos < len(args):
+        args[pos] = new
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "dim": new}
+    return True
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _merge_equal_views(gm: fx.GraphModule) -> int:
+    seen, merged = {}, 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not (node.target in _MERGED_VIEWS or node.target is operator.getitem):
+            continue
+        try:
+            key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
+
+
 def canonicalize(gm: fx.GraphModule) -> int:
     """Rewrite `gm` in place into the canonical spelling; returns how many edits."""
     edits = 0
@@ -72,6 +149,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
         if node.target is aten._unsafe_view.default:
             node.target = aten.view.default
             edits += 1
+        edits += _negative_dims(node)
         if node.target is aten._to_copy.default:
             edits += _drop_restated_copy_kwargs(node)
         elif node.target is aten.permute.default:
@@ -82,6 +160,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
             if isinstance(inner, fx.Node) and inner.target is aten.view.default and _is_contiguous(inner.args[0]):
                 node.args = (inner.args[0], *node.args[1:])
                 edits += 1
+    edits += _merge_equal_views(gm)
     edits += remove_noop_ops(gm, None).matches
     gm.graph.eliminate_dead_code()
     gm.recompile()

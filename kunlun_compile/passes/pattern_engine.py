@@ -27,6 +27,7 @@ What is ours:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -40,6 +41,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.tools_common import legalize_graph
 
 from ..capture.decompositions import decomposition_table
+from . import pattern_cache
 from .canonical import canonicalize
 from .manager import PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
@@ -191,33 +193,102 @@ class CompiledRewrite:
     rule: Rewrite
     dtype: torch.dtype
     strict: pm.PatternExpr  # intermediates used only inside the match
-    relaxed: pm.PatternExpr  # any users: a match of this alone is a near miss
     tensor_names: Tuple[str, ...]
+    _relaxed: Callable[[], pm.PatternExpr]
 
     @property
     def anchor_targets(self):
         first = _outputs(self.strict)[0]
         return first.fns
 
+    @functools.cached_property
+    def relaxed(self) -> pm.PatternExpr:
+        """Any users: a match of this alone is a near miss.  Built on first use (only where the strict
+        pattern failed at a candidate)."""
+        return self._relaxed()
+
 
 def compile_rewrite(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any], ...] = ()) -> CompiledRewrite:
     """`aliases`: (primitive, op) pairs resolved now (`resolved_aliases`)."""
-    tensors = list(rule.example_inputs(dtype))
-    names = tuple(_parameter_names(rule.search))[: len(tensors)]
+    request = _trace_request(rule, dtype)
+    names = tuple(_parameter_names(rule.search))[: len(request[2])]
     markers = dict(rule.constants)
-    gm = trace_aten(lambda *ts: rule.search(*ts, **markers), tensors)
+    gm = pattern_cache.traced(*request)
     _wildcard_sizes(gm)
     _free_arguments(gm, rule.free_arguments)
-    strict, relaxed = (pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
-                       for _ in range(2))
-    for out in _outputs(strict):  # outputs may have any number of users outside
-        if isinstance(out, pm._TargetArgsExpr):
-            out.users = pm.MULTIPLE
-    for q in _pattern_nodes(relaxed):
-        q.users = pm.MULTIPLE
-    for p in (strict, relaxed):
+
+    def pattern(relaxed: bool) -> pm.PatternExpr:
+        p = pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
+        if relaxed:
+            for q in _pattern_nodes(p):
+                q.users = pm.MULTIPLE
+        else:
+            for out in _outputs(p):  # outputs may have any number of users outside
+                if isinstance(out, pm._TargetArgsExpr):
+                    out.users = pm.MULTIPLE
         _add_aliases(p, aliases)
-    return CompiledRewrite(rule, dtype, strict, relaxed, names)
+        return p
+
+    return CompiledRewrite(rule, dtype, pattern(relaxed=False), names, functools.partial(pattern, relaxed=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _trace_request(rule: Rewrite, dtype: torch.dtype):
+    """(rule id, dtype, example inputs, how to trace): what pattern_cache keys and traces a pattern by."""
+    tensors = list(rule.example_inputs(dtype))
+    markers = dict(rule.constants)
+    return (f"{rule.family}/{rule.name} {sorted(markers.items())}", dtype, tensors,
+            lambda: trace_aten(lambda *ts: rule.search(*ts, **markers), tensors))
+
+
+SKIP_PATTERNS_THAT_CANNOT_MATCH = True  # False: build and try every pattern (tests compare both ways)
+
+
+class GraphIndex:
+    """The graph's nodes by op key, for the cheap checks that skip patterns that cannot match."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.by_key: Dict[str, List[fx.Node]] = collections.defaultdict(list)
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                self.by_key[pattern_cache.op_key(n.target)].append(n)
+
+
+def _can_match(rule: Rewrite, dtype: torch.dtype, index: GraphIndex) -> bool:
+    """Whether the graph holds every op of the traced pattern (or one its primitive stands for) and a node
+    shaped like the pattern's anchor; else the pattern cannot match and is not built."""
+    summary = pattern_cache.summary(*_trace_request(rule, dtype))
+    if summary is None:
+        return True
+    alternatives = {pattern_cache.op_key(prim): {pattern_cache.op_key(op) for p, op in resolved_aliases(rule)
+                                                 if p is prim} | {pattern_cache.op_key(prim)}
+                    for prim in rule.aliases}
+
+    def keys(key: str):
+        return alternatives.get(key, (key,))
+
+    if not all(any(k in index.by_key for k in keys(op)) for op in summary.ops):
+        return False
+
+    def fits(node: Any, signature) -> bool:
+        key, args = signature
+        if not (isinstance(node, fx.Node) and node.op == "call_function"
+                and pattern_cache.op_key(node.target) in keys(key)):
+            return False
+        return all(fits(_argument(node, position), sub) for position, sub in args)
+
+    if summary.anchor is None:
+        return True
+    return any(fits(n, summary.anchor) for k in keys(summary.anchor[0]) for n in index.by_key.get(k, ()))
+
+
+def _argument(node: fx.Node, position) -> Any:
+    """node.args[i], or element j of the list argument i for position (i, j); None where there is none."""
+    i, j = position if isinstance(position, tuple) else (position, None)
+    arg = node.args[i] if i < len(node.args) else None
+    if j is None:
+        return arg
+    return arg[j] if isinstance(arg, (list, tuple)) and j < len(arg) else None
 
 
 def resolved_aliases(rule: Rewrite) -> Tuple[Tuple[Any, Any], ...]:
@@ -255,11 +326,14 @@ def _compiled(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any],
     return compile_rewrite(rule, dtype, aliases)
 
 
-def _patterns_for(rule: Rewrite, dtypes) -> List[CompiledRewrite]:
-    """One pattern per dtype the graph uses, deduplicated (fp32 and bf16 forms differ in their casts)."""
+def _patterns_for(rule: Rewrite, dtypes, index: Optional[GraphIndex] = None) -> List[CompiledRewrite]:
+    """One pattern per dtype the graph uses, deduplicated (fp32 and bf16 forms differ in their casts);
+    with the graph's `index`, only those that can match it."""
     out, seen = [], set()
     for dtype in rule.dtypes or (torch.float32,):  # () : no float work, one trace serves every graph
         if rule.dtypes and dtype not in dtypes:
+            continue
+        if index is not None and SKIP_PATTERNS_THAT_CANNOT_MATCH and not _can_match(rule, dtype, index):
             continue
         c = _compiled(rule, dtype, resolved_aliases(rule))
         key = repr(c.strict)
@@ -300,6 +374,8 @@ def present_ops(gm: fx.GraphModule) -> set:
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
+
+
 def searchable(rule: Rewrite, present: set) -> bool:
     """Whether the graph has every op the rule's pattern needs (else it cannot match: not traced)."""
     return all(t in present for t in rule.needs)
@@ -308,21 +384,34 @@ def searchable(rule: Rewrite, present: set) -> bool:
 def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
     """Apply `rules` in order (all matches of one rule before the next); count per family."""
     result = PassOutcome()
+    _replacements.clear()  # traces are shared between the matches of one graph only (one fake mode)
     canonicalize(gm)
     dtypes = graph_float_dtypes(gm)
-    present = present_ops(gm)
+    present, index = present_ops(gm), GraphIndex(gm)
     for rule in rules:
         if not searchable(rule, present):
             continue
-        for compiled in _patterns_for(rule, dtypes):
+        for compiled in _patterns_for(rule, dtypes, index):
+            matches = result.matches
             _apply_one(gm, compiled, result)
-    if result.matches:
+            if result.matches != matches:  # replacements change the graph for the rules after
+                present, index = present_ops(gm), GraphIndex(gm)
+    if result.matches and not _in_topological_order(gm.graph):
         # a replacement goes before the match's first output; an input computed later than
         # that output (but before the match's other nodes) is legal data flow in a new order
-        legalize_graph(gm)
+        legalize_graph(gm)  # copies every node: only when the order is actually broken
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return result
+
+
+def _in_topological_order(graph: fx.Graph) -> bool:
+    seen = set()
+    for node in graph.nodes:
+        if any(a not in seen for a in node.all_input_nodes):
+            return False
+        seen.add(node)
+    return True
 
 
 def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> None:
@@ -351,10 +440,33 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> N
         params.update(verdict)
         replacement = functools.partial(rule.replace, **params)
         uses = _uses_of(_match_outputs(m))
-        m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names], trace_fn=trace_aten)
+        m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names],
+                             trace_fn=functools.partial(_trace_replacement, f"{label} {params!r}"))
         _mark_replacements(uses)
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
         result.matches += 1
+
+
+_REPLACEMENTS_KEPT = 256
+_replacements: "collections.OrderedDict[tuple, fx.GraphModule]" = collections.OrderedDict()
+
+
+def _trace_replacement(rule_key: str, fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
+    """The replacement traced for these inputs; every layer of a graph has the same static shapes, so one
+    trace serves them all (inserting a replacement only reads its graph).  Symbolic sizes: traced each time."""
+    metas = []
+    for v in example_vals:
+        if not isinstance(v, torch.Tensor):
+            return trace_aten(fn, example_vals)
+        if not all(isinstance(d, int) for d in (*v.shape, *v.stride(), v.storage_offset())):
+            return trace_aten(fn, example_vals)
+        metas.append((tuple(v.shape), tuple(v.stride()), v.storage_offset(), v.dtype, str(v.device)))
+    key = (rule_key, tuple(metas))
+    if key not in _replacements:
+        _replacements[key] = trace_aten(fn, example_vals)
+        if len(_replacements) > _REPLACEMENTS_KEPT:
+            _replacements.popitem(last=False)
+    return _replacements[key]
 
 
 def _uses_of(outputs: Sequence[fx.Node]) -> List[Tuple[fx.Node, fx.Node, int]]:

@@ -75,16 +75,60 @@ def hf_sliced_full_rope(q, k, cos, sin):
     return torch.cat([q_embed, q[..., rot:]], dim=-1), torch.cat([k_embed, k[..., rot:]], dim=-1)
 
 
+def hf_promoted_rope(q, k, cos, sin):
+    """Olmo2 in bf16/fp16: float32 cos/sin (its rotary module does not cast them back), so `q * cos`
+    promotes: the rotation runs in float32 and the result is cast back to q's dtype once."""
+    q_embed, k_embed = hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+
+def rotate_pairs(x):
+    """Cohere / Glm `rotate_half`: each pair (x[2i], x[2i+1]) becomes (-x[2i+1], x[2i]) (GPT-J style)."""
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def hf_pairs_rope(q, k, cos, sin):
+    """Cohere: per-head views -> transpose -> pair rotation over the whole head; the rotary module already
+    interleaved cos/sin per pair (`repeat_interleave(freqs, 2)`)."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_pairs(q) * sin), (k * cos) + (rotate_pairs(k) * sin)
+
+
+def hf_upcast_pairs_rope(q, k, cos, sin):
+    """Cohere in bf16/fp16: q and k transposed, cast to float32, rotated in float32, rounded back once."""
+    dtype = q.dtype
+    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_embed, k_embed = (q * cos) + (rotate_pairs(q) * sin), (k * cos) + (rotate_pairs(k) * sin)
+    return q_embed.to(dtype), k_embed.to(dtype)
+
+
+def hf_pairs_partial_rope(q, k, cos, sin):
+    """Glm: pair rotation over the first cos.shape[-1] dims, the rest passed through by `cat`.  Glm
+    interleaves its tables inside `apply_rotary_pos_emb` (half of cos, each value twice): that stays an ATen
+    op ahead of the match, whose cos/sin inputs are the interleaved [B, 1, S, R] tables."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    rot = cos.shape[-1]
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_embed = (q_rot * cos) + (rotate_pairs(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate_pairs(k_rot) * sin)
+    return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
-def _fused(q, k, q_weight, k_weight, cos, sin, eps, norm_offset=0.0):
+def _fused(q, k, q_weight, k_weight, cos, sin, eps, norm_offset=0.0, neox=True):
     batch, seq, nq, d = q.shape
     nkv = k.shape[2]
     rot = cos.shape[-1]
     cos = cos.expand(batch, seq, rot).reshape(batch * seq, rot)  # a view unless cos is shared over the batch
     sin = sin.expand(batch, seq, rot).reshape(batch * seq, rot)
     q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
-                                                 q_weight, k_weight, cos, sin, eps, norm_offset, True)
+                                                 q_weight, k_weight, cos, sin, eps, norm_offset, neox)
     return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
 
 
@@ -100,10 +144,35 @@ def fused_plain_rope(q, k, cos, sin):
     return _fused(q, k, None, None, cos, sin, 1e-6)
 
 
+def fused_pairs_rope(q, k, cos, sin):
+    return _fused(q, k, None, None, cos, sin, 1e-6, neox=False)
+
+
+def fused_upcast_pairs_rope(q, k, cos, sin):
+    """The op in float32 on the upcast q/k (the model's own arithmetic), rounded back once, as the model."""
+    q_out, k_out = _fused(q.float(), k.float(), None, None, cos.float(), sin.float(), 1e-6, neox=False)
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def fused_promoted_rope(q, k, cos, sin):
+    q_out, k_out = _fused(q.float(), k.float(), None, None, cos.float(), sin.float(), 1e-6)
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def fused_pairs_partial_rope(q, k, cos, sin):
+    return _fused(q, k, None, None, cos.squeeze(1), sin.squeeze(1), 1e-6, neox=False)
+
+
 # ---- guard ----------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, norm: bool, partial: bool = False):
+def _guard(b: Bindings, norm: bool, partial: bool = False, upcast: bool = False, cos_per_head: bool = False):
+    """`upcast`: the rotation runs in float32 (cos/sin may be any float dtype); `cos_per_head`: cos/sin
+    come as [B, 1, S, R] (unsqueezed for the heads before the match)."""
     q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
+    if cos_per_head:
+        if cos.dim() != 4 or not g.known_equal(cos.shape[1], 1) or sin.dim() != 4:
+            return Refusal(f"cos {tuple(cos.shape)}: need [batch, 1, seq, rotary_dim]")
+        cos, sin = cos[:, 0], sin[:, 0]
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need 4-D per-head "
                        "views [batch, seq, heads, head_dim] and 3-D cos/sin")
@@ -111,7 +180,7 @@ def _guard(b: Bindings, norm: bool, partial: bool = False):
     reason = g.first(
         g.float_dtype(q, "q"),
         g.same_dtype(q, k, "q and k"),
-        g.same_dtype(q, cos, "q and cos"),
+        g.float_dtype(cos, "cos") if upcast else g.same_dtype(q, cos, "q and cos"),
         g.same_dtype(cos, sin, "cos and sin"),
         None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
         None if all(g.known_equal(x, y) for x, y in zip(q.shape[:2], k.shape[:2])) and g.known_equal(k.shape[3], d)
@@ -133,10 +202,11 @@ def _guard(b: Bindings, norm: bool, partial: bool = False):
     return Refusal(reason) if reason else {}
 
 
-def _example_inputs(dtype, norm: bool, rot: int = _D):
+def _example_inputs(dtype, norm: bool, rot: int = _D, per_head: bool = False, table_dtype=None):
     q = torch.randn(_B, _S, _NQ, _D, dtype=dtype)
     k = torch.randn(_B, _S, _NKV, _D, dtype=dtype)
-    cos, sin = torch.randn(_B, _S, rot, dtype=dtype), torch.randn(_B, _S, rot, dtype=dtype)
+    table = (_B, 1, _S, rot) if per_head else (_B, _S, rot)
+    cos, sin = (torch.randn(*table, dtype=table_dtype or dtype) for _ in range(2))
     if not norm:
         return q, k, cos, sin
     return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
@@ -161,6 +231,29 @@ _PARTIAL = [
             example_inputs=lambda dtype: _example_inputs(dtype, False), **_SLICED),
 ]
 
+# Olmo2: neox halves with float32 tables in a bf16/fp16 model (before the plain rule, which the guard would
+# refuse on the mixed dtypes)
+_PROMOTED = Rewrite(family="norm_rope_gate", name="hf_promoted_rope", search=hf_promoted_rope,
+                    replace=fused_promoted_rope, guard=lambda b: _guard(b, False, upcast=True),
+                    example_inputs=lambda dtype: _example_inputs(dtype, False, table_dtype=torch.float32),
+                    dtypes=(torch.bfloat16, torch.float16),
+                    needs=(aten.cat.default, aten.neg.default, aten.transpose.int))
+
+_PAIRS_NEEDS = (aten.stack.default, aten.neg.default, aten.transpose.int)
+_PAIRS = [
+    Rewrite(family="norm_rope_gate", name="hf_pairs_partial_rope", search=hf_pairs_partial_rope,
+            replace=fused_pairs_partial_rope, guard=lambda b: _guard(b, False, partial=True, cos_per_head=True),
+            example_inputs=lambda dtype: _example_inputs(dtype, False, rot=_D // 2, per_head=True),
+            needs=_PAIRS_NEEDS + (aten.cat.default,)),
+    Rewrite(family="norm_rope_gate", name="hf_upcast_pairs_rope", search=hf_upcast_pairs_rope,
+            replace=fused_upcast_pairs_rope, guard=lambda b: _guard(b, False, upcast=True),
+            example_inputs=lambda dtype: _example_inputs(dtype, False), dtypes=(torch.bfloat16, torch.float16),
+            needs=_PAIRS_NEEDS),
+    Rewrite(family="norm_rope_gate", name="hf_pairs_rope", search=hf_pairs_rope, replace=fused_pairs_rope,
+            guard=lambda b: _guard(b, False), example_inputs=lambda dtype: _example_inputs(dtype, False),
+            needs=_PAIRS_NEEDS),
+]
+
 # with the norms first (the plain rule would split them off), the partial form before the plain one (whose
 # match inside it would leave the passed-through slice reading an intermediate)
 _GEMMA = Rewrite(family="norm_rope_gate", name="hf_gemma_qknorm_rope", search=hf_gemma_norm_rope,
@@ -168,4 +261,4 @@ _GEMMA = Rewrite(family="norm_rope_gate", name="hf_gemma_qknorm_rope", search=hf
                  constants={"eps": EPS}, guard=lambda b: _guard(b, True),
                  needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
 
-RULES = [_rule(True), _GEMMA, *_PARTIAL, _rule(False)]
+RULES = [_rule(True), _GEMMA, *_PARTIAL, _PROMOTED, _rule(False), *_PAIRS]

@@ -1,0 +1,115 @@
+"""Traced patterns on disk (passes/pattern_cache.py) and the checks that skip patterns a graph cannot hold.
+
+The cache must give back exactly the pattern a fresh trace gives, treat its files as untrusted data, and
+the skipping must never change what a pass finds or reports."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import kunlun_compile as kc
+from kunlun_compile.models import build_model, builtin_names
+from kunlun_compile.passes import pattern_cache
+from kunlun_compile.passes import pattern_engine as pe
+from kunlun_compile.passes.fusion import FAMILY_RULES
+
+ALL_RULES = [r for rules in FAMILY_RULES.values() for r in rules]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUNLUN_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KUNLUN_COMPILE_PATTERN_CACHE", raising=False)
+    monkeypatch.setattr(pattern_cache, "_memo", {})
+    pattern_cache._folder.cache_clear()
+    pe._compiled.cache_clear()
+    yield tmp_path
+    pattern_cache._folder.cache_clear()
+    pe._compiled.cache_clear()
+
+
+def _first_dtype(rule):
+    return (rule.dtypes or (torch.float32,))[0]
+
+
+def test_every_rule_loads_back_as_the_pattern_it_traced(fresh_cache):
+    for rule in ALL_RULES:
+        dtype = _first_dtype(rule)
+        traced = pe.compile_rewrite(rule, dtype)  # traces and stores
+        pattern_cache._memo.clear()
+        loaded = pe.compile_rewrite(rule, dtype)  # reads the entry
+        assert repr(loaded.strict) == repr(traced.strict), rule.name
+        assert repr(loaded.relaxed) == repr(traced.relaxed), rule.name
+    assert pattern_cache.stats["loaded"] >= len(ALL_RULES)
+    assert len(list(fresh_cache.glob("patterns/*/*.json"))) == len(ALL_RULES)
+
+
+def _one_entry(fresh_cache):
+    rule = next(r for r in ALL_RULES if r.name == "vllm_residual")
+    pe.compile_rewrite(rule, torch.float32)
+    (path,) = fresh_cache.glob("patterns/*/*.json")
+    pattern_cache._memo.clear()
+    return rule, path
+
+
+def test_an_edited_entry_is_rejected_with_one_warning_and_traced_again(fresh_cache):
+    rule, path = _one_entry(fresh_cache)
+    entry = json.loads(path.read_text())
+    entry["graph"]["nodes"][-2]["name"] = "edited"
+    path.write_text(json.dumps(entry))
+    want = repr(pe.compile_rewrite.__wrapped__(rule, torch.float32).strict) if hasattr(
+        pe.compile_rewrite, "__wrapped__") else None
+    with pytest.warns(UserWarning, match="pattern cache entry .* rejected .*hash mismatch"):
+        got = pe.compile_rewrite(rule, torch.float32)
+    assert want is None or repr(got.strict) == want
+    assert json.loads(path.read_text())["graph"]["nodes"][-2]["name"] != "edited"  # overwritten
+
+
+def test_an_entry_calling_outside_the_allow_list_is_never_built(fresh_cache):
+    """Whoever can write the folder can recompute the hash: the allow-list still stands."""
+    rule, path = _one_entry(fresh_cache)
+    entry = json.loads(path.read_text())
+    node = next(d for d in entry["graph"]["nodes"] if d["op"] == "call_function")
+    node["target"] = {"py": "os", "name": "system"}
+    entry["sha256"] = pattern_cache._digest(entry["graph"])
+    path.write_text(json.dumps(entry))
+    with pytest.warns(UserWarning, match="rejected .*UntrustedGraphError"):
+        compiled = pe.compile_rewrite(rule, torch.float32)
+    assert "system" not in repr(compiled.strict)
+
+
+def test_no_disk_when_switched_off(fresh_cache, monkeypatch):
+    monkeypatch.setenv("KUNLUN_COMPILE_PATTERN_CACHE", "0")
+    pe.compile_rewrite(ALL_RULES[0], _first_dtype(ALL_RULES[0]))
+    assert not list(fresh_cache.glob("patterns/*/*.json"))
+
+
+def test_old_source_versions_are_pruned(fresh_cache):
+    root = fresh_cache / "patterns"
+    root.mkdir()
+    for i in range(pattern_cache.VERSIONS_KEPT + 2):
+        (root / f"old{i}").mkdir()
+    pe.compile_rewrite(ALL_RULES[0], _first_dtype(ALL_RULES[0]))
+    assert len([p for p in root.iterdir() if p.is_dir()]) == pattern_cache.VERSIONS_KEPT
+
+
+def _report(model, inputs):
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = kc.compile(model, graph_mode="none")
+        compiled(*inputs)
+    return [(dict(g.patterns), sorted(m for p in g.passes for m in p.near_misses))
+            for g in compiled.kunlun_backend.report.graphs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skipping_patterns_changes_no_match_and_no_near_miss(dtype, monkeypatch):
+    for name in builtin_names():
+        model, inputs = build_model(name, dtype=dtype, device="cpu", num_tokens=8, seed=0)
+        skipped = _report(model, inputs)
+        monkeypatch.setattr(pe, "SKIP_PATTERNS_THAT_CANNOT_MATCH", False)
+        tried = _report(model, inputs)
+        monkeypatch.setattr(pe, "SKIP_PATTERNS_THAT_CANNOT_MATCH", True)
+        assert skipped == tried, name
