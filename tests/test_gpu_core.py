@@ -6,7 +6,7 @@ import kunlun_compile as kc
 from kunlun_compile.models import BUILTIN_CONFIGS, build_model, builtin_names, make_inputs
 
 from .conftest import float64_reference, rel_err
-from .test_fusion import BUILTIN_EXPECTED, CORPUS_FORMS, DYNAMIC_LINEARS
+from .test_fusion import BUILTIN_EXPECTED, CORPUS_FORMS, DYNAMIC_LINEARS, check_corpus_form
 
 pytestmark = pytest.mark.gpu
 
@@ -56,17 +56,4 @@ def test_hf_corpus_forms_on_cuda(arch, expected):
     """The forms found by the HF corpus, with the GPU machines' transformers (its spellings differ: 5.17
     masks expert-parallel sentinels around the grouped GEMMs) and the Triton kernels."""
     pytest.importorskip("transformers")
-    from .test_fusion import _hf_arch
-
-    model = _hf_arch(arch, torch.bfloat16).to("cuda")
-    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
-    compiled = kc.compile(model, strict=True)
-    with torch.no_grad():
-        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
-    patterns = compiled.kunlun_backend.report.graphs[0].patterns
-    assert {k: patterns[k] for k in expected} == expected, patterns
-    m64 = _hf_arch(arch, torch.float64, **({"experts_implementation": "batched_mm"} if arch == "Mixtral" else {}))
-    m64.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        ref = m64.to("cuda")(input_ids=ids).logits
-    assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
+    check_corpus_form(arch, expected, "cuda")

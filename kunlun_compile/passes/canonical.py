@@ -7,13 +7,9 @@ so a pattern matches whatever spelling the model's code produced:
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`),
-- equal pure views of one value are one node (functionalization re-creates `getitem`/`view`/`slice` of a
-  buffer at every use: vLLM's linears write into one),
-then the no-op removal of `cleanup.py` and dead-code elimination.
+then `cleanup.py`'s merge of equal views and no-op removal, and dead-code elimination.
 """
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.fx as fx
@@ -75,9 +71,7 @@ _DIM_ARGUMENTS = {
     aten.max.dim: 1, aten.min.dim: 1, aten.argmax.default: 1, aten.gather.default: 1, aten.sort.default: 1,
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1,
 }
-# pure and cheap: equal ones (same op, same arguments) are one value.  Not `unsqueeze`: patterns spell one per
-# use (q's and k's cos), and a pattern node matches one graph node.
-_MERGED_VIEWS = (aten.view.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default)
+
 
 
 def _rank(node: fx.Node):
@@ -114,32 +108,6 @@ def _negative_dims(node: fx.Node) -> bool:
     return True
 
 
-def _hashable(value):
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_hashable(v) for v in value))
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
-
-
-def _merge_equal_views(gm: fx.GraphModule) -> int:
-    seen, merged = {}, 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not (node.target in _MERGED_VIEWS or node.target is operator.getitem):
-            continue
-        try:
-            key = (node.target, _hashable(node.args), _hashable(node.kwargs))
-            hash(key)
-        except TypeError:
-            continue
-        first = seen.setdefault(key, node)
-        if first is not node:
-            node.replace_all_uses_with(first)
-            gm.graph.erase_node(node)
-            merged += 1
-    return merged
-
-
 def canonicalize(gm: fx.GraphModule) -> int:
     """Rewrite `gm` in place into the canonical spelling; returns how many edits."""
     edits = 0
@@ -160,7 +128,6 @@ def canonicalize(gm: fx.GraphModule) -> int:
             if isinstance(inner, fx.Node) and inner.target is aten.view.default and _is_contiguous(inner.args[0]):
                 node.args = (inner.args[0], *node.args[1:])
                 edits += 1
-    edits += _merge_equal_views(gm)
     edits += remove_noop_ops(gm, None).matches
     gm.graph.eliminate_dead_code()
     gm.recompile()

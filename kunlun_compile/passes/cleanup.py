@@ -8,6 +8,8 @@ tensor alias an input) and no view is taken of it.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -74,18 +76,24 @@ def _is_noop_copy(node: fx.Node) -> bool:
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 
 
+# Pure views that are merged when equal: functionalization re-creates `getitem`/`view`/`slice` of a buffer at
+# every use (vLLM's CPU linears write into one), and model code splits one qkv twice.
+_MERGED = _SPLITS | {aten.view.default, aten.slice.Tensor, operator.getitem}
+
+
 def _merge_key(node: fx.Node):
-    """Two splits of the same tensor with the same sizes are one split.  Nothing else is merged:
+    """Two equal splits, views, slices or tuple items of the same value are one.  Nothing else is merged:
     a merged value becomes shared by two patterns' territories (layers sharing one `cos.unsqueeze`,
     a mask's `ids < vocab` also used elsewhere), which blocks both fusions."""
-    if node.op != "call_function" or node.target not in _SPLITS:
+    if node.op != "call_function" or node.target not in _MERGED:
         return None
     return (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
 
 
 def merge_duplicates(gm: fx.GraphModule) -> int:
-    """Duplicate splits: model code that splits the same qkv twice (vLLM's Qwen3 views q and k
-    from two `split` calls) must look like the one split a pattern was traced from."""
+    """Duplicate views: model code that splits the same qkv twice (vLLM's Qwen3 views q and k from two
+    `split` calls), or a graph that re-creates a view at each use, must look like the one value a pattern
+    was traced from."""
     seen, merged = {}, 0
     for node in list(gm.graph.nodes):
         key = _merge_key(node)
