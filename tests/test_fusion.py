@@ -298,10 +298,13 @@ def test_hf_grouped_mm_experts_with_sentinel_masks_refused_when_ids_may_hold_sen
 
 # ---- forms found by the HF corpus probe (benchmarks/hf_corpus_probe.py) ------------------------------------
 
+_LOCAL_EXPERTS = ("Mixtral", "GraniteMoe")  # MoE architectures configured with num_local_experts
+
+
 def _hf_arch(arch: str, dtype, **extra):
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
-    moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch == "Mixtral" else {}
+    moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch in _LOCAL_EXPERTS else {}
     cfg = getattr(transformers, f"{arch}Config")(**{**common, **moe, **extra})
     torch.manual_seed(0)
     model_class = "Gemma3ForCausalLM" if arch == "Gemma3Text" else f"{arch}ForCausalLM"
@@ -324,6 +327,13 @@ CORPUS_FORMS = [
     # Glm over half of each head with tables it interleaves itself
     ("Cohere", {"norm_rope_gate": 2}),
     ("Glm", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+    # Helium interleaves its tables inside apply_rotary_pos_emb at full width; Ernie4.5 also rotates in float32
+    ("Helium", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+    ("Ernie4_5", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+    # Llama-style Q/K norms after the head transpose (in the prologue, not lone norms)
+    ("Exaone4", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
+    # top-k of the logits, then a softmax over the k
+    ("GraniteMoe", {"moe_gate": 2, "moe_ffn": 2}),
 ]
 
 
@@ -338,7 +348,8 @@ def check_corpus_form(arch: str, expected: dict, device: str = "cpu"):
     patterns = compiled.kunlun_backend.report.graphs[0].patterns
     assert {k: patterns[k] for k in expected} == expected, patterns
     # grouped GEMMs take no float64: the reference runs the same experts through batched_mm
-    m64 = _hf_arch(arch, torch.float64, **({"experts_implementation": "batched_mm"} if arch == "Mixtral" else {}))
+    m64 = _hf_arch(arch, torch.float64,
+                   **({"experts_implementation": "batched_mm"} if arch in _LOCAL_EXPERTS else {}))
     m64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = m64.to(device)(input_ids=ids).logits
@@ -351,8 +362,8 @@ def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
         check_corpus_form(arch, expected)
 
 
-@pytest.mark.parametrize("arch", ["Cohere", "Glm"])
-def test_hf_pair_rotations_fuse_exactly_in_fp32(arch):
+@pytest.mark.parametrize("arch", ["Cohere", "Glm", "Helium", "Ernie4_5", "Exaone4"])
+def test_hf_rotary_forms_fuse_exactly_in_fp32(arch):
     model = _hf_arch(arch, torch.float32)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     compiled = kc.compile(model, strict=True)

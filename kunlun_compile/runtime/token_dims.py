@@ -172,7 +172,7 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
     if packet in _LAYOUT or packet in _ALONG_DIM:
         rank = src.dim() if isinstance(src, torch.Tensor) else 0
         tok = set(_token_related(src, sym))
-        hit = [d for d in _dims_arg(node) if (d % rank if rank else d) in tok]
+        hit = [d % rank if rank else d for d in _dims_arg(node) if (d % rank if rank else d) in tok]
         if hit:
             return f"{name} works along the token dim {hit[0]}"
         return None

@@ -154,8 +154,7 @@ ARCHS = [
     _arch("Cohere", expected=dict(
         norm_rope_gate=2,  # CohereAttention: interleaved rotate_half (stack((-x2, x1), -1).flatten(-2)) in fp32
         # add_rmsnorm: 0, CohereLayerNorm subtracts the mean (a LayerNorm without bias), parallel attn + MLP
-    ),
-        forms=("LayerNorm", "interleaved rotary in fp32", "parallel attention/MLP")),
+    ), forms=("LayerNorm", "interleaved rotary in fp32", "parallel attention/MLP")),
     _arch("StableLm", expected=dict(
         norm_rope_gate=2,  # StableLmAttention: rotary on the first rotary_ndims (partial_rotary_factor 0.25) + cat
         # add_rmsnorm: 0, nn.LayerNorm
@@ -164,8 +163,7 @@ ARCHS = [
         norm_rope_gate=2,  # GlmAttention: partial (0.5) interleaved rotary: cos[..., :r/2].repeat_interleave(2),
                            # rotate_half = stack((-x[1::2], x[0::2]), -1).flatten(-2), + cat(pass)
         add_rmsnorm=5,  # GlmDecoderLayer input/post_attention_layernorm x2 + norm
-    ),
-        forms=("interleaved partial rotary 0.5", "fused gate_up_proj")),
+    ), forms=("interleaved partial rotary 0.5", "fused gate_up_proj")),
     _arch("Olmoe", MOE, expected=dict(
         norm_rope_gate=2,
         add_rmsnorm=9,  # input/post_attention_layernorm + full-width q_norm/k_norm, x2 layers, + norm
@@ -183,7 +181,7 @@ ARCHS = [
                            # + e_score_correction_bias, group top-2 sums, topk groups, mask, topk, gather, renorm
                            # (+ 1e-20), * routed_scaling_factor
               moe_ffn=1,  # DeepseekV3Experts (grouped_mm); + shared_experts (dense MLP)
-          ), found=both(norm_rope_gate=0, moe_gate=0), silent_misses=dict(norm_rope_gate=ROPE_MISS["DeepseekV3"]),
+          ), found=both(norm_rope_gate=0), silent_misses=dict(norm_rope_gate=ROPE_MISS["DeepseekV3"]),
           forms=("MLA", "interleaved rotary on even/odd slices", "sigmoid grouped router + bias",
                  "shared experts", "first layer dense")),
     _arch("Qwen2Moe", dict(MOE, shared_expert_intermediate_size=128),
@@ -206,31 +204,29 @@ ARCHS = [
         **LLAMA_LIKE,
         moe_gate=2,  # GraniteMoeTopKRouter: linear(...).float() -> topk on logits -> softmax over the k -> type_as
         moe_ffn=2,
-    ), found=both(moe_gate=0), forms=("top-k-then-softmax router", "multipliers")),
+    ), forms=("top-k-then-softmax router", "multipliers")),
     _arch("Glm4", expected=dict(
         norm_rope_gate=2,  # as Glm: partial interleaved rotary
         add_rmsnorm=9,  # Glm4DecoderLayer: input, post_self_attn, post_attention, post_mlp x2 + norm
-    ),
-        forms=("interleaved partial rotary 0.5", "post-norms")),
+    ), forms=("interleaved partial rotary 0.5", "post-norms")),
     _arch("Glm4Moe", dict(MOE, n_routed_experts=4), expected=dict(
         norm_rope_gate=2,  # Glm4MoeAttention: partial (0.5) rotate_half rotary + cat (use_qk_norm False)
         add_rmsnorm=5,
         moe_gate=1,  # layer 1 (first_k_dense_replace=1): Glm4MoeTopkRouter, DeepSeek-V3's (n_group=1)
         moe_ffn=1,  # + shared_experts
-    ), found=both(moe_gate=0), forms=("partial rotary 0.5", "sigmoid router + bias", "shared experts")),
+    ), forms=("partial rotary 0.5", "sigmoid router + bias", "shared experts")),
     _arch("Ernie4_5", expected=dict(
         norm_rope_gate=2,  # Ernie4_5 apply_rotary_pos_emb: interleaved (repeat_interleave cos, stack/flatten)
                            # full width, in fp32 (q.float(), cos left fp32), cast back
         add_rmsnorm=5,
-    ), found=both(norm_rope_gate=0),
-        forms=("interleaved rotary in fp32",)),
+    ), forms=("interleaved rotary in fp32",)),
     _arch("Ernie4_5_Moe", dict(MOE, moe_num_experts=4, moe_k=2), expected=dict(
         norm_rope_gate=2,  # as Ernie4_5
         add_rmsnorm=5,
         moe_gate=1,  # layer 1 (moe_layer_start_index=1): Ernie4_5_MoeTopKRouter: fp32 linear, softmax(dim=1),
                      # topk on probs + e_score_correction_bias (moe_statics), gather, / clamp(sum, norm_min)
         moe_ffn=1,  # + 2 shared experts (moe_num_shared_experts default)
-    ), found=both(norm_rope_gate=0, moe_gate=0),
+    ), found=both(moe_gate=0),
         forms=("interleaved rotary in fp32", "softmax router + bias, clamp renorm", "shared experts")),
     _arch("SmolLM3", expected=LLAMA_LIKE,  # no_rope_layers: [1, 1] for 2 layers, both rotate
           forms=("NoPE every 4th layer (none here)",)),
@@ -242,8 +238,7 @@ ARCHS = [
         norm_rope_gate=2,  # Exaone4Attention: transpose, q_norm/k_norm (Llama RMSNorm, head_dim), rotary on
                            # sliding layers (both, with sliding_window_pattern 4)
         add_rmsnorm=5,  # post_attention/post_feedforward_layernorm x2 + norm (the Q/K norms are the prologue's)
-    ), found=both(norm_rope_gate=0, add_rmsnorm=9),
-        forms=("Q/K norm after the head transpose (weight * x.to(dtype))", "post-norms")),
+    ), forms=("Q/K norm after the head transpose (weight * x.to(dtype))", "post-norms")),
     _arch("HunYuanDenseV1", expected=dict(
         norm_rope_gate=2,  # HunYuanDenseV1Attention: rotary, then query_layernorm/key_layernorm
         add_rmsnorm=9,  # input/post_attention_layernorm + the two Q/K norms *after* the rotary, x2, + norm
@@ -263,8 +258,7 @@ ARCHS = [
     _arch("Apertus", expected=dict(
         norm_rope_gate=2,  # ApertusAttention: transpose, q_norm/k_norm (head_dim), rotary (llama3 rope type)
         add_rmsnorm=5,  # attention_layernorm/feedforward_layernorm x2 + norm (the Q/K norms are the prologue's)
-    ), found=both(norm_rope_gate=0, add_rmsnorm=9),
-        forms=("Q/K norm after the head transpose (weight * x.to(dtype))", "xIELU MLP")),
+    ), forms=("Q/K norm after the head transpose (weight * x.to(dtype))", "xIELU MLP")),
     _arch("SeedOss", expected=LLAMA_LIKE, forms=("q/k/v bias",)),
     _arch("Llama4", dict(MOE, num_experts_per_tok=1, intermediate_size_mlp=128), config="Llama4TextConfig",
           ids_seed=8, expected=dict(
@@ -293,7 +287,8 @@ ARCHS = [
         moe_gate=2,  # GptOssTopKRouter: linear with bias, topk on logits, softmax over the k (dim=1)
         moe_ffn=2,  # GptOssExperts (grouped_mm with biases): gate/up interleaved [::2]/[1::2], clamp,
                     # gate * sigmoid(1.702 gate) * (up + 1)
-    ), found=both(norm_rope_gate=0, moe_gate=0, moe_ffn=0), silent_misses=dict(norm_rope_gate=ROPE_MISS["GptOss"]),
+    ), found=dict(fp32=dict(norm_rope_gate=0, moe_ffn=0), bf16=dict(norm_rope_gate=0, moe_gate=0, moe_ffn=0)),
+        silent_misses=dict(norm_rope_gate=ROPE_MISS["GptOss"]),
         forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
                "expert biases, clamped interleaved SwiGLU", "attention sinks")),
     _arch("Qwen3Next", dict(MOE, layer_types=["linear_attention", "full_attention"],
@@ -319,13 +314,11 @@ ARCHS = [
     _arch("Cohere2", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Cohere2Attention: as Cohere, on sliding layers (both here)
         # add_rmsnorm: 0, Cohere2LayerNorm (mean subtracted)
-    ),
-        forms=("LayerNorm", "interleaved rotary in fp32", "parallel attention/MLP")),
+    ), forms=("LayerNorm", "interleaved rotary in fp32", "parallel attention/MLP")),
     _arch("Helium", expected=dict(
         norm_rope_gate=2,  # Helium apply_rotary_pos_emb: interleaved (repeat_interleave cos, stack/flatten), q's dtype
         add_rmsnorm=5,  # HeliumRMSNorm: (weight.to(fp32) * x).to(dtype)
-    ), found=dict(fp32=dict(norm_rope_gate=0), bf16=dict(norm_rope_gate=0, add_rmsnorm=0)),
-        forms=("interleaved rotary", "weight cast to fp32 in the norm")),
+    ), forms=("interleaved rotary", "weight cast to fp32 in the norm")),
     _arch("Ministral", dict(sliding_window=4), expected=LLAMA_LIKE, forms=("sliding window",)),
 ]
 

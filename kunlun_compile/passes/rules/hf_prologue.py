@@ -52,6 +52,14 @@ def hf_gemma_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     return hf_rope(q, k, cos, sin)
 
 
+def hf_transposed_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+    """Exaone4 / Apertus: q/k per-head views transposed first, then Llama-style RMSNorms, then rotary (a
+    last-dim norm commutes with the transpose)."""
+    q = hf_lone(q.transpose(1, 2), q_weight, eps)
+    k = hf_lone(k.transpose(1, 2), k_weight, eps)
+    return hf_rope(q, k, cos, sin)
+
+
 def hf_plain_rope(q, k, cos, sin):
     """Llama: q/k per-head views [B, S, H, D] -> transpose -> rotary."""
     return hf_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -106,6 +114,23 @@ def hf_upcast_pairs_rope(q, k, cos, sin):
     return q_embed.to(dtype), k_embed.to(dtype)
 
 
+def hf_pairs_rope_tables_per_head(q, k, cos, sin):
+    """Helium: pair rotation over the whole head, the tables interleaved inside `apply_rotary_pos_emb`
+    (an ATen op ahead of the match: cos/sin come in as [B, 1, S, D])."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return (q * cos) + (rotate_pairs(q) * sin), (k * cos) + (rotate_pairs(k) * sin)
+
+
+def hf_upcast_pairs_rope_tables_per_head(q, k, cos, sin):
+    """Ernie4.5 in bf16/fp16: the pair rotation in q's dtype (exact: a negation and a shuffle), then q and
+    the rotated q cast to float32 against float32 [B, 1, S, D] tables, rounded back once."""
+    dtype = q.dtype
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q_embed = (q.float() * cos) + (rotate_pairs(q).float() * sin)
+    k_embed = (k.float() * cos) + (rotate_pairs(k).float() * sin)
+    return q_embed.to(dtype), k_embed.to(dtype)
+
+
 def hf_pairs_partial_rope(q, k, cos, sin):
     """Glm: pair rotation over the first cos.shape[-1] dims, the rest passed through by `cat`.  Glm
     interleaves its tables inside `apply_rotary_pos_emb` (half of cos, each value twice): that stays an ATen
@@ -157,6 +182,10 @@ def fused_upcast_pairs_rope(q, k, cos, sin):
 def fused_promoted_rope(q, k, cos, sin):
     q_out, k_out = _fused(q.float(), k.float(), None, None, cos.float(), sin.float(), 1e-6)
     return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def fused_upcast_pairs_rope_tables_per_head(q, k, cos, sin):
+    return fused_upcast_pairs_rope(q, k, cos.squeeze(1), sin.squeeze(1))
 
 
 def fused_pairs_partial_rope(q, k, cos, sin):
@@ -239,12 +268,26 @@ _PROMOTED = Rewrite(family="norm_rope_gate", name="hf_promoted_rope", search=hf_
                     dtypes=(torch.bfloat16, torch.float16),
                     needs=(aten.cat.default, aten.neg.default, aten.transpose.int))
 
+# Exaone4 / Apertus: Llama-style Q/K norms after the head transpose (with the norms first, as Gemma3's)
+_TRANSPOSED_NORM = Rewrite(family="norm_rope_gate", name="hf_transposed_qknorm_rope", search=hf_transposed_norm_rope,
+                           replace=fused_norm_rope, example_inputs=lambda dtype: _example_inputs(dtype, True),
+                           constants={"eps": EPS}, guard=lambda b: _guard(b, True),
+                           needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
+
 _PAIRS_NEEDS = (aten.stack.default, aten.neg.default, aten.transpose.int)
 _PAIRS = [
     Rewrite(family="norm_rope_gate", name="hf_pairs_partial_rope", search=hf_pairs_partial_rope,
             replace=fused_pairs_partial_rope, guard=lambda b: _guard(b, False, partial=True, cos_per_head=True),
             example_inputs=lambda dtype: _example_inputs(dtype, False, rot=_D // 2, per_head=True),
             needs=_PAIRS_NEEDS + (aten.cat.default,)),
+    Rewrite(family="norm_rope_gate", name="hf_pairs_rope_tables_per_head", search=hf_pairs_rope_tables_per_head,
+            replace=fused_pairs_partial_rope, guard=lambda b: _guard(b, False, partial=True, cos_per_head=True),
+            example_inputs=lambda dtype: _example_inputs(dtype, False, per_head=True), needs=_PAIRS_NEEDS),
+    Rewrite(family="norm_rope_gate", name="hf_upcast_pairs_rope_tables_per_head",
+            search=hf_upcast_pairs_rope_tables_per_head, replace=fused_upcast_pairs_rope_tables_per_head,
+            guard=lambda b: _guard(b, False, partial=True, upcast=True, cos_per_head=True),
+            example_inputs=lambda dtype: _example_inputs(dtype, False, per_head=True, table_dtype=torch.float32),
+            dtypes=(torch.bfloat16, torch.float16), needs=_PAIRS_NEEDS),
     Rewrite(family="norm_rope_gate", name="hf_upcast_pairs_rope", search=hf_upcast_pairs_rope,
             replace=fused_upcast_pairs_rope, guard=lambda b: _guard(b, False, upcast=True),
             example_inputs=lambda dtype: _example_inputs(dtype, False), dtypes=(torch.bfloat16, torch.float16),
@@ -261,4 +304,4 @@ _GEMMA = Rewrite(family="norm_rope_gate", name="hf_gemma_qknorm_rope", search=hf
                  constants={"eps": EPS}, guard=lambda b: _guard(b, True),
                  needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
 
-RULES = [_rule(True), _GEMMA, *_PARTIAL, _PROMOTED, _rule(False), *_PAIRS]
+RULES = [_rule(True), _GEMMA, _TRANSPOSED_NORM, *_PARTIAL, _PROMOTED, _rule(False), *_PAIRS]

@@ -99,6 +99,36 @@ def hf_router_float_weights(logits):
     return top_value, indices
 
 
+def _hf_grouped_sigmoid_router(groups: int, topk_group: int):
+    """transformers' DeepSeek-V3 router after its float32 linear (also Glm4-MoE and Dots1, one group):
+    grouped sigmoid with the correction bias, renormalised with a 1e-20 guard in the denominator (the op has
+    none: it differs only where the top-k sigmoid scores sum below ~1e-13, logits under about -30), scaled,
+    ids left int64.  One group: the mask's reshape is a view, not a copy, so the graph differs."""
+
+    def hf_grouped_sigmoid_router(logits, bias, scale):
+        scores = logits.sigmoid()
+        choice = scores + bias
+        group_scores = choice.view(-1, groups, _E // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, _E // groups).reshape(-1, _E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=_K, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * scale, ids
+    return hf_grouped_sigmoid_router
+
+
+def hf_topk_then_softmax_router(logits):
+    """GraniteMoe: top-k of the float32 logits, softmax over the k chosen ones, weights in the logits' dtype.
+    The same weights as a softmax over all experts renormalised over the top k (exp(l_i) / sum over the
+    top k of exp(l_j)), the same ids (the softmax keeps the order)."""
+    top_k_logits, top_k_index = logits.float().topk(_K, dim=-1)
+    return torch.softmax(top_k_logits, dim=-1).type_as(logits), top_k_index
+
+
 def _gate_params(b: Bindings, grouping: str):
     """top_k, num_groups, topk_group from the matched nodes, or a reason."""
     topks = [n for n in b.nodes(aten.topk.default)]
@@ -188,8 +218,35 @@ def _hf_rule(variant: str) -> Rewrite:
                    needs=_needs("softmax", "none", renormalize))
 
 
+def _topk_then_softmax_replace(logits, *, top_k, num_groups, topk_group):
+    weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", True, 1, 1, None, 1.0)
+    return weights.to(logits.dtype), ids.long()
+
+
+_TOPK_THEN_SOFTMAX = Rewrite(family="moe_gate", name="hf_topk_then_softmax_router", search=hf_topk_then_softmax_router,
+                             replace=_topk_then_softmax_replace,
+                             example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+                             guard=lambda b: _guard(b, "softmax", "none", True, False),
+                             needs=(aten.topk.default, aten._softmax.default))
+
+def _hf_grouped_replace(logits, bias, **params):
+    weights, ids = _replace(logits, bias, scoring="sigmoid", grouping="groups_bias", renormalize=True, scaled=True,
+                            **params)
+    return weights, ids.long()
+
+
+_HF_GROUPED = [
+    Rewrite(family="moe_gate", name=f"hf_grouped_sigmoid_router_{groups}_groups",
+            search=_hf_grouped_sigmoid_router(groups, topk_group), replace=_hf_grouped_replace,
+            # the router runs in float32 whatever the model's dtype: one pattern, tried in every graph
+            example_inputs=lambda dtype: (torch.randn(_M, _E), torch.randn(_E)),
+            constants={"scale": SCALE}, guard=lambda b: _guard(b, "sigmoid", "groups_bias", True, True),
+            needs=_needs("sigmoid", "groups_bias", True))
+    for groups, topk_group in ((_GROUPS, _TOPK_GROUP), (1, 1))
+]
+
 _COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigmoid", "bias"),
            ("sigmoid", "groups_bias"), ("softmax", "groups"), ("sigmoid", "groups")]
 RULES = [_rule(s, grp, renorm, scaled)
          for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + \
-    [_hf_rule(v) for v in _HF_SEARCHES]
+    [_hf_rule(v) for v in _HF_SEARCHES] + [_TOPK_THEN_SOFTMAX, *_HF_GROUPED]

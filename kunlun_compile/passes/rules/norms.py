@@ -96,6 +96,16 @@ def hf_weight_first_lone(x, weight, eps):
     return (weight * x).to(input_dtype)
 
 
+def hf_float_weight_lone(x, weight, eps):
+    """Helium: the weight cast to float32 and multiplied there, the product rounded once (in fp32 graphs
+    the cast is a no-op and `hf_weight_first_lone` matches)."""
+    input_dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return (weight.to(torch.float32) * x).to(input_dtype)
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
 def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
@@ -132,11 +142,12 @@ def _guard(b: Bindings, gemma: bool, residual: bool, sum_in_dtype: bool = False)
     return dict(params, sum_in_dtype=True) if sum_in_dtype else params
 
 
-def _rule(name, search, replace, gemma, residual, sum_in_dtype=False):
+def _rule(name, search, replace, gemma, residual, sum_in_dtype=False, dtypes=(torch.float32, torch.bfloat16,
+                                                                            torch.float16)):
     return Rewrite(
         family="add_rmsnorm", name=name, search=search, replace=replace,
         example_inputs=lambda dtype: _norm_inputs(dtype, residual), constants={"eps": EPS},
-        guard=lambda b: _guard(b, gemma, residual, sum_in_dtype))
+        guard=lambda b: _guard(b, gemma, residual, sum_in_dtype), dtypes=dtypes)
 
 
 # Gemma rules first: in fp32 `x * (1 + w)` is also a vLLM norm whose weight is the computed `1 + w`
@@ -153,5 +164,8 @@ LONE_RULES = [
     _rule("vllm_lone", vllm_lone, fused_lone, gemma=False, residual=False),
     _rule("hf_lone", hf_lone, fused_lone, gemma=False, residual=False),
     _rule("hf_weight_first_lone", hf_weight_first_lone, fused_lone, gemma=False, residual=False),
+    # the op rounds the normalised x, then the product: one more rounding than the model, as the rule above
+    _rule("hf_float_weight_lone", hf_float_weight_lone, fused_lone, gemma=False, residual=False,
+          dtypes=(torch.bfloat16, torch.float16)),
 ]
 RULES = RESIDUAL_RULES + LONE_RULES
