@@ -116,7 +116,8 @@ of cos and of sin for q and again for k, `cat([x1*cos - x2*sin, x2*cos + x1*sin]
 2, rotary_dim, max)], -1)`).  The same code compiled without the in-place op (plain `x @ w`) matches.  With the
 duplicate `getitem` / `view` / `split.Tensor` / `split_with_sizes` / `slice.Tensor` nodes merged (a CSE before
 the family passes; not `unsqueeze`: the pattern has one per q and per k) norm_rope_gate goes 0 -> 2 on all 12
-of these architectures, tokens unchanged (experiment below).  Silent: explain.py has no prologue anchor.
+of these architectures, tokens unchanged (experiment below).  The backend now merges them itself
+(passes/cleanup.py `merge_duplicates`): all of them fuse.
 Qwen3, Qwen3Moe, Gemma3, Glm4Moe fuse because their Q/K norm makes fresh tensors before the rotary.
 
 **B. Q/K RMSNorm over all heads** (norm_rope_gate; Olmoe in vLLM's olmoe.py, Olmo2 through HF code).  `q =

@@ -55,42 +55,28 @@ def run_arch(python: str, root: Path, arch: str, code_dir: Path = None) -> dict:
 DEFAULT_ARCHS = ("Llama",)  # ~1 minute of two cores; the rest is marked slow
 # arch -> family -> fusions the kunlun report counts (families not listed: 0)
 FOUND = {
-    "Llama": {"norm_rope_gate": 2, "add_rmsnorm": 5},
-    "Mistral": {"add_rmsnorm": 5},
-    "Qwen2": {"add_rmsnorm": 5},
-    "Qwen3": {"norm_rope_gate": 2, "add_rmsnorm": 5},
-    "Qwen2Moe": {"add_rmsnorm": 5},
-    "Qwen3Moe": {"norm_rope_gate": 2, "add_rmsnorm": 5},
-    "Mixtral": {"add_rmsnorm": 5},
+    **{arch: {"norm_rope_gate": 2, "add_rmsnorm": 5}
+       for arch in ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe", "Mixtral", "Gemma", "Phi3", "Granite",
+                    "Glm4Moe")},
     "Olmoe": {"add_rmsnorm": 9},  # + the 4 full-width Q/K norms, as lone RMSNorms
-    "Gemma": {"add_rmsnorm": 5},
-    "Gemma2": {"add_rmsnorm": 9},
+    "Gemma2": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Gemma3": {"norm_rope_gate": 2, "add_rmsnorm": 9},
-    "Phi3": {"add_rmsnorm": 5},
-    "Granite": {"add_rmsnorm": 5},
     "Olmo2": {"norm_rope_gate": 2, "add_rmsnorm": 9},  # the prologue without its full-width norms; they fuse lone
-    "StableLm": {},
+    "StableLm": {"norm_rope_gate": 2},
     "Glm": {"add_rmsnorm": 5},
-    "Glm4": {"add_rmsnorm": 9},
-    "Cohere": {},
+    "Glm4": {"norm_rope_gate": 2, "add_rmsnorm": 9},
+    "Cohere": {"norm_rope_gate": 2},
     "DeepseekV2": {"add_rmsnorm": 9},
     "DeepseekV3": {"add_rmsnorm": 9},
-    "Glm4Moe": {"norm_rope_gate": 2, "add_rmsnorm": 5},
 }
-# why a family fused fewer times than EXPECTED without a near-miss line (explain.py has no anchor for it; Glm's
-# HF pair rotation has one: its `-x[1::2]` into a stack)
-VIEW_REPLAY = ("no prologue anchor; q/k reach the rotary as views of _C.onednn_mm's in-place output, which "
-               "functionalization replays at each use (duplicate getitem/view/split/slice nodes); a CSE of those "
-               "fuses it")
+# why a family fused fewer times than EXPECTED without a near-miss line (Glm's HF pair rotation has one: its
+# `-x[1::2]` into a stack)
 FULL_WIDTH_QK_NORM = "no prologue anchor; Q/K RMSNorm over all heads ([T, heads*head_dim]): no rule has that norm"
 CPU_EXPERTS = "no expert-GEMM anchor: the experts are vLLM's opaque _C.cpu_fused_moe op"
 SILENT = {
-    **{arch: {"norm_rope_gate": VIEW_REPLAY} for arch in ("Mistral", "Qwen2", "Gemma", "Gemma2", "Phi3",
-                                                          "Granite", "StableLm", "Glm4", "Cohere")},
-    "Qwen2Moe": {"norm_rope_gate": VIEW_REPLAY, "moe_ffn": CPU_EXPERTS},
-    "Mixtral": {"norm_rope_gate": VIEW_REPLAY, "moe_ffn": CPU_EXPERTS},
     "Olmoe": {"norm_rope_gate": FULL_WIDTH_QK_NORM, "moe_ffn": CPU_EXPERTS},
-    **{arch: {"moe_ffn": CPU_EXPERTS} for arch in ("Qwen3Moe", "DeepseekV2", "DeepseekV3", "Glm4Moe")},
+    **{arch: {"moe_ffn": CPU_EXPERTS} for arch in ("Qwen2Moe", "Mixtral", "Qwen3Moe", "DeepseekV2", "DeepseekV3",
+                                                   "Glm4Moe")},
 }
 
 
