@@ -474,3 +474,48 @@ def test_a_fused_or_refused_rotation_is_not_described(head_dim):
     misses = _near_misses(compiled.kunlun_backend.report)
     assert not [line for line in misses if line.startswith("norm_rope_gate: ") and "left unfused" in line], misses
     assert any("head_dim 12 is not supported" in line for line in misses) == (head_dim == 12), misses
+
+
+class RouterSoftmaxDim1(nn.Module):
+    """HunYuan's router: softmax over dim=1 of 2-D logits (canonicalised to dim=-1), top-k, renormalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(32, 8, bias=False)
+
+    def forward(self, x):
+        probs = torch.softmax(self.gate(x).float(), dim=1)
+        weights, ids = torch.topk(probs, 2, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+
+def test_a_router_spelling_dim_1_fuses():
+    model, x = RouterSoftmaxDim1().eval().requires_grad_(False), torch.randn(6, 32)
+    (got_w, got_i), report = _compile(model, x)
+    want_w, want_i = model(x)
+    assert report.graphs[0].patterns["moe_gate"] == 1
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_group, topk_group", [(4, 2), (1, 1)])
+def test_hf_deepseek_v3_router_fuses_exactly(n_group, topk_group):
+    """transformers' DeepseekV3TopkRouter (float32 whatever the model's dtype, int64 ids, `+ 1e-20`), the
+    grouped form and Glm4-MoE's one group."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3TopkRouter
+
+    cfg = DeepseekV3Config(hidden_size=32, n_routed_experts=16, n_group=n_group, topk_group=topk_group,
+                           num_experts_per_tok=4)
+    torch.manual_seed(0)
+    router = DeepseekV3TopkRouter(cfg).eval().requires_grad_(False)
+    nn.init.normal_(router.weight)
+    nn.init.normal_(router.e_score_correction_bias, std=0.1)
+    x = torch.randn(7, 32).to(torch.bfloat16)
+    got, report = _compile(router, x)
+    want = router(x)
+    assert report.graphs[0].patterns["moe_gate"] == 1
+    # the model's top-k is unsorted: each token's (id, weight) pairs are the result, in any order
+    (got_ids, got_order), (want_ids, want_order) = got[2].sort(dim=-1), want[2].sort(dim=-1)
+    assert torch.equal(got_ids, want_ids) and got[2].dtype == torch.int64
+    torch.testing.assert_close(got[1].gather(1, got_order), want[1].gather(1, want_order), rtol=1e-6, atol=1e-6)

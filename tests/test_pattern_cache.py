@@ -2,6 +2,7 @@
 
 The cache must give back exactly the pattern a fresh trace gives, treat its files as untrusted data, and
 the skipping must never change what a pass finds or reports."""
+import functools
 import json
 import warnings
 
@@ -113,3 +114,16 @@ def test_skipping_patterns_changes_no_match_and_no_near_miss(dtype, monkeypatch)
         tried = _report(model, inputs)
         monkeypatch.setattr(pe, "SKIP_PATTERNS_THAT_CANNOT_MATCH", True)
         assert skipped == tried, name
+
+
+def test_one_replacement_trace_serves_every_layer(monkeypatch):
+    """Layers with equal static shapes share the replacement's trace (and nothing is kept after the pass)."""
+    traces = []
+    real = pe.trace_aten
+    monkeypatch.setattr(pe, "trace_aten", lambda fn, args: traces.append(fn) or real(fn, args))
+    model, inputs = build_model("qwen3-tiny", dtype=torch.float32, device="cpu", num_tokens=8, seed=0)
+    (patterns, _), = _report(model, inputs)
+    replacements = [f for f in traces if isinstance(f, functools.partial)]
+    assert patterns["add_rmsnorm"] == 5 and patterns["norm_rope_gate"] == 2
+    assert len(replacements) < sum(patterns.values())
+    assert not pe._replacements

@@ -1,5 +1,6 @@
 """The parts of the vLLM integration that need no vLLM: options, duplicate splits, recorded op references,
 warm starts (stored transformed graphs) and worker reports."""
+import collections
 import json
 import os
 import shutil
@@ -186,3 +187,25 @@ def test_worker_reports_round_trip(tmp_path):
     shown = select(str(tmp_path / "cache"))
     assert [r.get("rank") for r in shown] == [0, 1, None] and shown[2]["error"]
     assert len(select(str(tmp_path / "cache"), all_runs=True)) == 4
+
+
+def _replayed_views(x):
+    # functionalization re-creates a view of a written buffer at each use (vLLM's CPU linears)
+    v1, v2 = torch.ops.aten.view.default(x, [2, 12]), torch.ops.aten.view.default(x, [2, 12])
+    s1, s2 = torch.ops.aten.slice.Tensor(v1, 1, 0, 4), torch.ops.aten.slice.Tensor(v2, 1, 0, 4)
+    u1, u2 = torch.ops.aten.unsqueeze.default(x, 0), torch.ops.aten.unsqueeze.default(x, 0)
+    return s1 + 1, s2 * 2, u1 * 3, u2 * 4
+
+
+def test_equal_views_and_slices_merge_but_not_unsqueezes():
+    """Patterns spell one `unsqueeze` per use (q's and k's cos), and a pattern node matches one graph node."""
+    gm = fx.symbolic_trace(_replayed_views)
+    x = torch.randn(4, 6)
+    want = gm(x)
+    assert merge_duplicates(gm) == 2
+    gm.recompile()
+    count = collections.Counter(n.target for n in gm.graph.nodes)
+    assert (count[torch.ops.aten.view.default], count[torch.ops.aten.slice.Tensor],
+            count[torch.ops.aten.unsqueeze.default]) == (1, 1, 2)
+    for w, g in zip(want, gm(x)):
+        torch.testing.assert_close(g, w)

@@ -73,7 +73,6 @@ _DIM_ARGUMENTS = {
 }
 
 
-
 def _rank(node: fx.Node):
     first = node.args[0]
     if isinstance(first, (list, tuple)):  # cat / stack: the tensors' rank (stack adds one dimension)

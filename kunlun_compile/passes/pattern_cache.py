@@ -53,13 +53,9 @@ def _hash_sources() -> str:
 _SOURCE_VERSION = _hash_sources()
 
 
-def _source_fingerprint() -> str:
-    return _SOURCE_VERSION
-
-
 def entry_key(rule_id: str, dtype: torch.dtype, examples: Sequence[torch.Tensor]) -> str:
     shapes = [(tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t) for t in examples]
-    text = json.dumps([_source_fingerprint(), rule_id, str(dtype), shapes])
+    text = json.dumps([_SOURCE_VERSION, rule_id, str(dtype), shapes])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -73,7 +69,7 @@ VERSIONS_KEPT = 4  # source versions whose entries stay on disk (the newest by u
 @functools.lru_cache(maxsize=None)
 def _folder(root: Path) -> Optional[Path]:
     """`root/<source version>/`, created once a process; older versions beyond VERSIONS_KEPT removed."""
-    folder = root / _source_fingerprint()[:16]
+    folder = root / _SOURCE_VERSION[:16]
     try:
         folder.mkdir(exist_ok=True)
         os.utime(folder)

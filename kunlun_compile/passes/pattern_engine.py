@@ -374,8 +374,6 @@ def present_ops(gm: fx.GraphModule) -> set:
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
-
-
 def searchable(rule: Rewrite, present: set) -> bool:
     """Whether the graph has every op the rule's pattern needs (else it cannot match: not traced)."""
     return all(t in present for t in rule.needs)
@@ -384,7 +382,20 @@ def searchable(rule: Rewrite, present: set) -> bool:
 def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
     """Apply `rules` in order (all matches of one rule before the next); count per family."""
     result = PassOutcome()
-    _replacements.clear()  # traces are shared between the matches of one graph only (one fake mode)
+    try:
+        _apply_rules(gm, rules, result)
+    finally:
+        _replacements.clear()  # traces are shared between the matches of one graph only (one fake mode)
+    if result.matches and not _in_topological_order(gm.graph):
+        # a replacement goes before the match's first output; an input computed later than
+        # that output (but before the match's other nodes) is legal data flow in a new order
+        legalize_graph(gm)  # copies every node: only when the order is actually broken
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return result
+
+
+def _apply_rules(gm: fx.GraphModule, rules: Sequence[Rewrite], result: PassOutcome) -> None:
     canonicalize(gm)
     dtypes = graph_float_dtypes(gm)
     present, index = present_ops(gm), GraphIndex(gm)
@@ -396,13 +407,6 @@ def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
             _apply_one(gm, compiled, result)
             if result.matches != matches:  # replacements change the graph for the rules after
                 present, index = present_ops(gm), GraphIndex(gm)
-    if result.matches and not _in_topological_order(gm.graph):
-        # a replacement goes before the match's first output; an input computed later than
-        # that output (but before the match's other nodes) is legal data flow in a new order
-        legalize_graph(gm)  # copies every node: only when the order is actually broken
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return result
 
 
 def _in_topological_order(graph: fx.Graph) -> bool:

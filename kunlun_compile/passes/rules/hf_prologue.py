@@ -44,20 +44,19 @@ def hf_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     return hf_rope(q, k, cos, sin)
 
 
-def hf_gemma_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-    """Gemma3: q/k per-head views transposed first, then the `1 + w` norms (in fp32, one rounding), then
-    rotary.  A norm over the last dim commutes with the transpose: the op normalises the same rows."""
-    q = gemma_lone(q.transpose(1, 2), q_weight, eps)
-    k = gemma_lone(k.transpose(1, 2), k_weight, eps)
-    return hf_rope(q, k, cos, sin)
+def _norm_after_transpose_rope(norm):
+    def transposed_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+        q = norm(q.transpose(1, 2), q_weight, eps)
+        k = norm(k.transpose(1, 2), k_weight, eps)
+        return hf_rope(q, k, cos, sin)
+    return transposed_norm_rope
 
 
-def hf_transposed_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-    """Exaone4 / Apertus: q/k per-head views transposed first, then Llama-style RMSNorms, then rotary (a
-    last-dim norm commutes with the transpose)."""
-    q = hf_lone(q.transpose(1, 2), q_weight, eps)
-    k = hf_lone(k.transpose(1, 2), k_weight, eps)
-    return hf_rope(q, k, cos, sin)
+# q/k per-head views transposed first, then the Q/K norms, then rotary (a norm over the last dim commutes with
+# the transpose: the op normalises the same rows).  Gemma3: `1 + w` norms in fp32, one rounding; Exaone4 and
+# Apertus: Llama-style norms.
+hf_gemma_norm_rope = _norm_after_transpose_rope(gemma_lone)
+hf_transposed_norm_rope = _norm_after_transpose_rope(hf_lone)
 
 
 def hf_plain_rope(q, k, cos, sin):

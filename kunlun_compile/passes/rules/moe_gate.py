@@ -229,6 +229,7 @@ _TOPK_THEN_SOFTMAX = Rewrite(family="moe_gate", name="hf_topk_then_softmax_route
                              guard=lambda b: _guard(b, "softmax", "none", True, False),
                              needs=(aten.topk.default, aten._softmax.default))
 
+
 def _hf_grouped_replace(logits, bias, **params):
     weights, ids = _replace(logits, bias, scoring="sigmoid", grouping="groups_bias", renormalize=True, scaled=True,
                             **params)
