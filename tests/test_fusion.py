@@ -519,3 +519,82 @@ def test_hf_deepseek_v3_router_fuses_exactly(n_group, topk_group):
     (got_ids, got_order), (want_ids, want_order) = got[2].sort(dim=-1), want[2].sort(dim=-1)
     assert torch.equal(got_ids, want_ids) and got[2].dtype == torch.int64
     torch.testing.assert_close(got[1].gather(1, got_order), want[1].gather(1, want_order), rtol=1e-6, atol=1e-6)
+
+
+def _hf_router(kind: str, dtype: torch.dtype):
+    """A transformers router module with random weights (and bias), its input in `dtype`."""
+    torch.manual_seed(0)
+    if kind == "dots1":  # DeepSeek-V3's router with one group, norm_topk_prob False
+        from transformers.models.dots1.modeling_dots1 import Dots1Config, Dots1TopkRouter
+        router = Dots1TopkRouter(Dots1Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                                             n_group=1, topk_group=1, routed_scaling_factor=2.5))
+        nn.init.normal_(router.e_score_correction_bias, std=0.1)
+    elif kind == "ernie":  # softmax, top-k on probs + bias, / clamp(sum, norm_min)
+        from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import (Ernie4_5_MoeConfig,
+                                                                              Ernie4_5_MoeTopKRouter)
+        router = Ernie4_5_MoeTopKRouter(Ernie4_5_MoeConfig(hidden_size=32, moe_num_experts=16, moe_k=4))
+        nn.init.normal_(router.moe_statics.e_score_correction_bias, std=0.05)
+    elif kind == "deepseek_v2":  # greedy: softmax, unsorted top-k, scaled
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Config, DeepseekV2TopkRouter
+        router = DeepseekV2TopkRouter(DeepseekV2Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                                                       routed_scaling_factor=1.5))
+    else:  # gpt_oss: linear with bias, top-k of the logits, softmax over the k in the logits' dtype
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssConfig, GptOssTopKRouter
+        router = GptOssTopKRouter(GptOssConfig(hidden_size=32, num_local_experts=16, num_experts_per_tok=4))
+        nn.init.normal_(router.bias)
+    nn.init.normal_(router.weight)
+    return router.to(dtype).eval().requires_grad_(False), torch.randn(7, 32).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["dots1", "ernie", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hf_routers_fuse_with_the_models_numbers(kind, dtype):
+    """Corpus routers, each its own spelling: the ids are the model's (as sets where its top-k is unsorted),
+    the weights the model's (its renormalisation -- `+ 1e-20`, a clamp -- is kept as written)."""
+    router, x = _hf_router(kind, dtype)
+    if kind == "dots1" or kind == "ernie":  # float32 routers: their parameters stay float32 in the model
+        router.float()
+    # the linear left to ATen: a bf16 GEMV kernel's logits may differ from eager's by an ulp, which moves a
+    # softmax over bf16 logits by percents -- the router is compared on eager's own logits
+    got, report = _compile(router, x, disable=("decode_linear",))
+    want = router(x)
+    assert report.graphs[0].patterns["moe_gate"] == 1 and torch.equal(got[0], want[0])
+    (got_ids, got_order), (want_ids, want_order) = got[2].sort(dim=-1), want[2].sort(dim=-1)
+    assert torch.equal(got_ids, want_ids) and got[2].dtype == torch.int64
+    got_w, want_w = got[1].gather(1, got_order), want[1].gather(1, want_order)
+    assert got_w.dtype == want_w.dtype and not got_w.isnan().any()
+    tol = 1e-6 if want_w.dtype == torch.float32 else 8e-3  # bf16: the op's fp32 result rounded once
+    torch.testing.assert_close(got_w, want_w, rtol=tol, atol=tol)
+
+
+def test_clamped_renormalisation_with_a_tensor_bound_is_left_with_a_near_miss():
+    """The clamp's bound must be a constant the rule can put back; a tensor bound (`clamp.Tensor`) is left to
+    ATen, with a near miss naming the family, and the result is the model's."""
+    def router(logits, bias, bound):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        ids = torch.topk(probs + bias, 4, dim=-1)[1]
+        w = probs.gather(-1, ids)
+        return w / torch.clamp(w.sum(-1, keepdim=True), min=bound), ids
+
+    logits, bias, bound = torch.randn(7, 16), torch.randn(16) * 0.05, torch.tensor(1e-12)
+    got, report = _compile(router, logits, bias, bound)
+    assert report.graphs[0].patterns.get("moe_gate", 0) == 0
+    assert any(nm.startswith("moe_gate: topk") for p in report.graphs[0].passes for nm in p.near_misses)
+    want = router(logits, bias, bound)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weightless_rmsnorm_fuses_exactly(dtype):
+    """Llama4's L2 Q/K norm (an RMSNorm without weight, float32 inside, `type_as` back): one rounding, as
+    the op with a weight of ones (the weight's product is exact)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm
+
+    norm = Llama4TextL2Norm(1e-5)
+    x = (torch.randn(2, 5, 4, 32) * 3).to(dtype)
+    got, report = _compile(norm, x)
+    assert report.graphs[0].patterns["add_rmsnorm"] == 1
+    want = norm(x)
+    assert got.dtype == want.dtype and not got.isnan().any()
+    tol = 2e-6 if dtype == torch.float32 else 8e-3  # fp32: summation order; bf16: at most one rounding apart
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -18,6 +18,7 @@ from . import guards as g
 
 aten = torch.ops.aten
 SCALE = 1.7654321  # marker for routed_scaling_factor
+NORM_MIN = 2.345e-9  # marker for a renormalisation's clamp
 _M, _E, _K, _GROUPS, _TOPK_GROUP = 5, 16, 3, 4, 2
 
 
@@ -99,11 +100,12 @@ def hf_router_float_weights(logits):
     return top_value, indices
 
 
-def _hf_grouped_sigmoid_router(groups: int, topk_group: int):
-    """transformers' DeepSeek-V3 router after its float32 linear (also Glm4-MoE and Dots1, one group):
-    grouped sigmoid with the correction bias, renormalised with a 1e-20 guard in the denominator (the op has
-    none: it differs only where the top-k sigmoid scores sum below ~1e-13, logits under about -30), scaled,
-    ids left int64.  One group: the mask's reshape is a view, not a copy, so the graph differs."""
+def _hf_grouped_sigmoid_router(groups: int, topk_group: int, renormalize: bool):
+    """transformers' DeepSeek-V3 router after its float32 linear (also Glm4-MoE, and Dots1 with one group and
+    norm_topk_prob False): grouped sigmoid with the correction bias, renormalised with a 1e-20 guard in the
+    denominator, scaled, ids left int64.  One group: the mask's reshape is a view, not a copy, so the graph
+    differs.  The replacement keeps the model's renormalisation and scaling as written (see
+    `_hf_grouped_replace`)."""
 
     def hf_grouped_sigmoid_router(logits, bias, scale):
         scores = logits.sigmoid()
@@ -116,9 +118,28 @@ def _hf_grouped_sigmoid_router(groups: int, topk_group: int):
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
         ids = torch.topk(choice, k=_K, dim=-1, sorted=False)[1]
         weights = scores.gather(1, ids)
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * scale, ids
     return hf_grouped_sigmoid_router
+
+
+def hf_greedy_router(logits, scale):
+    """transformers' DeepSeek-V2 router (topk_method "greedy") after its float32 linear: softmax, an unsorted
+    top-k, scaled, ids int64.  The op's ids come best first: one valid order of an unsorted top-k (the experts
+    sum over k, so the order changes nothing but the summation order)."""
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(scores, k=_K, dim=-1, sorted=False)
+    return weights * scale, ids
+
+
+def hf_softmax_bias_clamped_router(logits, bias, norm_min):
+    """Ernie-4.5-MoE after its float32 linear: softmax, top-k on the probabilities plus a correction bias,
+    the unbiased probabilities gathered and divided by their sum clamped from below (`moe_norm_min`)."""
+    probs = torch.nn.functional.softmax(logits, dim=-1, dtype=torch.float)
+    _, ids = torch.topk(probs + bias, _K, dim=-1)
+    weights = torch.gather(probs, dim=-1, index=ids)
+    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=norm_min), ids
 
 
 def hf_topk_then_softmax_router(logits):
@@ -127,6 +148,14 @@ def hf_topk_then_softmax_router(logits):
     top k of exp(l_j)), the same ids (the softmax keeps the order)."""
     top_k_logits, top_k_index = logits.float().topk(_K, dim=-1)
     return torch.softmax(top_k_logits, dim=-1).type_as(logits), top_k_index
+
+
+def hf_topk_then_softmax_in_dtype_router(logits):
+    """GptOss: the top-k of the logits in their own dtype, a softmax over the k chosen ones in that dtype (eager
+    accumulates a half softmax in float32 and rounds once, as the op's weights rounded to the dtype).  In fp32
+    this is `hf_topk_then_softmax_router`."""
+    top_k_logits, top_k_index = torch.topk(logits, _K, dim=-1)
+    return torch.nn.functional.softmax(top_k_logits, dim=-1, dtype=top_k_logits.dtype), top_k_index
 
 
 def _gate_params(b: Bindings, grouping: str):
@@ -230,24 +259,74 @@ _TOPK_THEN_SOFTMAX = Rewrite(family="moe_gate", name="hf_topk_then_softmax_route
                              needs=(aten.topk.default, aten._softmax.default))
 
 
-def _hf_grouped_replace(logits, bias, **params):
-    weights, ids = _replace(logits, bias, scoring="sigmoid", grouping="groups_bias", renormalize=True, scaled=True,
-                            **params)
-    return weights, ids.long()
+_TOPK_THEN_SOFTMAX_IN_DTYPE = Rewrite(
+    family="moe_gate", name="hf_topk_then_softmax_in_dtype_router", search=hf_topk_then_softmax_in_dtype_router,
+    replace=_topk_then_softmax_replace, example_inputs=lambda dtype: (torch.randn(_M, _E, dtype=dtype),),
+    dtypes=(torch.bfloat16, torch.float16), guard=lambda b: _guard(b, "softmax", "none", True, False),
+    needs=(aten.topk.default, aten._softmax.default))
 
 
-_HF_GROUPED = [
-    Rewrite(family="moe_gate", name=f"hf_grouped_sigmoid_router_{groups}_groups",
-            search=_hf_grouped_sigmoid_router(groups, topk_group), replace=_hf_grouped_replace,
-            # the router runs in float32 whatever the model's dtype: one pattern, tried in every graph
-            example_inputs=lambda dtype: (torch.randn(_M, _E), torch.randn(_E)),
-            constants={"scale": SCALE}, guard=lambda b: _guard(b, "sigmoid", "groups_bias", True, True),
-            needs=_needs("sigmoid", "groups_bias", True))
-    for groups, topk_group in ((_GROUPS, _TOPK_GROUP), (1, 1))
+def _renormalized(weights, denominator_guard: float = 0.0, norm_min: float = None):
+    """The model's own renormalisation, kept outside the op so the result is the model's to the bit: the op
+    cannot hold every denominator guard (`+ 1e-20`, a clamp) models write."""
+    total = weights.sum(dim=-1, keepdim=True)
+    if norm_min is not None:
+        return weights / torch.clamp(total, min=norm_min)
+    return weights / (total + denominator_guard)
+
+
+def _hf_grouped_replace(renormalize: bool):
+    def replace(logits, bias, *, scale, **params):
+        weights, ids = _replace(logits, bias, scoring="sigmoid", grouping="groups_bias", renormalize=False,
+                                scaled=False, **params)
+        if renormalize:
+            weights = _renormalized(weights, denominator_guard=1e-20)
+        return weights * scale, ids.long()
+    return replace
+
+
+def _hf_greedy_replace(logits, *, scale, top_k, num_groups, topk_group):
+    weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", False, 1, 1, None, 1.0)
+    return weights * scale, ids.long()
+
+
+def _hf_clamped_replace(logits, bias, *, norm_min, top_k, num_groups, topk_group):
+    weights, ids = torch.ops.kunlun.moe_gate(logits, top_k, "softmax", False, 1, 1, bias, 1.0)
+    return _renormalized(weights, norm_min=norm_min), ids.long()
+
+
+def _scale_guard(b: Bindings, name: str, scoring: str, grouping: str):
+    params = _guard(b, scoring, grouping, False, False)
+    if isinstance(params, Refusal):
+        return params
+    reason = g.constant_float(b.scalar(name), name)
+    return Refusal(reason) if reason else params
+
+
+def _float32_inputs(biased: bool):
+    """These routers run in float32 whatever the model's dtype: one pattern, tried in every graph."""
+    return lambda dtype: (torch.randn(_M, _E), torch.randn(_E)) if biased else (torch.randn(_M, _E),)
+
+
+_HF_FLOAT32_ROUTERS = [
+    Rewrite(family="moe_gate", name=f"hf_grouped_sigmoid_router_{groups}_groups{'' if renorm else '_unnormalized'}",
+            search=_hf_grouped_sigmoid_router(groups, topk_group, renorm), replace=_hf_grouped_replace(renorm),
+            example_inputs=_float32_inputs(True), constants={"scale": SCALE},
+            guard=lambda b: _scale_guard(b, "scale", "sigmoid", "groups_bias"),
+            needs=_needs("sigmoid", "groups_bias", renorm))
+    for (groups, topk_group), renorm in itertools.product(((_GROUPS, _TOPK_GROUP), (1, 1)), (True, False))
+] + [
+    Rewrite(family="moe_gate", name="hf_greedy_router", search=hf_greedy_router, replace=_hf_greedy_replace,
+            example_inputs=_float32_inputs(False), constants={"scale": SCALE},
+            guard=lambda b: _scale_guard(b, "scale", "softmax", "none"), needs=_needs("softmax", "none", False)),
+    Rewrite(family="moe_gate", name="hf_softmax_bias_clamped_router", search=hf_softmax_bias_clamped_router,
+            replace=_hf_clamped_replace, example_inputs=_float32_inputs(True), constants={"norm_min": NORM_MIN},
+            guard=lambda b: _scale_guard(b, "norm_min", "softmax", "bias"),
+            needs=_needs("softmax", "bias", True) + (aten.clamp.default,)),
 ]
 
 _COMBOS = [("softmax", "none"), ("sigmoid", "none"), ("softmax", "bias"), ("sigmoid", "bias"),
            ("sigmoid", "groups_bias"), ("softmax", "groups"), ("sigmoid", "groups")]
 RULES = [_rule(s, grp, renorm, scaled)
          for (s, grp), renorm, scaled in itertools.product(_COMBOS, (True, False), (False, True))] + \
-    [_hf_rule(v) for v in _HF_SEARCHES] + [_TOPK_THEN_SOFTMAX, *_HF_GROUPED]
+    [_hf_rule(v) for v in _HF_SEARCHES] + [_TOPK_THEN_SOFTMAX, _TOPK_THEN_SOFTMAX_IN_DTYPE, *_HF_FLOAT32_ROUTERS]

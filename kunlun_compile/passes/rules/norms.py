@@ -106,6 +106,12 @@ def hf_float_weight_lone(x, weight, eps):
     return (weight.to(torch.float32) * x).to(input_dtype)
 
 
+def hf_weightless_lone(x, eps):
+    """Llama4's L2 Q/K norm: an RMSNorm without a weight, in float32, cast back with `type_as`."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
 def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
@@ -119,6 +125,16 @@ def fused_residual_unused(x, residual, weight, *, eps, norm_offset, sum_in_dtype
 
 def fused_lone(x, weight, *, eps, norm_offset):
     return torch.ops.kunlun.rms_norm(x, weight, eps, norm_offset)
+
+
+def fused_weightless(x, *, eps, norm_offset):
+    """A weight of ones: the op rounds the normalised x once, then multiplies by 1 -- the model's rounding."""
+    return torch.ops.kunlun.rms_norm(x, x.new_ones(x.shape[-1]), eps, 0.0)
+
+
+def _weightless_guard(b: Bindings):
+    reason = g.first(g.positive_eps(b.scalar("eps")), g.float_dtype(b.val("x"), "x"))
+    return Refusal(reason) if reason else {"norm_offset": 0.0}
 
 
 # ---- guards -------------------------------------------------------------------------------------------
@@ -167,5 +183,9 @@ LONE_RULES = [
     # the op rounds the normalised x, then the product: one more rounding than the model, as the rule above
     _rule("hf_float_weight_lone", hf_float_weight_lone, fused_lone, gemma=False, residual=False,
           dtypes=(torch.bfloat16, torch.float16)),
+    # last: a weighted norm's core is this pattern too, and is fused with its weight by the rules above
+    Rewrite(family="add_rmsnorm", name="hf_weightless_lone", search=hf_weightless_lone, replace=fused_weightless,
+            example_inputs=lambda dtype: (torch.randn(5, 24, dtype=dtype),), constants={"eps": EPS},
+            guard=_weightless_guard),
 ]
 RULES = RESIDUAL_RULES + LONE_RULES
