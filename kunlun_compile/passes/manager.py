@@ -7,7 +7,9 @@ failure) lives here, once, rather than in every pass.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -65,6 +67,11 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, report: Optional[GraphReport] = None,
             keep_code: bool = False) -> fx.GraphModule:
+        with _collection_deferred():
+            return self._run(gm, ctx, report, keep_code)
+
+    def _run(self, gm: fx.GraphModule, ctx: PassContext, report: Optional[GraphReport],
+             keep_code: bool) -> fx.GraphModule:
         for p in self.passes:
             before = _node_count(gm)
             record = PassRecord(p.name, p.description, before, before)
@@ -103,6 +110,21 @@ class PassManager:
             if keep_code:
                 record.code_after = gm.code
         return gm
+
+
+@contextlib.contextmanager
+def _collection_deferred():
+    """Python's cyclic garbage collection paused while the passes run, resumed (not skipped) after.  The
+    passes allocate many small objects (pattern summaries, match state); each collection they trigger walks
+    torch's and the model's whole heap: measured 180 of the 280 ms the prologue pass took on
+    deepseek-v3-tiny (benchmarks/NOTES.md v19)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _node_count(gm: fx.GraphModule) -> int:

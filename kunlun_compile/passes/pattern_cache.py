@@ -114,7 +114,7 @@ class Summary:
         self.ops = frozenset(_data_key(d["target"]) for d in data["nodes"] if d["op"] == "call_function")
         output = next(d for d in data["nodes"] if d["op"] == "output")
         first = _first_node(output["args"])
-        self.anchor = _signature(nodes, first, ANCHOR_DEPTH) if first else None
+        self.anchor = _signature(nodes, first, ANCHOR_DEPTH, {}) if first else None
 
 
 def _first_node(value):
@@ -133,9 +133,16 @@ def _first_node(value):
     return None
 
 
-def _signature(nodes: dict, name: str, depth: int):
+def _signature(nodes: dict, name: str, depth: int, memo: dict):
     """(op key, ((position, signature), ...)) of a pattern node, a position being an argument index or
-    (index, element) inside a list argument (`cat`'s tensors); None for an input (matches anything)."""
+    (index, element) inside a list argument (`cat`'s tensors); None for an input (matches anything).
+    Memoised per (node, depth): a pattern is a DAG, and its unfolding into a tree shares every subtree."""
+    if (name, depth) not in memo:
+        memo[name, depth] = _unmemoised_signature(nodes, name, depth, memo)
+    return memo[name, depth]
+
+
+def _unmemoised_signature(nodes: dict, name: str, depth: int, memo: dict):
     d = nodes[name]
     if d["op"] != "call_function":
         return None
@@ -147,7 +154,7 @@ def _signature(nodes: dict, name: str, depth: int):
         elif isinstance(a, dict) and isinstance(a.get("list", a.get("tuple")), list):
             positions += [((i, j), x["node"]) for j, x in enumerate(a.get("list", a.get("tuple")))
                           if isinstance(x, dict) and "node" in x]
-    subs = [(pos, _signature(nodes, n, depth - 1)) for pos, n in positions] if depth > 1 else []
+    subs = [(pos, _signature(nodes, n, depth - 1, memo)) for pos, n in positions] if depth > 1 else []
     return _data_key(d["target"]), tuple((pos, sub) for pos, sub in subs if sub is not None)
 
 

@@ -270,12 +270,16 @@ def _can_match(rule: Rewrite, dtype: torch.dtype, index: GraphIndex) -> bool:
     if not all(any(k in index.by_key for k in keys(op)) for op in summary.ops):
         return False
 
+    checked: Dict[tuple, bool] = {}  # (node, signature id) -> fits: the signature is a DAG's unfolding
+
     def fits(node: Any, signature) -> bool:
-        key, args = signature
-        if not (isinstance(node, fx.Node) and node.op == "call_function"
-                and pattern_cache.op_key(node.target) in keys(key)):
-            return False
-        return all(fits(_argument(node, position), sub) for position, sub in args)
+        memo_key = (node, id(signature))
+        if memo_key not in checked:
+            key, args = signature
+            checked[memo_key] = (isinstance(node, fx.Node) and node.op == "call_function"
+                                 and pattern_cache.op_key(node.target) in keys(key)
+                                 and all(fits(_argument(node, position), sub) for position, sub in args))
+        return checked[memo_key]
 
     if summary.anchor is None:
         return True
