@@ -69,12 +69,11 @@ FOUND = {
     "DeepseekV2": {"add_rmsnorm": 9},
     "DeepseekV3": {"add_rmsnorm": 9},
 }
-# why a family fused fewer times than EXPECTED without a near-miss line (Glm's HF pair rotation has one: its
-# `-x[1::2]` into a stack)
-FULL_WIDTH_QK_NORM = "no prologue anchor; Q/K RMSNorm over all heads ([T, heads*head_dim]): no rule has that norm"
+# why a family fused fewer times than EXPECTED without a near-miss line (a rotation left unfused has one:
+# passes/explain_anchors.py reads vLLM's `x1 cos - x2 sin` / `x2 cos + x1 sin` into a cat)
 CPU_EXPERTS = "no expert-GEMM anchor: the experts are vLLM's opaque _C.cpu_fused_moe op"
 SILENT = {
-    "Olmoe": {"norm_rope_gate": FULL_WIDTH_QK_NORM, "moe_ffn": CPU_EXPERTS},
+    "Olmoe": {"moe_ffn": CPU_EXPERTS},
     **{arch: {"moe_ffn": CPU_EXPERTS} for arch in ("Qwen2Moe", "Mixtral", "Qwen3Moe", "DeepseekV2", "DeepseekV3",
                                                    "Glm4Moe")},
 }

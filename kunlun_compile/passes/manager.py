@@ -123,6 +123,10 @@ def _collection_deferred():
     try:
         yield
     finally:
+        # what the passes dropped is freed now (only the youngest generation is walked: everything allocated
+        # while paused is in it): traced patterns and replacements hold fake tensors of the model's shape
+        # environment, and Dynamo must not see them when it produces the graph's guards
+        gc.collect(0)
         if was_enabled:
             gc.enable()
 

@@ -20,7 +20,7 @@ fusions each one should get and the ones the backend finds today.
 `found[dtype]` overrides `expected` where the backend finds another count today; the test holds the
 backend to `found` exactly, so a change that finds more or less must update it consciously.  A family
 missed (found < expected) must have a near miss naming it in the report, unless it is listed in
-`silent_misses` (family -> why no line names it), which the test holds silent until it is fixed.
+`silent_misses` (family -> why no line names it; none today), which the test holds silent until it is fixed.
 `found > expected` happens where a prologue is missed and its Q/K norms are fused as lone norms instead.
 
 `ids_seed`: with the common ids (seed 1) a bf16 router of GptOss sits exactly on a top-k tie (two experts'
@@ -48,16 +48,6 @@ LAYER_FAMILIES = ("norm_rope_gate", "add_rmsnorm", "moe_gate", "moe_ffn")  # the
 # size decision, "cuBLAS is the kernel at this size" at these tiny shapes, not a pattern question)
 COUNTED = ("masked_input", "attention_mask") + LAYER_FAMILIES
 DTYPES = ("fp32", "bf16")
-
-
-def _rope_silent(form: str) -> str:
-    """Why a missed prologue prints nothing: no rule spells it, and its rotation has no `neg` going into a
-    `cat`/`stack`, the anchor passes/explain.py looks for."""
-    return (f"{form}: no norm_rope_gate rule has this spelling, and no `-x2` into a cat/stack marks the rotation "
-            "for passes/explain.py")
-
-
-COMPLEX = "complex rotary (view_as_complex(q.float()) * freqs_cis, view_as_real)"
 
 
 def both(**counts: int) -> Dict[str, Dict[str, int]]:
@@ -96,16 +86,6 @@ class Arch:
 def _arch(name: str, options=None, config: str = "", model: str = "", **kw) -> Arch:
     return Arch(name, config or f"{name}Config", model or f"{name}ForCausalLM", options or {}, **kw)
 
-
-# why each missed prologue prints nothing (silent_misses), from the modeling code
-ROPE_MISS = {
-    "DeepseekV3": _rope_silent("even/odd-slice rotary cat((x0 cos - x1 sin, x1 cos + x0 sin)) with half-width cos, "
-                               "on a split of q and on the one-head k_rot"),
-    "Llama4": _rope_silent(COMPLEX + " on the [B,S,H,D] views"),
-    "GptOss": _rope_silent("chunk-halves rotary without rotate_half (cat(x1 cos - x2 sin, x2 cos + x1 sin), no "
-                           "neg; half-width cos)"),
-    "DeepseekV2": _rope_silent(COMPLEX + " on a split of q and on the one-head k_pe"),
-}
 
 LLAMA_LIKE = dict(
     norm_rope_gate=2,  # <X>Attention.forward: apply_rotary_pos_emb(q, k, cos, sin), rotate_half = cat((-x2, x1))
@@ -181,7 +161,7 @@ ARCHS = [
                            # + e_score_correction_bias, group top-2 sums, topk groups, mask, topk, gather, renorm
                            # (+ 1e-20), * routed_scaling_factor
               moe_ffn=1,  # DeepseekV3Experts (grouped_mm); + shared_experts (dense MLP)
-          ), found=both(norm_rope_gate=0), silent_misses=dict(norm_rope_gate=ROPE_MISS["DeepseekV3"]),
+          ), found=both(norm_rope_gate=0),
           forms=("MLA", "interleaved rotary on even/odd slices", "sigmoid grouped router + bias",
                  "shared experts", "first layer dense")),
     _arch("Qwen2Moe", dict(MOE, shared_expert_intermediate_size=128),
@@ -197,8 +177,6 @@ ARCHS = [
                      # + gather (top-2 without topk)
         moe_ffn=2,
     ), found=both(moe_gate=0),
-        silent_misses=dict(moe_gate="sparsemixer picks experts with max.dim twice (no topk node); explain's "
-                                    "router anchor is aten.topk, so nothing names the family"),
         forms=("LayerNorm", "sparsemixer router (max, masked softmax)")),
     _arch("GraniteMoe", MOE, expected=dict(
         **LLAMA_LIKE,
@@ -269,10 +247,6 @@ ARCHS = [
               moe_ffn=2,  # Llama4TextExperts: every token through every expert (bmm), inputs pre-scaled by the
                           # router scores; + shared_expert
           ), found=both(norm_rope_gate=0, moe_gate=0, moe_ffn=0),
-          silent_misses=dict(
-              norm_rope_gate=ROPE_MISS["Llama4"],
-              moe_ffn="the experts are bmm against the whole [E, H, 2I] weights (no gather, no grouped GEMM): "
-                      "explain's expert anchor (grouped GEMM or bmm on gathered weights) does not see them"),
           forms=("complex (view_as_complex) rotary in fp32", "weightless L2 Q/K norm after the rotary",
                  "top-k-then-sigmoid router", "dense all-expert bmm", "shared expert")),
     _arch("Starcoder2", expected=dict(
@@ -287,7 +261,6 @@ ARCHS = [
         moe_ffn=2,  # GptOssExperts (grouped_mm with biases): gate/up interleaved [::2]/[1::2], clamp,
                     # gate * sigmoid(1.702 gate) * (up + 1)
     ), found=both(norm_rope_gate=0, moe_ffn=0),
-        silent_misses=dict(norm_rope_gate=ROPE_MISS["GptOss"]),
         forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
                "expert biases, clamped interleaved SwiGLU", "attention sinks")),
     _arch("Qwen3Next", dict(MOE, layer_types=["linear_attention", "full_attention"],
@@ -308,7 +281,7 @@ ARCHS = [
         moe_gate=2,  # DeepseekV2TopkRouter: fp32 linear, softmax, topk(sorted=False) (topk_method greedy),
                      # no renormalise, * routed_scaling_factor (1.0)
         moe_ffn=2,  # first_k_dense_replace=0; + shared_experts
-    ), found=both(norm_rope_gate=0), silent_misses=dict(norm_rope_gate=ROPE_MISS["DeepseekV2"]),
+    ), found=both(norm_rope_gate=0),
         forms=("MLA", "complex rotary in fp32", "softmax greedy router, unsorted top-k", "shared experts")),
     _arch("Cohere2", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Cohere2Attention: as Cohere, on sliding layers (both here)
