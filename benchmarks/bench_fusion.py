@@ -1,6 +1,6 @@
 """Model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
 
-For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3 (one decoder layer
+For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1 (one decoder layer
 at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
 (counted with the profiler, the same way for all three), fused-op matches, and
 time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
@@ -48,7 +48,7 @@ class HFLogits(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
-HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3")
+HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1")
 
 
 def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
@@ -71,6 +71,12 @@ def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
         "hf-phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
             **{k: v for k, v in common.items() if k != "head_dim"}, pad_token_id=0)),
         "hf-gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common)),
+        # corpus architectures fused since the corpus: Glm's interleaved partial rotary (pairs), Dots1's
+        # one-group sigmoid router with bias, without renormalisation
+        "hf-glm": lambda: transformers.GlmForCausalLM(transformers.GlmConfig(**common, pad_token_id=0)),
+        "hf-dots1": lambda: transformers.Dots1ForCausalLM(transformers.Dots1Config(
+            **moe, n_routed_experts=MOE_SIZES["num_experts"], moe_intermediate_size=SIZES["moe_intermediate_size"],
+            n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0)),
     }
     torch.manual_seed(0)
     model = builders[kind]()

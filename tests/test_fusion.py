@@ -299,12 +299,17 @@ def test_hf_grouped_mm_experts_with_sentinel_masks_refused_when_ids_may_hold_sen
 # ---- forms found by the HF corpus probe (benchmarks/hf_corpus_probe.py) ------------------------------------
 
 _LOCAL_EXPERTS = ("Mixtral", "GraniteMoe")  # MoE architectures configured with num_local_experts
+_MOE_OPTIONS = {  # the other MoE architectures' own names for their sizes
+    "Dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                  first_k_dense_replace=0, n_group=1, topk_group=1),
+    "Ernie4_5_Moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64),
+}
 
 
 def _hf_arch(arch: str, dtype, **extra):
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
-    moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch in _LOCAL_EXPERTS else {}
+    moe = dict(num_local_experts=4, num_experts_per_tok=2) if arch in _LOCAL_EXPERTS else _MOE_OPTIONS.get(arch, {})
     cfg = getattr(transformers, f"{arch}Config")(**{**common, **moe, **extra})
     torch.manual_seed(0)
     model_class = "Gemma3ForCausalLM" if arch == "Gemma3Text" else f"{arch}ForCausalLM"
@@ -334,6 +339,10 @@ CORPUS_FORMS = [
     ("Exaone4", {"norm_rope_gate": 2, "add_rmsnorm": 5}),
     # top-k of the logits, then a softmax over the k
     ("GraniteMoe", {"moe_gate": 2, "moe_ffn": 2}),
+    # float32 routers in a bf16 model: DeepSeek-V3's with one group and no renormalisation; softmax + bias with
+    # a clamped renormalisation (one MoE layer: moe_layer_start_index 1)
+    ("Dots1", {"moe_gate": 2, "moe_ffn": 2}),
+    ("Ernie4_5_Moe", {"moe_gate": 1, "moe_ffn": 1}),
 ]
 
 
@@ -348,8 +357,8 @@ def check_corpus_form(arch: str, expected: dict, device: str = "cpu"):
     patterns = compiled.kunlun_backend.report.graphs[0].patterns
     assert {k: patterns[k] for k in expected} == expected, patterns
     # grouped GEMMs take no float64: the reference runs the same experts through batched_mm
-    m64 = _hf_arch(arch, torch.float64,
-                   **({"experts_implementation": "batched_mm"} if arch in _LOCAL_EXPERTS else {}))
+    moe = arch in _LOCAL_EXPERTS or arch in _MOE_OPTIONS
+    m64 = _hf_arch(arch, torch.float64, **({"experts_implementation": "batched_mm"} if moe else {}))
     m64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = m64.to(device)(input_ids=ids).logits
@@ -546,14 +555,22 @@ def _hf_router(kind: str, dtype: torch.dtype):
     return router.to(dtype).eval().requires_grad_(False), torch.randn(7, 32).to(dtype)
 
 
-@pytest.mark.parametrize("kind", ["dots1", "ernie", "deepseek_v2", "gpt_oss"])
+HF_ROUTERS = ["dots1", "ernie", "deepseek_v2", "gpt_oss"]
+
+
+@pytest.mark.parametrize("kind", HF_ROUTERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_hf_routers_fuse_with_the_models_numbers(kind, dtype):
+    check_hf_router(kind, dtype, "cpu")
+
+
+def check_hf_router(kind: str, dtype: torch.dtype, device: str):
     """Corpus routers, each its own spelling: the ids are the model's (as sets where its top-k is unsorted),
     the weights the model's (its renormalisation -- `+ 1e-20`, a clamp -- is kept as written)."""
     router, x = _hf_router(kind, dtype)
     if kind == "dots1" or kind == "ernie":  # float32 routers: their parameters stay float32 in the model
         router.float()
+    router, x = router.to(device), x.to(device)
     # the linear left to ATen: a bf16 GEMV kernel's logits may differ from eager's by an ulp, which moves a
     # softmax over bf16 logits by percents -- the router is compared on eager's own logits
     got, report = _compile(router, x, disable=("decode_linear",))
@@ -586,12 +603,16 @@ def test_clamped_renormalisation_with_a_tensor_bound_is_left_with_a_near_miss():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_weightless_rmsnorm_fuses_exactly(dtype):
+    check_weightless_rmsnorm(dtype, "cpu")
+
+
+def check_weightless_rmsnorm(dtype: torch.dtype, device: str):
     """Llama4's L2 Q/K norm (an RMSNorm without weight, float32 inside, `type_as` back): one rounding, as
     the op with a weight of ones (the weight's product is exact)."""
     from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm
 
     norm = Llama4TextL2Norm(1e-5)
-    x = (torch.randn(2, 5, 4, 32) * 3).to(dtype)
+    x = (torch.randn(2, 5, 4, 32) * 3).to(device, dtype)
     got, report = _compile(norm, x)
     assert report.graphs[0].patterns["add_rmsnorm"] == 1
     want = norm(x)

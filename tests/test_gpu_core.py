@@ -6,7 +6,8 @@ import kunlun_compile as kc
 from kunlun_compile.models import BUILTIN_CONFIGS, build_model, builtin_names, make_inputs
 
 from .conftest import float64_reference, rel_err
-from .test_fusion import BUILTIN_EXPECTED, CORPUS_FORMS, DYNAMIC_LINEARS, check_corpus_form
+from .test_fusion import (BUILTIN_EXPECTED, CORPUS_FORMS, DYNAMIC_LINEARS, HF_ROUTERS, check_corpus_form,
+                          check_hf_router, check_weightless_rmsnorm)
 
 pytestmark = pytest.mark.gpu
 
@@ -57,3 +58,17 @@ def test_hf_corpus_forms_on_cuda(arch, expected):
     masks expert-parallel sentinels around the grouped GEMMs) and the Triton kernels."""
     pytest.importorskip("transformers")
     check_corpus_form(arch, expected, "cuda")
+
+
+@pytest.mark.parametrize("kind", HF_ROUTERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hf_routers_on_cuda(kind, dtype):
+    """The corpus routers (Dots1, Ernie-4.5-MoE, DeepSeek-V2 greedy, GptOss) with the Triton moe_gate kernel."""
+    pytest.importorskip("transformers")
+    check_hf_router(kind, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weightless_rmsnorm_on_cuda(dtype):
+    pytest.importorskip("transformers")
+    check_weightless_rmsnorm(dtype, "cuda")
