@@ -1,7 +1,7 @@
 """Model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
 
-For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1 (one decoder layer
-at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
+For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1
+(one decoder layer at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
 (counted with the profiler, the same way for all three), fused-op matches, and
 time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
 and a plot of both.
