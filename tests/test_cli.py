@@ -78,12 +78,14 @@ def test_passes_listing():
     r = cli("passes", "--json", "--disable", "dead_code")
     rows = json.loads(r.stdout)
     assert [row["name"] for row in rows] == ["remove_noop_ops", "masked_input", "attention_mask", "norm_rope_gate",
-                                             "moe_gate", "moe_ffn", "add_rmsnorm", "decode_linear", "group_linears",
-                                             "dead_code", "lower_elementwise", "views_after_fused_ops"]
+                                             "moe_gate", "moe_ffn", "add_rmsnorm", "decode_linear", "restore_algebra",
+                                             "group_linears", "dead_code", "lower_elementwise",
+                                             "views_after_fused_ops"]
     assert {row["name"]: row["enabled"] for row in rows}["dead_code"] is False
     assert all(row["description"] for row in rows)
     patterns = {row["name"]: row["patterns"] for row in rows}
     assert patterns["dead_code"] == [] and patterns["lower_elementwise"] == [] and patterns["group_linears"] == []
+    assert patterns["restore_algebra"] == []
     for family in FAMILIES:  # every fusion pass lists its rules: what each matches, what it needs, its guard
         assert patterns[family], family
         assert all(rule["rule"] and rule["matches"] for rule in patterns[family])

@@ -433,20 +433,20 @@ def test_a_model_that_fuses_whole_reports_no_unfused_anchor(kind):
     assert not [line for line in _near_misses(compiled.kunlun_backend.report) if "left unfused" in line]
 
 
-class NormBySumOverN(nn.Module):
-    """An RMSNorm with the mean spelled `sum / n`: no rule has that spelling (yet)."""
+class NormBySumOverNMinusOne(nn.Module):
+    """An RMS over `sum / (n - 1)`: not a mean (`sum / n` is one: passes/algebra.py), no rule has it."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(32))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / 32 + 1e-6) * self.weight
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / 31 + 1e-6) * self.weight
 
 
 def test_an_rsqrt_left_unfused_is_explained_and_a_refused_one_is_not_explained_twice():
     x = torch.randn(6, 32)
-    _, report = _compile(NormBySumOverN().eval().requires_grad_(False), x)
+    _, report = _compile(NormBySumOverNMinusOne().eval().requires_grad_(False), x)
     lines = [line for line in _near_misses(report) if line.startswith("add_rmsnorm: ")]
     assert len(lines) == 1 and "left unfused; closest pattern" in lines[0] and ", where " in lines[0], lines
     _, report = _compile(NormWithTensorEps().eval().requires_grad_(False), x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import List
 
+from .algebra import restore as restore_algebra
 from .cleanup import dead_code, remove_noop_ops
 from .layouts import views_after_fused_ops
 from .fusion import fusion_passes
@@ -19,6 +20,8 @@ def default_passes() -> List[GraphPass]:
         GraphPass("remove_noop_ops", "merge duplicate splits; drop views to the same shape, detach, identity "
                   "permutes/slices and same-dtype copies", remove_noop_ops),
         *fusion_passes(),
+        GraphPass("restore_algebra", "arithmetic the fusion passes respelled (x * x, 1 / sqrt, sum / n) and no "
+                  "fusion took, back as the model wrote it", restore_algebra),
         GraphPass("group_linears", "kunlun::linear calls on one input (no bias) -> one kunlun::linear_group launch",
                   group_linears),
         GraphPass("dead_code", "erase nodes whose results nobody uses", dead_code),

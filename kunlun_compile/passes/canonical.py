@@ -7,6 +7,8 @@ so a pattern matches whatever spelling the model's code produced:
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`),
+- arithmetic in the patterns' spelling (`algebra.py`: `x * x` is `x.pow(2)`, `1 / sqrt` is `rsqrt`, ...;
+  put back after the fusion passes wherever nothing fused it),
 then `cleanup.py`'s merge of equal views and no-op removal, and dead-code elimination.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import algebra
 from .cleanup import remove_noop_ops
 
 aten = torch.ops.aten
@@ -127,6 +130,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
             if isinstance(inner, fx.Node) and inner.target is aten.view.default and _is_contiguous(inner.args[0]):
                 node.args = (inner.args[0], *node.args[1:])
                 edits += 1
+    edits += algebra.normalise(gm)
     edits += remove_noop_ops(gm, None).matches
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -44,9 +44,9 @@ def input_ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, IDS_SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def prepare(arch: Arch, dname: str) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def prepare(arch: Arch, dname: str, device: str = "cpu") -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model, its ids and eager's logits."""
-    model, ids = build(arch, TORCH_DTYPES[dname]), input_ids(arch.ids_seed)
+    model, ids = build(arch, TORCH_DTYPES[dname]).to(device), input_ids(arch.ids_seed).to(device)
     with torch.no_grad():
         want = model(ids).logits
     return model, ids, want
@@ -97,12 +97,12 @@ def near_misses_of(row: dict, family: str) -> list:
     return [line for line in row.get("near_misses", ()) if line.split(":", 1)[0].split("/", 1)[0] == family]
 
 
-def run(arch: Arch, dname: str, **options) -> dict:
+def run(arch: Arch, dname: str, device: str = "cpu", **options) -> dict:
     """One (architecture, dtype): eager vs compiled, with what the backend found, missed and refused."""
-    row: dict = {"arch": arch.name, "dtype": dname, "interpreted": interpreter_usable()}
+    row: dict = {"arch": arch.name, "dtype": dname, "device": device, "interpreted": interpreter_usable()}
     t0 = time.perf_counter()
     try:
-        model, ids, want = prepare(arch, dname)
+        model, ids, want = prepare(arch, dname, device)
     except Exception as e:  # noqa: BLE001 - a model that will not build or run eagerly is reported as such
         row["build_error"] = short_exc(e)
         return row
