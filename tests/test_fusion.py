@@ -298,7 +298,7 @@ def test_hf_grouped_mm_experts_with_sentinel_masks_refused_when_ids_may_hold_sen
 
 # ---- forms found by the HF corpus probe (benchmarks/hf_corpus_probe.py) ------------------------------------
 
-_LOCAL_EXPERTS = ("Mixtral", "GraniteMoe")  # MoE architectures configured with num_local_experts
+_LOCAL_EXPERTS = ("Mixtral", "GraniteMoe", "GptOss")  # MoE architectures configured with num_local_experts
 _MOE_OPTIONS = {  # the other MoE architectures' own names for their sizes
     "Dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
                   first_k_dense_replace=0, n_group=1, topk_group=1),
@@ -343,6 +343,8 @@ CORPUS_FORMS = [
     # a clamped renormalisation (one MoE layer: moe_layer_start_index 1)
     ("Dots1", {"moe_gate": 2, "moe_ffn": 2}),
     ("Ernie4_5_Moe", {"moe_gate": 1, "moe_ffn": 1}),
+    # the halves rotation without rotate_half, half-width tables; top-k-then-softmax in the dtype
+    ("GptOss", {"norm_rope_gate": 2, "moe_gate": 2}),
 ]
 
 
@@ -371,7 +373,7 @@ def test_hf_bf16_forms_fuse_and_stay_close_to_float64(arch, expected):
         check_corpus_form(arch, expected)
 
 
-@pytest.mark.parametrize("arch", ["Cohere", "Glm", "Helium", "Ernie4_5", "Exaone4"])
+@pytest.mark.parametrize("arch", ["Cohere", "Glm", "Helium", "Ernie4_5", "Exaone4", "GptOss"])
 def test_hf_rotary_forms_fuse_exactly_in_fp32(arch):
     model = _hf_arch(arch, torch.float32)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -260,7 +260,7 @@ ARCHS = [
         moe_gate=2,  # GptOssTopKRouter: linear with bias, topk on logits, softmax over the k (dim=1)
         moe_ffn=2,  # GptOssExperts (grouped_mm with biases): gate/up interleaved [::2]/[1::2], clamp,
                     # gate * sigmoid(1.702 gate) * (up + 1)
-    ), found=both(norm_rope_gate=0, moe_ffn=0),
+    ), found=both(moe_ffn=0),
         forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
                "expert biases, clamped interleaved SwiGLU", "attention sinks")),
     _arch("Qwen3Next", dict(MOE, layer_types=["linear_attention", "full_attention"],

@@ -89,6 +89,21 @@ def hf_promoted_rope(q, k, cos, sin):
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
+def rotate_halves_without_neg(x, cos, sin):
+    """GptOss `_apply_rotary_emb`: neox halves rotated without `rotate_half` (`x1 cos - x2 sin` is
+    `x1 cos + (-x2) sin` to the bit), against half-width tables."""
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def hf_halves_rope(q, k, cos, sin):
+    """GptOss: per-head views -> transpose -> the halves rotation; cos/sin [B, S, D/2] (its rotary module
+    does not repeat the angles for the second half)."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return rotate_halves_without_neg(q, cos, sin), rotate_halves_without_neg(k, cos, sin)
+
+
 def rotate_pairs(x):
     """Cohere / Glm `rotate_half`: each pair (x[2i], x[2i+1]) becomes (-x[2i+1], x[2i]) (GPT-J style)."""
     x1 = x[..., ::2]
@@ -168,6 +183,11 @@ def fused_plain_rope(q, k, cos, sin):
     return _fused(q, k, None, None, cos, sin, 1e-6)
 
 
+def fused_halves_rope(q, k, cos, sin):
+    """The op's neox tables are full width: both halves rotate by the same angles."""
+    return _fused(q, k, None, None, torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1), 1e-6)
+
+
 def fused_pairs_rope(q, k, cos, sin):
     return _fused(q, k, None, None, cos, sin, 1e-6, neox=False)
 
@@ -193,9 +213,11 @@ def fused_pairs_partial_rope(q, k, cos, sin):
 
 # ---- guard ----------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, norm: bool, partial: bool = False, upcast: bool = False, cos_per_head: bool = False):
+def _guard(b: Bindings, norm: bool, partial: bool = False, upcast: bool = False, cos_per_head: bool = False,
+           half_tables: bool = False):
     """`upcast`: the rotation runs in float32 (cos/sin may be any float dtype); `cos_per_head`: cos/sin
-    come as [B, 1, S, R] (unsqueezed for the heads before the match)."""
+    come as [B, 1, S, R] (unsqueezed for the heads before the match); `half_tables`: cos/sin are half the
+    head wide (one angle per pair of halves)."""
     q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
     if cos_per_head:
         if cos.dim() != 4 or not g.known_equal(cos.shape[1], 1) or sin.dim() != 4:
@@ -218,7 +240,8 @@ def _guard(b: Bindings, norm: bool, partial: bool = False, upcast: bool = False,
         else f"cos {tuple(cos.shape)} is not per token of q {tuple(q.shape)}",
         (None if isinstance(cos.shape[2], int) and cos.shape[2] % 2 == 0 and cos.shape[2] <= d
          else f"rotary width {cos.shape[2]} is not even and at most head_dim {d}") if partial
-        else None if g.known_equal(cos.shape[2], d) else f"cos width {cos.shape[2]} is not head_dim {d}",
+        else None if g.known_equal(cos.shape[2] * (2 if half_tables else 1), d)
+        else f"cos width {cos.shape[2]} is not {'half of ' if half_tables else ''}head_dim {d}",
         None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
         else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
     )
@@ -273,6 +296,12 @@ _TRANSPOSED_NORM = Rewrite(family="norm_rope_gate", name="hf_transposed_qknorm_r
                            constants={"eps": EPS}, guard=lambda b: _guard(b, True),
                            needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
 
+# GptOss: the halves rotation written without `-x2`, half-width tables
+_HALVES = Rewrite(family="norm_rope_gate", name="hf_halves_rope", search=hf_halves_rope, replace=fused_halves_rope,
+                  guard=lambda b: _guard(b, False, half_tables=True),
+                  example_inputs=lambda dtype: _example_inputs(dtype, False, rot=_D // 2),
+                  needs=(aten.cat.default, aten.sub.Tensor, aten.transpose.int))
+
 _PAIRS_NEEDS = (aten.stack.default, aten.neg.default, aten.transpose.int)
 _PAIRS = [
     Rewrite(family="norm_rope_gate", name="hf_pairs_partial_rope", search=hf_pairs_partial_rope,
@@ -303,4 +332,4 @@ _GEMMA = Rewrite(family="norm_rope_gate", name="hf_gemma_qknorm_rope", search=hf
                  constants={"eps": EPS}, guard=lambda b: _guard(b, True),
                  needs=(aten.cat.default, aten.neg.default, aten.transpose.int, aten.rsqrt.default))
 
-RULES = [_rule(True), _GEMMA, _TRANSPOSED_NORM, *_PARTIAL, _PROMOTED, _rule(False), *_PAIRS]
+RULES = [_rule(True), _GEMMA, _TRANSPOSED_NORM, *_PARTIAL, _PROMOTED, _rule(False), _HALVES, *_PAIRS]
