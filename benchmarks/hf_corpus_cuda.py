@@ -43,7 +43,8 @@ def main() -> None:
                   f"{'OK' if not problems else problems} {differs or ''}", flush=True)
     for d, (found, expected) in totals.items():
         print(f"{d}: found {found} / expected {expected} ({100 * found / expected:.1f}%)")
-    meta = dict(corpus.meta(), device=torch.cuda.get_device_name() if device == "cuda" else device, wall_s=round(time.perf_counter() - t0, 1),
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    meta = dict(corpus.meta(), device=name, wall_s=round(time.perf_counter() - t0, 1),
                 totals={d: {"found": f, "expected": e} for d, (f, e) in totals.items()})
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "hf_corpus_cuda.json"), "w") as f:
