@@ -144,3 +144,11 @@ def test_sum_over_a_count_that_is_not_the_summed_size_is_no_mean():
     half = torch.randn(5, 8).to(torch.bfloat16)  # a bf16 sum rounds before the division: a mean would not
     gm = trace_aten(lambda x: x.sum(-1, keepdim=True) / 8, (half,))
     assert algebra.normalise(gm) == 0
+
+
+def test_a_bool_or_integer_self_product_is_left_alone():
+    mask, ids = torch.rand(5, 8) > 0.5, torch.randint(0, 9, (5, 8))
+    gm = trace_aten(lambda m, i: (m * m, i * i), (mask, ids))
+    assert algebra.normalise(gm) == 0
+    got = gm(mask, ids)
+    assert torch.equal(got[0], mask & mask) and torch.equal(got[1], ids * ids)

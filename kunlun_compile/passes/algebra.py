@@ -36,6 +36,10 @@ def _only_use(node: fx.Node, user: fx.Node) -> bool:
 
 
 def _square(node: fx.Node) -> bool:
+    """Float tensors only: `pow` of a bool tensor (a logical and with itself) is no such thing."""
+    v = _val(node)
+    if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+        return False
     if node.target is aten.mul.Tensor and len(node.args) == 2 and node.args[0] is node.args[1] and not node.kwargs:
         x = node.args[0]
         node.target, node.args = aten.pow.Tensor_Scalar, (x, 2)
