@@ -60,6 +60,8 @@ class CompileConfig:
     strict: bool = False
     # Names of passes to skip (see `kunlun-compile passes`).
     disable: Tuple[str, ...] = ()
+    # False: every fusion pass off, the generic lowering alone (to measure it; CLI `--no-fusion`).
+    fusion: bool = True
     # Keep each pass's before/after graph code in the report (the CLI's diffs read it).
     report: bool = True
     # Graph runtime (runtime/piecewise.py): "auto" (piecewise on CUDA, none elsewhere), "none",
@@ -117,7 +119,7 @@ class CompileConfig:
                 options["disable"] = tuple(dict.fromkeys(disable + value))
             elif var.option not in options and value is not None:
                 options[var.option] = value
-        for name in ("strict", "report", "debug_graph_addresses", "check_replays", "fast_math"):
+        for name in ("strict", "report", "debug_graph_addresses", "check_replays", "fast_math", "fusion"):
             if name in options and not isinstance(options[name], bool):
                 raise TypeError(f"kunlun backend: option {name!r} must be a bool, got {options[name]!r}")
         if "graph_mode" in options and options["graph_mode"] not in GRAPH_MODES:

@@ -74,6 +74,15 @@ def test_demo():
         assert name in r.stdout
 
 
+def test_no_fusion_flag_turns_the_fusion_passes_off():
+    rows = json.loads(cli("passes", "--json", "--no-fusion").stdout)
+    enabled = {row["name"]: row["enabled"] for row in rows}
+    assert not any(enabled[f] for f in FAMILIES) and enabled["lower_elementwise"] and enabled["dead_code"]
+    r = cli("explain", "qwen3-tiny", "--json", "--no-fusion")
+    passes = {p["name"]: p for p in json.loads(r.stdout)["graph_reports"][0]["passes"]}
+    assert all(passes[f]["skipped"] == "fusion off" for f in FAMILIES)
+
+
 def test_passes_listing():
     r = cli("passes", "--json", "--disable", "dead_code")
     rows = json.loads(r.stdout)

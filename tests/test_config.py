@@ -78,3 +78,22 @@ def test_mode_argument_is_rejected_clearly():
     compiled = torch.compile(m, backend="kunlun", mode="max-autotune")
     with torch.no_grad(), pytest.raises(Exception, match="not supported"):
         compiled(torch.randn(2, 4))
+
+
+def test_no_fusion_turns_every_fusion_pass_off_and_keeps_the_numbers():
+    """`fusion=False` (CLI `--no-fusion`): the generic path alone -- every fusion family skipped, the rest run."""
+    from kunlun_compile.models import build_model
+
+    model, inputs = build_model("qwen3-moe-tiny", dtype=torch.float32, device="cpu", num_tokens=8, seed=0)
+    compiled = kc.compile(model, strict=True, fusion=False)
+    with torch.no_grad():
+        got, want = compiled(*inputs), model(*inputs)
+    (graph,) = compiled.kunlun_backend.report.graphs
+    records = {p.name: p for p in graph.passes}
+    families = [name for name, r in records.items() if name in graph.patterns]
+    assert families and all(records[f].skipped == "fusion off" for f in families)
+    assert not any(graph.patterns.values())
+    assert records["lower_elementwise"].skipped is None and records["lower_elementwise"].matches > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="fusion"):
+        kc.backend(fusion="no")

@@ -65,6 +65,8 @@ def _config(args) -> CompileConfig:
         options["graph_mode"] = args.graph_mode
     if args.fast_math:
         options["fast_math"] = True
+    if args.no_fusion:
+        options["fusion"] = False
     if args.lowering_target:
         options["target"] = args.lowering_target
     try:
@@ -222,7 +224,7 @@ def cmd_demo(args) -> Outcome:
 def cmd_passes(args) -> Outcome:
     config = _config(args)
     catalog = pattern_catalog()
-    rows = [{"name": p.name, "description": p.description, "enabled": config.is_enabled(p.name),
+    rows = [{"name": p.name, "description": p.description, "enabled": config.is_enabled(p.name) and (config.fusion or not p.family),
              "patterns": catalog.get(p.name, [])} for p in default_passes()]
     if args.json:
         return 0, rows
@@ -400,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"tokens per call: built-in models (default {DEFAULT_TOKENS}); file.py:factory gets it "
                             f"as its `tokens` argument")
         p.add_argument("--disable", action="append", metavar="PASS", help="turn a pass off (repeatable)")
+        p.add_argument("--no-fusion", action="store_true",
+                       help="every fusion pass off: the generic lowering alone (to measure it)")
         p.add_argument("--strict", action="store_true", help="raise instead of falling back")
         p.add_argument("--graph-mode", choices=GRAPH_MODES, default=None,
                        help="graph runtime mode (default auto: piecewise on CUDA, none elsewhere)")

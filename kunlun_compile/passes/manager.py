@@ -81,6 +81,9 @@ class PassManager:
             if not ctx.config.is_enabled(p.name):
                 record.skipped = "disabled"
                 continue
+            if p.family and not ctx.config.fusion:
+                record.skipped = "fusion off"
+                continue
             if keep_code:
                 record.code_before = gm.code
             snapshot = copy_graph_module(gm)
