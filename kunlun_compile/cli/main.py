@@ -224,7 +224,8 @@ def cmd_demo(args) -> Outcome:
 def cmd_passes(args) -> Outcome:
     config = _config(args)
     catalog = pattern_catalog()
-    rows = [{"name": p.name, "description": p.description, "enabled": config.is_enabled(p.name) and (config.fusion or not p.family),
+    rows = [{"name": p.name, "description": p.description,
+             "enabled": config.is_enabled(p.name) and (config.fusion or not p.family),
              "patterns": catalog.get(p.name, [])} for p in default_passes()]
     if args.json:
         return 0, rows
