@@ -124,7 +124,7 @@ Qwen3, Qwen3Moe, Gemma3, Glm4Moe fuse because their Q/K norm makes fresh tensors
 getitem(split, 0)` [T, nq*d]; `pow(q, 2)`, `mean([-1], True)`, `add(1e-5)`, `rsqrt`, `mul`, `mul(w[nq*d])`;
 then `view([T, -1, d])` and the neox rotary; k alike with w[nkv*d].  No prologue rule has a full-width norm: the
 4 norms fuse as lone `kunlun::rms_norm` (add_rmsnorm 9 instead of 5); on Olmo2 the HF prologue rule takes the
-rotary without them (norm_rope_gate 2), on Olmoe nothing does.  Silent.
+rotary without them (norm_rope_gate 2), on Olmoe nothing does (the rotation left is named).
 
 **C. HF Glm rotary under vLLM's transformers backend** (norm_rope_gate; Glm; head_dim 32, rotary 16).  cos/sin
 are graph inputs [1, T, 16]; `unsqueeze(1)`, `slice(3, 0, 8)`, `unsqueeze(4)`, `expand([1, 1, T, 8, 2])`,
