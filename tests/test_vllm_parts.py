@@ -35,16 +35,21 @@ def _two_splits(x):
     return a[0] + 1, b[1] * 2, c[2]
 
 
-def test_duplicate_splits_merge_and_nothing_else():
-    gm = fx.symbolic_trace(_two_splits)
-    x = torch.randn(3, 8)
+def _merged(fn, x, merges: int) -> fx.GraphModule:
+    """`fn` traced, its duplicates merged (exactly `merges` of them), computing what it computed before."""
+    gm = fx.symbolic_trace(fn)
     want = gm(x)
-    assert merge_duplicates(gm) == 1
+    assert merge_duplicates(gm) == merges
     gm.recompile()
-    splits = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
-    assert len(splits) == 2
     for w, g in zip(want, gm(x)):
         torch.testing.assert_close(g, w)
+    return gm
+
+
+def test_duplicate_splits_merge_and_nothing_else():
+    gm = _merged(_two_splits, torch.randn(3, 8), merges=1)
+    splits = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    assert len(splits) == 2
 
 
 def test_recorded_graph_keeps_op_references_and_higher_order_ops():
@@ -199,13 +204,7 @@ def _replayed_views(x):
 
 def test_equal_views_and_slices_merge_but_not_unsqueezes():
     """Patterns spell one `unsqueeze` per use (q's and k's cos), and a pattern node matches one graph node."""
-    gm = fx.symbolic_trace(_replayed_views)
-    x = torch.randn(4, 6)
-    want = gm(x)
-    assert merge_duplicates(gm) == 2
-    gm.recompile()
+    gm = _merged(_replayed_views, torch.randn(4, 6), merges=2)
     count = collections.Counter(n.target for n in gm.graph.nodes)
     assert (count[torch.ops.aten.view.default], count[torch.ops.aten.slice.Tensor],
             count[torch.ops.aten.unsqueeze.default]) == (1, 1, 2)
-    for w, g in zip(want, gm(x)):
-        torch.testing.assert_close(g, w)

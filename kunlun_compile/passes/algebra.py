@@ -17,6 +17,7 @@ The fused kernels are held to the dtype's tolerance against float64, as for any 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -99,20 +100,15 @@ _RULES = (_square, _mean, _reciprocal_sqrt, _divide_by_sqrt)
 
 
 def normalise(gm: fx.GraphModule) -> int:
-    """Rewrite `gm`'s arithmetic into the patterns' spelling, in place, to a fixpoint; returns the edits."""
-    edits = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and not node._erased and any(rule(node) for rule in _RULES):
-                edits += 1
-                changed = True
+    """Rewrite `gm`'s arithmetic into the patterns' spelling, in place; returns the edits.  One sweep is the
+    fixpoint: no rule's result is another rule's input (a rewritten node's old operands are left dead)."""
+    edits = sum(1 for node in gm.graph.nodes if node.op == "call_function" and any(rule(node) for rule in _RULES))
+    if edits:
         gm.graph.eliminate_dead_code()
     return edits
 
 
-def restore(gm: fx.GraphModule, ctx: PassContext = None) -> PassOutcome:
+def restore(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> PassOutcome:
     """Every marked node still in the graph (no fusion took it) back as the model wrote it.  `x / sqrt(v)`
     became two nodes: they go back together, only while both are there and still each other's (a fusion
     that took one and kept the other as its input keeps the `x * rsqrt(v)` form: equal in meaning)."""
