@@ -49,6 +49,14 @@ COMPARE = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq":
 LOGICAL = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor,
            "bit_and": torch.bitwise_and, "bit_or": torch.bitwise_or}
 UNARY_LOGICAL = {"not": torch.logical_not, "bit_not": torch.bitwise_not}
+# Reductions along one dim, kept as size 1 (so the result broadcasts back against its row).
+REDUCE = {
+    "sum": lambda x, d: x.sum(d, keepdim=True), "mean": lambda x, d: x.mean(d, keepdim=True),
+    "amax": lambda x, d: x.amax(d, keepdim=True), "amin": lambda x, d: x.amin(d, keepdim=True),
+    "var": lambda x, d: x.var(d, keepdim=True), "softmax": lambda x, d: torch.softmax(x, d),
+    "log_softmax": lambda x, d: torch.log_softmax(_clamped(x), d),
+    "softmax_fp32": lambda x, d: torch.softmax(x.float(), d).to(x.dtype),
+}
 
 
 def run(program, inputs):
@@ -71,6 +79,9 @@ def run(program, inputs):
             v = a[1].masked_fill(a[0], -1.25)
         elif kind == "cast":
             v = a[0].to(getattr(torch, name)).to(a[0].dtype)
+        elif kind == "reduce":
+            op, dim = name
+            v = REDUCE[op](a[0], dim % max(a[0].dim(), 1))
         else:
             raise ValueError(kind)
         vals.append(v)
@@ -78,8 +89,8 @@ def run(program, inputs):
 
 
 @st.composite
-def programs(draw, max_steps=6):
-    """(program, input shapes, float dtype, transpose_first)."""
+def programs(draw, max_steps=6, reductions=False):
+    """(program, input shapes, float dtype); with `reductions`, some steps reduce a value along one dim."""
     rank = draw(st.integers(1, 3))
     shape = tuple(draw(st.lists(st.integers(2, 5), min_size=rank, max_size=rank)))
     n_in = draw(st.integers(1, 3))
@@ -94,7 +105,7 @@ def programs(draw, max_steps=6):
     program = []
     for _ in range(draw(st.integers(1, max_steps))):
         n = n_in + len(program)
-        choices = ["unary", "unary", "binary", "binary", "compare"]
+        choices = ["unary", "unary", "binary", "binary", "compare"] + ["reduce", "reduce"] * reductions
         if bools:
             choices += ["where", "masked_fill", "logical", "not"]
         kind = draw(st.sampled_from(choices))
@@ -115,6 +126,10 @@ def programs(draw, max_steps=6):
         elif kind == "not":
             program.append(("not", draw(st.sampled_from(sorted(UNARY_LOGICAL))), (pick(bools),)))
             bools.append(n)
+        elif kind == "reduce":
+            op = draw(st.sampled_from(sorted(REDUCE)))
+            program.append(("reduce", (op, draw(st.integers(-rank, rank - 1))), (pick(floats),)))
+            floats.append(n)
         elif kind == "where":
             program.append(("where", "", (pick(bools), pick(floats), pick(floats))))
             floats.append(n)

@@ -87,3 +87,49 @@ def test_symbolic_kernel_serves_every_size_on_cuda():
             torch.testing.assert_close(compiled(x), m(x), rtol=2e-3, atol=2e-3)
     report = compiled.kunlun_backend.report
     assert len(report.graphs) == 1 and report.graphs[0].kernels["pointwise"] == 1
+
+
+# ---- row kernels (a reduction with its producers and consumers) on CUDA -----------------------------
+
+ROW_SIZES = [(1, 4096), (64, 4096), (4096, 2048), (7, 151), (3, 32000)]  # decode, prefill, odd, looped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", ROW_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_row_kernels_on_cuda_match_float64_as_well_as_eager(size, dtype):
+    """Each case as one row kernel (persistent or looped by the row length): its error against float64 is
+    eager's own error plus a few units of the result type (the sum's addition order differs)."""
+    from .test_lowering_reductions import CASES, lower, relative_error
+
+    g = torch.Generator().manual_seed(size[0] * 7 + size[1])
+    x = torch.randn(size, generator=g).to(dtype).cuda()
+    w = torch.randn(size[1], generator=g).to(dtype).cuda()
+    if size[0] > 1:
+        x[0, size[1] // 3] = float("nan")  # one NaN row: its position must be eager's
+    eps = torch.finfo(dtype).eps
+    for fn in CASES:
+        gm, outcome = lower(fn, x, w)
+        assert count_kernels(gm)["aten"] == 0, (fn.__name__, outcome.near_misses)
+        ref = fn(x.double(), w.double())
+        eager, got = fn(x, w), gm(x, w)
+        err, eager_err = relative_error(got, ref.to(got.dtype)), relative_error(eager, ref.to(eager.dtype))
+        assert err <= eager_err + 4 * eps, (fn.__name__, err, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_indexed_kernels_on_cuda_match_eager(dtype):
+    """Views, cat, gathers and arange inside generated kernels (tests/test_lowering_indexing.py's cases) on
+    CUDA: one kernel each, eager's values (bf16 within one unit where the SFU forms are taken)."""
+    from .test_lowering_indexing import CASES
+    from .test_lowering_reductions import lower
+
+    for k, (fn, make) in enumerate(CASES):
+        torch.manual_seed(k)
+        args = [(a.to(dtype) if a.is_floating_point() else a).cuda() for a in make()]
+        gm, outcome = lower(fn, *args)
+        assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, (fn.__name__, outcome.near_misses)
+        got, want = gm(*args), fn(*args)
+        assert got.stride() == want.stride(), fn.__name__
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got, want, rtol=eps if dtype == torch.bfloat16 else 0, atol=0, equal_nan=True,
+                                   msg=fn.__name__)

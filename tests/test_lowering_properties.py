@@ -1,4 +1,4 @@
-"""Property tests: random element-wise programs, lowered, equal eager.
+"""Property tests: random element-wise programs (and programs with reductions), lowered, equal eager.
 
 Each example traces a random program (tests/lowering_programs.py) to an ATen
 graph, runs the lowering pass on it, and runs the result twice: through the
@@ -91,6 +91,26 @@ def test_random_programs_equal_eager(case, seed):
         check_close(gm(*inputs), want, dtype, kir_units, scale)
     with cpu_kernels(True):  # generated Triton under Triton's interpreter
         check_close(gm(*inputs), want, dtype, triton_units, scale)
+
+
+@SETTINGS
+@given(programs(reductions=True), __import__("hypothesis").strategies.integers(0, 2**16))
+def test_random_programs_with_reductions_equal_eager(case, seed):
+    """Reductions (sum, mean, amax, amin, var, softmax, log_softmax) along random dims among element-wise steps:
+    row kernels with their producers and consumers.  Only a reduction of a dim of size 1 (a value that was
+    already reduced there) may stay ATen; no cluster may be refused."""
+    program, shapes, dtype = case
+    inputs = make_inputs(shapes, dtype, seed)
+    gm, fn, outcome = lowered(program, inputs)
+    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    assert all("size 1" in m for m in outcome.near_misses if "reduce" in m), outcome.near_misses
+    want = fn(*inputs)
+    scale = scale_of(program, inputs)
+    kir_units, triton_units = TOL_UNITS[dtype]
+    with cpu_kernels(False):
+        check_close(gm(*inputs), want, dtype, 2 * kir_units, scale)
+    with cpu_kernels(True):
+        check_close(gm(*inputs), want, dtype, 2 * triton_units, scale)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,

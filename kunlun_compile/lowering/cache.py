@@ -46,8 +46,11 @@ import triton
 
 from ..config import ENV_CACHE_DIR, env_setting
 from ..triton_kernel import Kernel
-from .codegen import CODEGEN_VERSION, coalesce, generate
+from .codegen import CODEGEN_VERSION, broadcast_strides, coalesce, generate, indexed_input_ranks
+from .interpret import allocate_outputs
 from .kir import KernelIR
+from .row_codegen import generate_row
+from .row_kernel import RowKernel
 
 ENTRY_FORMAT = 1  # bump when an entry's layout or hash changes
 BLOCK = 1024
@@ -290,7 +293,7 @@ def _source_for(key: str, kir: KernelIR) -> Tuple[str, Path]:
                 return text, path
         except _InvalidEntry as e:
             _reject(path, e, "regenerating it")
-    text = _source_entry(kir, generate(kir))
+    text = _source_entry(kir, generate(kir) if kir.reduce_dim is None else generate_row(kir))
     stats["generated"] += 1
     if root is not None:
         write_atomic(path, text)
@@ -308,12 +311,13 @@ def _run_module(key: str, text: str, path: Path) -> types.ModuleType:
     return module
 
 
-def kernel_for(key: str) -> "GeneratedKernel":
+def kernel_for(key: str):
     k = _kernels.get(key)
     if k is None:
         kir = kir_for(key)
         text, path = _source_for(key, kir)
-        k = _kernels.setdefault(key, GeneratedKernel(kir, _run_module(key, text, path), path))
+        launcher = GeneratedKernel if kir.reduce_dim is None else RowKernel
+        k = _kernels.setdefault(key, launcher(kir, _run_module(key, text, path), path))
     return k
 
 
@@ -325,23 +329,30 @@ class GeneratedKernel:
         self.rank = max(kir.rank, 1)
         self._cuda = Kernel(module.kernel_cuda)
         self._portable = Kernel(module.kernel_portable)
+        self._indexed = list(indexed_input_ranks(kir))
         self._plans: Dict[tuple, tuple] = {}
 
     def _plan(self, inputs: Sequence[torch.Tensor], shape: Tuple[int, ...]) -> tuple:
         sig = (shape, tuple((x.shape, x.stride()) for x in inputs))
         plan = self._plans.get(sig)
         if plan is None:
-            strides = [_broadcast_strides(x, self.rank) for x in inputs]
+            # an input of more dims than the kernel's space is only read at index expressions (load.at)
+            strides = [broadcast_strides(x, self.rank) if x.dim() <= self.rank else [0] * self.rank for x in inputs]
             padded = (1,) * (self.rank - len(shape)) + tuple(shape)
-            sizes, sts = coalesce(padded, strides)
+            # an indexed kernel computes every coordinate: no dims merged
+            sizes, sts = (list(padded), strides) if self.kir.indexed else coalesce(padded, strides)
             numel = 1
             for s in padded:
                 numel *= s
-            reach = max([numel] + [sum((n - 1) * abs(st) for n, st in zip(sizes, s)) for s in sts])
+            reach = max([numel] + [sum((n - 1) * abs(st) for n, st in zip(sizes, s)) for s in sts]
+                        + [sum((n - 1) * abs(st) for n, st in zip(inputs[k].shape, inputs[k].stride()))
+                           for k in self._indexed])
             rank = len(sizes)
             full_sizes = [1] * (self.rank - rank) + sizes
             full_strides = [[0] * (self.rank - rank) + s for s in sts]
             args = full_sizes[1:] + [st for s in full_strides for st in s]
+            for k in self._indexed:  # raw strides, then sizes, of each input read at index expressions
+                args += list(inputs[k].stride()) + list(inputs[k].shape)
             plan = self._plans[sig] = (numel, args, rank, reach > _INT32_LIMIT)
             if len(self._plans) > 256:  # many layouts: keep the newest
                 self._plans.pop(next(iter(self._plans)))
@@ -350,16 +361,13 @@ class GeneratedKernel:
     def __call__(self, inputs: Sequence[torch.Tensor], shape: Sequence[int]) -> List[torch.Tensor]:
         shape = tuple(int(s) for s in shape)
         device = inputs[0].device
-        outs = [torch.empty(shape, dtype=d, device=device) for d in self.kir.outputs]
+        outs = allocate_outputs(self.kir, shape, device)
         numel, args, rank, index64 = self._plan(inputs, shape)
+        if self.kir.output_orders:  # each output's strides over the (left-padded) iteration space
+            args = args + [st for o in outs for st in ([0] * (self.rank - o.dim()) + list(o.stride()))]
         if numel == 0:
             return outs
         fn = (self._cuda if device.type == "cuda" else self._portable).on(device)
         fn[(triton.cdiv(numel, BLOCK),)](*inputs, *outs, numel, *args, RANK=rank, INDEX64=index64, BLOCK=BLOCK,
                                          num_warps=NUM_WARPS)
         return outs
-
-
-def _broadcast_strides(x: torch.Tensor, rank: int) -> List[int]:
-    """x's strides over the (right-aligned, left-padded to `rank`) iteration shape: 0 where x is broadcast."""
-    return [0] * (rank - x.dim()) + [x.stride(d) if x.shape[d] != 1 else 0 for d in range(x.dim())]

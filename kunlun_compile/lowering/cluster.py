@@ -11,12 +11,17 @@ sizes compared as expressions):
   memory for a few instructions per element;
 - siblings (same shape, a shared input, no path between them: `cos(x)`, `sin(x)`)
   become one kernel with several outputs, reading the input once.
+- a reduction (isel_reduce.py) makes its cluster a row kernel over the reduction's input
+  shape with one reduced dim: element-wise producers of that shape and consumers of that
+  shape or of the per-row shape (the reduced dim kept as 1) join it, and so do other
+  reductions over the same dim of the same shape (softmax spelled out: amax, exp, sum).
 Merging is refused when it would create a cycle: when one cluster reaches the
 other through something outside both (the merged kernel would need its own
 output as an input).  A value a cluster computes and something else needs is
-an extra output of that cluster.  Clusters end at everything that is not
-element-wise: reductions, matmuls, fused kunlun:: ops, views that change the
-iteration space, graph outputs (stored, like any other outside use).
+an extra output of that cluster.  Clusters end at everything else:
+matmuls, fused kunlun:: ops, indexing, views that change the iteration space,
+reductions of another dim or shape, graph outputs (stored, like any other
+outside use).
 """
 from __future__ import annotations
 
@@ -26,7 +31,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .isel import ClusterSpec, is_cheap, reads_values, why_not_lowerable
+from .isel import ClusterSpec, is_cheap, is_contiguous, reads_values, why_not_lowerable
+from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_view
+from .isel_reduce import is_reduction, is_result_of_reduction, reduce_dim
+
+# A cluster's space: ("pw", shape) for element-wise work, ("row", shape, dim) for a row kernel
+# reducing `dim` of `shape`.
+Space = Tuple
 
 
 def iteration_space(node: fx.Node) -> Tuple:
@@ -34,18 +45,50 @@ def iteration_space(node: fx.Node) -> Tuple:
     return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in val.shape)
 
 
+def node_space(node: fx.Node) -> Space:
+    if is_result_of_reduction(node):
+        node = node.args[0]
+    if is_reduction(node):
+        return ("row", iteration_space(node.args[0]), reduce_dim(node))
+    if is_index_op(node) or (isinstance(node.meta["val"], torch.Tensor) and not is_contiguous(node.meta["val"])):
+        # indexed reads, or a result in a permuted layout: element-wise kernels only, no row kernel takes it
+        return ("pwi", iteration_space(node))
+    return ("pw", iteration_space(node))
+
+
+def joined(a: Space, b: Space) -> Optional[Space]:
+    """The space of one cluster doing the work of clusters in spaces `a` and `b`, None if there is none."""
+    if a == b:
+        return a
+    if a[0] == "row" and b[0] == "row":
+        return None
+    if a[0] != "row" and b[0] != "row":
+        return ("pwi" if "pwi" in (a[0], b[0]) else "pw", a[1]) if a[1] == b[1] else None
+    row, pw = (a, b) if a[0] == "row" else (b, a)
+    if pw[0] != "pw":
+        return None
+    shape, dim = row[1], row[2]
+    per_row = tuple(1 if d == dim else s for d, s in enumerate(shape))
+    return row if pw[1] in (shape, per_row) else None
+
+
+def shape_of(space: Space) -> Tuple:
+    return space[1]
+
+
 def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
     """The clusters of `gm` (in graph order) and one line per element-wise-looking node left out."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    lowerable: Dict[fx.Node, Tuple] = {}
+    lowerable: Dict[fx.Node, Space] = {}
     refused: List[str] = []
     for n in nodes:
         reason = why_not_lowerable(n)
         if reason is None:
-            lowerable[n] = iteration_space(n)
+            lowerable[n] = node_space(n)
         elif n.op == "call_function" and reason != "not an element-wise op in the lowering table":
             refused.append(f"{n.name} ({n.target}): {reason}")
+    _keep_views_between_lowered_nodes(lowerable)
 
     dag = nx.DiGraph()
     dag.add_nodes_from(nodes)
@@ -59,7 +102,7 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
         return n
 
     members: Dict[fx.Node, List[fx.Node]] = {n: [n] for n in lowerable}
-    space: Dict[fx.Node, Tuple] = dict(lowerable)  # representative -> its cluster's iteration space
+    space: Dict[fx.Node, Space] = dict(lowerable)  # representative -> its cluster's space
 
     def merge(keep: fx.Node, gone: fx.Node, shape: Tuple) -> None:
         nx.contracted_nodes(dag, keep, gone, self_loops=False, copy=False)
@@ -67,20 +110,36 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
         members[keep] += members.pop(gone)
         space[keep] = shape
 
-    for n in nodes:
-        if n not in lowerable or not reads_values(n):
-            continue
-        for a in n.all_input_nodes:
-            if a not in lowerable:
-                continue
-            pa, pn = find(a), find(n)
-            if pa is pn:
-                continue
-            if space[pa] == space[pn]:
-                if not _creates_cycle(dag, pa, pn):
-                    merge(pa, pn, space[pn])
-            elif _inlinable(members[pa], space[pa], space[pn], members[pn]) and not _creates_cycle(dag, pa, pn):
-                merge(pn, pa, space[pn])
+    def merge_along(n: fx.Node, a: fx.Node) -> bool:
+        pa, pn = find(a), find(n)
+        if pa is pn or is_gather_table(n, a):  # a gather reads its table at data-dependent rows: from memory
+            return False
+        both = joined(space[pa], space[pn])
+        if both is not None:
+            if _creates_cycle(dag, pa, pn):
+                return False
+            merge(pa, pn, both)
+        elif _reindexable(n, members[pa], space[pa], members[pn], space[pn]) and not _creates_cycle(dag, pa, pn):
+            merge(pn, pa, ("pwi", shape_of(space[pn])))
+        elif space[pa][0] in ("pw", "pwi") and (space[pa][0] == "pw" or space[pn][0] != "row") and _inlinable(
+                members[pa], shape_of(space[pa]), shape_of(space[pn]), members[pn]) \
+                and not _creates_cycle(dag, pa, pn):
+            merge(pn, pa, space[pn] if space[pa][0] == "pw" else ("pwi", shape_of(space[pn])))
+        else:
+            return False
+        return True
+
+    # producer -> consumer edges in graph order; again while a round merges (a merge refused for a cycle
+    # through a third cluster can become possible once that cluster has joined one of the two)
+    for _ in range(4):
+        merged = False
+        for n in nodes:
+            if n in lowerable and reads_values(n):
+                for a in n.all_input_nodes:
+                    if a in lowerable:
+                        merged |= merge_along(n, a)
+        if not merged:
+            break
 
     _fuse_siblings(dag, members, space, order)
     specs = [_spec(sorted(group, key=order.get), order, space[r]) for r, group in members.items()]
@@ -112,7 +171,34 @@ def _inlinable(producers: List[fx.Node], small: Tuple, big: Tuple, consumers: Li
     return math <= MAX_INLINED_MATH and all(u in inside for p in producers for u in p.users)
 
 
-def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Tuple],
+def _keep_views_between_lowered_nodes(lowerable: Dict[fx.Node, Space]) -> None:
+    """A view is worth lowering only between a value a kernel computes and a kernel that reads it; a view
+    of a tensor in memory is read through its strides, and a view nothing lowered reads stays a view."""
+    changed = True
+    while changed:
+        changed = False
+        for n in list(lowerable):
+            if is_view(n) and (n.args[0] not in lowerable or not any(u in lowerable for u in n.users)):
+                del lowerable[n]
+                changed = True
+
+
+def _reindexable(n: fx.Node, producers: List[fx.Node], producer_space: Space, consumers: List[fx.Node],
+                 consumer_space: Space) -> bool:
+    """A producer cluster read only through the index node `n` (a view, cat branch or gathered ids) is
+    evaluated at the coordinates `n` reads, inside n's kernel; when `n` may read one element several times
+    (expand, gathers) only if it is cheap."""
+    if not is_index_op(n) or producer_space[0] == "row" or consumer_space[0] == "row":
+        return False
+    inside = set(producers) | set(consumers)
+    # what else reads a producer is stored by the kernel, at the kernel's point: it must have that shape
+    read_outside = [p for p in producers if any(u not in inside for u in p.users)]
+    if not all(iteration_space(p) == shape_of(consumer_space) for p in read_outside):
+        return False
+    return n.target not in DUPLICATING or sum(not is_cheap(p) for p in producers) <= MAX_INLINED_MATH
+
+
+def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Space],
                    order: Dict[fx.Node, int]) -> None:
     """Merge clusters of the same space that read a common input and do not depend on each other."""
     def reads(r: fx.Node) -> set:
@@ -125,12 +211,14 @@ def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space
         reps = sorted(members, key=lambda r: order[members[r][0]])
         for i, a in enumerate(reps):
             for b in reps[i + 1:]:
-                if space[a] != space[b] or not (reads(a) & reads(b)):
+                both = joined(space[a], space[b])
+                if both is None or not (reads(a) & reads(b)):
                     continue
                 if nx.has_path(dag, a, b) or nx.has_path(dag, b, a):
                     continue
                 nx.contracted_nodes(dag, a, b, self_loops=False, copy=False)
                 members[a] += members.pop(b)
+                space[a] = both
                 changed = True
                 break
             if changed:
@@ -145,7 +233,7 @@ def _creates_cycle(dag: nx.DiGraph, producer: fx.Node, consumer: fx.Node) -> boo
     return False
 
 
-def _spec(group: List[fx.Node], order: Dict[fx.Node, int], shape: Tuple) -> Optional[ClusterSpec]:
+def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Optional[ClusterSpec]:
     inside = set(group)
     inputs: List[fx.Node] = []
     for n in group:
@@ -159,4 +247,9 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], shape: Tuple) -> Opti
     outputs = [n for n in group if any(u not in inside for u in n.users)]
     if not outputs:
         return None  # dead code: the dead_code pass's business
-    return ClusterSpec(group, inputs, outputs, len(shape))
+    if space[0] != "row":
+        if all(is_view(n) for n in group):
+            return None  # views alone: no work for a kernel
+        return ClusterSpec(group, inputs, outputs, len(space[1]))
+    reduction = next(n for n in group if is_reduction(n))
+    return ClusterSpec(group, inputs, outputs, len(space[1]), space[2], tuple(reduction.args[0].meta["val"].shape))

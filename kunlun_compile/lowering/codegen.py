@@ -16,15 +16,17 @@ broadcast).
 """
 from __future__ import annotations
 
+import json
 import math
 import struct
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
+from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "3"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "4"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -60,8 +62,11 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
     n_in, n_out, r = len(kir.inputs), len(kir.outputs), max(kir.rank, 1)
     params = ([f"in{k}" for k in range(n_in)] + [f"out{k}" for k in range(n_out)] + ["numel"]
               + [f"size{d}" for d in range(1, r)]
-              + [f"st{k}_{d}" for k in range(n_in) for d in range(r)] + ["RANK: tl.constexpr", "INDEX64: tl.constexpr",
-                                                                         "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
+              + [f"st{k}_{d}" for k in range(n_in) for d in range(r)]
+              + [f"{p}{k}_{j}" for k, rank in indexed_input_ranks(kir).items() for p in ("ist", "isz")
+                 for j in range(rank)]
+              + ([f"ost{k}_{d}" for k in range(n_out) for d in range(r)] if kir.output_orders else [])
+              + ["RANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
     # programmatic dependent launch (triton_kernel.py): wait for the kernel before, CUDA flavour only
     body = (["if PDL:", "    tl.extra.cuda.gdc_wait()"] if cuda else []) + [
             "if INDEX64:",
@@ -69,59 +74,114 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
             "else:",
             "    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
             "mask = idx < numel"]
-    body += _offsets(n_in, r)
+    body += _coordinates(n_in, r, n_out if kir.output_orders else 0) if kir.indexed else _offsets(n_in, r)
     for n, ins in enumerate(kir.instrs):
-        body.append(_instr(n, ins, cuda))
+        body.append(_instr(n, ins, cuda, strided_stores=bool(kir.output_orders)))
     lines = [f"def {name}(" + ", ".join(params) + "):"] + ["    " + line for line in body]
     return "\n".join(lines)
 
 
-def _offsets(n_in: int, r: int) -> List[str]:
-    """`off{k}` for every input, for each possible coalesced rank (constexpr branches)."""
+def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: str = "RANK") -> List[str]:
+    """`off{k}` for every operand (inputs 0..n_in-1 unless `operands` names them), for each possible
+    coalesced rank (constexpr branches): the flat `index` decomposed over `size{d}`, times `st{k}_{d}`."""
+    operands = list(range(n_in)) if operands is None else operands
     out: List[str] = []
     for rank in range(1, r + 1):
-        out.append(f"{'if' if rank == 1 else 'elif'} RANK == {rank}:")
+        out.append(f"{'if' if rank == 1 else 'elif'} {rank_name} == {rank}:")
         dims = list(range(r - rank, r))  # the coalesced dims sit at the end
         if rank == 1:
-            coords = {r - 1: "idx"}
+            coords = {r - 1: index}
         else:
-            out.append("    rem = idx")
+            out.append(f"    rem = {index}")
             coords = {}
             for d in reversed(dims[1:]):
                 out.append(f"    c{d} = rem % size{d}")
                 out.append(f"    rem = rem // size{d}")
                 coords[d] = f"c{d}"
             coords[dims[0]] = "rem"
-        for k in range(n_in):
+        for k in operands:
             terms = " + ".join(f"{coords[d]} * st{k}_{d}" for d in dims)
             out.append(f"    off{k} = {terms}")
-    if n_in == 0:
+    if not operands:
         out = []
     return out
 
 
-def _const(v, dtype: torch.dtype) -> str:
+def _coordinates(n_in: int, r: int, strided_outputs: int) -> List[str]:
+    """Every coordinate `c{d}` of the point (an indexed kernel keeps all dims), `off{k}` of plain loads and
+    `ooff{k}` of outputs written in a permuted layout."""
+    out = ["rem = idx"]
+    for d in range(r - 1, 0, -1):
+        out += [f"c{d} = rem % size{d}", f"rem = rem // size{d}"]
+    out.append("c0 = rem")
+    for k in range(n_in):
+        out.append(f"off{k} = " + " + ".join(f"c{d} * st{k}_{d}" for d in range(r)))
+    for k in range(strided_outputs):
+        out.append(f"ooff{k} = " + " + ".join(f"c{d} * ost{k}_{d}" for d in range(r)))
+    return out
+
+
+def indexed_input_ranks(kir: KernelIR) -> Dict[int, int]:
+    """Input -> its rank, for the inputs read by `load.at` (they get their own strides and sizes)."""
+    out: Dict[int, int] = {}
+    for i in kir.instrs:
+        if i.op == "load.at":
+            a = json.loads(i.attr)
+            out[a["in"]] = len(a["index"])
+    return dict(sorted(out.items()))
+
+
+def _indexed_load(n: int, ins: Instr) -> str:
+    a = json.loads(ins.attr)
+    k = a["in"]
+    index = [Affine.from_json(e).code() for e in a["index"]]
+    offset = " + ".join(f"({e}) * ist{k}_{j}" for j, e in enumerate(index)) or "0"
+    mask = "mask"
+    for e, lo, hi in a["guard"]:
+        code = Affine.from_json(e).code()
+        mask += f" & ({code} >= {lo})" + (f" & ({code} < {hi})" if hi is not None else "")
+    for j in a["bounds"]:
+        mask += f" & ({index[j]} >= 0) & ({index[j]} < isz{k}_{j})"
+    other = "float('nan')" if a["bounds"] and ins.dtype.is_floating_point else "0"
+    # `+ idx * 0`: an offset of constants only is still a block, as the mask is
+    return f"v{n} = tl.load(in{k} + ({offset}) + idx * 0, mask={mask}, other={other})"
+
+
+def _iota(n: int, ins: Instr, const_shape: str) -> str:
+    e = Affine.from_json(json.loads(ins.attr))
+    if e.is_constant:
+        return f"v{n} = tl.full({const_shape}, {e.const}, tl.int64)"
+    return f"v{n} = ({e.code()}).to(tl.int64)"
+
+
+def _const(v, dtype: torch.dtype, shape: str = "[BLOCK]") -> str:
     tl_dtype = TL_DTYPES[dtype]
     if dtype.is_floating_point and not math.isfinite(v):
         if dtype == torch.float64:
             bits = struct.unpack("<q", struct.pack("<d", v))[0]
-            return f"tl.full([BLOCK], {bits}, tl.int64).to(tl.float64, bitcast=True)"
+            return f"tl.full({shape}, {bits}, tl.int64).to(tl.float64, bitcast=True)"
         bits = struct.unpack("<i", struct.pack("<f", v))[0]
-        return f"tl.full([BLOCK], {bits}, tl.int32).to(tl.float32, bitcast=True)"
+        return f"tl.full({shape}, {bits}, tl.int32).to(tl.float32, bitcast=True)"
     if dtype == torch.bool:
-        return f"tl.full([BLOCK], {int(bool(v))}, tl.int1)"
-    return f"tl.full([BLOCK], {v!r}, {tl_dtype})"
+        return f"tl.full({shape}, {int(bool(v))}, tl.int1)"
+    return f"tl.full({shape}, {v!r}, {tl_dtype})"
 
 
-def _instr(n: int, ins: Instr, cuda: bool) -> str:
+def _instr(n: int, ins: Instr, cuda: bool, const_shape: str = "[BLOCK]", strided_stores: bool = False) -> str:
     a = [f"v{i}" for i in ins.args]
     op, dt = ins.op, ins.dtype
     if op == "load":
         return f"v{n} = tl.load(in{ins.attr} + off{ins.attr}, mask=mask)"
+    if op == "store" and strided_stores:
+        return f"tl.store(out{ins.attr} + ooff{ins.attr}, {a[0]}, mask=mask)"
+    if op == "load.at":
+        return _indexed_load(n, ins)
+    if op == "iota":
+        return _iota(n, ins, const_shape)
     if op == "store":
         return f"tl.store(out{ins.attr} + idx, {a[0]}, mask=mask)"
     if op == "const":
-        expr = _const(ins.attr, dt)
+        expr = _const(ins.attr, dt, const_shape)
     elif op == "cast" and dt == torch.bfloat16 and not cuda:
         expr = f"im.to_bf16({a[0]})"  # the interpreter's own cast truncates
     elif op == "cast":
@@ -141,6 +201,8 @@ def _instr(n: int, ins: Instr, cuda: bool) -> str:
         expr = f"tl.where({a[0]}, {a[1]}, {a[2]})"
     elif op == "fma":
         expr = f"tl.fma({a[0]}, {a[1]}, {a[2]})"
+    elif op == "idiv":
+        expr = f"{a[0]} // {a[1]}" if cuda else f"im.idiv({a[0]}, {a[1]})"
     elif op == "div":
         expr = f"tl.math.div_rn({a[0]}, {a[1]})" if dt == torch.float32 else f"{a[0]} / {a[1]}"
     else:
@@ -175,3 +237,8 @@ def coalesce(shape: Tuple[int, ...], strides: List[Tuple[int, ...]]) -> Tuple[Li
             merged.append((size, sts))
     sizes = [s for s, _ in merged]
     return sizes, [[sts[k] for _, sts in merged] for k in range(len(strides))]
+
+
+def broadcast_strides(x: torch.Tensor, rank: int) -> List[int]:
+    """x's strides over the (right-aligned, left-padded to `rank`) iteration shape: 0 where x is broadcast."""
+    return [0] * (rank - x.dim()) + [x.stride(d) if x.shape[d] != 1 else 0 for d in range(x.dim())]

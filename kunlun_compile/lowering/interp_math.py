@@ -37,6 +37,7 @@ def to_bf16(x):
 
 
 tanh = _numpy(np.tanh)
+idiv = _numpy(lambda x, y: np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y))  # C's: truncates toward 0
 expm1 = _numpy(np.expm1)
 log1p = _numpy(np.log1p)
 pow = _numpy(np.power)  # noqa: A001 - the KIR op's name

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
+from .isel_index import is_index_op, why_not_indexable
+from .isel_reduce import (MULTI_OUTPUT, REDUCTIONS, is_reduction, is_result_of_reduction, output_dtypes,
+                          reduce_dim, why_not_reducible)
 from .kir import FLOAT_DTYPES, HALF_DTYPES, Instr, KernelIR, opmath
 from .targets import Target
 
@@ -127,6 +130,10 @@ class Builder:
         form = form or ("approx" if self.may_approx(op, args[0].dtype) else "precise")
         return self.emit(op, args[0].dtype, args, None, self.target.unit(op, form), form)
 
+    def reduce(self, kind: str, v: Value) -> Value:
+        """sum / max / min of `v` along the row kernel's reduced dim (one value per row)."""
+        return self.emit(f"reduce.{kind}", v.dtype, (v,))
+
     def div(self, a: Value, b: Value) -> Value:
         if self.policy.fast_math and a.dtype == torch.float32 and "rcp" in self.target.sfu_ops:
             return self.vec("mul", a, self.math("rcp", b, form="approx"))
@@ -200,10 +207,31 @@ def _binary(op: str):
 
 
 def _div(b, args, kwargs, out):
-    if kwargs.get("rounding_mode") is not None:
-        raise Refused(f"div with rounding_mode={kwargs['rounding_mode']!r}")
+    mode = kwargs.get("rounding_mode")
+    if mode == "floor" and not out.is_floating_point:
+        return _floor_divide(b, args, kwargs, out)
+    if mode is not None:
+        raise Refused(f"div with rounding_mode={mode!r}")
     x, y = _in_compute_dtype(b, args[:2], out)
     return b.div(x, y)
+
+
+def _floor_divide(b, args, kwargs, out):
+    """Integer floor division (Python's, torch's): truncation then one step down where the signs differ
+    and the division was inexact."""
+    if out.is_floating_point:
+        raise Refused("floor division / remainder of floats")
+    x, y = (b.operand(a, out) for a in args[:2])
+    q = b.emit("idiv", out, (x, y))
+    inexact = b.vec("ne", b.vec("mul", q, y), x)
+    signs_differ = b.vec("ne", b.vec("lt", x, b.const(0, out)), b.vec("lt", y, b.const(0, out)))
+    return b.select(b.vec("and", inexact, signs_differ), b.vec("sub", q, b.const(1, out)), q)
+
+
+def _remainder(b, args, kwargs, out):
+    """Integer remainder with the divisor's sign (Python's, torch's): x - floor(x / y) * y."""
+    x, y = (b.operand(a, out) for a in args[:2])
+    return b.vec("sub", x, b.vec("mul", _floor_divide(b, args, kwargs, out), y))
 
 
 class _Compare:
@@ -388,7 +416,8 @@ def _abs(b, args, kwargs, out):
 
 LOWERINGS: Dict[Any, Callable] = {
     aten.add: _add_sub("add"), aten.sub: _add_sub("sub"), aten.rsub: _add_sub("sub", reverse=True),
-    aten.mul: _binary("mul"), aten.div: _div, aten.neg: _neg, aten.abs: _abs,
+    aten.mul: _binary("mul"), aten.div: _div, aten.floor_divide: _floor_divide, aten.remainder: _remainder,
+    aten.neg: _neg, aten.abs: _abs,
     aten.minimum: _binary("min"), aten.maximum: _binary("max"),
     aten.exp: _unary_math(lambda b, x: b.exp(x)),
     aten.exp2: _unary_math(lambda b, x: b.math("exp2", x)),
@@ -417,11 +446,12 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.full_like: _fill(lambda a, k: k.get("fill_value", a[1] if len(a) > 1 else None)),
     aten.zeros_like: _fill(lambda a, k: 0), aten.ones_like: _fill(lambda a, k: 1),
     aten.fill: _fill(lambda a, k: a[1]), aten.full: _fill(lambda a, k: a[1]),
+    aten.scalar_tensor: _fill(lambda a, k: a[0]),  # torch.where(c, 0.0, x) traces its scalar as one
 }
 # Ops whose result is exactly representable in the result dtype (no rounding step).
 _EXACT = {prims.convert_element_type, aten._to_copy, aten.clone, aten.where, aten.masked_fill, aten.neg, aten.abs,
           aten.minimum, aten.maximum, aten.clamp, aten.clamp_min, aten.clamp_max, aten.relu, aten.full_like,
-          aten.zeros_like, aten.ones_like, aten.fill, aten.full}
+          aten.zeros_like, aten.ones_like, aten.fill, aten.full, aten.scalar_tensor}
 
 
 def packet(node: fx.Node):
@@ -444,16 +474,39 @@ def reads_values(node: fx.Node) -> bool:
 
 
 def why_not_lowerable(node: fx.Node) -> Optional[str]:
-    """None if the node is an element-wise op this lowering handles, else why not."""
+    """None if the node is an element-wise op or a reduction this lowering handles, else why not."""
+    if is_result_of_reduction(node):
+        return why_not_lowerable(node.args[0])
+    if is_reduction(node):
+        return why_not_reducible(node) or _why_not_values(node, node.meta.get("val"))
+    if is_index_op(node):
+        return why_not_indexable(node) or _why_not_operands(node, node.meta.get("val"))
     if node.op != "call_function" or packet(node) not in LOWERINGS:
         return "not an element-wise op in the lowering table"
-    val = node.meta.get("val")
+    return _why_not_values(node, node.meta.get("val"))
+
+
+def _why_not_values(node: fx.Node, val: Any) -> Optional[str]:
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return next(filter(None, (_why_not_values(node, v) for v in val)), None)
     if not isinstance(val, torch.Tensor):
         return "no tensor result"
     if val.dtype not in SUPPORTED_DTYPES:
         return f"dtype {val.dtype}"
-    if not _contiguous(val):
-        return "result is not contiguous (eager keeps an input's layout)"
+    if layout_order(val) is None or (not is_contiguous(val) and (is_reduction(node) or is_result_of_reduction(node))):
+        return "result is not dense or of a layout the kernel can write (eager keeps an input's layout)"
+    reason = _why_not_operands(node, val)
+    if reason:
+        return reason
+    for a in list(node.args) + list(node.kwargs.values()):
+        if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
+            return "a list of tensors as an operand"
+    return None
+
+
+def _why_not_operands(node: fx.Node, val: Any) -> Optional[str]:
+    if not isinstance(val, torch.Tensor) or val.dtype not in SUPPORTED_DTYPES:
+        return "no tensor result of a supported dtype"
     devices = {val.device}
     for a in node.all_input_nodes:
         av = a.meta.get("val")
@@ -468,13 +521,22 @@ def why_not_lowerable(node: fx.Node) -> Optional[str]:
             return "a symbolic or non-tensor operand"
     if len(devices) > 1:
         return "operands on several devices"
-    for a in list(node.args) + list(node.kwargs.values()):
-        if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
-            return "a list of tensors as an operand"
     return None
 
 
-def _contiguous(val: torch.Tensor) -> bool:
+def layout_order(val: torch.Tensor) -> Optional[Tuple[int, ...]]:
+    """val's dims from outermost to innermost in memory when it is dense (a permuted contiguous tensor), else
+    None.  Element-wise results keep their first input's layout in eager (`x.t() * y`); kernels write it."""
+    if is_contiguous(val):
+        return tuple(range(val.dim()))
+    try:
+        order = tuple(val.dim_order())
+    except Exception:  # noqa: BLE001 - symbolic strides whose order cannot be decided
+        return None
+    return order if is_contiguous(val.permute(order)) else None
+
+
+def is_contiguous(val: torch.Tensor) -> bool:
     expected = 1
     for size, stride in reversed(list(zip(val.shape, val.stride()))):
         s = size.node.expr if isinstance(size, torch.SymInt) else size
@@ -491,9 +553,49 @@ class ClusterSpec:
     inputs: List[fx.Node]  # external tensors read, in the kernel's input order
     outputs: List[fx.Node]  # nodes whose values leave the kernel
     rank: int
+    # row kernels: the reduced dim and the iteration space (the reduction's input shape, SymInts kept)
+    reduce_dim: Optional[int] = None
+    space: Optional[tuple] = None
+
+    def per_row(self, node: fx.Node) -> bool:
+        """A value with one element per row (its shape is not the iteration space)."""
+        return self.reduce_dim is not None and tuple(node.meta["val"].shape) != tuple(self.space)
+
+
+def lower_node(b: Builder, node: fx.Node, value_of: Callable, policy: Policy, is_output: bool) -> Value:
+    """One element-wise node, its operands given by `value_of`; the result rounded to the node's dtype
+    (kept in opmath under fast_math where nothing outside reads it)."""
+    out = node.meta["val"].dtype
+    rule = LOWERINGS[packet(node)]
+    # a fill (full_like, full) takes a tensor or a size list for its shape only: nothing is read
+    value_of_arg = value_of if reads_values(node) else (
+        lambda a: None if isinstance(a, (fx.Node, list, tuple)) else value_of(a))
+    args = [value_of_arg(a) for a in node.args]
+    kwargs = {k: value_of_arg(v) for k, v in node.kwargs.items()}
+    b.result_dtype = out
+    if isinstance(rule, _Compare):
+        operand_dtype = torch.result_type(*[_dummy(a) for a in node.args[:2]])
+        v = rule(b, args, kwargs, out, operand_dtype=operand_dtype)
+    else:
+        v = rule(b, args, kwargs, out)
+    keep_precision = policy.fast_math and not is_output and packet(node) not in _EXACT
+    return v if keep_precision and v.dtype == opmath(out) else b.cast(v, out)
+
+
+def scalar_operand(a: Any) -> Any:
+    """A non-tensor operand as the rules take it; Refused for anything else."""
+    if isinstance(a, (bool, int, float)):
+        return a
+    if a is None or isinstance(a, (str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return a
+    raise Refused(f"operand {a!r} of type {type(a).__name__}")
 
 
 def lower_cluster(spec: ClusterSpec, target: Target, policy: Policy) -> KernelIR:
+    if any(is_index_op(n) for n in spec.nodes):
+        from .reindex import lower_indexed_cluster  # reindex builds on this module
+
+        return lower_indexed_cluster(spec, Builder(target, policy), policy)
     b = Builder(target, policy)
     values: Dict[fx.Node, Value] = {}
     input_index = {n: k for k, n in enumerate(spec.inputs)}
@@ -507,34 +609,66 @@ def lower_cluster(spec: ClusterSpec, target: Target, policy: Policy) -> KernelIR
                 v = b.load(input_index[a], a.meta["val"].dtype)
                 return v
             raise Refused(f"operand {a.name} is neither in the kernel nor an input")
-        if isinstance(a, (bool, int, float)):
-            return a
-        if a is None or isinstance(a, (str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
-            return a
-        raise Refused(f"operand {a!r} of type {type(a).__name__}")
+        return scalar_operand(a)
 
+    per_row: set = set()  # values computed from a reduction
     for node in spec.nodes:
-        out = node.meta["val"].dtype
-        rule = LOWERINGS[packet(node)]
-        # a fill (full_like, full) takes a tensor or a size list for its shape only: nothing is read
-        value_of_arg = value_of if reads_values(node) else (
-            lambda a: None if isinstance(a, (fx.Node, list, tuple)) else value_of(a))
-        args = [value_of_arg(a) for a in node.args]
-        kwargs = {k: value_of_arg(v) for k, v in node.kwargs.items()}
-        b.result_dtype = out
-        if isinstance(rule, _Compare):
-            operand_dtype = torch.result_type(*[_dummy(a) for a in node.args[:2]])
-            v = rule(b, args, kwargs, out, operand_dtype=operand_dtype)
-        else:
-            v = rule(b, args, kwargs, out)
-        keep_precision = policy.fast_math and node not in outputs and packet(node) not in _EXACT
-        values[node] = v if keep_precision and v.dtype == opmath(out) else b.cast(v, out)
+        if is_result_of_reduction(node):
+            values[node] = values[node.args[0]][node.args[1]]
+            per_row.add(node)
+            continue
+        if is_reduction(node):
+            values[node] = _lower_reduction(b, spec, node, value_of)
+            per_row.add(node)
+            continue
+        _check_no_dropped_operand(spec, node, per_row)
+        values[node] = lower_node(b, node, value_of, policy, node in outputs)
 
     for k, node in enumerate(spec.outputs):
+        if isinstance(values[node], tuple):
+            raise Refused(f"{node.name}: a reduction with several results is read outside its kernel")
         b.store(k, values[node], node.meta["val"].dtype)
-    origin = ", ".join(str(packet(n)).replace("aten.", "") for n in spec.nodes)
+    origin = ", ".join(str(packet(n) or n.target.__name__).replace("aten.", "") for n in spec.nodes)
+    per_row = tuple(k for k, n in enumerate(spec.outputs) if spec.per_row(n))
     return KernelIR(spec.rank, tuple(n.meta["val"].dtype for n in spec.inputs),
-                    tuple(n.meta["val"].dtype for n in spec.outputs), tuple(b.instrs), origin)
+                    tuple(n.meta["val"].dtype for n in spec.outputs), tuple(b.instrs), origin,
+                    spec.reduce_dim, per_row, output_orders(spec))
+
+
+def output_orders(spec: ClusterSpec) -> Tuple[Tuple[int, ...], ...]:
+    """Each output's layout when one of them is not contiguous (KernelIR.output_orders), else ()."""
+    # a view read outside the kernel (not dense, or a layout not worth keeping) is written contiguous
+    orders = tuple(layout_order(n.meta["val"]) or tuple(range(n.meta["val"].dim())) for n in spec.outputs)
+    return orders if any(o != tuple(range(len(o))) for o in orders) else ()
+
+
+def _lower_reduction(b: Builder, spec: ClusterSpec, node: fx.Node, value_of: Callable) -> Any:
+    x = node.args[0].meta["val"]
+    if spec.reduce_dim is None or reduce_dim(node) != spec.reduce_dim or tuple(x.shape) != tuple(spec.space):
+        raise Refused(f"{node.name}: reduces another dim or shape than its row kernel")
+    args = [value_of(a) if not isinstance(a, (list, tuple)) else a for a in node.args]
+    kwargs = {k: value_of(v) for k, v in node.kwargs.items()}
+    dtypes = output_dtypes(node)
+    b.result_dtype = dtypes[0]
+    if node.target in MULTI_OUTPUT:
+        results = MULTI_OUTPUT[node.target](b, args, kwargs, dtypes, x.shape[spec.reduce_dim])
+        return tuple(b.cast(v, dt) for v, dt in zip(results, dtypes))
+    return b.cast(REDUCTIONS[node.target](b, args, kwargs, dtypes[0], x.shape[spec.reduce_dim]), dtypes[0])
+
+
+def _check_no_dropped_operand(spec: ClusterSpec, node: fx.Node, per_row: set) -> None:
+    """A per-row value whose reduced dim was dropped ([T] of [T, H]) broadcasts against [T, H] along the
+    wrong dim in torch's rules: it may only leave the kernel, never feed an element-wise op of another shape.
+    `per_row`: the cluster's values computed from a reduction so far (this node is added if it is one)."""
+    if spec.reduce_dim is None:
+        return
+    shape = tuple(node.meta["val"].shape)
+    inside = [a for a in node.all_input_nodes if a in per_row]
+    for a in inside:
+        if len(a.meta["val"].shape) < spec.rank and tuple(a.meta["val"].shape) != shape:
+            raise Refused(f"{node.name} uses {a.name}, a per-row value without its reduced dim")
+    if inside:
+        per_row.add(node)
 
 
 def _dummy(a: Any) -> Any:

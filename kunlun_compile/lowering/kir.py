@@ -1,9 +1,16 @@
-"""KIR: the instruction-level IR of one generated element-wise kernel.
+"""KIR: the instruction-level IR of one generated kernel (element-wise, or a row kernel).
 
 A kernel is an SSA list of instructions over one iteration space (a shape of
 `rank` dims): every value is one element per point of that space.  Loads read
 an input (broadcast by stride 0, so one kernel serves any layout), stores
-write an output (contiguous).  Each instruction names the unit it runs on:
+write an output (contiguous).
+
+A row kernel (`reduce_dim` set) also reduces along one dim of that space:
+`reduce.sum/max/min` turn a value into one element per row (per point of the
+other dims), which later instructions use broadcast along the row again
+(softmax: max, then exp(x - max), then sum, then divide).  Its outputs are
+full-space values or, for those listed in `reduced_outputs`, one value per
+row (stored with the reduced dim kept as size 1).  Each instruction names the unit it runs on:
 `vec` (the vector ALU), `sfu` (the special-function unit), `mem` (loads and
 stores) or `imm` (an immediate constant; no instruction at run time).  Math
 instructions carry the form the accuracy policy chose: `approx` (the unit's
@@ -19,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -36,7 +43,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 VECTOR_OPS = {
     "add": 2, "sub": 2, "mul": 2, "fma": 3, "div": 2, "neg": 1, "abs": 1, "min": 2, "max": 2,
     "eq": 2, "ne": 2, "lt": 2, "le": 2, "gt": 2, "ge": 2, "select": 3, "and": 2, "or": 2, "xor": 2,
-    "not": 1, "cast": 1,
+    "not": 1, "cast": 1, "idiv": 2,  # idiv: integer division truncating toward zero (C's)
 }
 # Math functions: on the SFU where the target has them, else software sequences on the vector ALU.
 MATH_OPS = {
@@ -45,7 +52,13 @@ MATH_OPS = {
     "exp": 1, "log": 1, "expm1": 1, "log1p": 1, "pow": 2,
 }
 MEMORY_OPS = {"load": 0, "store": 1}
-ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, "const": 0}
+# Indexed access (lowering/index_expr.py): `load.at` reads an input at index expressions of the
+# kernel's coordinates (and of gathered ids: its operands); `iota` is such an expression's value.
+# Their attr is a JSON string; their operands are the SSA values the expressions read.
+INDEXED_OPS = ("load.at", "iota")
+# Reductions along the row kernel's reduce_dim (vector unit: a tree of its add/max/min).
+REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1}
+ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
 
 
@@ -59,7 +72,10 @@ class Instr:
     form: str = ""  # math ops: "approx" | "precise"
 
     def __post_init__(self):
-        if ARITY.get(self.op) != len(self.args):
+        if self.op in INDEXED_OPS:
+            if not isinstance(self.attr, str):
+                raise ValueError(f"KIR: {self.op} takes its index expressions as a JSON string")
+        elif ARITY.get(self.op) != len(self.args):
             raise ValueError(f"KIR: {self.op} takes {ARITY.get(self.op)} operands, got {len(self.args)}")
         if self.unit not in UNITS:
             raise ValueError(f"KIR: unknown unit {self.unit!r}")
@@ -73,6 +89,21 @@ class KernelIR:
     instrs: Tuple[Instr, ...]
     # what was lowered, for the listing: "silu, mul" (not part of the key)
     origin: str = dataclasses.field(default="", compare=False)
+    reduce_dim: Optional[int] = None  # row kernels: the dim of the iteration space that is reduced
+    reduced_outputs: Tuple[int, ...] = ()  # row kernels: outputs holding one value per row
+    # element-wise kernels whose outputs keep an input's layout (eager's `x.t() * y`): each output's dims
+    # from outermost to innermost in memory; empty when every output is contiguous
+    output_orders: Tuple[Tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        reduces = any(i.op in REDUCE_OPS for i in self.instrs)
+        if reduces != (self.reduce_dim is not None):
+            raise ValueError("KIR: reduce instructions need a reduce_dim, and a reduce_dim needs them")
+        if self.reduce_dim is not None and not 0 <= self.reduce_dim < self.rank:
+            raise ValueError(f"KIR: reduce_dim {self.reduce_dim} outside rank {self.rank}")
+        if self.output_orders and (len(self.output_orders) != len(self.outputs) or self.reduce_dim is not None
+                                   or any(sorted(o) != list(range(self.rank)) for o in self.output_orders)):
+            raise ValueError("KIR: output_orders must give each output of an element-wise kernel a permutation")
 
     # ---- identity --------------------------------------------------------------------------
     def canonical(self) -> str:
@@ -80,11 +111,21 @@ class KernelIR:
 
     @property
     def key(self) -> str:
-        return "pw_" + hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+        digest = hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+        return ("pw_" if self.reduce_dim is None else "row_") + digest
 
     # ---- counts ----------------------------------------------------------------------------
     def count(self, unit: str) -> int:
         return sum(1 for i in self.instrs if i.unit == unit)
+
+    @property
+    def indexed(self) -> bool:
+        """Reads at index expressions or writes a permuted layout: the launcher keeps every dim (no
+        coalescing), the kernel computes every coordinate."""
+        return bool(self.output_orders) or any(i.op in INDEXED_OPS for i in self.instrs)
+
+    def indexed_inputs(self) -> List[int]:
+        return sorted({json.loads(i.attr)["in"] for i in self.instrs if i.op == "load.at"})
 
     @property
     def stores(self) -> List[Instr]:
@@ -93,8 +134,13 @@ class KernelIR:
     # ---- text ------------------------------------------------------------------------------
     def listing(self, target=None) -> str:
         ins = ", ".join(f"in{k} {DTYPE_NAMES[d]}" for k, d in enumerate(self.inputs))
-        outs = ", ".join(f"out{k} {DTYPE_NAMES[d]}" for k, d in enumerate(self.outputs))
+        outs = ", ".join(f"out{k} {DTYPE_NAMES[d]}" + (" per row" if k in self.reduced_outputs else "")
+                         + (f" dims {list(self.output_orders[k])} in memory" if self.output_orders
+                            and list(self.output_orders[k]) != sorted(self.output_orders[k]) else "")
+                         for k, d in enumerate(self.outputs))
         head = f"kernel {self.key}  rank {self.rank}  ({ins}) -> ({outs})"
+        if self.reduce_dim is not None:
+            head += f"  reduces dim {self.reduce_dim}"
         if self.origin:
             head += f"\n  ; lowered from: {self.origin}"
         lines = [head]
@@ -115,6 +161,11 @@ class KernelIR:
             "instrs": [[i.op, DTYPE_NAMES[i.dtype], list(i.args), _attr_to_json(i.attr), i.unit, i.form]
                        for i in self.instrs],
         }
+        if self.reduce_dim is not None:  # absent for element-wise kernels: their keys stay as they were
+            d["reduce_dim"] = self.reduce_dim
+            d["reduced_outputs"] = list(self.reduced_outputs)
+        if self.output_orders:
+            d["output_orders"] = [list(o) for o in self.output_orders]
         if with_origin:
             d["origin"] = self.origin
         return d
@@ -124,7 +175,9 @@ class KernelIR:
         instrs = tuple(Instr(op, DTYPES_BY_NAME[dt], tuple(args), _attr_from_json(attr), unit, form)
                        for op, dt, args, attr, unit, form in d["instrs"])
         return cls(d["rank"], tuple(DTYPES_BY_NAME[x] for x in d["inputs"]),
-                   tuple(DTYPES_BY_NAME[x] for x in d["outputs"]), instrs, d.get("origin", ""))
+                   tuple(DTYPES_BY_NAME[x] for x in d["outputs"]), instrs, d.get("origin", ""),
+                   d.get("reduce_dim"), tuple(d.get("reduced_outputs", ())),
+                   tuple(tuple(o) for o in d.get("output_orders", ())))
 
 
 def format_instr(n: int, i: Instr) -> str:
@@ -134,10 +187,58 @@ def format_instr(n: int, i: Instr) -> str:
         return " " * 7 + f"{f'store out{i.attr}, %{i.args[0]}':<32} : {DTYPE_NAMES[i.dtype]:<4} mem"
     elif i.op == "const":
         body = f"const {format_const(i.attr)}"
+    elif i.op == "load.at":
+        body = describe_indexed_load(i.attr)
+    elif i.op == "iota":
+        body = f"iota {describe_expr(json.loads(i.attr))}"
+    elif i.op in REDUCE_OPS:
+        body = f"{i.op} %{i.args[0]}  ; along the row"
     else:
         name = f"{i.op}.{i.form}" if i.form else i.op
         body = f"{name} " + ", ".join(f"%{a}" for a in i.args)
     return f"%{n:<3} = {body:<32} : {DTYPE_NAMES[i.dtype]:<4} {i.unit}"
+
+
+def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int]]:
+    """(ids input, table input, table dim) for each gather whose ids are a kernel input read as they are
+    (a load, perhaps cast): the ids a host check can see before the launch."""
+    from .index_expr import Affine
+
+    source: dict = {}  # SSA id -> the input it is, unchanged
+    out = []
+    for n, i in enumerate(kir.instrs):
+        if i.op == "load":
+            source[n] = i.attr
+        elif i.op == "cast" and i.args[0] in source and not i.dtype.is_floating_point:
+            source[n] = source[i.args[0]]
+        elif i.op == "load.at":
+            a = json.loads(i.attr)
+            index = [Affine.from_json(e) for e in a["index"]]
+            if not a["guard"] and not a["bounds"] and all(len(e.terms) == 1 and e.terms[0][0].kind == "c"
+                                                          and e.terms[0][1] == 1 and e.const == 0 for e in index):
+                source[n] = a["in"]  # the input read by coordinates in another order (ids [T] in a [T, H] kernel)
+            for j in a["bounds"]:
+                e = Affine.from_json(a["index"][j])
+                if e.const == 0 and len(e.terms) == 1 and e.terms[0][1] == 1 and e.terms[0][0].kind == "v" \
+                        and e.terms[0][0].n in source:
+                    out.append((source[e.terms[0][0].n], a["in"], j))
+    return sorted(set(out))
+
+
+def describe_expr(d: list) -> str:
+    from .index_expr import Affine  # index_expr has no imports of its own from here: no cycle at import
+
+    return Affine.from_json(d).code()
+
+
+def describe_indexed_load(attr: str) -> str:
+    a = json.loads(attr)
+    text = f"load in{a['in']}[" + ", ".join(describe_expr(e) for e in a["index"]) + "]"
+    for e, lo, hi in a["guard"]:
+        text += f" if {lo} <= {describe_expr(e)}" + (f" < {hi}" if hi is not None else "")
+    if a["bounds"]:
+        text += " (gather: NaN outside)"
+    return text
 
 
 def format_const(v: Any) -> str:

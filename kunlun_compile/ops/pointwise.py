@@ -1,4 +1,5 @@
-"""kunlun::pointwise — runs one generated element-wise kernel (lowering/).
+"""kunlun::pointwise — runs one generated kernel of the generic lowering (lowering/): element-wise, or a
+row kernel (a reduction with its producers and consumers; its per-row outputs keep the reduced dim as 1).
 
 `pointwise(inputs, shape, kernel)`: `kernel` is the key of a kernel the
 element-wise lowering generated (its KIR is in the registry / disk cache);
@@ -13,7 +14,10 @@ from typing import List
 import torch
 
 from ..lowering import cache  # looked up at each call (tests replace cache.kernel_for)
-from ..lowering.interpret import run_kir
+from ..lowering.codegen import indexed_input_ranks
+from ..lowering.kir import gathered_inputs
+from .index_checks import check_index_range
+from ..lowering.interpret import allocate_outputs, run_kir
 from ..triton_kernel import use_triton
 
 
@@ -24,14 +28,24 @@ def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
     for k, (x, dt) in enumerate(zip(inputs, kir.inputs)):
         if x.dtype != dt:
             raise ValueError(f"pointwise {kernel}: input {k} must be {dt}, got {x.dtype}")
-    if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for x in inputs):
+    indexed = set(indexed_input_ranks(kir))  # read at index expressions: any rank
+    if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for k, x in enumerate(inputs) if k not in indexed):
         raise ValueError(f"pointwise {kernel}: shape {list(shape)} does not fit rank {kir.rank} / the inputs")
     return kir
+
+
+def check_gathers(kir, inputs: List[torch.Tensor], kernel: str) -> None:
+    """Eager raises IndexError for an id outside its table; the kernel would read NaN.  Where the ids are an
+    input as they are, check them on the host as the kunlun:: ops do (CPU always; CUDA when asked)."""
+    for ids, table, dim in gathered_inputs(kir):
+        check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
+                          inputs[ids], inputs[table].shape[dim])
 
 
 @torch.library.custom_op("kunlun::pointwise", mutates_args=())
 def pointwise(inputs: List[torch.Tensor], shape: List[int], kernel: str) -> List[torch.Tensor]:
     kir = check_args(inputs, shape, kernel)
+    check_gathers(kir, inputs, kernel)
     if inputs and use_triton(inputs[0]):
         return cache.kernel_for(kernel)(inputs, shape)
     return run_kir(kir, inputs, shape)
@@ -41,4 +55,4 @@ def pointwise(inputs: List[torch.Tensor], shape: List[int], kernel: str) -> List
 def _(inputs, shape, kernel):
     kir = check_args(inputs, shape, kernel)
     device = inputs[0].device
-    return [torch.empty(tuple(shape), dtype=d, device=device) for d in kir.outputs]
+    return allocate_outputs(kir, shape, device)

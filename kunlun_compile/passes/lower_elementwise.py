@@ -1,4 +1,5 @@
-"""The element-wise lowering pass: clusters -> KIR -> one `kunlun::pointwise` call each.
+"""The generic lowering pass: clusters (element-wise, or a reduction with its element-wise producers and
+consumers) -> KIR -> one `kunlun::pointwise` call each.
 
 Runs after the fusion passes, on what they left.  Each cluster (lowering/
 cluster.py) is lowered to KIR for the configured target and accuracy policy,
@@ -22,7 +23,7 @@ except ImportError:  # pragma: no cover
 
 from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
-from ..lowering.isel import Policy, Refused, lower_cluster
+from ..lowering.isel import Policy, Refused, layout_order, lower_cluster
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
@@ -33,6 +34,7 @@ POINTWISE_OP = torch.ops.kunlun.pointwise.default
 def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     target = get_target(ctx.config.target)
     policy = Policy(fast_math=ctx.config.fast_math)
+    _pieces_as_slices(gm.graph)
     clusters, refused = find_clusters(gm)
     outcome = PassOutcome(near_misses=[f"element-wise node left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
@@ -56,23 +58,96 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     return outcome
 
 
+_SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.unbind.int}
+
+
+def _pieces_as_slices(graph: fx.Graph) -> None:
+    """The pieces of split / chunk / unbind are views read through getitem; as `slice` / `select` nodes
+    each piece is a view the lowering can read in place (a kernel evaluates the source at the piece's
+    coordinates).  Views either way: nothing is computed or copied by this."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SPLITS or not node.users:
+            continue
+        if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+            continue
+        src = node.args[0]
+        rank = src.meta["val"].dim()
+        if node.target is aten.unbind.int:
+            dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+            pieces = {i: (aten.select.int, (src, dim, i)) for i in range(src.meta["val"].shape[dim])}
+        else:
+            dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
+            total = src.meta["val"].shape[dim]
+            size = node.args[1]
+            static = isinstance(size, int) and size > 0 or (isinstance(size, (list, tuple))
+                                                              and all(isinstance(x, int) for x in size))
+            if not isinstance(total, int) or not static:
+                continue
+            sizes = list(size) if not isinstance(size, int) else [min(size, total - s) for s in range(0, total, size)]
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            pieces = {i: (aten.slice.Tensor, (src, dim, starts[i], starts[i] + sizes[i])) for i in range(len(sizes))}
+        if any(u.args[1] not in pieces for u in node.users):
+            continue
+        for item in list(node.users):
+            target, args = pieces[item.args[1]]
+            with graph.inserting_before(item):
+                view = graph.call_function(target, args)
+            view.meta["val"] = item.meta["val"]
+            item.replace_all_uses_with(view)
+            graph.erase_node(item)
+        graph.erase_node(node)
+
+
 def _shape_args(graph: fx.Graph, spec: ClusterSpec) -> List[Any]:
     """The iteration shape as ints and `sym_size` nodes of an input (inserted after that input)."""
-    shape = spec.outputs[0].meta["val"].shape
+    shape = spec.space if spec.reduce_dim is not None else spec.outputs[0].meta["val"].shape
     out: List[Any] = []
     for d, size in enumerate(shape):
         if not isinstance(size, torch.SymInt):
             out.append(int(size))
             continue
         src = _input_dim_with(spec, size.node.expr, len(shape) - d)
-        if src is None:
-            raise Refused(f"no input has the symbolic size {size} of dim {d}")
+        if src is None:  # a cat's length: build it from the sizes of inputs (s0 + 1, 2*s0)
+            out.append(_size_from_inputs(graph, spec, size))
+            continue
         node, dim = src
         with graph.inserting_after(node):
             sym = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
         sym.meta["val"] = size
         out.append(sym)
     return out
+
+
+def _size_from_inputs(graph: fx.Graph, spec: ClusterSpec, size: torch.SymInt) -> fx.Node:
+    """A node computing `size` (a sum / product of the inputs' symbolic sizes and integers), placed
+    before the cluster's first node."""
+    import sympy
+
+    def build(expr):
+        if expr.is_Integer:
+            return int(expr)
+        if expr.is_Symbol:
+            for x in spec.inputs:
+                for d, s in enumerate(x.meta["val"].shape):
+                    if isinstance(s, torch.SymInt) and s.node.expr == expr:
+                        with graph.inserting_before(spec.nodes[0]):
+                            node = graph.call_function(torch.ops.aten.sym_size.int, (x, d))
+                        node.meta["val"] = s
+                        return node
+            raise Refused(f"no input has the symbolic size {expr}")
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            parts = [build(a) for a in expr.args]
+            op = operator.add if isinstance(expr, sympy.Add) else operator.mul
+            acc = parts[0]
+            for p in parts[1:]:
+                value = op(*(x.meta["val"] if isinstance(x, fx.Node) else x for x in (acc, p)))
+                with graph.inserting_before(spec.nodes[0]):
+                    acc = graph.call_function(op, (acc, p))
+                acc.meta["val"] = value
+            return acc
+        raise Refused(f"symbolic size {expr} is not a sum or product of the inputs' sizes")
+    return build(size.node.expr)
 
 
 def _input_dim_with(spec: ClusterSpec, expr, from_end: int) -> Optional[tuple]:
@@ -84,17 +159,32 @@ def _input_dim_with(spec: ClusterSpec, expr, from_end: int) -> Optional[tuple]:
     return None
 
 
+def _kernel_result(spec: ClusterSpec, node: fx.Node) -> torch.Tensor:
+    """What the kernel returns for `node`: its value, or for a per-row value without its reduced dim,
+    that value with the dim kept as size 1."""
+    val = node.meta["val"]
+    if spec.reduce_dim is None:
+        return val if layout_order(val) is not None else val.new_empty(val.shape)  # views come back contiguous
+    if val.dim() == spec.rank:
+        return val
+    return val.unsqueeze(spec.reduce_dim)
+
+
 def _replace(graph: fx.Graph, spec: ClusterSpec, key: str, shape: List[Any]) -> Dict[fx.Node, fx.Node]:
     last = spec.nodes[-1]
     with graph.inserting_after(last):
         call = graph.call_function(POINTWISE_OP, (list(spec.inputs), shape, key))
-    call.meta["val"] = [n.meta["val"] for n in spec.outputs]
+    call.meta["val"] = [_kernel_result(spec, n) for n in spec.outputs]
     call.meta["kunlun_lowered_from"] = [n.name for n in spec.nodes]
     items = {}
     for k, n in enumerate(spec.outputs):
         with graph.inserting_after(call):
             item = graph.call_function(operator.getitem, (call, k))
-        item.meta["val"] = n.meta["val"]
+        item.meta["val"] = call.meta["val"][k]
+        if item.meta["val"].dim() != n.meta["val"].dim():  # a per-row result whose reduced dim was dropped
+            with graph.inserting_after(item):
+                item = graph.call_function(torch.ops.aten.squeeze.dim, (item, spec.reduce_dim))
+            item.meta["val"] = n.meta["val"]
         n.replace_all_uses_with(item)
         mark_replacement(n, item)
         items[n] = item

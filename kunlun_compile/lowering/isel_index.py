@@ -1,0 +1,222 @@
+"""Indexing inside a generated kernel: views, `cat`, gathers and `arange` as maps between coordinates.
+
+Each rule says, for a point of the node's result (its coordinates `M`, index expressions of the
+kernel's coordinates), which point of which source it is:
+- views of values the kernel computes (slice, select, transpose / permute, unsqueeze / squeeze,
+  expand, view / reshape): the source's coordinates as expressions of `M` — the producer is then
+  evaluated at those coordinates instead of being stored and re-read;
+- `cat` along a dim: a select between its sources, each read at the shifted coordinate under a
+  guard (the loads of a branch never touch memory outside its source);
+- gathers (`index_select`, `embedding`, `gather`): the ids are evaluated first and become an atom
+  of the source's index expression; an id outside the table reads nothing and gives NaN, as the
+  kunlun:: ops do (ops/index_checks.py);
+- `arange`: the coordinate itself (an `iota` instruction).
+A view of a tensor the kernel only reads (a graph input, a matmul's result) is not lowered: the
+kernel reads it through its strides, as before.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from .index_expr import Affine
+
+aten = torch.ops.aten
+
+Map = Tuple[Affine, ...]
+
+# views: result coordinates -> source coordinates
+VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.permute.default, aten.transpose.int, aten.t.default,
+            aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
+            aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
+GATHER_OPS = {aten.index_select.default, aten.embedding.default, aten.gather.default, aten.index.Tensor}
+INDEX_OPS = VIEW_OPS | GATHER_OPS | {aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start,
+                                     aten.arange.start_step}
+# ops that may read one source element for several result elements (recomputing a producer per use)
+DUPLICATING = {aten.expand.default, *GATHER_OPS}
+
+
+class IndexRefused(Exception):
+    pass
+
+
+def is_index_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in INDEX_OPS
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in VIEW_OPS
+
+
+def is_gather_table(node: fx.Node, operand: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in GATHER_OPS and node.args[0] is operand
+
+
+def sizes(val: torch.Tensor) -> Tuple:
+    """val's sizes as ints and sympy expressions: compared structurally, never guarded on (unbacked sizes of
+    data-dependent shapes would raise)."""
+    out = []
+    for s in val.shape:
+        if isinstance(s, torch.SymInt):
+            e = s.node.expr
+            out.append(int(e) if e.is_Integer else e)
+        else:
+            out.append(int(s))
+    return tuple(out)
+
+
+def _shape(node: fx.Node) -> Tuple:
+    return sizes(node.meta["val"])
+
+
+def _static(xs: Sequence[Any]) -> bool:
+    return all(isinstance(x, int) for x in xs)
+
+
+def why_not_indexable(node: fx.Node) -> Optional[str]:
+    """None if the lowering can express `node` as a coordinate map, else why not."""
+    t = node.target
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "no tensor result"
+    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        src = _shape(node.args[0])
+        if not _static(src[1:]) or not _static(_shape(node)[1:]):
+            return "a reshape of symbolic sizes beyond the first dim"
+    if t in (aten.cat.default, aten.stack.default):
+        if not all(isinstance(x, fx.Node) for x in node.args[0]):
+            return f"{t.__name__} of non-tensors"
+        if t is aten.cat.default:
+            dim = _cat_dim(node)
+            sources = [x for x in node.args[0] if x.meta["val"].dim() == val.dim()]  # cat skips 1-d empties
+            if not _static([_shape(x)[dim] for x in sources[:-1]]):
+                return "cat of symbolic sizes along its dim (before its last source)"
+    if t is aten.index.Tensor:
+        indices = node.args[1]
+        if len(indices) != 1 or not isinstance(indices[0], fx.Node) or indices[0].meta["val"].dtype == torch.bool:
+            return "indexing with several index tensors, or a mask"
+    if t is aten.slice.Tensor:
+        dim, start, end, step = _slice_args(node)
+        if not _static([start, step]):
+            return "a slice with a symbolic start"
+    if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        start_step = node.args[:1] + node.args[2:] if len(node.args) > 1 else ()
+        if not all(isinstance(a, int) for a in start_step):
+            return "arange with a non-integer start or step"
+    return None
+
+
+def _slice_args(node: fx.Node):
+    args = list(node.args) + [None] * (5 - len(node.args))
+    _, dim, start, end, step = args[:5]
+    src = _shape(node.args[0])
+    dim = (dim or 0) % len(src)
+    start = 0 if start is None else start
+    if isinstance(start, int) and start < 0:
+        start += src[dim] if isinstance(src[dim], int) else 0
+    return dim, start, end, step or 1
+
+
+# ---- maps: rule(node, M, sizes) -> source coordinates ----------------------------------------------
+
+def view_source(node: fx.Node, m: Map, sizes: Sequence[Optional[int]]) -> Map:
+    """The coordinates of node.args[0] that the point `m` of a view's result reads."""
+    t, a = node.target, node.args
+    src = _shape(a[0])
+    rank = len(src)
+    if t is aten.alias.default:
+        return m
+    if t is aten.slice.Tensor:
+        dim, start, _, step = _slice_args(node)
+        return m[:dim] + (m[dim] * step + start,) + m[dim + 1:]
+    if t is aten.select.int:
+        dim, index = a[1] % rank, a[2]
+        index = index + src[dim] if index < 0 else index
+        return m[:dim] + (Affine.constant(index),) + m[dim:]
+    if t is aten.permute.default:
+        out: List[Optional[Affine]] = [None] * rank
+        for j, d in enumerate(a[1]):
+            out[d % rank] = m[j]
+        return tuple(out)
+    if t in (aten.transpose.int, aten.t.default):
+        d0, d1 = (a[1] % rank, a[2] % rank) if t is aten.transpose.int else (0, min(1, rank - 1))
+        out = list(m)
+        out[d0], out[d1] = m[d1], m[d0]
+        return tuple(out)
+    if t is aten.unsqueeze.default:
+        d = a[1] % (rank + 1)
+        return m[:d] + m[d + 1:]
+    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        dims = {d % rank for d in (a[1] if t is aten.squeeze.dims else [a[1]])} if t is not aten.squeeze.default \
+            else {d for d in range(rank) if src[d] == 1}
+        dims = {d for d in dims if src[d] == 1}
+        it = iter(m)
+        return tuple(Affine.constant(0) if d in dims else next(it) for d in range(rank))
+    if t is aten.expand.default:
+        lead = len(m) - rank
+        return tuple(Affine.constant(0) if src[d] == 1 else m[lead + d] for d in range(rank))
+    # view / reshape: through the flat (row-major) index; only sizes after the first enter the strides
+    flat = Affine.constant(0)
+    for c, stride in zip(m, _row_major_strides(_shape(node))):
+        flat = flat + c * stride
+    coords = []
+    for d, stride in enumerate(_row_major_strides(src)):
+        c = flat.floordiv(stride, sizes) if stride != 1 else flat
+        coords.append(c if d == 0 else c.mod(src[d], sizes))
+    return tuple(coords)
+
+
+def _row_major_strides(shape: Sequence[int]) -> List[int]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return strides
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % node.meta["val"].dim()  # stack too: its new dim is a dim of the result
+
+
+def cat_branches(node: fx.Node, m: Map) -> List[Tuple[fx.Node, Map, Tuple[Affine, int, Optional[int]]]]:
+    """(source, its coordinates, guard lo <= expr < hi) for each source of a cat or stack; the last source's
+    guard has no upper end (the result's end; its size may be symbolic)."""
+    dim = _cat_dim(node)
+    if node.target is aten.stack.default:  # stack: source k is the slice k of the new dim
+        n = len(node.args[0])
+        return [(src, m[:dim] + m[dim + 1:], (m[dim], k, k + 1 if k < n - 1 else None))
+                for k, src in enumerate(node.args[0])]
+    sources = [x for x in node.args[0] if x.meta["val"].dim() == len(m) and _shape(x)[dim] != 0]
+    out, offset = [], 0
+    for k, src in enumerate(sources):
+        last = k == len(sources) - 1
+        size = _shape(src)[dim]
+        out.append((src, m[:dim] + (m[dim] - offset,) + m[dim + 1:], (m[dim], offset, None if last else offset + size)))
+        offset = offset + size if not last else offset
+    return out
+
+
+def gather_parts(node: fx.Node, m: Map) -> Tuple[fx.Node, fx.Node, Map, int, Map]:
+    """(table, ids node, the ids' coordinates, the table dim the ids pick, the table's coordinates with a
+    placeholder at that dim)."""
+    t, a = node.target, node.args
+    if t is aten.embedding.default:
+        table, ids = a[0], a[1]
+        return table, ids, m[:-1], 0, (Affine.constant(0), m[-1])
+    if t is aten.index.Tensor:  # x[ids]: ids pick along dim 0, its dims lead the result
+        table, ids = a[0], a[1][0]
+        k = ids.meta["val"].dim()
+        return table, ids, m[:k], 0, (Affine.constant(0),) + m[k:]
+    if t is aten.index_select.default:
+        table, dim, ids = a[0], a[1] % len(m), a[2]
+        return table, ids, (m[dim],), dim, m
+    table, dim, ids = a[0], a[1] % len(m), a[2]  # gather: ids has the result's shape
+    return table, ids, m, dim, m
+
+
+def arange_value(node: fx.Node, m: Map) -> Affine:
+    a = [x for x in node.args]
+    start, step = (0, 1) if len(a) == 1 else (a[0], a[2] if len(a) > 2 else 1)
+    return m[0] * step + start

@@ -1,0 +1,168 @@
+"""Instruction selection for reductions: ATen reductions -> KIR row-kernel instructions.
+
+Each rule builds its op from `reduce.sum/max/min` and element-wise instructions, in the order and
+precision eager computes it: half inputs accumulate in fp32, a mean is the sum divided by the row
+length, a variance is two passes (mean, then the mean of squared deviations; eager's Welford gives
+the same value up to rounding), softmax subtracts the row max before `exp` and divides by the sum,
+layer norm is `(x - mean) * rstd * w + b`.  The sums are not eager's bit for bit (another
+addition order); every element-wise step around them is.
+
+A reduction is lowerable when it reduces one dim of static size >= 2 (`why_not_reducible`); the
+cluster step puts it in a row kernel with its element-wise producers and consumers.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .kir import opmath
+
+aten = torch.ops.aten
+
+
+def _dims(node: fx.Node) -> Optional[List[int]]:
+    """The reduced dims of `node`, normalised to its input's rank; None for an op without a dims argument."""
+    x = node.args[0].meta["val"]
+    target = node.target
+    if target in (aten._softmax.default, aten._log_softmax.default):
+        dims = [node.args[1]]
+    elif target is aten.native_layer_norm.default:
+        dims = [x.dim() - k for k in range(len(node.args[1]), 0, -1)]
+    else:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return list(range(x.dim()))
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims:
+            return list(range(x.dim()))
+    return sorted(d % max(x.dim(), 1) for d in dims)
+
+
+def reduce_dim(node: fx.Node) -> int:
+    return _dims(node)[0]
+
+
+def why_not_reducible(node: fx.Node) -> Optional[str]:
+    """None if `node` is a reduction this lowering handles (one dim of static size >= 2), else why not."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or not isinstance(x.meta.get("val"), torch.Tensor):
+        return "reduction of a non-tensor"
+    val = x.meta["val"]
+    if val.dim() == 0:
+        return "reduction of a 0-dim tensor"
+    dims = _dims(node)
+    if len(dims) != 1:
+        return f"reduces {len(dims)} dims (row kernels reduce one)"
+    size = val.shape[dims[0]]
+    if not isinstance(size, int):
+        return f"reduces a dim of symbolic size {size}"
+    if size < 2:
+        return f"reduces a dim of size {size}"
+    if not (val.dtype.is_floating_point or val.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                          torch.uint8, torch.bool)):
+        return f"input dtype {val.dtype}"
+    if node.target in (aten.amax.default, aten.amin.default, aten.sum.dim_IntList, aten.sum.default) \
+            or val.dtype.is_floating_point:
+        return None
+    return f"{node.target} of {val.dtype}"
+
+
+# ---- rules: rule(builder, args, kwargs, out_dtypes, row_len) -> Value or tuple of Values ------------
+
+def _sum(b, args, kwargs, out, n):
+    acc = opmath(out) if out.is_floating_point else torch.int64
+    return b.reduce("sum", b.operand(args[0], acc))
+
+
+def _mean(b, args, kwargs, out, n):
+    acc = opmath(out)
+    return b.div(b.reduce("sum", b.operand(args[0], acc)), b.const(n, acc))
+
+
+def _extreme(kind: str):
+    def rule(b, args, kwargs, out, n):
+        comp = opmath(out) if out.is_floating_point else out
+        return b.reduce(kind, b.operand(args[0], comp))
+    return rule
+
+
+def _mean_and_deviation(b, x, n):
+    mean = b.div(b.reduce("sum", x), b.const(n, x.dtype))
+    return mean, b.vec("sub", x, mean)
+
+
+def _variance(b, x, n, correction):
+    mean, dev = _mean_and_deviation(b, x, n)
+    return b.div(b.reduce("sum", b.vec("mul", dev, dev)), b.const(max(n - correction, 0), x.dtype)), mean
+
+
+def _correction(kwargs) -> float:
+    c = kwargs.get("correction")
+    return 1 if c is None else c
+
+
+def _var(b, args, kwargs, out, n):
+    return _variance(b, b.operand(args[0], opmath(out)), n, _correction(kwargs))[0]
+
+
+def _var_mean(b, args, kwargs, outs, n):
+    return _variance(b, b.operand(args[0], opmath(outs[0])), n, _correction(kwargs))
+
+
+def _softmax_parts(b, args, out):
+    x = b.operand(args[0], opmath(out))
+    shifted = b.vec("sub", x, b.reduce("max", x))
+    return shifted, b.exp(shifted)
+
+
+def _softmax(b, args, kwargs, out, n):
+    _, e = _softmax_parts(b, args, out)
+    return b.div(e, b.reduce("sum", e))
+
+
+def _log_softmax(b, args, kwargs, out, n):
+    shifted, e = _softmax_parts(b, args, out)
+    return b.vec("sub", shifted, b.log(b.reduce("sum", e)))
+
+
+def _layer_norm(b, args, kwargs, outs, n):
+    x_node, weight, bias, eps = args[0], args[2], args[3], args[4]
+    comp = opmath(outs[0])
+    x = b.operand(x_node, comp)
+    mean, dev = _mean_and_deviation(b, x, n)
+    var = b.div(b.reduce("sum", b.vec("mul", dev, dev)), b.const(n, comp))
+    rstd = b.math("rsqrt", b.vec("add", var, b.const(eps, comp)), form="precise")
+    y = b.vec("mul", dev, rstd)
+    if weight is not None:
+        y = b.vec("mul", y, b.operand(weight, comp))
+    if bias is not None:
+        y = b.vec("add", y, b.operand(bias, comp))
+    return y, mean, rstd
+
+
+REDUCTIONS: Dict[Any, Callable] = {
+    aten.sum.dim_IntList: _sum, aten.sum.default: _sum, aten.mean.dim: _mean, aten.mean.default: _mean,
+    aten.amax.default: _extreme("max"), aten.amin.default: _extreme("min"), aten.var.correction: _var,
+    aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax,
+}
+# Reductions with several results (the graph reads them through getitem nodes).
+MULTI_OUTPUT: Dict[Any, Callable] = {aten.var_mean.correction: _var_mean,
+                                     aten.native_layer_norm.default: _layer_norm}
+
+
+def is_reduction(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in REDUCTIONS or node.target in MULTI_OUTPUT)
+
+
+def is_result_of_reduction(node: fx.Node) -> bool:
+    """A getitem picking one result of a multi-output reduction."""
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[0].target in MULTI_OUTPUT)
+
+
+def output_dtypes(node: fx.Node) -> Sequence[torch.dtype]:
+    val = node.meta["val"]
+    return [v.dtype for v in val] if isinstance(val, (tuple, list)) else [val.dtype]

@@ -1,0 +1,136 @@
+"""Lowering a cluster that indexes: every value evaluated at the coordinates its consumer reads.
+
+Element-wise clusters evaluate each node once, at the kernel's point.  A cluster with views of
+computed values, `cat`, gathers or `arange` (isel_index.py) cannot: `cat(-x2, x1)` reads `x` at
+two other points.  Here a value is asked for at a map (its own coordinates as index expressions
+of the kernel's coordinates) under a guard (the conditions a `cat` branch holds under), and built
+on demand, once per (node, map, guard):
+- an element-wise node evaluates its operands at the same map (broadcast dims read coordinate 0),
+  then its rule from the lowering table;
+- an index node turns the map into its source's map (and a select between branches, or a gather);
+- a tensor the kernel only reads is a plain load when the map is the kernel's own point (read
+  through its strides, as in every kernel), else a `load.at` at the map's expressions.
+Outputs are stored at the kernel's point, so a value something outside reads must have the
+kernel's shape; the cluster step only re-indexes producers nothing else reads.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from .index_expr import Affine
+from .isel import Builder, ClusterSpec, Policy, Refused, Value, lower_node, output_orders, packet, scalar_operand
+from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op, sizes,
+                         view_source)
+from .kir import KernelIR
+
+aten = torch.ops.aten
+Guard = Tuple[Tuple[Affine, int, Optional[int]], ...]  # lo <= expr < hi (hi None: no upper end)
+
+
+def lower_indexed_cluster(spec: ClusterSpec, b: Builder, policy: Policy) -> KernelIR:
+    ev = _Evaluator(spec, b, policy)
+    for k, node in enumerate(spec.outputs):
+        shape = sizes(node.meta["val"])
+        if shape != ev.space:
+            raise Refused(f"{node.name} is read outside the kernel but has shape {list(shape)}, not the "
+                          f"kernel's {list(ev.space)}")
+        b.store(k, ev.at(node, ev.natural(shape), ()), node.meta["val"].dtype)
+    origin = ", ".join(str(packet(n) or n.target).replace("aten.", "") for n in spec.nodes)
+    return KernelIR(spec.rank, tuple(n.meta["val"].dtype for n in spec.inputs),
+                    tuple(n.meta["val"].dtype for n in spec.outputs), tuple(b.instrs), origin,
+                    output_orders=output_orders(spec))
+
+
+class _Evaluator:
+    def __init__(self, spec: ClusterSpec, b: Builder, policy: Policy):
+        self.b, self.policy = b, policy
+        self.space = sizes(spec.outputs[0].meta["val"])
+        self.sizes = [s if isinstance(s, int) else None for s in self.space]
+        self.inside = set(spec.nodes)
+        self.outputs = set(spec.outputs)
+        self.input_index = {n: k for k, n in enumerate(spec.inputs)}
+        self.memo: Dict[tuple, Any] = {}
+
+    def natural(self, shape: Tuple) -> Map:
+        """The map of a value of `shape` broadcast to the kernel's point (right-aligned; size-1 dims read 0)."""
+        lead = len(self.space) - len(shape)
+        return tuple(Affine.constant(0) if s == 1 else Affine.coord(lead + j) for j, s in enumerate(shape))
+
+    def at(self, node: fx.Node, m: Map, guard: Guard) -> Value:
+        if node not in self.inside:
+            return self._load(node, m, guard)
+        key = (node, m, guard)
+        if key not in self.memo:
+            self.memo[key] = self._index(node, m, guard) if is_index_op(node) else self._elementwise(node, m, guard)
+        return self.memo[key]
+
+    # ---- element-wise ------------------------------------------------------------------------
+    def _elementwise(self, node: fx.Node, m: Map, guard: Guard) -> Value:
+        shape = sizes(node.meta["val"])
+
+        def value_of(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                return self.at(a, _operand_map(m, shape, sizes(a.meta["val"])), guard)
+            return scalar_operand(a)
+        return lower_node(self.b, node, value_of, self.policy, node in self.outputs)
+
+    # ---- index nodes -------------------------------------------------------------------------
+    def _index(self, node: fx.Node, m: Map, guard: Guard) -> Value:
+        out = node.meta["val"].dtype
+        if node.target in VIEW_OPS:
+            return self.at(node.args[0], view_source(node, m, self.sizes), guard)
+        if node.target in (aten.cat.default, aten.stack.default):
+            result: Optional[Value] = None
+            for src, src_map, (e, lo, hi) in cat_branches(node, m):
+                v = self.b.cast(self.at(src, src_map, guard + ((e, lo, hi),)), out)
+                if result is None:
+                    result = v
+                else:
+                    start = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
+                    result = self.b.select(start, v, result)
+            return result
+        if node.target in GATHER_OPS:
+            table, ids, ids_map, dim, table_map = gather_parts(node, m)
+            if table in self.inside:
+                raise Refused(f"{node.name} gathers from a value the kernel computes")
+            picked = self.b.cast(self.at(ids, ids_map, guard), torch.int64)
+            table_map = table_map[:dim] + (Affine.value(picked.id),) + table_map[dim + 1:]
+            return self.b.cast(self._load(table, table_map, guard), out)
+        # arange
+        return self.b.cast(self._iota(arange_value(node, m)), out)
+
+    def _iota(self, e: Affine) -> Value:
+        return self.b.emit("iota", torch.int64, self._operands(e), json.dumps(e.to_json()))
+
+    # ---- memory --------------------------------------------------------------------------------
+    def _load(self, node: fx.Node, m: Map, guard: Guard) -> Value:
+        if node not in self.input_index:
+            raise Refused(f"operand {node.name} is neither in the kernel nor an input")
+        k, val = self.input_index[node], node.meta["val"]
+        shape = sizes(val)
+        if m == self.natural(shape) and not guard and self._broadcasts(shape):
+            return self.b.load(k, val.dtype)
+        exprs = list(m) + [e for e, _, _ in guard]
+        attr = {"in": k, "index": [e.to_json() for e in m], "guard": [[e.to_json(), lo, hi] for e, lo, hi in guard],
+                "bounds": [j for j, e in enumerate(m) if e.values()]}
+        operands = tuple(sorted({v for e in exprs for v in e.values()}))
+        return self.b.emit("load.at", val.dtype, tuple(Value(v, self.b.instrs[v].dtype) for v in operands),
+                           json.dumps(attr, sort_keys=True), "mem")
+
+    def _broadcasts(self, shape: Tuple) -> bool:
+        """A plain load reads the input broadcast to the kernel's point: only an input of such a shape."""
+        lead = len(self.space) - len(shape)
+        return lead >= 0 and all(s == 1 or s == self.space[lead + j] for j, s in enumerate(shape))
+
+    def _operands(self, e: Affine) -> Tuple[Value, ...]:
+        return tuple(Value(v, self.b.instrs[v].dtype) for v in sorted(set(e.values())))
+
+
+def _operand_map(m: Map, shape: Tuple, operand: Tuple) -> Map:
+    """An operand's coordinates at the point `m` of a broadcasting op's result."""
+    lead = len(shape) - len(operand)
+    return tuple(Affine.constant(0) if s == 1 else m[lead + j] for j, s in enumerate(operand))

@@ -1,0 +1,194 @@
+"""Indexing inside generated kernels: views of computed values, cat, gathers, arange (lowering/reindex.py).
+
+Each case is lowered and run through the KIR interpreter and through the generated Triton kernel under
+Triton's interpreter, on fresh random inputs; both must equal eager exactly (indexing moves values, and
+the element-wise steps around it are eager's op by op).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kunlun_compile.graph_stats import count_kernels, generated_kernels
+from kunlun_compile.lowering.cache import kir_for
+from kunlun_compile.lowering.index_expr import Affine, identity
+from kunlun_compile.ops import cpu_kernels
+
+from .test_lowering_reductions import lower
+
+F = torch.nn.functional
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_neox(q, cos, sin):
+    return q * cos + rotate_half(q) * sin
+
+
+def rope_of_computed(q, cos, sin):  # the rotation of a value the kernel computes (a norm's output, scaled)
+    qn = q * 1.5 - 0.25
+    return qn * cos + rotate_half(qn) * sin
+
+
+def rope_partial(q, cos, sin):
+    rot, rest = q[..., :cos.shape[-1]], q[..., cos.shape[-1]:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def rope_chunk(q, cos, sin):  # chunk instead of slicing
+    x1, x2 = (q * 1.0).chunk(2, dim=-1)
+    return q * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def embedding_scaled(ids, table):
+    return F.embedding(ids, table) * 8.0
+
+
+def index_select_add(ids, table):
+    return table.index_select(0, ids) + 1.0
+
+
+def causal_mask(q_pos, k_pos):
+    k = torch.arange(k_pos.shape[0], device=k_pos.device)
+    return torch.where(k[None, :] <= q_pos[:, None], 0.0, float("-inf"))
+
+
+def transpose_of_computed(x, y):
+    return torch.sigmoid(x).t() * y
+
+
+def reshape_of_computed(x, y):  # [T, H] -> [T, heads, hd] of a computed value, times a per-head scale
+    return (x * 2.0).view(x.shape[0], 4, -1) * y[:, None]
+
+
+def cat_of_computed(x, y):
+    return torch.cat((torch.relu(x), y * 3.0, -x), dim=0) + 1.0
+
+
+def expand_of_computed(x, y):
+    return (x + 1.0)[:, None, :].expand(-1, 3, -1) * y
+
+
+def gather_ids(x, ids):
+    return torch.gather(x, 1, ids) * 2.0
+
+
+def rope_interleaved(q, cos, sin):  # GPT-J / GLM pairs: stack(-odd, even) flattened back
+    rotated = torch.stack((-q[..., 1::2], q[..., ::2]), dim=-1).flatten(-2)
+    return q * cos + rotated * sin
+
+
+def index_tensor(x, ids):
+    return x[ids] * 2.0
+
+
+def expert_slots(ids, width):  # integer index arithmetic of MoE dispatch: // and % with torch's signs
+    return (ids // 3) * 10 + ids % 3 + width
+
+
+CASES = [
+    (rope_neox, lambda: (torch.randn(5, 4, 32), torch.randn(5, 1, 32), torch.randn(5, 1, 32))),
+    (rope_of_computed, lambda: (torch.randn(5, 4, 32), torch.randn(5, 1, 32), torch.randn(5, 1, 32))),
+    (rope_partial, lambda: (torch.randn(5, 4, 48), torch.randn(5, 1, 16), torch.randn(5, 1, 16))),
+    (rope_chunk, lambda: (torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 16))),
+    (embedding_scaled, lambda: (torch.randint(0, 50, (7,)), torch.randn(50, 16))),
+    (index_select_add, lambda: (torch.randint(0, 50, (7,)), torch.randn(50, 16))),
+    (causal_mask, lambda: (torch.arange(3, 8), torch.arange(10))),
+    (transpose_of_computed, lambda: (torch.randn(6, 9), torch.randn(9, 6))),
+    (reshape_of_computed, lambda: (torch.randn(6, 32), torch.randn(6, 4, 1))),
+    (cat_of_computed, lambda: (torch.randn(3, 8), torch.randn(2, 8))),
+    (expand_of_computed, lambda: (torch.randn(4, 8), torch.randn(4, 3, 8))),
+    (gather_ids, lambda: (torch.randn(4, 9), torch.randint(0, 9, (4, 5)))),
+    (rope_interleaved, lambda: (torch.randn(5, 4, 32), torch.randn(5, 1, 32), torch.randn(5, 1, 32))),
+    (index_tensor, lambda: (torch.randn(12, 8), torch.randint(0, 12, (3, 5)))),
+    (expert_slots, lambda: (torch.randint(-20, 20, (6, 4)), torch.randint(0, 5, (4,)))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fn,make", CASES, ids=[c[0].__name__ for c in CASES])
+def test_indexing_is_inside_one_kernel_and_exact(fn, make, dtype):
+    torch.manual_seed(CASES.index((fn, make)))
+    args = [a.to(dtype) if a.is_floating_point() else a for a in make()]
+    gm, outcome = lower(fn, *args)
+    kernels = count_kernels(gm)
+    assert kernels["aten"] == 0 and kernels["pointwise"] == 1, (kernels, outcome.near_misses)
+    want = fn(*args)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(*args)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        if interpreted and dtype == torch.float32:  # Triton's interpreter: numpy's exp, not torch's (1 unit)
+            torch.testing.assert_close(got, want, rtol=2.5e-7, atol=1e-30)
+        else:
+            assert torch.equal(got, want), (interpreted, (got.double() - want.double()).abs().max())
+
+
+def test_the_listing_shows_index_expressions_and_guards():
+    gm, _ = lower(rope_neox, torch.randn(5, 4, 32), torch.randn(5, 1, 32), torch.randn(5, 1, 32))
+    text = kir_for(generated_kernels(gm)[0]).listing()
+    assert "[c0, c1, c2] if 0 <= c2 < 16" in text and "[c0, c1, c2 + -16] if 16 <= c2 " in text and "iota c2" in text
+    gm, _ = lower(embedding_scaled, torch.randint(0, 50, (7,)), torch.randn(50, 16))
+    assert "(gather: NaN outside)" in kir_for(generated_kernels(gm)[0]).listing()
+
+
+def test_an_id_outside_the_table_raises_as_in_eager_and_the_kernel_reads_nan_not_memory():
+    from kunlun_compile.lowering.cache import kernel_for
+    from kunlun_compile.lowering.interpret import run_kir
+
+    table, ids = torch.randn(10, 4), torch.tensor([0, 9, 10, -1, 3])
+    gm, _ = lower(embedding_scaled, torch.randint(0, 10, (5,)), table)
+    with pytest.raises(IndexError):  # the op checks ids it reads from an input on the host, as eager raises
+        gm(ids, table)
+    (key,) = generated_kernels(gm)
+    call = next(n for n in gm.graph.nodes if n.op == "call_function" and "pointwise" in str(n.target))
+    inputs = [{"ids_1": ids, "table_1": table}[a.name] for a in call.args[0]]
+    for got in (run_kir(kir_for(key), inputs, [5, 4])[0], kernel_for(key)(inputs, [5, 4])[0]):
+        assert got[[0, 1, 4]].isfinite().all() and got[[2, 3]].isnan().all()  # the kernel itself never reads
+        torch.testing.assert_close(got[[0, 1, 4]], table[[0, 9, 3]] * 8.0)  # outside the table
+
+
+def test_a_cat_onto_an_empty_or_symbolic_tail_is_one_copy_kernel():
+    """HF's KV cache with nothing in it: cat(empty past, new keys) along the symbolic token dim."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from kunlun_compile.config import CompileConfig
+    from kunlun_compile.passes import PassContext
+    from kunlun_compile.passes.lower_elementwise import lower_elementwise
+
+    def f(past, new):
+        return torch.cat((past, new * 1.0), dim=1), torch.cat((new[:, :1], new + 1.0), dim=1)
+
+    past, new = torch.zeros(2, 0, 8), torch.randn(2, 5, 8)
+    gm = make_fx(f, tracing_mode="symbolic")(past, new)
+    outcome = lower_elementwise(gm, PassContext(CompileConfig(), "t"))
+    gm.recompile()
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    for x in (new, torch.randn(2, 3, 8)):
+        for got, want in zip(gm(past, x), f(past, x)):
+            assert torch.equal(got, want)
+
+
+def test_views_of_tensors_in_memory_stay_views():
+    """A slice of an input is read through its strides (no indexed load, no extra kernel); views alone
+    are no kernel at all."""
+    def f(x):
+        return x[:, :8] * 2.0, x.t()
+
+    gm, _ = lower(f, torch.randn(6, 16))
+    assert count_kernels(gm)["pointwise"] == 1
+    assert not kir_for(generated_kernels(gm)[0]).indexed
+
+
+def test_reshape_maps_simplify_to_plain_coordinates():
+    c0, c1, c2 = identity(3)
+    sizes = [None, 4, 32]
+    flat = c0 * 128 + c1 * 32 + c2  # [T, 4, 32] -> [T, 128]
+    assert flat.floordiv(128, sizes).code() == "c0"
+    assert flat.mod(128, sizes).floordiv(32, sizes).code() == "c1"
+    assert flat.mod(32, sizes).code() == "c2"
+    assert Affine.from_json(flat.to_json()) == flat
+    with pytest.raises(ValueError):
+        Affine.from_json([0, [[["__import__", 0], 1]]])  # a cache entry cannot name anything else
