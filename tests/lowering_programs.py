@@ -49,6 +49,14 @@ COMPARE = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq":
 LOGICAL = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor,
            "bit_and": torch.bitwise_and, "bit_or": torch.bitwise_or}
 UNARY_LOGICAL = {"not": torch.logical_not, "bit_not": torch.bitwise_not}
+# Indexing that keeps the shape: a rotation by cat of two slices (rotate_half's form), a reversal by a
+# gather of arange ids, a transpose-and-back through a computed value.
+INDEX = {
+    "roll": lambda x, d: torch.cat((x.narrow(d, 1, x.shape[d] - 1), x.narrow(d, 0, 1)), d)
+    if x.shape[d] > 1 else x * 1.0,
+    "reverse": lambda x, d: x.index_select(d, torch.arange(x.shape[d] - 1, -1, -1, device=x.device)),
+    "transpose_back": lambda x, d: (x.transpose(0, d) * 1.0).transpose(0, d),
+}
 # Reductions along one dim, kept as size 1 (so the result broadcasts back against its row).
 REDUCE = {
     "sum": lambda x, d: x.sum(d, keepdim=True), "mean": lambda x, d: x.mean(d, keepdim=True),
@@ -82,6 +90,9 @@ def run(program, inputs):
         elif kind == "reduce":
             op, dim = name
             v = REDUCE[op](a[0], dim % max(a[0].dim(), 1))
+        elif kind == "index":
+            op, dim = name
+            v = INDEX[op](a[0], dim % a[0].dim()) if a[0].dim() else a[0] * 1.0
         else:
             raise ValueError(kind)
         vals.append(v)
@@ -89,8 +100,9 @@ def run(program, inputs):
 
 
 @st.composite
-def programs(draw, max_steps=6, reductions=False):
-    """(program, input shapes, float dtype); with `reductions`, some steps reduce a value along one dim."""
+def programs(draw, max_steps=6, reductions=False, indexing=False):
+    """(program, input shapes, float dtype); with `reductions`, some steps reduce a value along one dim; with
+    `indexing`, some move values (cat of slices, gathers, transposes of computed values)."""
     rank = draw(st.integers(1, 3))
     shape = tuple(draw(st.lists(st.integers(2, 5), min_size=rank, max_size=rank)))
     n_in = draw(st.integers(1, 3))
@@ -105,7 +117,8 @@ def programs(draw, max_steps=6, reductions=False):
     program = []
     for _ in range(draw(st.integers(1, max_steps))):
         n = n_in + len(program)
-        choices = ["unary", "unary", "binary", "binary", "compare"] + ["reduce", "reduce"] * reductions
+        choices = (["unary", "unary", "binary", "binary", "compare"] + ["reduce", "reduce"] * reductions
+                   + ["index", "index"] * indexing)
         if bools:
             choices += ["where", "masked_fill", "logical", "not"]
         kind = draw(st.sampled_from(choices))
@@ -129,6 +142,10 @@ def programs(draw, max_steps=6, reductions=False):
         elif kind == "reduce":
             op = draw(st.sampled_from(sorted(REDUCE)))
             program.append(("reduce", (op, draw(st.integers(-rank, rank - 1))), (pick(floats),)))
+            floats.append(n)
+        elif kind == "index":
+            op = draw(st.sampled_from(sorted(INDEX)))
+            program.append(("index", (op, draw(st.integers(-rank, rank - 1))), (pick(floats),)))
             floats.append(n)
         elif kind == "where":
             program.append(("where", "", (pick(bools), pick(floats), pick(floats))))

@@ -132,4 +132,4 @@ def test_indexed_kernels_on_cuda_match_eager(dtype):
         assert got.stride() == want.stride(), fn.__name__
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(got, want, rtol=eps if dtype == torch.bfloat16 else 0, atol=0, equal_nan=True,
-                                   msg=fn.__name__)
+                                   msg=lambda m, name=fn.__name__: f"{name}: {m}")

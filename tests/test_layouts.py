@@ -100,7 +100,8 @@ def test_only_views_behind_other_ops_become_reshapes():
 
 
 # without the pass, the generic lowering is off too: it would read the view in place (an indexed load)
-@pytest.mark.parametrize("disable", [("norm_rope_gate",), ("norm_rope_gate", "views_after_fused_ops", "lower_elementwise")],
+@pytest.mark.parametrize("disable", [("norm_rope_gate",),
+                                     ("norm_rope_gate", "views_after_fused_ops", "lower_elementwise")],
                          ids=["with-pass", "without-pass"])
 def test_hf_gemma3_norms_after_the_head_transpose(disable):
     """HF transformers' Gemma3 applies its Q/K norms after the head transpose (one of the architectures

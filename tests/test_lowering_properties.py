@@ -113,6 +113,25 @@ def test_random_programs_with_reductions_equal_eager(case, seed):
         check_close(gm(*inputs), want, dtype, 2 * triton_units, scale)
 
 
+@SETTINGS
+@given(programs(indexing=True), __import__("hypothesis").strategies.integers(0, 2**16))
+def test_random_programs_with_indexing_equal_eager(case, seed):
+    """Cat of slices, gathers by arange ids and transposes of computed values among element-wise steps: read in
+    place by the kernels that need them (indexed loads, producers evaluated at other coordinates).  Values move,
+    nothing is recomputed differently: the same tolerance as element-wise programs, and no cluster refused."""
+    program, shapes, dtype = case
+    inputs = make_inputs(shapes, dtype, seed)
+    gm, fn, outcome = lowered(program, inputs)
+    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    want = fn(*inputs)
+    scale = scale_of(program, inputs)
+    kir_units, triton_units = TOL_UNITS[dtype]
+    with cpu_kernels(False):
+        check_close(gm(*inputs), want, dtype, kir_units, scale)
+    with cpu_kernels(True):
+        check_close(gm(*inputs), want, dtype, triton_units, scale)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(programs(max_steps=4), __import__("hypothesis").strategies.integers(0, 2**16))

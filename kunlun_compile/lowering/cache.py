@@ -55,6 +55,9 @@ from .row_kernel import RowKernel
 ENTRY_FORMAT = 1  # bump when an entry's layout or hash changes
 BLOCK = 1024
 NUM_WARPS = 4
+# enable_fp_fusion=False at every launch: LLVM would contract `a * b + c` into one fma, one rounding
+# where eager rounds twice (HF's `q * cos + rotate_half(q) * sin` moved by an ulp); the KIR's own `fma`
+# instructions are explicit and stay fused
 _INT32_LIMIT = 2**31 - 1
 
 _registry: Dict[str, KernelIR] = {}
@@ -369,5 +372,5 @@ class GeneratedKernel:
             return outs
         fn = (self._cuda if device.type == "cuda" else self._portable).on(device)
         fn[(triton.cdiv(numel, BLOCK),)](*inputs, *outs, numel, *args, RANK=rank, INDEX64=index64, BLOCK=BLOCK,
-                                         num_warps=NUM_WARPS)
+                                         num_warps=NUM_WARPS, enable_fp_fusion=False)
         return outs

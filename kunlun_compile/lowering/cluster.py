@@ -112,8 +112,8 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
 
     def merge_along(n: fx.Node, a: fx.Node) -> bool:
         pa, pn = find(a), find(n)
-        if pa is pn or is_gather_table(n, a):  # a gather reads its table at data-dependent rows: from memory
-            return False
+        if pa is pn or is_gather_table(n, a):  # a gather reads its table at data-dependent rows: from memory,
+            return False                      # unless the table joins the kernel another way (then recomputed)
         both = joined(space[pa], space[pn])
         if both is not None:
             if _creates_cycle(dag, pa, pn):

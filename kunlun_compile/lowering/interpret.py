@@ -31,7 +31,10 @@ _UNARY: Dict[str, Callable] = {
 }
 
 
-_REDUCE: Dict[str, Callable] = {"reduce.sum": torch.sum, "reduce.max": torch.amax, "reduce.min": torch.amin}
+_REDUCE: Dict[str, Callable] = {
+    "reduce.sum": torch.sum, "reduce.max": torch.amax, "reduce.min": torch.amin,
+    "reduce.maxnum": lambda x, dim, keepdim: torch.amax(torch.where(x.isnan(), float("-inf"), x), dim, keepdim),
+}
 
 
 def output_shapes(kir: KernelIR, shape: Sequence[int]) -> List[tuple]:

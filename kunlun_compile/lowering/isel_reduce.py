@@ -5,7 +5,8 @@ precision eager computes it: half inputs accumulate in fp32, a mean is the sum d
 length, a variance is two passes (mean, then the mean of squared deviations; eager's Welford gives
 the same value up to rounding), softmax subtracts the row max before `exp` and divides by the sum,
 layer norm is `(x - mean) * rstd * w + b`.  The sums are not eager's bit for bit (another
-addition order); every element-wise step around them is.
+addition order), nor is softmax's normalisation (a per-row reciprocal, then a multiply); every
+other element-wise step around them is.
 
 A reduction is lowerable when it reduces one dim of static size >= 2 (`why_not_reducible`); the
 cluster step puts it in a row kernel with its element-wise producers and consumers.
@@ -114,13 +115,16 @@ def _var_mean(b, args, kwargs, outs, n):
 
 def _softmax_parts(b, args, out):
     x = b.operand(args[0], opmath(out))
-    shifted = b.vec("sub", x, b.reduce("max", x))
+    # a NaN in x needs no NaN-propagating max: exp(x - max) is NaN there and the sum makes the row NaN
+    shifted = b.vec("sub", x, b.reduce("maxnum", x))
     return shifted, b.exp(shifted)
 
 
 def _softmax(b, args, kwargs, out, n):
+    """exp(x - max) times the row's reciprocal sum: one correctly rounded division per row instead of one per
+    element (within one fp32 unit of eager's division; the division was the kernel's costliest step)."""
     _, e = _softmax_parts(b, args, out)
-    return b.div(e, b.reduce("sum", e))
+    return b.vec("mul", e, b.div(b.const(1.0, e.dtype), b.reduce("sum", e)))
 
 
 def _log_softmax(b, args, kwargs, out, n):

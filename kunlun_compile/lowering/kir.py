@@ -56,8 +56,10 @@ MEMORY_OPS = {"load": 0, "store": 1}
 # kernel's coordinates (and of gathered ids: its operands); `iota` is such an expression's value.
 # Their attr is a JSON string; their operands are the SSA values the expressions read.
 INDEXED_OPS = ("load.at", "iota")
-# Reductions along the row kernel's reduce_dim (vector unit: a tree of its add/max/min).
-REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1}
+# Reductions along the row kernel's reduce_dim (vector unit: a tree of its add/max/min).  max/min propagate
+# NaN as eager does; `reduce.maxnum` ignores it, for a max whose NaN reaches the result another way
+# (softmax's x - max: a NaN in x makes the row NaN through exp and the sum).
+REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1, "reduce.maxnum": 1}
 ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
 

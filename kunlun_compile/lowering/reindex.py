@@ -95,11 +95,19 @@ class _Evaluator:
             return result
         if node.target in GATHER_OPS:
             table, ids, ids_map, dim, table_map = gather_parts(node, m)
-            if table in self.inside:
-                raise Refused(f"{node.name} gathers from a value the kernel computes")
             picked = self.b.cast(self.at(ids, ids_map, guard), torch.int64)
-            table_map = table_map[:dim] + (Affine.value(picked.id),) + table_map[dim + 1:]
-            return self.b.cast(self._load(table, table_map, guard), out)
+            row = Affine.value(picked.id)
+            table_map = table_map[:dim] + (row,) + table_map[dim + 1:]
+            if table not in self.inside:
+                return self.b.cast(self._load(table, table_map, guard), out)
+            # a table the kernel computes: evaluated at the gathered rows, NaN for an id outside it
+            size = sizes(table.meta["val"])[dim]
+            if not isinstance(size, int):
+                raise Refused(f"{node.name} gathers from a computed value of symbolic size {size}")
+            v = self.b.cast(self.at(table, table_map, guard + ((row, 0, size),)), out)
+            inside = self.b.vec("and", self.b.vec("ge", picked, self.b.const(0, torch.int64)),
+                                self.b.vec("lt", picked, self.b.const(size, torch.int64)))
+            return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
         # arange
         return self.b.cast(self._iota(arange_value(node, m)), out)
 

@@ -25,7 +25,7 @@ from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
 from .kir import REDUCE_OPS, Instr, KernelIR
 
 TILE = "[BLOCK_M, BLOCK_R]"
-_COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min"}
+_COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min", "reduce.maxnum": "tl.max"}
 
 
 def generate_row(kir: KernelIR) -> str:
@@ -187,14 +187,14 @@ def _accumulate(ins: Instr, acc: str, v: str) -> str:
     term = f"tl.where(mask, {v}, {_identity(ins, '[1, 1]')})"
     if ins.op == "reduce.sum":
         return f"{acc} + {term}"
-    nan = ", propagate_nan=tl.PropagateNan.ALL" if ins.dtype.is_floating_point else ""
-    return f"tl.{'maximum' if ins.op == 'reduce.max' else 'minimum'}({acc}, {term}{nan})"
+    nan = ", propagate_nan=tl.PropagateNan.ALL" if ins.dtype.is_floating_point and ins.op != "reduce.maxnum" else ""
+    return f"tl.{'minimum' if ins.op == 'reduce.min' else 'maximum'}({acc}, {term}{nan})"
 
 
 def _finish(n: int, ins: Instr, acc: str) -> List[str]:
     """Reduce the accumulator along the row to [BLOCK_M, 1]; max/min propagate NaN as eager does."""
     lines = [f"v{n} = {_COMBINE[ins.op]}({acc}, 1, keep_dims=True)"]
-    if ins.op != "reduce.sum" and ins.dtype.is_floating_point:
+    if ins.op in ("reduce.max", "reduce.min") and ins.dtype.is_floating_point:
         lines += [f"nan{n} = tl.max(({acc} != {acc}).to(tl.int32), 1, keep_dims=True) > 0",
                   f"v{n} = tl.where(nan{n}, {_const(float('nan'), ins.dtype, '[1, 1]')}, v{n})"]
     return lines

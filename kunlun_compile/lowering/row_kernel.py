@@ -25,7 +25,7 @@ from .kir import KernelIR
 from .row_codegen import full_outputs, kept_rank
 
 PERSISTENT_MAX_R = 4096
-LOOP_BLOCK_R = 1024
+LOOP_BLOCK_R = 4096  # 1024 left a one-row decode log_softmax (32000 wide) waiting on 96 loop trips
 ROW_TILE = 2048  # elements per program a short row's tile aims at
 _INT32_LIMIT = 2**31 - 1
 
@@ -88,7 +88,8 @@ class RowKernel:
         fn = self._fns[("persistent" if persistent else "looped", device.type == "cuda")].on(device)
         with np.errstate(all="ignore"):  # interpreter: lanes past the row's end compute on zeros (masked)
             fn[(triton.cdiv(rows, block_m),)](*inputs, *outs, rows, row_len, *args, KRANK=krank, INDEX64=index64,
-                                              BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps)
+                                              BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps,
+                                              enable_fp_fusion=False)  # eager's roundings (cache.py)
         return outs
 
 

@@ -37,6 +37,9 @@ class Target:
     # precise software form of each math op: (vector instructions, SFU instructions)
     precise_cost: Mapping[str, Tuple[int, int]]
     has_inline_asm: bool  # codegen may emit the SFU instructions directly
+    # row-kernel and indexing instructions, in vector issue slots per element: a reduction's tree and
+    # cross-lane steps, an indexed load's address arithmetic, integer division's software sequence
+    op_slots: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def unit(self, op: str, form: str) -> str:
         """Where a math op in the given form runs on this target."""
@@ -47,6 +50,8 @@ class Target:
     def instr_cost(self, op: str, unit: str, form: str) -> float:
         if unit == "imm":
             return 0.0
+        if op in self.op_slots:
+            return self.op_slots[op] / self.vector_lanes
         if unit == "sfu":
             return 1.0 / self.sfu_lanes
         if form == "precise" and op in self.precise_cost:
@@ -63,6 +68,7 @@ class Target:
         d = dataclasses.asdict(self)
         d["sfu_ops"] = sorted(self.sfu_ops)
         d["precise_cost"] = {k: list(v) for k, v in self.precise_cost.items()}
+        d["op_slots"] = dict(self.op_slots)
         return d
 
 
@@ -80,7 +86,10 @@ TARGETS: Dict[str, Target] = {
                     "sin/cos/tanh .approx.f32 (inline PTX), precise forms from libdevice",
         vector_lanes=128, sfu_lanes=16,
         sfu_ops=frozenset({"exp2", "log2", "rsqrt", "sqrt", "rcp", "sin", "cos", "tanh"}),
-        precise_sfu=False, precise_cost=_CUDA_PRECISE, has_inline_asm=True),
+        precise_sfu=False, precise_cost=_CUDA_PRECISE, has_inline_asm=True,
+        # max/min also reduce a NaN flag; idiv: the ~20-instruction integer division sequence
+        op_slots={"reduce.sum": 1.5, "reduce.max": 3.0, "reduce.min": 3.0, "reduce.maxnum": 1.5, "load.at": 2.0,
+                  "iota": 1.0, "idiv": 20.0}),
     "kunlun-xpu": Target(
         name="kunlun-xpu",
         description="Kunlun XPU cluster core (assumed): 16-lane fp32 SIMD; high-precision SFU for "
@@ -88,7 +97,10 @@ TARGETS: Dict[str, Target] = {
         vector_lanes=16, sfu_lanes=4, sfu_ops=SFU_CAPABLE, precise_sfu=True,
         precise_cost={"exp": (2, 1), "log": (2, 1), "expm1": (6, 1), "log1p": (6, 1), "pow": (4, 2),
                       "div": (2, 1)},
-        has_inline_asm=False),
+        has_inline_asm=False,
+        # assumed: reductions cross the SIMD lanes in log steps; an indexed load computes its address per lane
+        op_slots={"reduce.sum": 2.0, "reduce.max": 2.0, "reduce.min": 2.0, "reduce.maxnum": 2.0, "load.at": 4.0,
+                  "iota": 1.0, "idiv": 8.0}),
 }
 if tuple(TARGETS) != TARGET_NAMES:  # config.py checks the `target` option against its list of names
     raise ImportError(f"lowering/targets.py describes {tuple(TARGETS)}, config.TARGET_NAMES lists {TARGET_NAMES}")
