@@ -192,3 +192,15 @@ def test_reshape_maps_simplify_to_plain_coordinates():
     assert Affine.from_json(flat.to_json()) == flat
     with pytest.raises(ValueError):
         Affine.from_json([0, [[["__import__", 0], 1]]])  # a cache entry cannot name anything else
+
+
+def test_fills_of_a_shape_join_the_kernel_that_reads_them():
+    """new_ones / zeros / new_full (HF mask construction) have a shape and no values to read: constants of
+    the kernel that uses them."""
+    def f(x):
+        return torch.where(x > 0, x.new_ones(x.shape) * 2.0, torch.zeros(x.shape) + x.new_full(x.shape, 0.5))
+
+    x = torch.randn(4, 6)
+    gm, outcome = lower(f, x)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    assert torch.equal(gm(x), f(x))

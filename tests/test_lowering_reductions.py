@@ -20,15 +20,9 @@ from kunlun_compile.ops import cpu_kernels
 from kunlun_compile.passes import PassContext
 from kunlun_compile.passes.lower_elementwise import lower_elementwise
 
+from .test_lowering import lower
+
 F = torch.nn.functional
-
-
-def lower(fn, *inputs, **options):
-    gm = make_fx(fn, tracing_mode="fake")(*inputs)
-    outcome = lower_elementwise(gm, PassContext(CompileConfig.from_options(options), "t"))
-    gm.graph.lint()
-    gm.recompile()
-    return gm, outcome
 
 
 def rms_hf(x, w):

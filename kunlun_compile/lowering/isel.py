@@ -447,11 +447,15 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.zeros_like: _fill(lambda a, k: 0), aten.ones_like: _fill(lambda a, k: 1),
     aten.fill: _fill(lambda a, k: a[1]), aten.full: _fill(lambda a, k: a[1]),
     aten.scalar_tensor: _fill(lambda a, k: a[0]),  # torch.where(c, 0.0, x) traces its scalar as one
+    aten.zeros: _fill(lambda a, k: 0), aten.ones: _fill(lambda a, k: 1),
+    aten.new_zeros: _fill(lambda a, k: 0), aten.new_ones: _fill(lambda a, k: 1),
+    aten.new_full: _fill(lambda a, k: a[2]), aten.lift_fresh_copy: _identity,
 }
 # Ops whose result is exactly representable in the result dtype (no rounding step).
 _EXACT = {prims.convert_element_type, aten._to_copy, aten.clone, aten.where, aten.masked_fill, aten.neg, aten.abs,
           aten.minimum, aten.maximum, aten.clamp, aten.clamp_min, aten.clamp_max, aten.relu, aten.full_like,
-          aten.zeros_like, aten.ones_like, aten.fill, aten.full, aten.scalar_tensor}
+          aten.zeros_like, aten.ones_like, aten.fill, aten.full, aten.scalar_tensor, aten.zeros, aten.ones,
+          aten.new_zeros, aten.new_ones, aten.new_full, aten.lift_fresh_copy}
 
 
 def packet(node: fx.Node):
