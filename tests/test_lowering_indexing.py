@@ -204,3 +204,20 @@ def test_fills_of_a_shape_join_the_kernel_that_reads_them():
     gm, outcome = lower(f, x)
     assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
     assert torch.equal(gm(x), f(x))
+
+
+def test_a_mask_built_from_arange_alone_is_a_kernel():
+    """HF's sliding-window mask reads no tensor: arange, compares, where.  The kernel takes a graph input only
+    for its device (never loaded)."""
+    def sliding(x):
+        q, k = torch.arange(7)[:, None], torch.arange(7)[None, :]
+        mask = torch.where((k <= q) & (k > q - 4), 0.0, float("-inf"))
+        return mask.expand(x.shape[0], 1, 7, 7), x * 2.0
+
+    x = torch.randn(2, 3)
+    gm, outcome = lower(sliding, x)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 0}, outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            for got, want in zip(gm(x), sliding(x)):
+                assert torch.equal(got, want)

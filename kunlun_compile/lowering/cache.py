@@ -333,14 +333,17 @@ class GeneratedKernel:
         self._cuda = Kernel(module.kernel_cuda)
         self._portable = Kernel(module.kernel_portable)
         self._indexed = list(indexed_input_ranks(kir))
+        self._plain = {i.attr for i in kir.instrs if i.op == "load"}
         self._plans: Dict[tuple, tuple] = {}
 
     def _plan(self, inputs: Sequence[torch.Tensor], shape: Tuple[int, ...]) -> tuple:
         sig = (shape, tuple((x.shape, x.stride()) for x in inputs))
         plan = self._plans.get(sig)
         if plan is None:
-            # an input of more dims than the kernel's space is only read at index expressions (load.at)
-            strides = [broadcast_strides(x, self.rank) if x.dim() <= self.rank else [0] * self.rank for x in inputs]
+            # an input not read by a plain load (read at index expressions, or a device anchor) has no
+            # strides over the space
+            strides = [broadcast_strides(x, self.rank) if k in self._plain else [0] * self.rank
+                       for k, x in enumerate(inputs)]
             padded = (1,) * (self.rank - len(shape)) + tuple(shape)
             # an indexed kernel computes every coordinate: no dims merged
             sizes, sts = (list(padded), strides) if self.kir.indexed else coalesce(padded, strides)

@@ -198,6 +198,15 @@ def _reindexable(n: fx.Node, producers: List[fx.Node], producer_space: Space, co
     return n.target not in DUPLICATING or sum(not is_cheap(p) for p in producers) <= MAX_INLINED_MATH
 
 
+def _device_anchor(order: Dict[fx.Node, int], out: fx.Node) -> Optional[fx.Node]:
+    """A graph input on `out`'s device, passed to a kernel that reads nothing (it is never loaded)."""
+    device = out.meta["val"].device
+    for n in order:
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device == device:
+            return n
+    return None
+
+
 def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Space],
                    order: Dict[fx.Node, int]) -> None:
     """Merge clusters of the same space that read a common input and do not depend on each other."""
@@ -242,11 +251,17 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
         for a in n.all_input_nodes:
             if a not in inside and a not in inputs:
                 inputs.append(a)
-    if not inputs:
-        return None  # constants only: nothing to read, nothing worth a kernel
     outputs = [n for n in group if any(u not in inside for u in n.users)]
     if not outputs:
         return None  # dead code: the dead_code pass's business
+    if not inputs:
+        # computed from shapes and coordinates alone (a sliding-window mask from arange): a kernel still needs
+        # a tensor for its device; fills alone are nothing worth a kernel
+        anchor = _device_anchor(order, outputs[0]) if space[0] != "row" and not all(
+            not reads_values(n) for n in group) else None
+        if anchor is None:
+            return None
+        inputs = [anchor]
     if space[0] != "row":
         if all(is_view(n) for n in group):
             return None  # views alone: no work for a kernel

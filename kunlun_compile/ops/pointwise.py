@@ -14,7 +14,6 @@ from typing import List
 import torch
 
 from ..lowering import cache  # looked up at each call (tests replace cache.kernel_for)
-from ..lowering.codegen import indexed_input_ranks
 from ..lowering.kir import gathered_inputs
 from .index_checks import check_index_range
 from ..lowering.interpret import allocate_outputs, run_kir
@@ -28,8 +27,8 @@ def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
     for k, (x, dt) in enumerate(zip(inputs, kir.inputs)):
         if x.dtype != dt:
             raise ValueError(f"pointwise {kernel}: input {k} must be {dt}, got {x.dtype}")
-    indexed = set(indexed_input_ranks(kir))  # read at index expressions: any rank
-    if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for k, x in enumerate(inputs) if k not in indexed):
+    plain = {i.attr for i in kir.instrs if i.op == "load"}  # read broadcast to the space; others: any rank
+    if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for k, x in enumerate(inputs) if k in plain):
         raise ValueError(f"pointwise {kernel}: shape {list(shape)} does not fit rank {kir.rank} / the inputs")
     return kir
 
