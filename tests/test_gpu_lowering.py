@@ -133,3 +133,15 @@ def test_indexed_kernels_on_cuda_match_eager(dtype):
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(got, want, rtol=eps if dtype == torch.bfloat16 else 0, atol=0, equal_nan=True,
                                    msg=lambda m, name=fn.__name__: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("size", [(7, 151), (64, 4096), (3, 32000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_argmax_and_max_dim_on_cuda_are_eagers(size):
+    from .test_lowering_reductions import extremes, lower
+
+    x = torch.randint(-4, 4, size, device="cuda").float()  # ties everywhere: the first occurrence must win
+    x[0, size[1] // 2] = float("nan")
+    gm, outcome = lower(extremes, x)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    for a, b in zip(torch.utils._pytree.tree_leaves(gm(x)), torch.utils._pytree.tree_leaves(extremes(x))):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())

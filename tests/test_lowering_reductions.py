@@ -218,3 +218,31 @@ def test_compiled_model_keeps_only_matmuls_and_attention_as_aten_with_fusion_off
     m, x = Block(), torch.randn(5, 32)
     compiled = torch.compile(m, backend="kunlun", options={"fusion": False, "strict": True})
     torch.testing.assert_close(compiled(x), m(x))
+
+
+def extremes(x):
+    return x.argmax(-1), x.argmin(1, keepdim=True), torch.max(x, -1), torch.min(x, 1, keepdim=True)
+
+
+@pytest.mark.parametrize("case", ["float", "ties", "long_row", "int"])
+def test_argmax_argmin_and_max_dim_are_eagers_first_occurrence(case):
+    """The least position holding the extreme (eager: the first occurrence); a NaN is the extreme (eager's
+    rule), so a row with NaN answers its first NaN; a row of -inf answers 0."""
+    g = torch.Generator().manual_seed(3)
+    x = {"float": lambda: torch.randn(5, 37, generator=g),
+         "ties": lambda: torch.randint(-3, 3, (4, 50), generator=g).float(),
+         "long_row": lambda: torch.randn(3, PERSISTENT_MAX_R + 904, generator=g),
+         "int": lambda: torch.randint(-5, 5, (4, 9), generator=g)}[case]()
+    if x.is_floating_point():
+        x[1, 7] = x[1, 20] = float("nan")
+        x[2, :] = float("-inf")
+    gm, outcome = lower(extremes, x)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    want = torch.utils._pytree.tree_leaves(extremes(x))
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = torch.utils._pytree.tree_leaves(gm(x))
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b) if not a.is_floating_point() else torch.equal(a.isnan(), b.isnan()) and \
+                torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -108,6 +108,9 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
                 full = full.narrow(kir.reduce_dim, 0, 1)
             outs[ins.attr].copy_(full)
             v = a[0]
+        elif ins.op == "row.index":
+            d = kir.reduce_dim
+            v = torch.arange(shape[d], device=device).view([-1 if k == d else 1 for k in range(len(shape))])
         elif ins.op in _REDUCE:
             v = _REDUCE[ins.op](a[0].expand(tuple(shape)), dim=kir.reduce_dim, keepdim=True)
         elif ins.op == "const":

@@ -65,7 +65,8 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
     if not (val.dtype.is_floating_point or val.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
                                                           torch.uint8, torch.bool)):
         return f"input dtype {val.dtype}"
-    if node.target in (aten.amax.default, aten.amin.default, aten.sum.dim_IntList, aten.sum.default) \
+    if node.target in (aten.amax.default, aten.amin.default, aten.sum.dim_IntList, aten.sum.default,
+                       aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim) \
             or val.dtype.is_floating_point:
         return None
     return f"{node.target} of {val.dtype}"
@@ -88,6 +89,30 @@ def _extreme(kind: str):
         comp = opmath(out) if out.is_floating_point else out
         return b.reduce(kind, b.operand(args[0], comp))
     return rule
+
+
+def _extreme_index(kind: str):
+    """argmax/argmin: the least row position holding the max (min) -- eager's first occurrence; a NaN counts
+    as the extreme (eager's too), so with one in the row it is the least position of a NaN."""
+    def positions(b, x):
+        m = b.reduce(kind, x)  # NaN-propagating
+        hit = b.vec("eq", x, m)
+        if x.dtype.is_floating_point:
+            hit = b.vec("or", hit, b.vec("ne", x, x))
+        index = b.emit("row.index", torch.int64)
+        first = b.reduce("min", b.select(hit, index, b.const(torch.iinfo(torch.int64).max, torch.int64)))
+        return m, first
+
+    def rule(b, args, kwargs, out, n):
+        return positions(b, b.cast(args[0], opmath(args[0].dtype)))[1]
+
+    def both(b, args, kwargs, outs, n):  # max.dim / min.dim: (values, indices)
+        return positions(b, b.cast(args[0], opmath(args[0].dtype)))
+    return rule, both
+
+
+_argmax, _max_dim = _extreme_index("max")
+_argmin, _min_dim = _extreme_index("min")
 
 
 def _mean_and_deviation(b, x, n):
@@ -151,10 +176,12 @@ REDUCTIONS: Dict[Any, Callable] = {
     aten.sum.dim_IntList: _sum, aten.sum.default: _sum, aten.mean.dim: _mean, aten.mean.default: _mean,
     aten.amax.default: _extreme("max"), aten.amin.default: _extreme("min"), aten.var.correction: _var,
     aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax,
+    aten.argmax.default: _argmax, aten.argmin.default: _argmin,
 }
 # Reductions with several results (the graph reads them through getitem nodes).
 MULTI_OUTPUT: Dict[Any, Callable] = {aten.var_mean.correction: _var_mean,
-                                     aten.native_layer_norm.default: _layer_norm}
+                                     aten.native_layer_norm.default: _layer_norm,
+                                     aten.max.dim: _max_dim, aten.min.dim: _min_dim}
 
 
 def is_reduction(node: fx.Node) -> bool:

@@ -60,7 +60,9 @@ INDEXED_OPS = ("load.at", "iota")
 # NaN as eager does; `reduce.maxnum` ignores it, for a max whose NaN reaches the result another way
 # (softmax's x - max: a NaN in x makes the row NaN through exp and the sum).
 REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1, "reduce.maxnum": 1}
-ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, "const": 0}
+# A row kernel's position along its row (i64): argmax is the least position holding the max.
+ROW_OPS = {"row.index": 0}
+ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, **ROW_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
 
 
@@ -98,7 +100,7 @@ class KernelIR:
     output_orders: Tuple[Tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        reduces = any(i.op in REDUCE_OPS for i in self.instrs)
+        reduces = any(i.op in REDUCE_OPS or i.op in ROW_OPS for i in self.instrs)
         if reduces != (self.reduce_dim is not None):
             raise ValueError("KIR: reduce instructions need a reduce_dim, and a reduce_dim needs them")
         if self.reduce_dim is not None and not 0 <= self.reduce_dim < self.rank:

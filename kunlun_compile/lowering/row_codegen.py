@@ -138,6 +138,8 @@ class _RowFunction:
             return [f"v{n} = tl.load(in{ins.attr} + (off{x} + r * rst{x}), mask=mask, other=0)"]
         if ins.op == "store":
             return [self._store(ins)]
+        if ins.op == "row.index":
+            return [f"v{n} = (r + m * 0).to(tl.int64)"]
         if ins.op in REDUCE_OPS:
             if not self.tile[ins.args[0]]:
                 raise ValueError(f"row kernel: {ins.op} of a value that does not vary along the row")
@@ -157,7 +159,8 @@ def _tile_values(instrs) -> List[bool]:
     """True for values that vary along the row (they depend on a load other than through a reduction)."""
     tile: List[bool] = []
     for ins in instrs:
-        tile.append(ins.op == "load" or (ins.op not in REDUCE_OPS and any(tile[a] for a in ins.args)))
+        tile.append(ins.op in ("load", "row.index")
+                    or (ins.op not in REDUCE_OPS and any(tile[a] for a in ins.args)))
     return tile
 
 
