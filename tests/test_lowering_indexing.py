@@ -221,3 +221,19 @@ def test_a_mask_built_from_arange_alone_is_a_kernel():
         with cpu_kernels(interpreted):
             for got, want in zip(gm(x), sliding(x)):
                 assert torch.equal(got, want)
+
+
+def group_mask(scores, ids):  # DeepSeek's group-limited routing: ones where a chosen group is, then a where
+    mask = torch.zeros_like(scores).scatter(1, ids, 1)  # the model's scatter_, as the backend's graph has it
+    return torch.where(mask.bool(), scores, 0.0)
+
+
+def test_a_scatter_of_a_value_is_a_select_in_one_kernel():
+    scores, ids = torch.randn(5, 8), torch.topk(torch.randn(5, 8), 3, dim=-1)[1]
+    gm, outcome = lower(group_mask, scores, ids)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(scores, ids), group_mask(scores, ids))
+    with pytest.raises(IndexError):  # an id past the row: eager raises, so does the op (host check)
+        gm(scores, torch.tensor([[0, 1, 8]] * 5))

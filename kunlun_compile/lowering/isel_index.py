@@ -33,9 +33,10 @@ VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.permute.default, aten.trans
             aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
 GATHER_OPS = {aten.index_select.default, aten.embedding.default, aten.gather.default, aten.index.Tensor}
 INDEX_OPS = VIEW_OPS | GATHER_OPS | {aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start,
-                                     aten.arange.start_step}
+                                     aten.arange.start_step, aten.scatter.value}
 # ops that may read one source element for several result elements (recomputing a producer per use)
-DUPLICATING = {aten.expand.default, *GATHER_OPS}
+DUPLICATING = {aten.expand.default, aten.scatter.value, *GATHER_OPS}
+MAX_SCATTER_IDS = 16  # scatter.value compares each result element with every id of its row: few ids only
 
 
 class IndexRefused(Exception):
@@ -48,6 +49,13 @@ def is_index_op(node: fx.Node) -> bool:
 
 def is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in VIEW_OPS
+
+
+def scatter_rows(node: fx.Node, m: Map) -> Tuple[fx.Node, fx.Node, int, List[Map]]:
+    """scatter.value: (self, ids, dim, the ids' coordinates for each id of the point's row)."""
+    src, dim, index = node.args[0], node.args[1] % len(m), node.args[2]
+    k = _shape(index)[dim]
+    return src, index, dim, [m[:dim] + (Affine.constant(j),) + m[dim + 1:] for j in range(k)]
 
 
 def is_gather_table(node: fx.Node, operand: fx.Node) -> bool:
@@ -93,6 +101,14 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
             sources = [x for x in node.args[0] if x.meta["val"].dim() == val.dim()]  # cat skips 1-d empties
             if not _static([_shape(x)[dim] for x in sources[:-1]]):
                 return "cat of symbolic sizes along its dim (before its last source)"
+    if t is aten.scatter.value:
+        src, dim, index = node.args[0], node.args[1] % val.dim(), node.args[2]
+        k = _shape(index)[dim]
+        others = [d for d in range(val.dim()) if d != dim]
+        if not isinstance(k, int) or k > MAX_SCATTER_IDS:
+            return f"scatter of {k} ids per row (more than {MAX_SCATTER_IDS})"
+        if index.meta["val"].dim() != val.dim() or any(_shape(index)[d] != _shape(node)[d] for d in others):
+            return "scatter whose ids do not cover the result's other dims"
     if t is aten.index.Tensor:
         indices = node.args[1]
         if len(indices) != 1 or not isinstance(indices[0], fx.Node) or indices[0].meta["val"].dtype == torch.bool:

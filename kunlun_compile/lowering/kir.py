@@ -229,6 +229,12 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int]]:
     return sorted(set(out))
 
 
+def scattered_inputs(kir: "KernelIR") -> List[Tuple[int, int]]:
+    """(ids input, kernel dim) for each scatter whose ids are read from an input: positions along that dim."""
+    return sorted({(a["in"], a["ids_of"]) for a in (json.loads(i.attr) for i in kir.instrs if i.op == "load.at")
+                   if "ids_of" in a})
+
+
 def describe_expr(d: list) -> str:
     from .index_expr import Affine  # index_expr has no imports of its own from here: no cycle at import
 

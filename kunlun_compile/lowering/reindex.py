@@ -23,8 +23,8 @@ import torch.fx as fx
 
 from .index_expr import Affine
 from .isel import Builder, ClusterSpec, Policy, Refused, Value, lower_node, output_orders, packet, scalar_operand
-from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op, sizes,
-                         view_source)
+from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
+                         scatter_rows, sizes, view_source)
 from .kir import KernelIR
 
 aten = torch.ops.aten
@@ -108,23 +108,42 @@ class _Evaluator:
             inside = self.b.vec("and", self.b.vec("ge", picked, self.b.const(0, torch.int64)),
                                 self.b.vec("lt", picked, self.b.const(size, torch.int64)))
             return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
+        if node.target is aten.scatter.value:  # the value where an id of the row names this position
+            src, ids, dim, rows = scatter_rows(node, m)
+            position = self._iota(m[dim])
+            hit = None
+            for ids_map in rows:
+                picked = self.b.cast(self._ids(ids, ids_map, guard, dim), torch.int64)
+                same = self.b.vec("eq", picked, position)
+                hit = same if hit is None else self.b.vec("or", hit, same)
+            base = self.b.cast(self.at(src, m, guard), out)
+            return self.b.select(hit, self.b.const(node.args[3], out), base)
         # arange
         return self.b.cast(self._iota(arange_value(node, m)), out)
+
+    def _ids(self, ids: fx.Node, m: Map, guard: Guard, bound_dim: int) -> Value:
+        """Ids a scatter writes through: read in memory they are range-checked on the host against the kernel's
+        dim `bound_dim` (eager raises for an id outside the result)."""
+        if ids in self.inside:
+            return self.at(ids, m, guard)
+        return self._load(ids, m, guard, ids_of=bound_dim)
 
     def _iota(self, e: Affine) -> Value:
         return self.b.emit("iota", torch.int64, self._operands(e), json.dumps(e.to_json()))
 
     # ---- memory --------------------------------------------------------------------------------
-    def _load(self, node: fx.Node, m: Map, guard: Guard) -> Value:
+    def _load(self, node: fx.Node, m: Map, guard: Guard, ids_of: Optional[int] = None) -> Value:
         if node not in self.input_index:
             raise Refused(f"operand {node.name} is neither in the kernel nor an input")
         k, val = self.input_index[node], node.meta["val"]
         shape = sizes(val)
-        if m == self.natural(shape) and not guard and self._broadcasts(shape):
+        if m == self.natural(shape) and not guard and self._broadcasts(shape) and ids_of is None:
             return self.b.load(k, val.dtype)
         exprs = list(m) + [e for e, _, _ in guard]
         attr = {"in": k, "index": [e.to_json() for e in m], "guard": [[e.to_json(), lo, hi] for e, lo, hi in guard],
                 "bounds": [j for j, e in enumerate(m) if e.values()]}
+        if ids_of is not None:
+            attr["ids_of"] = ids_of  # its values are positions along this dim of the kernel (a host check)
         operands = tuple(sorted({v for e in exprs for v in e.values()}))
         return self.b.emit("load.at", val.dtype, tuple(Value(v, self.b.instrs[v].dtype) for v in operands),
                            json.dumps(attr, sort_keys=True), "mem")

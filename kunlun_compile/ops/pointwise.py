@@ -14,7 +14,7 @@ from typing import List
 import torch
 
 from ..lowering import cache  # looked up at each call (tests replace cache.kernel_for)
-from ..lowering.kir import gathered_inputs
+from ..lowering.kir import gathered_inputs, scattered_inputs
 from .index_checks import check_index_range
 from ..lowering.interpret import allocate_outputs, run_kir
 from ..triton_kernel import use_triton
@@ -33,18 +33,22 @@ def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
     return kir
 
 
-def check_gathers(kir, inputs: List[torch.Tensor], kernel: str) -> None:
-    """Eager raises IndexError for an id outside its table; the kernel would read NaN.  Where the ids are an
-    input as they are, check them on the host as the kunlun:: ops do (CPU always; CUDA when asked)."""
+def check_gathers(kir, inputs: List[torch.Tensor], shape: List[int], kernel: str) -> None:
+    """Eager raises IndexError for an id outside its table (or, for a scatter, outside the result); the kernel
+    would read NaN (or write nothing).  Where the ids are an input as they are, check them on the host as the
+    kunlun:: ops do (CPU always; CUDA when asked)."""
     for ids, table, dim in gathered_inputs(kir):
         check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
                           inputs[ids], inputs[table].shape[dim])
+    for ids, dim in scattered_inputs(kir):
+        check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along dim {dim}", inputs[ids],
+                          int(shape[dim]))
 
 
 @torch.library.custom_op("kunlun::pointwise", mutates_args=())
 def pointwise(inputs: List[torch.Tensor], shape: List[int], kernel: str) -> List[torch.Tensor]:
     kir = check_args(inputs, shape, kernel)
-    check_gathers(kir, inputs, kernel)
+    check_gathers(kir, inputs, shape, kernel)
     if inputs and use_triton(inputs[0]):
         return cache.kernel_for(kernel)(inputs, shape)
     return run_kir(kir, inputs, shape)
