@@ -3,6 +3,7 @@ row kernels (a reduction with its element-wise producers and consumers).
 
     cluster.py      connected element-wise ATen nodes and reductions -> clusters (networkx, no cycles)
     isel.py         ATen element-wise ops -> KIR instructions under the accuracy policy
+    cluster_isel.py a cluster -> one KernelIR (loads, nodes in order, stores); indexing ones via reindex.py
     isel_reduce.py  ATen reductions (sum, mean, amax, var, softmax, layer norm...) -> KIR
     kir.py          the IR: instructions tagged vec / sfu / mem, listing, (de)serialisation
     targets.py      per-device unit descriptions and cost estimates (cuda, kunlun-xpu)

@@ -31,7 +31,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .isel import ClusterSpec, is_cheap, is_contiguous, reads_values, why_not_lowerable
+from .cluster_isel import ClusterSpec
+from .isel import is_cheap, is_contiguous, reads_values, why_not_lowerable
 from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_view
 from .isel_reduce import is_reduction, is_result_of_reduction, reduce_dim
 

@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from .index_expr import Affine
-from .isel import Builder, ClusterSpec, Policy, Refused, Value, lower_node, output_orders, packet, scalar_operand
+from .cluster_isel import ClusterSpec, output_orders
+from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
 from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
                          scatter_rows, sizes, view_source)
 from .kir import KernelIR

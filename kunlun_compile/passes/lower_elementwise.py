@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover
 
 from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
-from ..lowering.isel import Policy, Refused, layout_order, lower_cluster
+from ..lowering.cluster_isel import lower_cluster
+from ..lowering.isel import Policy, Refused, layout_order
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
