@@ -37,7 +37,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     policy = Policy(fast_math=ctx.config.fast_math)
     _pieces_as_slices(gm.graph)
     clusters, refused = find_clusters(gm)
-    outcome = PassOutcome(near_misses=[f"element-wise node left as ATen: {r}" for r in refused])
+    outcome = PassOutcome(near_misses=[f"left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
     for spec in clusters:
         spec.inputs = [replaced.get(x, x) for x in spec.inputs]
