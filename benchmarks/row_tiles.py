@@ -63,11 +63,14 @@ def main():
         t_ind = graph_time_ms(ind, (x,))
         best = None
         m, r = shape
-        for persistent, bm, br, warps in itertools.product(
-                (True, False), (1, 2, 4, 8, 16), (1024, 2048, 4096, 8192, 32768), (1, 2, 4, 8, 16)):
-            if persistent and br < r or not persistent and br >= r or bm * br > 65536 or bm > max(m, 1):
-                continue
-            if persistent and br >= 2 * triton_next_pow2(r):
+        # a few candidates per shape (each is a compile; ~1 s): persistent tiles of 1-8 rows, or loops of
+        # 2048-8192 elements, at 4-16 warps
+        full = triton_next_pow2(r)
+        candidates = ([(True, bm, full, w) for bm, w in ((1, 4), (2, 4), (4, 8), (8, 8)) if bm * full <= 65536]
+                      if full <= 8192 else [])
+        candidates += [(False, 1, br, w) for br, w in itertools.product((2048, 4096, 8192), (4, 8, 16)) if br < r]
+        for persistent, bm, br, warps in candidates:
+            if bm > max(m, 1):
                 continue
             row_kernel.tile_plan = lambda rows, n, p=(persistent, bm, br, warps): p
             try:

@@ -181,12 +181,19 @@ def test_what_stays_aten_says_why():
     text = "\n".join(outcome.near_misses)
     assert "reduces 2 dims" in text and "reduces 3 dims" in text
 
-    def symbolic(x):
-        return torch.softmax(x, 0)  # the token dim: symbolic under dynamic shapes
+    def symbolic(x):  # over the token dim, symbolic under dynamic shapes: the row's length is a runtime value
+        return torch.softmax(x, 0), x.var(0), x.mean(0, keepdim=True)
 
     gm = make_fx(symbolic, tracing_mode="symbolic")(torch.randn(6, 8))
     outcome = lower_elementwise(gm, PassContext(CompileConfig(), "t"))
-    assert any("symbolic size" in m for m in outcome.near_misses)
+    gm.recompile()
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    for t in (6, 3, 1, 0):
+        x = torch.randn(t, 8)
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                for got, want in zip(gm(x), symbolic(x)):
+                    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_a_dropped_per_row_value_never_broadcasts_along_the_wrong_dim():
@@ -246,3 +253,22 @@ def test_argmax_argmin_and_max_dim_are_eagers_first_occurrence(case):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert torch.equal(a, b) if not a.is_floating_point() else torch.equal(a.isnan(), b.isnan()) and \
                 torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_one_compile_serves_every_token_count():
+    """Symbolic token counts through the backend: one row kernel, per-row outputs without their dim, every size."""
+    import kunlun_compile as kc
+
+    def f(x, w):
+        return rms_hf(x, w), torch.softmax(x.float(), -1).amax(-1), x.argmax(-1)
+
+    w = torch.randn(48)
+    compiled = kc.compile(f, dynamic=True, fusion=False, strict=True, graph_mode="none")
+    for t in (3, 5, 9, 1):
+        x = torch.randn(t, 48)
+        got, want = compiled(x, w), f(x, w)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+    (graph,) = compiled.kunlun_backend.report.graphs
+    assert graph.kernels["aten"] == 0 and graph.kernels["pointwise"] >= 1

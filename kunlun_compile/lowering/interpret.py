@@ -33,8 +33,16 @@ _UNARY: Dict[str, Callable] = {
 
 _REDUCE: Dict[str, Callable] = {
     "reduce.sum": torch.sum, "reduce.max": torch.amax, "reduce.min": torch.amin,
-    "reduce.maxnum": lambda x, dim, keepdim: torch.amax(torch.where(x.isnan(), float("-inf"), x), dim, keepdim),
+    "reduce.maxnum": lambda x, dim, keepdim: _maxnum(x, dim),
 }
+
+
+def _maxnum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max ignoring NaN; over an empty row -inf (softmax of nothing is nothing; amax's own error is reduce.max's)."""
+    if x.shape[dim] == 0:
+        return torch.full([1 if d == dim else s for d, s in enumerate(x.shape)], float("-inf"), dtype=x.dtype,
+                          device=x.device)
+    return torch.amax(torch.where(x.isnan(), float("-inf"), x), dim, keepdim=True)
 
 
 def output_shapes(kir: KernelIR, shape: Sequence[int]) -> List[tuple]:
@@ -103,11 +111,15 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
         elif ins.op == "iota":
             v = _affine(Affine.from_json(json.loads(ins.attr)), coords, vals)
         elif ins.op == "store":
-            full = a[0].expand(tuple(shape))
             if ins.attr in kir.reduced_outputs:  # one value per row: constant along the reduced dim
-                full = full.narrow(kir.reduce_dim, 0, 1)
-            outs[ins.attr].copy_(full)
+                d = kir.reduce_dim
+                v = a[0].narrow(d, 0, 1) if a[0].dim() > d and a[0].shape[d] > 1 else a[0]
+                outs[ins.attr].copy_(v.expand(outs[ins.attr].shape))
+            else:
+                outs[ins.attr].copy_(a[0].expand(tuple(shape)))
             v = a[0]
+        elif ins.op == "row.length":
+            v = torch.tensor(shape[kir.reduce_dim], dtype=torch.int64, device=device)
         elif ins.op == "row.index":
             d = kir.reduce_dim
             v = torch.arange(shape[d], device=device).view([-1 if k == d else 1 for k in range(len(shape))])

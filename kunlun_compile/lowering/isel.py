@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from .isel_index import is_index_op, why_not_indexable
+from .refused import Refused
 from .isel_reduce import (is_reduction, is_result_of_reduction, why_not_reducible)
 from .kir import FLOAT_DTYPES, HALF_DTYPES, Instr, opmath
 from .targets import Target
@@ -41,10 +42,6 @@ GELU_KAPPA = 0.044715
 # SFU forms that keep a small relative error: hidden by a bf16/fp16 result.
 APPROX_FOR_HALF = frozenset({"exp2", "rsqrt", "sqrt", "rcp", "tanh"})
 SUPPORTED_DTYPES = (*FLOAT_DTYPES, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
-
-
-class Refused(Exception):
-    """This node or cluster cannot be lowered; the message says why (shown as a near miss)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .kir import opmath
+from .refused import Refused
 
 aten = torch.ops.aten
 
@@ -58,9 +59,7 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
     if len(dims) != 1:
         return f"reduces {len(dims)} dims (row kernels reduce one)"
     size = val.shape[dims[0]]
-    if not isinstance(size, int):
-        return f"reduces a dim of symbolic size {size}"
-    if size < 2:
+    if isinstance(size, int) and size < 2:  # a symbolic size is a runtime length (row.length); 0 and 1 work too
         return f"reduces a dim of size {size}"
     if not (val.dtype.is_floating_point or val.dtype in (torch.int64, torch.int32, torch.int16, torch.int8,
                                                           torch.uint8, torch.bool)):
@@ -81,7 +80,7 @@ def _sum(b, args, kwargs, out, n):
 
 def _mean(b, args, kwargs, out, n):
     acc = opmath(out)
-    return b.div(b.reduce("sum", b.operand(args[0], acc)), b.const(n, acc))
+    return b.div(b.reduce("sum", b.operand(args[0], acc)), row_length(b, n, acc))
 
 
 def _extreme(kind: str):
@@ -115,14 +114,27 @@ _argmax, _max_dim = _extreme_index("max")
 _argmin, _min_dim = _extreme_index("min")
 
 
+def row_length(b, n: Any, dtype: torch.dtype, minus: int = 0):
+    """The row's length (minus `minus`, at least 0) as a value: a constant, or the kernel's runtime length when
+    the dim is symbolic (`row.length`)."""
+    if isinstance(n, int):
+        return b.const(max(n - minus, 0), dtype)
+    length = b.emit("row.length", torch.int64)
+    if minus:
+        length = b.vec("max", b.vec("sub", length, b.const(minus, torch.int64)), b.const(0, torch.int64))
+    return b.cast(length, dtype)
+
+
 def _mean_and_deviation(b, x, n):
-    mean = b.div(b.reduce("sum", x), b.const(n, x.dtype))
+    mean = b.div(b.reduce("sum", x), row_length(b, n, x.dtype))
     return mean, b.vec("sub", x, mean)
 
 
 def _variance(b, x, n, correction):
     mean, dev = _mean_and_deviation(b, x, n)
-    return b.div(b.reduce("sum", b.vec("mul", dev, dev)), b.const(max(n - correction, 0), x.dtype)), mean
+    if not float(correction).is_integer():
+        raise Refused(f"var with a fractional correction {correction}")
+    return b.div(b.reduce("sum", b.vec("mul", dev, dev)), row_length(b, n, x.dtype, int(correction))), mean
 
 
 def _correction(kwargs) -> float:
@@ -162,7 +174,7 @@ def _layer_norm(b, args, kwargs, outs, n):
     comp = opmath(outs[0])
     x = b.operand(x_node, comp)
     mean, dev = _mean_and_deviation(b, x, n)
-    var = b.div(b.reduce("sum", b.vec("mul", dev, dev)), b.const(n, comp))
+    var = b.div(b.reduce("sum", b.vec("mul", dev, dev)), row_length(b, n, comp))
     rstd = b.math("rsqrt", b.vec("add", var, b.const(eps, comp)), form="precise")
     y = b.vec("mul", dev, rstd)
     if weight is not None:

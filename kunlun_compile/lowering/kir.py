@@ -61,7 +61,7 @@ INDEXED_OPS = ("load.at", "iota")
 # (softmax's x - max: a NaN in x makes the row NaN through exp and the sum).
 REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1, "reduce.maxnum": 1}
 # A row kernel's position along its row (i64): argmax is the least position holding the max.
-ROW_OPS = {"row.index": 0}
+ROW_OPS = {"row.index": 0, "row.length": 0}  # row.length: the reduced dim's size, at run time
 ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, **ROW_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
 

@@ -140,6 +140,8 @@ class _RowFunction:
             return [self._store(ins)]
         if ins.op == "row.index":
             return [f"v{n} = (r + m * 0).to(tl.int64)"]
+        if ins.op == "row.length":
+            return [f"v{n} = tl.full([1, 1], 0, tl.int64) + R"]
         if ins.op in REDUCE_OPS:
             if not self.tile[ins.args[0]]:
                 raise ValueError(f"row kernel: {ins.op} of a value that does not vary along the row")

@@ -20,7 +20,7 @@ import triton
 
 from ..triton_kernel import Kernel
 from .codegen import broadcast_strides, coalesce
-from .interpret import output_shapes
+from .interpret import output_shapes, run_kir
 from .kir import KernelIR
 from .row_codegen import full_outputs, kept_rank
 
@@ -82,7 +82,9 @@ class RowKernel:
         outs = [torch.empty(s, dtype=dt, device=device) for s, dt in zip(output_shapes(self.kir, shape),
                                                                          self.kir.outputs)]
         rows, row_len, args, krank, index64 = self._plan(inputs, shape)
-        if rows == 0 or row_len == 0:
+        if row_len == 0:  # an empty row (a symbolic length of 0): eager's own answer (0, NaN, or its error)
+            return run_kir(self.kir, inputs, shape)
+        if rows == 0:
             return outs
         persistent, block_m, block_r, warps = tile_plan(rows, row_len)
         fn = self._fns[("persistent" if persistent else "looped", device.type == "cuda")].on(device)
