@@ -237,3 +237,31 @@ def test_a_scatter_of_a_value_is_a_select_in_one_kernel():
             assert torch.equal(gm(scores, ids), group_mask(scores, ids))
     with pytest.raises(IndexError):  # an id past the row: eager raises, so does the op (host check)
         gm(scores, torch.tensor([[0, 1, 8]] * 5))
+
+
+def test_the_runtime_sees_generated_kernels_that_mix_tokens():
+    """Padding a batch is only safe for token-wise pieces: a generated kernel that reads another token's row
+    (a cat or gather along the token dim, a reduction over it) must say so, an element-wise one must not."""
+    import sympy
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kunlun_compile.config import CompileConfig
+    from kunlun_compile.passes import PassContext
+    from kunlun_compile.passes.lower_elementwise import lower_elementwise
+    from kunlun_compile.runtime.token_dims import token_symbol, why_not_token_wise
+
+    def check(fn, *xs):
+        gm = make_fx(fn, tracing_mode="symbolic")(*xs)
+        lower_elementwise(gm, PassContext(CompileConfig(), "t"))
+        gm.recompile()
+        placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+        sym = token_symbol(placeholders)
+        assert isinstance(sym, sympy.Symbol)
+        return why_not_token_wise(gm, sym)
+
+    x = torch.randn(6, 8)
+    # per token (a reduction along the hidden dim, a transpose and back): padding is safe
+    assert check(lambda t: torch.sigmoid(t) * 2.0 + t.sum(-1, keepdim=True), x) is None
+    assert check(lambda t: (t.t() * 2.0).t() + 1.0, x) is None
+    assert "token dim" in check(lambda t: torch.softmax(t, 0), x)  # a reduction over tokens
+    assert "reads token dim" in check(lambda t, ids: t[ids] * 2.0, x, torch.tensor([5, 0, 1]))  # a gather of rows

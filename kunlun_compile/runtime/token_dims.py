@@ -152,6 +152,8 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
     if not isinstance(target, torch._ops.OpOverload):
         return None if name.startswith("sym_") or node.target.__module__ in ("_operator", "operator", "math") \
             else f"{name} is not known to treat tokens independently"
+    if name == "kunlun::pointwise":
+        return _generated_kernel_reason(node, sym)
     if name.split("::")[0] in TOKEN_WISE_NAMESPACES:
         return None
     if torch.Tag.pointwise in target.tags or packet in _FACTORIES or packet in _METADATA:
@@ -184,6 +186,40 @@ def _node_reason(node: fx.Node, sym) -> Optional[str]:
     if packet is aten.embedding:
         return None if not token_dims(ins[0], sym) else f"{name} looks up rows of a token-sized table"
     return f"{name} is not known to treat tokens independently"
+
+
+def _generated_kernel_reason(node: fx.Node, sym) -> Optional[str]:
+    """A generated kernel (lowering/) is token-wise when it is element-wise; a row kernel reducing a token dim,
+    or an indexed load that reads a token dim anywhere but at the point's own token, mixes tokens."""
+    import json
+
+    from ..lowering.cache import kir_for
+    from ..lowering.index_expr import Affine
+
+    inputs, shape, key = node.args[0], node.args[1], node.args[2]
+    kir = kir_for(key)
+    space = [_expr(s.meta.get("val")) if isinstance(s, fx.Node) else s for s in shape]
+    space = [None] * (kir.rank - len(space)) + space
+    token_space = {d for d, e in enumerate(space) if isinstance(e, sympy.Expr) and sym in e.free_symbols}
+    if kir.reduce_dim is not None and kir.reduce_dim in token_space:
+        return f"kunlun::pointwise {key} reduces along the token dim {kir.reduce_dim}"
+    if not kir.indexed:
+        return None
+    own = {f"c{d}" for d in token_space}
+    for ins in kir.instrs:
+        if ins.op != "load.at":
+            continue
+        a = json.loads(ins.attr)
+        val = inputs[a["in"]].meta.get("val") if isinstance(inputs[a["in"]], fx.Node) else None
+        token_in = set(_token_related(val, sym))
+        for j, e in enumerate(a["index"]):
+            code = Affine.from_json(e).code()
+            if j in token_in and code not in own:
+                return f"kunlun::pointwise {key} reads token dim {j} of input {a['in']} at {code}"
+        for e, _, _ in a["guard"]:
+            if any(c in Affine.from_json(e).code() for c in own):
+                return f"kunlun::pointwise {key} selects between sources along a token dim"
+    return None
 
 
 def _repeat_reason(name: str, src: Any, repeats: Sequence[Any], sym) -> Optional[str]:
