@@ -333,7 +333,7 @@ class GeneratedKernel:
         self._cuda = Kernel(module.kernel_cuda)
         self._portable = Kernel(module.kernel_portable)
         self._indexed = list(indexed_input_ranks(kir))
-        self._plain = {i.attr for i in kir.instrs if i.op == "load"}
+        self._plain = kir.plain_inputs
         self._plans: Dict[tuple, tuple] = {}
 
     def _plan(self, inputs: Sequence[torch.Tensor], shape: Tuple[int, ...]) -> tuple:

@@ -23,10 +23,11 @@ travels to the disk cache, keyed by a hash of its canonical text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, FrozenSet, List, Optional, Tuple
 
 import torch
 
@@ -122,11 +123,23 @@ class KernelIR:
     def count(self, unit: str) -> int:
         return sum(1 for i in self.instrs if i.unit == unit)
 
-    @property
+    # ---- facts the launcher and the op ask at every call: computed once per kernel ----------
+    @functools.cached_property
     def indexed(self) -> bool:
         """Reads at index expressions or writes a permuted layout: the launcher keeps every dim (no
         coalescing), the kernel computes every coordinate."""
         return bool(self.output_orders) or any(i.op in INDEXED_OPS for i in self.instrs)
+
+    @functools.cached_property
+    def plain_inputs(self) -> FrozenSet[int]:
+        """Inputs read by a plain load (broadcast to the iteration space); the others are read at index
+        expressions or not at all (a device anchor)."""
+        return frozenset(i.attr for i in self.instrs if i.op == "load")
+
+    @functools.cached_property
+    def host_checked_ids(self) -> Tuple[List[Tuple[int, int, int]], List[Tuple[int, int]]]:
+        """(gathered_inputs, scattered_inputs): the ids the op range-checks on the host before a launch."""
+        return gathered_inputs(self), scattered_inputs(self)
 
     def indexed_inputs(self) -> List[int]:
         return sorted({json.loads(i.attr)["in"] for i in self.instrs if i.op == "load.at"})

@@ -11,6 +11,7 @@ ROW_TILE elements) so that a program moves enough bytes to hide its launch and l
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -64,7 +65,7 @@ class RowKernel:
             kept_strides = [[st for k, st in enumerate(s) if k != d] or [0] for s in strides]
             row_strides = [s[d] for s in strides]
             sizes, sts = coalesce(tuple(kept), kept_strides)
-            rows, row_len = _prod(kept), shape[d]
+            rows, row_len = math.prod(kept), shape[d]
             reach = max([rows * row_len] + [sum((n - 1) * abs(st) for n, st in zip(sizes, s)) + (row_len - 1) * abs(rs)
                                              for s, rs in zip(sts, row_strides)])
             kr = kept_rank(self.kir)
@@ -93,13 +94,6 @@ class RowKernel:
                                               BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps,
                                               enable_fp_fusion=False)  # eager's roundings (cache.py)
         return outs
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def _contiguous_strides(shape: Sequence[int]) -> List[int]:

@@ -14,7 +14,6 @@ from typing import List
 import torch
 
 from ..lowering import cache  # looked up at each call (tests replace cache.kernel_for)
-from ..lowering.kir import gathered_inputs, scattered_inputs
 from .index_checks import check_index_range
 from ..lowering.interpret import allocate_outputs, run_kir
 from ..triton_kernel import use_triton
@@ -27,7 +26,7 @@ def check_args(inputs: List[torch.Tensor], shape: List[int], kernel: str):
     for k, (x, dt) in enumerate(zip(inputs, kir.inputs)):
         if x.dtype != dt:
             raise ValueError(f"pointwise {kernel}: input {k} must be {dt}, got {x.dtype}")
-    plain = {i.attr for i in kir.instrs if i.op == "load"}  # read broadcast to the space; others: any rank
+    plain = kir.plain_inputs  # read broadcast to the space; the others may have any rank
     if len(shape) > max(kir.rank, 1) or any(x.dim() > len(shape) for k, x in enumerate(inputs) if k in plain):
         raise ValueError(f"pointwise {kernel}: shape {list(shape)} does not fit rank {kir.rank} / the inputs")
     return kir
@@ -37,10 +36,11 @@ def check_gathers(kir, inputs: List[torch.Tensor], shape: List[int], kernel: str
     """Eager raises IndexError for an id outside its table (or, for a scatter, outside the result); the kernel
     would read NaN (or write nothing).  Where the ids are an input as they are, check them on the host as the
     kunlun:: ops do (CPU always; CUDA when asked)."""
-    for ids, table, dim in gathered_inputs(kir):
+    gathered, scattered = kir.host_checked_ids
+    for ids, table, dim in gathered:
         check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
                           inputs[ids], inputs[table].shape[dim])
-    for ids, dim in scattered_inputs(kir):
+    for ids, dim in scattered:
         check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along dim {dim}", inputs[ids],
                           int(shape[dim]))
 
