@@ -2,11 +2,13 @@
 
 For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1
 (one decoder layer at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
-(counted with the profiler, the same way for all three), fused-op matches, and
+(counted with the profiler, the same way for all four variants), fused-op matches, and
 time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
-and a plot of both.
+and a plot of both.  Variants: eager, inductor, kunlun, and kunlun with every fusion pass off
+(`fusion=False`, the CLI's --no-fusion: the generic lowering alone, with the ATen ops it leaves).
 
     python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS]   -> fusion_layers.json, fusion_layers.png
+                                                              (fusion_layers_t{TOKENS}.* unless 128 tokens)
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class HFLogits(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
+VARIANTS = ("eager", "inductor", "kunlun", "kunlun_nofusion")
 HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1")
 
 
@@ -100,10 +103,12 @@ def plot(rows, path):
     names = [r["model"] for r in rows]
     xs = range(len(rows))
     fig, (ax_t, ax_k) = plt.subplots(1, 2, figsize=(13, 4))
-    for i, label in enumerate(("eager", "inductor", "kunlun")):
-        ax_t.bar([x + (i - 1) * 0.27 for x in xs], [r[f"{label}_ms"] / r["inductor_ms"] for r in rows], 0.27,
-                 label=label)
-        ax_k.bar([x + (i - 1) * 0.27 for x in xs], [r[f"{label}_cuda_kernels"] for r in rows], 0.27, label=label)
+    labels = [v for v in VARIANTS if f"{v}_ms" in rows[0]]
+    w = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        dx = (i - (len(labels) - 1) / 2) * w
+        ax_t.bar([x + dx for x in xs], [r[f"{label}_ms"] / r["inductor_ms"] for r in rows], w, label=label)
+        ax_k.bar([x + dx for x in xs], [r[f"{label}_cuda_kernels"] for r in rows], w, label=label)
     ax_t.set_ylabel("time / inductor (CUDA-graph replay)")
     ax_t.axhline(1.0, color="gray", lw=0.8)
     ax_k.set_ylabel("CUDA kernels per call")
@@ -158,32 +163,42 @@ def main():
         model, inputs = build()
         with torch.no_grad():
             kun = kc.compile(model, strict=True, graph_mode="none")  # this bench captures the whole call itself
+            generic = kc.compile(model, strict=True, graph_mode="none", fusion=False)
             ind = torch.compile(model, backend="inductor")
             want = model(*inputs)
             got_k, got_i = kun(*inputs), ind(*inputs)
             err_k = ((got_k.float() - want.float()).norm() / want.float().norm()).item()
             err_i = ((got_i.float() - want.float()).norm() / want.float().norm()).item()
-            row = {"model": name, "tokens": tokens, "rel_err_vs_eager": {"kunlun": err_k, "inductor": err_i}}
+            got_g = generic(*inputs)
+            err_g = ((got_g.float() - want.float()).norm() / want.float().norm()).item()
+            row = {"model": name, "tokens": tokens,
+                   "rel_err_vs_eager": {"kunlun": err_k, "inductor": err_i, "kunlun_nofusion": err_g}}
             g = kun.kunlun_backend.report.graphs[0]
             row["patterns"] = {k: v for k, v in g.patterns.items() if v}
             row["graph_kernels"] = {"before": sum(g.kernels_before.values()), "after": dict(g.kernels)}
-            for label, fn in (("eager", model), ("inductor", ind), ("kunlun", kun)):
+            row["nofusion_graph_kernels"] = [dict(gg.kernels) for gg in generic.kunlun_backend.report.graphs]
+            for label, fn in (("eager", model), ("inductor", ind), ("kunlun", kun), ("kunlun_nofusion", generic)):
                 row[f"{label}_cuda_kernels"] = kernels_per_call(fn, inputs)
                 row[f"{label}_ms"] = graph_time_ms(fn, inputs)
         row["kunlun_vs_inductor"] = row["kunlun_ms"] / row["inductor_ms"]
         row["kunlun_vs_eager"] = row["kunlun_ms"] / row["eager_ms"]
+        row["kunlun_nofusion_vs_inductor"] = row["kunlun_nofusion_ms"] / row["inductor_ms"]
         rows.append(row)
         print(f"{name:18} kernels eager {row['eager_cuda_kernels']:4d} inductor {row['inductor_cuda_kernels']:4d} "
               f"kunlun {row['kunlun_cuda_kernels']:4d} | ms eager {row['eager_ms']:.3f} inductor "
               f"{row['inductor_ms']:.3f} kunlun {row['kunlun_ms']:.3f} (x{row['kunlun_vs_inductor']:.2f} of "
-              f"inductor) | err {err_k:.1e}/{err_i:.1e} | {row['patterns']}", flush=True)
+              f"inductor) | no fusion: {row['kunlun_nofusion_cuda_kernels']:4d} kernels "
+              f"{row['kunlun_nofusion_ms']:.3f} ms (x{row['kunlun_nofusion_vs_inductor']:.2f}) | "
+              f"err {err_k:.1e}/{err_i:.1e}/{err_g:.1e} | "
+              f"{row['patterns']}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "sizes": SIZES, "moe_sizes": MOE_SIZES, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "fusion_layers.json"), "w") as f:
+    stem = "fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}"
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
-        plot(rows, os.path.join(out_dir, "fusion_layers.png"))
+        plot(rows, os.path.join(out_dir, f"{stem}.png"))
     except ImportError as e:
         print(f"no plot: {e}")
 

@@ -145,3 +145,49 @@ def test_argmax_and_max_dim_on_cuda_are_eagers(size):
     assert count_kernels(gm)["aten"] == 0, outcome.near_misses
     for a, b in zip(torch.utils._pytree.tree_leaves(gm(x)), torch.utils._pytree.tree_leaves(extremes(x))):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+def test_long_softmax_online_statistics_on_cuda():
+    """The looped softmax/log_softmax with online max+sum (row_online.py) on CUDA: the CPU test's rows of
+    -inf, +inf, NaN and a lone finite value, with values and NaN/inf positions as eager's."""
+    import torch.nn.functional as F
+
+    from .test_lowering_reductions import PERSISTENT_MAX_R, lower, softmax_spelled
+
+    n = PERSISTENT_MAX_R * 8 - 3  # several loop trips
+    x = (torch.randn(9, n) * 4).bfloat16()
+    x[1, 3] = float("nan")
+    x[2, n - 1] = float("inf")
+    x[3, :] = float("-inf")
+    x[4, :] = float("-inf")
+    x[4, n - 5] = 2.0
+    x[5, : n // 2] = float("-inf")
+    x[7, :] = float("inf")
+    x = x.cuda()
+    for fn in (lambda t: torch.softmax(t, -1), lambda t: F.log_softmax(t.float(), -1),
+               lambda t: softmax_spelled(t.float(), None)):
+        gm, outcome = lower(fn, x)
+        assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+        got, want, ref = gm(x), fn(x), fn(x.double())
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        ref = ref.to(want.dtype)[finite].double()
+        err = (got[finite].double() - ref).abs().max()
+        eager_err = (want[finite].double() - ref).abs().max()
+        assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * ref.abs().max()
+
+
+def test_coordinates_by_multiply_and_shift_are_exact_up_to_the_int32_limit():
+    """Flat indices split by a prime size (fastdiv.py) right below 2**31 elements: a 2-D mask kernel over
+    [32769, 65521] (2,147,024,897 elements, int32 indices) equals eager everywhere."""
+    from .test_lowering_reductions import lower
+
+    def mask(q, k):
+        return k[None, :] <= q[:, None]
+
+    q = torch.randint(0, 65521, (32769,), device="cuda")
+    k = torch.arange(65521, device="cuda")
+    gm, outcome = lower(mask, q, k)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    got = gm(q, k)
+    assert got.numel() < 2**31 - 1 and torch.equal(got, mask(q, k))

@@ -272,3 +272,45 @@ def test_one_compile_serves_every_token_count():
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
     (graph,) = compiled.kunlun_backend.report.graphs
     assert graph.kernels["aten"] == 0 and graph.kernels["pointwise"] >= 1
+
+
+def _looped_source(gm) -> str:
+    from kunlun_compile.lowering.row_codegen import generate_row
+    (key,) = generated_kernels(gm)
+    src = generate_row(kir_for(key))
+    start = src.index("def row_looped_portable")
+    return src[start:src.index("\ndef ", start + 1) if "\ndef " in src[start + 1:] else len(src)]
+
+
+@pytest.mark.parametrize("fn, loops", [(lambda t: torch.softmax(t, -1), 2), (lambda t: F.log_softmax(t, -1), 2),
+                                       (lambda t: softmax_spelled(t.float(), None), 2),
+                                       (lambda t: softmax_spelled(t, None), 3)],
+                         ids=["softmax", "log_softmax", "spelled_fp32", "spelled_bf16_rounds_each_term"])
+def test_long_softmax_reads_the_row_twice_with_online_statistics(fn, loops):
+    """Max and sum of exp(x - max) accumulate in one pass (lanes rescale their sums as their max grows);
+    a bf16 softmax spelled by hand rounds each exp to bf16 and keeps its own pass.  Rows of -inf, +inf,
+    NaN, a single finite value among -inf, and all -inf: NaN positions and values as eager's."""
+    n = PERSISTENT_MAX_R + 904
+    x = (torch.randn(9, n) * 4).bfloat16()
+    x[1, 3] = float("nan")
+    x[2, n - 1] = float("inf")
+    x[3, :] = float("-inf")
+    x[4, :] = float("-inf")
+    x[4, n - 5] = 2.0  # the only finite value, in the last tile: every earlier lane held -inf
+    x[5, : n // 2] = float("-inf")
+    x[6, 100] = float("-inf")
+    x[7, :] = float("inf")
+    gm, outcome = lower(fn, x)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert _looped_source(gm).count("for r0 in range") == loops
+    want = fn(x)
+    ref = fn(x.double()).to(want.dtype)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(x)
+        assert torch.equal(got.isnan(), want.isnan()), interpreted
+        assert torch.equal(got.isinf(), want.isinf()), interpreted
+        finite = want.isfinite()
+        err = (got[finite].double() - ref[finite].double()).abs().max()
+        eager_err = (want[finite].double() - ref[finite].double()).abs().max()
+        assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * ref[finite].double().abs().max(), interpreted

@@ -22,7 +22,9 @@ from typing import List, Set
 import torch
 
 from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
+from .fastdiv import size_params
 from .kir import REDUCE_OPS, Instr, KernelIR
+from .row_online import emit_chain, online_pairs
 
 TILE = "[BLOCK_M, BLOCK_R]"
 _COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min", "reduce.maxnum": "tl.max"}
@@ -53,7 +55,8 @@ class _RowFunction:
         self.kir, self.cuda = kir, cuda
         self.operands = [f"i{k}" for k in range(len(kir.inputs))] + [f"o{j}" for j in full_outputs(kir)]
         self.tile = _tile_values(kir.instrs)
-        self.ready = _ready_phase(kir.instrs)
+        self.online = online_pairs(kir.instrs)  # looped form: softmax's sum accumulates with its max
+        self.ready = _ready_phase(kir.instrs, self.online)
 
     # ---- the two forms ---------------------------------------------------------------------
     def persistent(self, name: str) -> str:
@@ -72,15 +75,24 @@ class _RowFunction:
         body += self._between(0, done)
         for p in range(1, phases + 1):
             reduces = [n for n, i in enumerate(instrs) if i.op in REDUCE_OPS and self.ready[n] == p]
+            partner = {self.online[n][0]: n for n in reduces if n in self.online}
             body += [f"acc{n} = {_identity(instrs[n], TILE)}" for n in reduces]
+            body += [f"mrow{n} = {_identity(instrs[n], '[BLOCK_M, 1]')}" for n in partner]
             body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
-            for n in self._tile_closure([instrs[n].args[0] for n in reduces], done):
+            roots = [instrs[self.online[n][0] if n in self.online else n].args[0] for n in reduces]
+            for n in self._tile_closure(roots, done):
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
             for n in reduces:
-                body.append(f"    acc{n} = {_accumulate(instrs[n], f'acc{n}', f'v{instrs[n].args[0]}')}")
+                if n in partner:
+                    body += ["    " + line for line in self._online_step(n, partner[n])]
+                elif n not in self.online:
+                    body.append(f"    acc{n} = {_accumulate(instrs[n], f'acc{n}', f'v{instrs[n].args[0]}')}")
             for n in reduces:
-                body += _finish(n, instrs[n], f"acc{n}")
-                done.add(n)
+                if n not in self.online:
+                    body += _finish(n, instrs[n], f"acc{n}")
+                if n in partner:
+                    body += self._online_finish(n, partner[n])
+                done.update([n, partner.get(n, n)])
             body += self._between(p, done)
         last = [n for n, i in enumerate(instrs) if i.op == "store" and n not in done]
         if last:
@@ -89,11 +101,35 @@ class _RowFunction:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
         return self._function(name, body)
 
+    def _online_step(self, mx: int, sm: int) -> List[str]:
+        """One tile of a (max, sum) pair.  The max keeps its own lane-wise accumulator (its value, NaN rule
+        and all, is the two-pass one); the sum's lanes are all relative to the row's running max `mrow`,
+        rescaled by one f per row when it grows: one f per element, as in the two-pass form."""
+        instrs, chain = self.kir.instrs, self.online[sm][1]
+        x, f = f"v{instrs[mx].args[0]}", f"v{chain[-1]}"
+
+        def emit(n, ins):
+            return self._emit(n, ins, persistent=False)
+        # -inf guards: f(-inf - -inf) would be NaN where the two-pass sum has a 0 (a NaN x or lane sum stays NaN)
+        return ([f"acc{mx} = {_accumulate(instrs[mx], f'acc{mx}', x)}",
+                 f"mnew{mx} = tl.maximum(mrow{mx}, tl.max(tl.where(mask, {x}, float('-inf')), 1, keep_dims=True))",
+                 f"xs{mx} = {x}"]
+                + emit_chain(emit, instrs, chain, f"xs{mx}", f"mnew{mx}")
+                + [f"beta{sm} = tl.where(mask & (xs{mx} != float('-inf')), {f}, 0.0)"]
+                + emit_chain(emit, instrs, chain, f"mrow{mx}", f"mnew{mx}")
+                + [f"acc{sm} = acc{sm} * tl.where(mrow{mx} == float('-inf'), 0.0, {f}) + beta{sm}",
+                   f"mrow{mx} = mnew{mx}", f"{x} = xs{mx}"])
+
+    def _online_finish(self, mx: int, sm: int) -> List[str]:
+        """The row's sum (its lanes share the row max); an all -inf row gets the two-pass NaN."""
+        return [f"v{sm} = tl.sum(acc{sm}, 1, keep_dims=True)",
+                f"v{sm} = tl.where(mrow{mx} == float('-inf'), float('nan'), v{sm})"]
+
     # ---- pieces ------------------------------------------------------------------------------
     def _function(self, name: str, body: List[str]) -> str:
         kr = kept_rank(self.kir)
         params = ([f"in{k}" for k in range(len(self.kir.inputs))] + [f"out{k}" for k in range(len(self.kir.outputs))]
-                  + ["M", "R"] + [f"size{d}" for d in range(1, kr)]
+                  + ["M", "R"] + size_params(1, kr)
                   + [f"st{x}_{d}" for x in self.operands for d in range(kr)] + [f"rst{x}" for x in self.operands]
                   + ["KRANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK_M: tl.constexpr",
                      "BLOCK_R: tl.constexpr", "PDL: tl.constexpr"])
@@ -166,12 +202,16 @@ def _tile_values(instrs) -> List[bool]:
     return tile
 
 
-def _ready_phase(instrs) -> List[int]:
-    """How many reduction phases must finish before each value can be computed."""
+def _ready_phase(instrs, online=None) -> List[int]:
+    """How many reduction phases must finish before each value can be computed (an online sum finishes
+    with its max)."""
     ready: List[int] = []
-    for ins in instrs:
+    for n, ins in enumerate(instrs):
         before = max([ready[a] for a in ins.args], default=0)
-        ready.append(before + 1 if ins.op in REDUCE_OPS else before)
+        if online and n in online:
+            ready.append(ready[online[n][0]])
+        else:
+            ready.append(before + 1 if ins.op in REDUCE_OPS else before)
     return ready
 
 

@@ -21,6 +21,7 @@ import triton
 
 from ..triton_kernel import Kernel
 from .codegen import broadcast_strides, coalesce
+from .fastdiv import size_args
 from .interpret import output_shapes, run_kir
 from .kir import KernelIR
 from .row_codegen import full_outputs, kept_rank
@@ -71,7 +72,7 @@ class RowKernel:
             kr = kept_rank(self.kir)
             full_sizes = [1] * (kr - len(sizes)) + sizes
             full_sts = [[0] * (kr - len(sizes)) + s for s in sts]
-            args = full_sizes[1:] + [st for s in full_sts for st in s] + row_strides
+            args = size_args(full_sizes[1:]) + [st for s in full_sts for st in s] + row_strides
             plan = self._plans[sig] = (rows, row_len, args, len(sizes), reach > _INT32_LIMIT)
             if len(self._plans) > 256:
                 self._plans.pop(next(iter(self._plans)))
