@@ -147,10 +147,13 @@ def test_argmax_and_max_dim_on_cuda_are_eagers(size):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
 
 
-def test_long_softmax_online_statistics_on_cuda():
+@pytest.mark.parametrize("online", [True, False], ids=["online", "two_pass"])
+def test_long_softmax_online_statistics_on_cuda(online, monkeypatch):
     """The looped softmax/log_softmax with online max+sum (row_online.py) on CUDA: the CPU test's rows of
-    -inf, +inf, NaN and a lone finite value, with values and NaN/inf positions as eager's."""
+    -inf, +inf, NaN and a lone finite value, with values and NaN/inf positions as eager's; both looped forms."""
     import torch.nn.functional as F
+
+    from kunlun_compile.lowering import row_kernel
 
     from .test_lowering_reductions import PERSISTENT_MAX_R, lower, softmax_spelled
 
@@ -164,6 +167,7 @@ def test_long_softmax_online_statistics_on_cuda():
     x[5, : n // 2] = float("-inf")
     x[7, :] = float("inf")
     x = x.cuda()
+    monkeypatch.setattr(row_kernel, "use_online", lambda rows: online)
     for fn in (lambda t: torch.softmax(t, -1), lambda t: F.log_softmax(t.float(), -1),
                lambda t: softmax_spelled(t.float(), None)):
         gm, outcome = lower(fn, x)
@@ -177,8 +181,8 @@ def test_long_softmax_online_statistics_on_cuda():
         assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * ref.abs().max()
 
 
-def test_coordinates_by_multiply_and_shift_are_exact_up_to_the_int32_limit():
-    """Flat indices split by a prime size (fastdiv.py) right below 2**31 elements: a 2-D mask kernel over
+def test_coordinates_are_exact_up_to_the_int32_limit():
+    """Flat indices split into coordinates by a prime size right below 2**31 elements: a 2-D mask kernel over
     [32769, 65521] (2,147,024,897 elements, int32 indices) equals eager everywhere."""
     from .test_lowering_reductions import lower
 

@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from kunlun_compile.config import CompileConfig
 from kunlun_compile.graph_stats import count_kernels, generated_kernels
 from kunlun_compile.lowering.cache import kir_for
+from kunlun_compile.lowering import row_kernel
 from kunlun_compile.lowering.row_kernel import PERSISTENT_MAX_R, tile_plan
 from kunlun_compile.ops import cpu_kernels
 from kunlun_compile.passes import PassContext
@@ -274,21 +275,25 @@ def test_one_compile_serves_every_token_count():
     assert graph.kernels["aten"] == 0 and graph.kernels["pointwise"] >= 1
 
 
-def _looped_source(gm) -> str:
+def _looped_source(gm, form: str) -> str:
     from kunlun_compile.lowering.row_codegen import generate_row
     (key,) = generated_kernels(gm)
     src = generate_row(kir_for(key))
-    start = src.index("def row_looped_portable")
+    if f"def row_{form}_portable" not in src:
+        return ""
+    start = src.index(f"def row_{form}_portable")
     return src[start:src.index("\ndef ", start + 1) if "\ndef " in src[start + 1:] else len(src)]
 
 
+@pytest.mark.parametrize("online", [True, False], ids=["online", "two_pass"])
 @pytest.mark.parametrize("fn, loops", [(lambda t: torch.softmax(t, -1), 2), (lambda t: F.log_softmax(t, -1), 2),
                                        (lambda t: softmax_spelled(t.float(), None), 2),
                                        (lambda t: softmax_spelled(t, None), 3)],
                          ids=["softmax", "log_softmax", "spelled_fp32", "spelled_bf16_rounds_each_term"])
-def test_long_softmax_reads_the_row_twice_with_online_statistics(fn, loops):
-    """Max and sum of exp(x - max) accumulate in one pass (lanes rescale their sums as their max grows);
-    a bf16 softmax spelled by hand rounds each exp to bf16 and keeps its own pass.  Rows of -inf, +inf,
+def test_long_softmax_reads_the_row_twice_with_online_statistics(fn, loops, online, monkeypatch):
+    """Max and sum of exp(x - max) accumulate in one pass (the sums rescale as the row's max grows); a
+    bf16 softmax spelled by hand rounds each exp to bf16 and keeps its own pass.  The launcher takes the
+    online form for many rows, the two-pass one for few (row_kernel.use_online): both are checked.  Rows of -inf, +inf,
     NaN, a single finite value among -inf, and all -inf: NaN positions and values as eager's."""
     n = PERSISTENT_MAX_R + 904
     x = (torch.randn(9, n) * 4).bfloat16()
@@ -302,7 +307,9 @@ def test_long_softmax_reads_the_row_twice_with_online_statistics(fn, loops):
     x[7, :] = float("inf")
     gm, outcome = lower(fn, x)
     assert count_kernels(gm)["aten"] == 0, outcome.near_misses
-    assert _looped_source(gm).count("for r0 in range") == loops
+    assert _looped_source(gm, "looped").count("for r0 in range") == 3
+    assert _looped_source(gm, "online").count("for r0 in range") == (loops if loops == 2 else 0)
+    monkeypatch.setattr(row_kernel, "use_online", lambda rows: online)
     want = fn(x)
     ref = fn(x.double()).to(want.dtype)
     for interpreted in (False, True):

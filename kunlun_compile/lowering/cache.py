@@ -46,7 +46,6 @@ import triton
 
 from ..config import ENV_CACHE_DIR, env_setting
 from ..triton_kernel import Kernel
-from .fastdiv import size_args
 from .codegen import CODEGEN_VERSION, broadcast_strides, coalesce, generate, indexed_input_ranks
 from .interpret import allocate_outputs
 from .kir import KernelIR
@@ -357,7 +356,7 @@ class GeneratedKernel:
             rank = len(sizes)
             full_sizes = [1] * (self.rank - rank) + sizes
             full_strides = [[0] * (self.rank - rank) + s for s in sts]
-            args = size_args(full_sizes[1:]) + [st for s in full_strides for st in s]
+            args = full_sizes[1:] + [st for s in full_strides for st in s]
             for k in self._indexed:  # raw strides, then sizes, of each input read at index expressions
                 args += list(inputs[k].stride()) + list(inputs[k].shape)
             plan = self._plans[sig] = (numel, args, rank, reach > _INT32_LIMIT)

@@ -1,8 +1,8 @@
 """KIR row kernels -> Triton source: a reduction with its element-wise producers and consumers.
 
 A program handles BLOCK_M rows (points of the kept dims, flattened as `m`) and walks the reduced
-dim with `r`, in [BLOCK_M, BLOCK_R] tiles.  Two forms of one kernel, picked per launch by the
-row length (row_kernel.py):
+dim with `r`, in [BLOCK_M, BLOCK_R] tiles.  Forms of one kernel, picked per launch by the
+row length and count (row_kernel.py):
 - persistent (`row_persistent_*`): the whole row fits one tile; every instruction runs once, in
   KIR order, and a reduction's result ([BLOCK_M, 1]) broadcasts back along the row.
 - looped (`row_looped_*`): longer rows.  Reductions are grouped in phases (a phase needs only the
@@ -11,6 +11,8 @@ row length (row_kernel.py):
   finished reductions are computed once between loops; a last loop computes and stores the
   full-row outputs.  Recomputing a load and a few instructions per phase costs another read of
   the row (mostly from L2), where keeping it would not fit the registers.
+- online (`row_online_*`, only for a softmax-like max + sum of exp(x - max), row_online.py): the
+  looped form with that pair in one phase.
 Kept dims are coalesced by the launcher as an element-wise kernel's are (`KRANK`, a constexpr).
 Inputs `in{k}` and full-row outputs `out{j}` are addressed by kept strides `st{x}_{d}` and a row
 stride `rst{x}` (x = `i{k}` / `o{j}`); per-row outputs are written at `m` (contiguous).
@@ -22,7 +24,6 @@ from typing import List, Set
 import torch
 
 from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
-from .fastdiv import size_params
 from .kir import REDUCE_OPS, Instr, KernelIR
 from .row_online import emit_chain, online_pairs
 
@@ -39,6 +40,8 @@ def generate_row(kir: KernelIR) -> str:
         flavour = "cuda" if cuda else "portable"
         parts.append(_RowFunction(kir, cuda).persistent(f"row_persistent_{flavour}"))
         parts.append(_RowFunction(kir, cuda).looped(f"row_looped_{flavour}"))
+        if online_pairs(kir.instrs):
+            parts.append(_RowFunction(kir, cuda, online=True).looped(f"row_online_{flavour}"))
     return "\n\n".join(parts) + "\n"
 
 
@@ -51,11 +54,12 @@ def kept_rank(kir: KernelIR) -> int:
 
 
 class _RowFunction:
-    def __init__(self, kir: KernelIR, cuda: bool):
+    def __init__(self, kir: KernelIR, cuda: bool, online: bool = False):
         self.kir, self.cuda = kir, cuda
         self.operands = [f"i{k}" for k in range(len(kir.inputs))] + [f"o{j}" for j in full_outputs(kir)]
         self.tile = _tile_values(kir.instrs)
-        self.online = online_pairs(kir.instrs)  # looped form: softmax's sum accumulates with its max
+        # the online form: softmax's sum accumulates with its max (one read of the row fewer)
+        self.online = online_pairs(kir.instrs) if online else {}
         self.ready = _ready_phase(kir.instrs, self.online)
 
     # ---- the two forms ---------------------------------------------------------------------
@@ -129,7 +133,7 @@ class _RowFunction:
     def _function(self, name: str, body: List[str]) -> str:
         kr = kept_rank(self.kir)
         params = ([f"in{k}" for k in range(len(self.kir.inputs))] + [f"out{k}" for k in range(len(self.kir.outputs))]
-                  + ["M", "R"] + size_params(1, kr)
+                  + ["M", "R"] + [f"size{d}" for d in range(1, kr)]
                   + [f"st{x}_{d}" for x in self.operands for d in range(kr)] + [f"rst{x}" for x in self.operands]
                   + ["KRANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK_M: tl.constexpr",
                      "BLOCK_R: tl.constexpr", "PDL: tl.constexpr"])
