@@ -1,8 +1,8 @@
 """KIR row kernels -> Triton source: a reduction with its element-wise producers and consumers.
 
 A program handles BLOCK_M rows (points of the kept dims, flattened as `m`) and walks the reduced
-dim with `r`, in [BLOCK_M, BLOCK_R] tiles.  Forms of one kernel, picked per launch by the
-row length and count (row_kernel.py):
+dim with `r`, in [BLOCK_M, BLOCK_R] tiles.  Two forms of one kernel, picked per launch by the
+row length (row_kernel.py):
 - persistent (`row_persistent_*`): the whole row fits one tile; every instruction runs once, in
   KIR order, and a reduction's result ([BLOCK_M, 1]) broadcasts back along the row.
 - looped (`row_looped_*`): longer rows.  Reductions are grouped in phases (a phase needs only the
@@ -10,9 +10,9 @@ row length and count (row_kernel.py):
   recomputes the tile values its reductions need and accumulates them; values that depend only on
   finished reductions are computed once between loops; a last loop computes and stores the
   full-row outputs.  Recomputing a load and a few instructions per phase costs another read of
-  the row (mostly from L2), where keeping it would not fit the registers.
-- online (`row_online_*`, only for a softmax-like max + sum of exp(x - max), row_online.py): the
-  looped form with that pair in one phase.
+  the row (mostly from L2), where keeping it would not fit the registers.  An online softmax
+  (max and rescaled sum in one loop) was tried in two forms and lost to three passes at 16 warps
+  at 1, 64 and 1024 rows of 32000 on the H200 (NOTES v21).
 Kept dims are coalesced by the launcher as an element-wise kernel's are (`KRANK`, a constexpr).
 Inputs `in{k}` and full-row outputs `out{j}` are addressed by kept strides `st{x}_{d}` and a row
 stride `rst{x}` (x = `i{k}` / `o{j}`); per-row outputs are written at `m` (contiguous).
@@ -25,7 +25,6 @@ import torch
 
 from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
 from .kir import REDUCE_OPS, Instr, KernelIR
-from .row_online import emit_chain, online_pairs
 
 TILE = "[BLOCK_M, BLOCK_R]"
 _COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min", "reduce.maxnum": "tl.max"}
@@ -40,8 +39,6 @@ def generate_row(kir: KernelIR) -> str:
         flavour = "cuda" if cuda else "portable"
         parts.append(_RowFunction(kir, cuda).persistent(f"row_persistent_{flavour}"))
         parts.append(_RowFunction(kir, cuda).looped(f"row_looped_{flavour}"))
-        if online_pairs(kir.instrs):
-            parts.append(_RowFunction(kir, cuda, online=True).looped(f"row_online_{flavour}"))
     return "\n\n".join(parts) + "\n"
 
 
@@ -54,13 +51,11 @@ def kept_rank(kir: KernelIR) -> int:
 
 
 class _RowFunction:
-    def __init__(self, kir: KernelIR, cuda: bool, online: bool = False):
+    def __init__(self, kir: KernelIR, cuda: bool):
         self.kir, self.cuda = kir, cuda
         self.operands = [f"i{k}" for k in range(len(kir.inputs))] + [f"o{j}" for j in full_outputs(kir)]
         self.tile = _tile_values(kir.instrs)
-        # the online form: softmax's sum accumulates with its max (one read of the row fewer)
-        self.online = online_pairs(kir.instrs) if online else {}
-        self.ready = _ready_phase(kir.instrs, self.online)
+        self.ready = _ready_phase(kir.instrs)
 
     # ---- the two forms ---------------------------------------------------------------------
     def persistent(self, name: str) -> str:
@@ -79,24 +74,15 @@ class _RowFunction:
         body += self._between(0, done)
         for p in range(1, phases + 1):
             reduces = [n for n, i in enumerate(instrs) if i.op in REDUCE_OPS and self.ready[n] == p]
-            partner = {self.online[n][0]: n for n in reduces if n in self.online}
             body += [f"acc{n} = {_identity(instrs[n], TILE)}" for n in reduces]
-            body += [f"mrow{n} = {_identity(instrs[n], '[BLOCK_M, 1]')}" for n in partner]
             body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
-            roots = [instrs[self.online[n][0] if n in self.online else n].args[0] for n in reduces]
-            for n in self._tile_closure(roots, done):
+            for n in self._tile_closure([instrs[n].args[0] for n in reduces], done):
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
             for n in reduces:
-                if n in partner:
-                    body += ["    " + line for line in self._online_step(n, partner[n])]
-                elif n not in self.online:
-                    body.append(f"    acc{n} = {_accumulate(instrs[n], f'acc{n}', f'v{instrs[n].args[0]}')}")
+                body.append(f"    acc{n} = {_accumulate(instrs[n], f'acc{n}', f'v{instrs[n].args[0]}')}")
             for n in reduces:
-                if n not in self.online:
-                    body += _finish(n, instrs[n], f"acc{n}")
-                if n in partner:
-                    body += self._online_finish(n, partner[n])
-                done.update([n, partner.get(n, n)])
+                body += _finish(n, instrs[n], f"acc{n}")
+                done.add(n)
             body += self._between(p, done)
         last = [n for n, i in enumerate(instrs) if i.op == "store" and n not in done]
         if last:
@@ -104,30 +90,6 @@ class _RowFunction:
             for n in self._tile_closure([instrs[n].args[0] for n in last], done) + last:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
         return self._function(name, body)
-
-    def _online_step(self, mx: int, sm: int) -> List[str]:
-        """One tile of a (max, sum) pair.  The max keeps its own lane-wise accumulator (its value, NaN rule
-        and all, is the two-pass one); the sum's lanes are all relative to the row's running max `mrow`,
-        rescaled by one f per row when it grows: one f per element, as in the two-pass form."""
-        instrs, chain = self.kir.instrs, self.online[sm][1]
-        x, f = f"v{instrs[mx].args[0]}", f"v{chain[-1]}"
-
-        def emit(n, ins):
-            return self._emit(n, ins, persistent=False)
-        # -inf guards: f(-inf - -inf) would be NaN where the two-pass sum has a 0 (a NaN x or lane sum stays NaN)
-        return ([f"acc{mx} = {_accumulate(instrs[mx], f'acc{mx}', x)}",
-                 f"mnew{mx} = tl.maximum(mrow{mx}, tl.max(tl.where(mask, {x}, float('-inf')), 1, keep_dims=True))",
-                 f"xs{mx} = {x}"]
-                + emit_chain(emit, instrs, chain, f"xs{mx}", f"mnew{mx}")
-                + [f"beta{sm} = tl.where(mask & (xs{mx} != float('-inf')), {f}, 0.0)"]
-                + emit_chain(emit, instrs, chain, f"mrow{mx}", f"mnew{mx}")
-                + [f"acc{sm} = acc{sm} * tl.where(mrow{mx} == float('-inf'), 0.0, {f}) + beta{sm}",
-                   f"mrow{mx} = mnew{mx}", f"{x} = xs{mx}"])
-
-    def _online_finish(self, mx: int, sm: int) -> List[str]:
-        """The row's sum (its lanes share the row max); an all -inf row gets the two-pass NaN."""
-        return [f"v{sm} = tl.sum(acc{sm}, 1, keep_dims=True)",
-                f"v{sm} = tl.where(mrow{mx} == float('-inf'), float('nan'), v{sm})"]
 
     # ---- pieces ------------------------------------------------------------------------------
     def _function(self, name: str, body: List[str]) -> str:
@@ -206,16 +168,12 @@ def _tile_values(instrs) -> List[bool]:
     return tile
 
 
-def _ready_phase(instrs, online=None) -> List[int]:
-    """How many reduction phases must finish before each value can be computed (an online sum finishes
-    with its max)."""
+def _ready_phase(instrs) -> List[int]:
+    """How many reduction phases must finish before each value can be computed."""
     ready: List[int] = []
-    for n, ins in enumerate(instrs):
+    for ins in instrs:
         before = max([ready[a] for a in ins.args], default=0)
-        if online and n in online:
-            ready.append(ready[online[n][0]])
-        else:
-            ready.append(before + 1 if ins.op in REDUCE_OPS else before)
+        ready.append(before + 1 if ins.op in REDUCE_OPS else before)
     return ready
 
 

@@ -27,9 +27,8 @@ from .row_codegen import full_outputs, kept_rank
 
 PERSISTENT_MAX_R = 4096
 LOOP_BLOCK_R = 4096  # 1024 left a one-row decode log_softmax (32000 wide) waiting on 96 loop trips
-LOOP_WARPS = 16  # looped rows, H200 (row_tiles_h200_*.json): 16 warps beat 8 at 1, 64 and 1024 rows of 32000
+LOOP_WARPS = 16  # looped rows (row_tiles_h200.json): 16 warps beat 8 at 1, 64 and 1024 rows of 32000 by 1.2-1.3x
 ROW_TILE = 2048  # elements per program a short row's tile aims at
-ONLINE_MIN_ROWS = 256  # fewer rows leave SMs idle: the two-pass loops (no tile max per trip) finish sooner
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -45,11 +44,6 @@ def tile_plan(rows: int, row_len: int) -> Tuple[bool, int, int, int]:
     return persistent, block_m, block_r, warps if persistent else LOOP_WARPS
 
 
-def use_online(rows: int) -> bool:
-    """A looped kernel with a softmax-like pair: its online form (two reads of each row, one tile max
-    per loop trip) or the two-pass one (three reads, no barrier inside a trip)."""
-    return rows >= ONLINE_MIN_ROWS
-
 
 class RowKernel:
     """Launches one generated row kernel."""
@@ -58,8 +52,7 @@ class RowKernel:
         self.kir, self.path = kir, path
         self.rank = max(kir.rank, 1)
         self._fns = {(form, cuda): Kernel(getattr(module, f"row_{form}_{'cuda' if cuda else 'portable'}"))
-                     for form in ("persistent", "looped", "online") for cuda in (True, False)
-                     if hasattr(module, f"row_{form}_{'cuda' if cuda else 'portable'}")}
+                     for form in ("persistent", "looped") for cuda in (True, False)}
         self._full = full_outputs(kir)
         self._plans: Dict[tuple, tuple] = {}
 
@@ -97,9 +90,7 @@ class RowKernel:
         if rows == 0:
             return outs
         persistent, block_m, block_r, warps = tile_plan(rows, row_len)
-        online = ("online", True) in self._fns and use_online(rows)
-        form = "persistent" if persistent else "online" if online else "looped"
-        fn = self._fns[(form, device.type == "cuda")].on(device)
+        fn = self._fns[("persistent" if persistent else "looped", device.type == "cuda")].on(device)
         with np.errstate(all="ignore"):  # interpreter: lanes past the row's end compute on zeros (masked)
             fn[(triton.cdiv(rows, block_m),)](*inputs, *outs, rows, row_len, *args, KRANK=krank, INDEX64=index64,
                                               BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps,
