@@ -57,13 +57,15 @@ INDEX = {
     "reverse": lambda x, d: x.index_select(d, torch.arange(x.shape[d] - 1, -1, -1, device=x.device)),
     "transpose_back": lambda x, d: (x.transpose(0, d) * 1.0).transpose(0, d),
 }
-# Reductions along one dim, kept as size 1 (so the result broadcasts back against its row).
+# Reductions along one dim, kept as size 1 (so the result broadcasts back against its row), and row ops
+# with a value per element (softmax, cumsum).
 REDUCE = {
     "sum": lambda x, d: x.sum(d, keepdim=True), "mean": lambda x, d: x.mean(d, keepdim=True),
     "amax": lambda x, d: x.amax(d, keepdim=True), "amin": lambda x, d: x.amin(d, keepdim=True),
     "var": lambda x, d: x.var(d, keepdim=True), "softmax": lambda x, d: torch.softmax(x, d),
     "log_softmax": lambda x, d: torch.log_softmax(_clamped(x), d),
     "softmax_fp32": lambda x, d: torch.softmax(x.float(), d).to(x.dtype),
+    "cumsum": lambda x, d: torch.cumsum(x, d),  # a scan: one value per element
 }
 
 

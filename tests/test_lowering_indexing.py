@@ -85,6 +85,16 @@ def index_tensor(x, ids):
     return x[ids] * 2.0
 
 
+def index_pairs(x, ids):  # x[rows, ids]: two index tensors broadcast together (HF's packed-sequence mask)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, ids] * 2.0
+
+
+def index_pairs_of_computed(x, ids):  # the same pick from a value the kernel computes, ids counted from the end
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return (x + 1.0)[rows, ids - x.shape[1]] * 2.0
+
+
 def expert_slots(ids, width):  # integer index arithmetic of MoE dispatch: // and % with torch's signs
     return (ids // 3) * 10 + ids % 3 + width
 
@@ -104,6 +114,9 @@ CASES = [
     (gather_ids, lambda: (torch.randn(4, 9), torch.randint(0, 9, (4, 5)))),
     (rope_interleaved, lambda: (torch.randn(5, 4, 32), torch.randn(5, 1, 32), torch.randn(5, 1, 32))),
     (index_tensor, lambda: (torch.randn(12, 8), torch.randint(0, 12, (3, 5)))),
+    (index_tensor, lambda: (torch.randn(12, 8), torch.randint(-12, 12, (3, 5)))),  # negative: from the end
+    (index_pairs, lambda: (torch.randn(4, 9), torch.randint(-9, 9, (4, 5)))),
+    (index_pairs_of_computed, lambda: (torch.randn(4, 9), torch.randint(0, 9, (4, 5)))),
     (expert_slots, lambda: (torch.randint(-20, 20, (6, 4)), torch.randint(0, 5, (4,)))),
 ]
 
@@ -149,6 +162,22 @@ def test_an_id_outside_the_table_raises_as_in_eager_and_the_kernel_reads_nan_not
     for got in (run_kir(kir_for(key), inputs, [5, 4])[0], kernel_for(key)(inputs, [5, 4])[0]):
         assert got[[0, 1, 4]].isfinite().all() and got[[2, 3]].isnan().all()  # the kernel itself never reads
         torch.testing.assert_close(got[[0, 1, 4]], table[[0, 9, 3]] * 8.0)  # outside the table
+
+
+def test_x_of_ids_counts_negative_ids_from_the_end_and_raises_past_it():
+    """x[ids] (aten.index) takes -1 as the last row, as eager does; an id below -size or at size and above
+    raises IndexError on the host before the launch, as eager's does."""
+    x = torch.randn(12, 8)
+    gm, _ = lower(index_tensor, x, torch.randint(0, 12, (3, 5)))
+    ids = torch.tensor([[-1, -12, 0, 11, 5]]).expand(3, 5).contiguous()
+    torch.testing.assert_close(gm(x, ids), index_tensor(x, ids), rtol=0, atol=0)
+    for bad in (-13, 12):
+        bad_ids = ids.clone()
+        bad_ids[1, 2] = bad
+        with pytest.raises(IndexError):
+            index_tensor(x, bad_ids)
+        with pytest.raises(IndexError):
+            gm(x, bad_ids)
 
 
 def test_a_cat_onto_an_empty_or_symbolic_tail_is_one_copy_kernel():
@@ -265,3 +294,28 @@ def test_the_runtime_sees_generated_kernels_that_mix_tokens():
     assert check(lambda t: (t.t() * 2.0).t() + 1.0, x) is None
     assert "token dim" in check(lambda t: torch.softmax(t, 0), x)  # a reduction over tokens
     assert "reads token dim" in check(lambda t, ids: t[ids] * 2.0, x, torch.tensor([5, 0, 1]))  # a gather of rows
+    assert "token dim" in check(lambda t: torch.cumsum(t, 0) * 2.0, x)  # a prefix sum over tokens
+    assert check(lambda t: torch.cumsum(t, -1) * 2.0, x) is None  # along the hidden dim: per token
+
+
+def packed_mask(pos, pm):  # transformers' packed-sequence causal mask, called with ids only (no cache)
+    seq = ((pos[:, 1:] - pos[:, :-1]) != 1).cumsum(-1)
+    seq = torch.cat([torch.zeros_like(seq[:, :1]), seq], dim=-1)
+    q, k = torch.arange(pos.shape[1])[:, None], torch.arange(pos.shape[1])[None, :]
+    b = torch.arange(pos.shape[0])[:, None, None]
+    return (k <= q) & pm[b, k] & (seq[b, q] == seq[b, k])
+
+
+def test_transformers_packed_sequence_mask_is_generated_not_aten():
+    """HF builds this mask when a model is called with ids only: cumsum of position jumps and x[batch, kv]
+    picks.  The scan is a row kernel, the picks join the mask's kernel; no ATen kernel is left."""
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None].repeat(2, 1)
+    pm = torch.rand(2, 12) > 0.2
+    gm, outcome = lower(packed_mask, pos, pm)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    listings = "\n".join(kir_for(k).listing() for k in generated_kernels(gm))
+    assert "scan.sum" in listings and "gather" in listings
+    want = packed_mask(pos, pm)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(pos, pm), want)

@@ -305,3 +305,34 @@ def test_long_softmax_rows_of_infinities_and_nan_are_eagers(fn):
         err = (got[finite].double() - ref[finite].double()).abs().max()
         eager_err = (want[finite].double() - ref[finite].double()).abs().max()
         assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * ref[finite].double().abs().max(), interpreted
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [48, PERSISTENT_MAX_R + 904], ids=["persistent", "looped"])
+def test_cumsum_is_a_scan_in_a_row_kernel(n, dtype):
+    """cumsum along a row (and along a column: dim 0) with its neighbours in one row kernel: fp32 accumulation
+    for half results as eager's, integer prefix sums exact, NaN positions as eager's."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g).to(dtype)
+    x[2, n // 2] = float("nan")
+    cases = [(lambda t: torch.cumsum(t, -1) * 0.5, x), (lambda t: (t > 0).cumsum(-1) - 1, x),
+             (lambda t: torch.cumsum(t.float() + 1.0, 0), x.t().contiguous())]
+    for fn, inp in cases:
+        gm, outcome = lower(fn, inp)
+        assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+        (key,) = generated_kernels(gm)
+        assert "scan.sum" in kir_for(key).listing()
+        want, ref = fn(inp), fn(inp.double()) if inp.is_floating_point() else None
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                got = gm(inp)
+            assert got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan())
+            if not want.is_floating_point():
+                assert torch.equal(got, want)
+                continue
+            ok = ~want.isnan()
+            # prefix sums in another order: within eager's own error + a few units of the running magnitude
+            scale = inp.double().abs().nan_to_num().sum()
+            err = (got[ok].double() - ref.to(got.dtype)[ok].double()).abs().max()
+            eager_err = (want[ok].double() - ref.to(got.dtype)[ok].double()).abs().max()
+            assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * scale, (interpreted, err, eager_err)

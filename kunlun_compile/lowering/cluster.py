@@ -113,8 +113,10 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
 
     def merge_along(n: fx.Node, a: fx.Node) -> bool:
         pa, pn = find(a), find(n)
-        if pa is pn or is_gather_table(n, a):  # a gather reads its table at data-dependent rows: from memory,
-            return False                      # unless the table joins the kernel another way (then recomputed)
+        # a gather reads its table at data-dependent rows: from memory, unless the table is a few vector
+        # instructions of static shape (recomputed at each gathered row) or joins the kernel another way
+        if pa is pn or (is_gather_table(n, a) and not _cheap_static_table(members[pa], a)):
+            return False
         both = joined(space[pa], space[pn])
         if both is not None:
             if _creates_cycle(dag, pa, pn):
@@ -197,6 +199,11 @@ def _reindexable(n: fx.Node, producers: List[fx.Node], producer_space: Space, co
     if not all(iteration_space(p) == shape_of(consumer_space) for p in read_outside):
         return False
     return n.target not in DUPLICATING or sum(not is_cheap(p) for p in producers) <= MAX_INLINED_MATH
+
+
+def _cheap_static_table(producers: List[fx.Node], table: fx.Node) -> bool:
+    return all(is_cheap(p) and not is_reduction(p) for p in producers) and all(
+        isinstance(s, int) for s in table.meta["val"].shape)
 
 
 def _device_anchor(order: Dict[fx.Node, int], out: fx.Node) -> Optional[fx.Node]:

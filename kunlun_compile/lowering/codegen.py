@@ -26,7 +26,7 @@ import torch
 from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "9"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "10"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -137,6 +137,8 @@ def _indexed_load(n: int, ins: Instr) -> str:
     a = json.loads(ins.attr)
     k = a["in"]
     index = [Affine.from_json(e).code() for e in a["index"]]
+    for j in a.get("wrap", ()):  # x[ids]: a negative id counts from the end of the table's dim
+        index[j] = f"tl.where(({index[j]}) < 0, ({index[j]}) + isz{k}_{j}, ({index[j]}))"
     offset = " + ".join(f"({e}) * ist{k}_{j}" for j, e in enumerate(index)) or "0"
     mask = "mask"
     for e, lo, hi in a["guard"]:

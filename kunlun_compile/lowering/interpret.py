@@ -71,6 +71,8 @@ def _load_at(attr: str, dtype: torch.dtype, x: torch.Tensor, coords, vals) -> to
     """x read at the load's index expressions, under its guards; a gathered index outside x reads NaN."""
     a = json.loads(attr)
     index = [_affine(Affine.from_json(e), coords, vals) for e in a["index"]]
+    for j in a.get("wrap", ()):  # x[ids]: a negative id counts from the end of the dim
+        index[j] = torch.where(index[j] < 0, index[j] + x.shape[j], index[j])
     ok = torch.ones(coords[0].shape, dtype=torch.bool, device=x.device)
     for e, lo, hi in a["guard"]:
         g = _affine(Affine.from_json(e), coords, vals)
@@ -123,6 +125,8 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
         elif ins.op == "row.index":
             d = kir.reduce_dim
             v = torch.arange(shape[d], device=device).view([-1 if k == d else 1 for k in range(len(shape))])
+        elif ins.op == "scan.sum":
+            v = torch.cumsum(a[0].expand(tuple(shape)), dim=kir.reduce_dim, dtype=ins.dtype)
         elif ins.op in _REDUCE:
             v = _REDUCE[ins.op](a[0].expand(tuple(shape)), dim=kir.reduce_dim, keepdim=True)
         elif ins.op == "const":

@@ -111,8 +111,10 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
             return "scatter whose ids do not cover the result's other dims"
     if t is aten.index.Tensor:
         indices = node.args[1]
-        if len(indices) != 1 or not isinstance(indices[0], fx.Node) or indices[0].meta["val"].dtype == torch.bool:
-            return "indexing with several index tensors, or a mask"
+        if not all(isinstance(i, fx.Node) for i in indices):
+            return "indexing that skips dims (None between index tensors)"
+        if any(i.meta["val"].dtype == torch.bool for i in indices):
+            return "indexing with a mask"
     if t is aten.slice.Tensor:
         dim, start, end, step = _slice_args(node)
         if not _static([start, step]):
@@ -214,22 +216,36 @@ def cat_branches(node: fx.Node, m: Map) -> List[Tuple[fx.Node, Map, Tuple[Affine
     return out
 
 
-def gather_parts(node: fx.Node, m: Map) -> Tuple[fx.Node, fx.Node, Map, int, Map]:
-    """(table, ids node, the ids' coordinates, the table dim the ids pick, the table's coordinates with a
-    placeholder at that dim)."""
+Pick = Tuple[fx.Node, Map, int]  # (ids node, the ids' coordinates, the table dim its values pick)
+
+
+def gather_parts(node: fx.Node, m: Map) -> Tuple[fx.Node, List[Pick], Map]:
+    """(table, its picks, the table's coordinates with a placeholder at each picked dim)."""
     t, a = node.target, node.args
     if t is aten.embedding.default:
         table, ids = a[0], a[1]
-        return table, ids, m[:-1], 0, (Affine.constant(0), m[-1])
-    if t is aten.index.Tensor:  # x[ids]: ids pick along dim 0, its dims lead the result
-        table, ids = a[0], a[1][0]
-        k = ids.meta["val"].dim()
-        return table, ids, m[:k], 0, (Affine.constant(0),) + m[k:]
+        return table, [(ids, m[:-1], 0)], (Affine.constant(0), m[-1])
+    if t is aten.index.Tensor:  # x[i0, i1, ..]: the ids broadcast together, their dims lead the result
+        table, ids = a[0], list(a[1])
+        r = max(i.meta["val"].dim() for i in ids)
+        picks = [(i, _broadcast_map(m[:r], _shape(i)), d) for d, i in enumerate(ids)]
+        return table, picks, (Affine.constant(0),) * len(ids) + m[r:]
     if t is aten.index_select.default:
         table, dim, ids = a[0], a[1] % len(m), a[2]
-        return table, ids, (m[dim],), dim, m
+        return table, [(ids, (m[dim],), dim)], m
     table, dim, ids = a[0], a[1] % len(m), a[2]  # gather: ids has the result's shape
-    return table, ids, m, dim, m
+    return table, [(ids, m, dim)], m
+
+
+def wraps_negative_ids(node: fx.Node) -> bool:
+    """x[ids] takes a negative id from the end, as Python does; the other gathers raise for one."""
+    return node.target is aten.index.Tensor
+
+
+def _broadcast_map(m: Map, shape: Tuple) -> Map:
+    """The coordinates of an operand of `shape` broadcast (right-aligned) to the point `m`."""
+    lead = len(m) - len(shape)
+    return tuple(Affine.constant(0) if s == 1 else m[lead + j] for j, s in enumerate(shape))
 
 
 def arange_value(node: fx.Node, m: Map) -> Affine:

@@ -65,7 +65,7 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
                                                           torch.uint8, torch.bool)):
         return f"input dtype {val.dtype}"
     if node.target in (aten.amax.default, aten.amin.default, aten.sum.dim_IntList, aten.sum.default,
-                       aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim) \
+                       aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim, aten.cumsum.default) \
             or val.dtype.is_floating_point:
         return None
     return f"{node.target} of {val.dtype}"
@@ -76,6 +76,12 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
 def _sum(b, args, kwargs, out, n):
     acc = opmath(out) if out.is_floating_point else torch.int64
     return b.reduce("sum", b.operand(args[0], acc))
+
+
+def _cumsum(b, args, kwargs, out, n):
+    """Prefix sums along the row, accumulated as eager does (fp32 for half results, int64 for integers)."""
+    acc = opmath(out) if out.is_floating_point else torch.int64
+    return b.emit("scan.sum", acc, (b.operand(args[0], acc),))
 
 
 def _mean(b, args, kwargs, out, n):
@@ -188,7 +194,7 @@ REDUCTIONS: Dict[Any, Callable] = {
     aten.sum.dim_IntList: _sum, aten.sum.default: _sum, aten.mean.dim: _mean, aten.mean.default: _mean,
     aten.amax.default: _extreme("max"), aten.amin.default: _extreme("min"), aten.var.correction: _var,
     aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax,
-    aten.argmax.default: _argmax, aten.argmin.default: _argmin,
+    aten.argmax.default: _argmax, aten.argmin.default: _argmin, aten.cumsum.default: _cumsum,
 }
 # Reductions with several results (the graph reads them through getitem nodes).
 MULTI_OUTPUT: Dict[Any, Callable] = {aten.var_mean.correction: _var_mean,

@@ -8,7 +8,8 @@ write an output (contiguous).
 A row kernel (`reduce_dim` set) also reduces along one dim of that space:
 `reduce.sum/max/min` turn a value into one element per row (per point of the
 other dims), which later instructions use broadcast along the row again
-(softmax: max, then exp(x - max), then sum, then divide).  Its outputs are
+(softmax: max, then exp(x - max), then sum, then divide); `scan.sum` gives
+each element the sum of its row up to it (cumsum).  Its outputs are
 full-space values or, for those listed in `reduced_outputs`, one value per
 row (stored with the reduced dim kept as size 1).  Each instruction names the unit it runs on:
 `vec` (the vector ALU), `sfu` (the special-function unit), `mem` (loads and
@@ -63,7 +64,9 @@ INDEXED_OPS = ("load.at", "iota")
 REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1, "reduce.maxnum": 1}
 # A row kernel's position along its row (i64): argmax is the least position holding the max.
 ROW_OPS = {"row.index": 0, "row.length": 0}  # row.length: the reduced dim's size, at run time
-ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, **ROW_OPS, "const": 0}
+# Inclusive prefix sums along the row (cumsum): a value per element, each the sum of the row up to it.
+SCAN_OPS = {"scan.sum": 1}
+ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, **ROW_OPS, **SCAN_OPS, "const": 0}
 UNITS = ("vec", "sfu", "mem", "imm")
 
 
@@ -101,7 +104,7 @@ class KernelIR:
     output_orders: Tuple[Tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        reduces = any(i.op in REDUCE_OPS or i.op in ROW_OPS for i in self.instrs)
+        reduces = any(i.op in REDUCE_OPS or i.op in ROW_OPS or i.op in SCAN_OPS for i in self.instrs)
         if reduces != (self.reduce_dim is not None):
             raise ValueError("KIR: reduce instructions need a reduce_dim, and a reduce_dim needs them")
         if self.reduce_dim is not None and not 0 <= self.reduce_dim < self.rank:
@@ -208,7 +211,7 @@ def format_instr(n: int, i: Instr) -> str:
         body = describe_indexed_load(i.attr)
     elif i.op == "iota":
         body = f"iota {describe_expr(json.loads(i.attr))}"
-    elif i.op in REDUCE_OPS:
+    elif i.op in REDUCE_OPS or i.op in SCAN_OPS:
         body = f"{i.op} %{i.args[0]}  ; along the row"
     else:
         name = f"{i.op}.{i.form}" if i.form else i.op
@@ -216,9 +219,9 @@ def format_instr(n: int, i: Instr) -> str:
     return f"%{n:<3} = {body:<32} : {DTYPE_NAMES[i.dtype]:<4} {i.unit}"
 
 
-def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int]]:
-    """(ids input, table input, table dim) for each gather whose ids are a kernel input read as they are
-    (a load, perhaps cast): the ids a host check can see before the launch."""
+def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int, bool]]:
+    """(ids input, table input, table dim, negative ids count from the end) for each gather whose ids are a
+    kernel input read as they are (a load, perhaps cast): the ids a host check can see before the launch."""
     from .index_expr import Affine
 
     source: dict = {}  # SSA id -> the input it is, unchanged
@@ -238,7 +241,7 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int]]:
                 e = Affine.from_json(a["index"][j])
                 if e.const == 0 and len(e.terms) == 1 and e.terms[0][1] == 1 and e.terms[0][0].kind == "v" \
                         and e.terms[0][0].n in source:
-                    out.append((source[e.terms[0][0].n], a["in"], j))
+                    out.append((source[e.terms[0][0].n], a["in"], j, j in a.get("wrap", ())))
     return sorted(set(out))
 
 

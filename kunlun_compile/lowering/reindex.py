@@ -25,7 +25,7 @@ from .index_expr import Affine
 from .cluster_isel import ClusterSpec, output_orders
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
 from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
-                         scatter_rows, sizes, view_source)
+                         scatter_rows, sizes, view_source, wraps_negative_ids)
 from .kir import KernelIR
 
 aten = torch.ops.aten
@@ -95,20 +95,7 @@ class _Evaluator:
                     result = self.b.select(start, v, result)
             return result
         if node.target in GATHER_OPS:
-            table, ids, ids_map, dim, table_map = gather_parts(node, m)
-            picked = self.b.cast(self.at(ids, ids_map, guard), torch.int64)
-            row = Affine.value(picked.id)
-            table_map = table_map[:dim] + (row,) + table_map[dim + 1:]
-            if table not in self.inside:
-                return self.b.cast(self._load(table, table_map, guard), out)
-            # a table the kernel computes: evaluated at the gathered rows, NaN for an id outside it
-            size = sizes(table.meta["val"])[dim]
-            if not isinstance(size, int):
-                raise Refused(f"{node.name} gathers from a computed value of symbolic size {size}")
-            v = self.b.cast(self.at(table, table_map, guard + ((row, 0, size),)), out)
-            inside = self.b.vec("and", self.b.vec("ge", picked, self.b.const(0, torch.int64)),
-                                self.b.vec("lt", picked, self.b.const(size, torch.int64)))
-            return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
+            return self._gather(node, m, guard, out)
         if node.target is aten.scatter.value:  # the value where an id of the row names this position
             src, ids, dim, rows = scatter_rows(node, m)
             position = self._iota(m[dim])
@@ -122,6 +109,33 @@ class _Evaluator:
         # arange
         return self.b.cast(self._iota(arange_value(node, m)), out)
 
+    def _gather(self, node: fx.Node, m: Map, guard: Guard, out: torch.dtype) -> Value:
+        table, picks, table_map = gather_parts(node, m)
+        wrap = wraps_negative_ids(node)
+        table_map, picked = list(table_map), []
+        for ids, ids_map, dim in picks:
+            picked.append(self.b.cast(self.at(ids, ids_map, guard), torch.int64))
+            table_map[dim] = Affine.value(picked[-1].id)
+        if table not in self.inside:  # the load wraps negative ids (by the table's size at run time)
+            wrapped = [dim for _, _, dim in picks] if wrap else []
+            return self.b.cast(self._load(table, tuple(table_map), guard, wrap=wrapped), out)
+        # a table the kernel computes: evaluated at the gathered rows, NaN for an id outside it
+        inside, extra = None, ()
+        for p, (_, _, dim) in zip(picked, picks):
+            size = sizes(table.meta["val"])[dim]
+            if not isinstance(size, int):
+                raise Refused(f"{node.name} gathers from a computed value of symbolic size {size}")
+            if wrap:
+                negative = self.b.vec("lt", p, self.b.const(0, torch.int64))
+                p = self.b.select(negative, self.b.vec("add", p, self.b.const(size, torch.int64)), p)
+                table_map[dim] = Affine.value(p.id)
+            ok = self.b.vec("and", self.b.vec("ge", p, self.b.const(0, torch.int64)),
+                            self.b.vec("lt", p, self.b.const(size, torch.int64)))
+            inside = ok if inside is None else self.b.vec("and", inside, ok)
+            extra += ((table_map[dim], 0, size),)
+        v = self.b.cast(self.at(table, tuple(table_map), guard + extra), out)
+        return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
+
     def _ids(self, ids: fx.Node, m: Map, guard: Guard, bound_dim: int) -> Value:
         """Ids a scatter writes through: read in memory they are range-checked on the host against the kernel's
         dim `bound_dim` (eager raises for an id outside the result)."""
@@ -133,18 +147,20 @@ class _Evaluator:
         return self.b.emit("iota", torch.int64, self._operands(e), json.dumps(e.to_json()))
 
     # ---- memory --------------------------------------------------------------------------------
-    def _load(self, node: fx.Node, m: Map, guard: Guard, ids_of: Optional[int] = None) -> Value:
+    def _load(self, node: fx.Node, m: Map, guard: Guard, ids_of: Optional[int] = None, wrap=()) -> Value:
         if node not in self.input_index:
             raise Refused(f"operand {node.name} is neither in the kernel nor an input")
         k, val = self.input_index[node], node.meta["val"]
         shape = sizes(val)
-        if m == self.natural(shape) and not guard and self._broadcasts(shape) and ids_of is None:
+        if m == self.natural(shape) and not guard and self._broadcasts(shape) and ids_of is None and not wrap:
             return self.b.load(k, val.dtype)
         exprs = list(m) + [e for e, _, _ in guard]
         attr = {"in": k, "index": [e.to_json() for e in m], "guard": [[e.to_json(), lo, hi] for e, lo, hi in guard],
                 "bounds": [j for j, e in enumerate(m) if e.values()]}
         if ids_of is not None:
             attr["ids_of"] = ids_of  # its values are positions along this dim of the kernel (a host check)
+        if wrap:
+            attr["wrap"] = list(wrap)  # a negative value at these dims counts from the end (x[ids])
         operands = tuple(sorted({v for e in exprs for v in e.values()}))
         return self.b.emit("load.at", val.dtype, tuple(Value(v, self.b.instrs[v].dtype) for v in operands),
                            json.dumps(attr, sort_keys=True), "mem")

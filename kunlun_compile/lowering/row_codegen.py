@@ -24,7 +24,7 @@ from typing import List, Set
 import torch
 
 from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
-from .kir import REDUCE_OPS, Instr, KernelIR
+from .kir import REDUCE_OPS, SCAN_OPS, Instr, KernelIR
 
 TILE = "[BLOCK_M, BLOCK_R]"
 _COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min", "reduce.maxnum": "tl.max"}
@@ -75,8 +75,10 @@ class _RowFunction:
         for p in range(1, phases + 1):
             reduces = [n for n, i in enumerate(instrs) if i.op in REDUCE_OPS and self.ready[n] == p]
             body += [f"acc{n} = {_identity(instrs[n], TILE)}" for n in reduces]
+            closure = self._tile_closure([instrs[n].args[0] for n in reduces], done)
+            body += self._carries(closure)
             body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
-            for n in self._tile_closure([instrs[n].args[0] for n in reduces], done):
+            for n in closure:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
             for n in reduces:
                 body.append(f"    acc{n} = {_accumulate(instrs[n], f'acc{n}', f'v{instrs[n].args[0]}')}")
@@ -86,10 +88,17 @@ class _RowFunction:
             body += self._between(p, done)
         last = [n for n, i in enumerate(instrs) if i.op == "store" and n not in done]
         if last:
+            closure = self._tile_closure([instrs[n].args[0] for n in last], done)
+            body += self._carries(closure)
             body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
-            for n in self._tile_closure([instrs[n].args[0] for n in last], done) + last:
+            for n in closure + last:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
         return self._function(name, body)
+
+    def _carries(self, closure: List[int]) -> List[str]:
+        """Before a loop: each scan it computes starts its row's running sum at 0."""
+        return [f"carry{n} = tl.zeros([BLOCK_M, 1], {TL_DTYPES[self.kir.instrs[n].dtype]})"
+                for n in closure if self.kir.instrs[n].op in SCAN_OPS]
 
     # ---- pieces ------------------------------------------------------------------------------
     def _function(self, name: str, body: List[str]) -> str:
@@ -144,6 +153,14 @@ class _RowFunction:
             return [f"v{n} = (r + m * 0).to(tl.int64)"]
         if ins.op == "row.length":
             return [f"v{n} = tl.full([1, 1], 0, tl.int64) + R"]
+        if ins.op in SCAN_OPS:  # the tile's prefix sums, after the sum of the tiles before it (looped form)
+            if not self.tile[ins.args[0]]:
+                raise ValueError(f"row kernel: {ins.op} of a value that does not vary along the row")
+            term = f"tl.where(mask, v{ins.args[0]}, {_identity(ins, '[1, 1]')})"
+            if persistent:
+                return [f"v{n} = tl.cumsum({term}, 1)"]
+            return [f"t{n} = {term}", f"v{n} = tl.cumsum(t{n}, 1) + carry{n}",
+                    f"carry{n} = carry{n} + tl.sum(t{n}, 1, keep_dims=True)"]
         if ins.op in REDUCE_OPS:
             if not self.tile[ins.args[0]]:
                 raise ValueError(f"row kernel: {ins.op} of a value that does not vary along the row")
@@ -179,7 +196,7 @@ def _ready_phase(instrs) -> List[int]:
 
 def _identity(ins: Instr, shape: str) -> str:
     dt = ins.dtype
-    if ins.op == "reduce.sum":
+    if ins.op in ("reduce.sum", "scan.sum"):
         return f"tl.zeros({shape}, {TL_DTYPES[dt]})"
     sign = "" if ins.op == "reduce.min" else "-"
     if dt.is_floating_point:

@@ -53,10 +53,12 @@ def _host_check_wanted(index: torch.Tensor) -> bool:
     return _checking
 
 
-def check_index_range(op: str, what: str, index: torch.Tensor, size: int) -> None:
-    """Raise IndexOutOfRange unless every value of `index` is in [0, size) (when a check is wanted)."""
+def check_index_range(op: str, what: str, index: torch.Tensor, size: int, negative: bool = False) -> None:
+    """Raise IndexOutOfRange unless every value of `index` is in [0, size) (when a check is wanted); with
+    `negative`, in [-size, size) (x[ids] counts a negative id from the end)."""
     if index.numel() == 0 or not _host_check_wanted(index):
         return
     lo, hi = (int(v) for v in torch.aminmax(index))
-    if lo < 0 or hi >= size:
-        raise IndexOutOfRange(f"{op}: {what} must be in [0, {size}), got values in [{lo}, {hi}]")
+    low = -size if negative else 0
+    if lo < low or hi >= size:
+        raise IndexOutOfRange(f"{op}: {what} must be in [{low}, {size}), got values in [{lo}, {hi}]")

@@ -37,9 +37,9 @@ def check_gathers(kir, inputs: List[torch.Tensor], shape: List[int], kernel: str
     would read NaN (or write nothing).  Where the ids are an input as they are, check them on the host as the
     kunlun:: ops do (CPU always; CUDA when asked)."""
     gathered, scattered = kir.host_checked_ids
-    for ids, table, dim in gathered:
+    for ids, table, dim, wraps in gathered:
         check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
-                          inputs[ids], inputs[table].shape[dim])
+                          inputs[ids], inputs[table].shape[dim], negative=wraps)
     for ids, dim in scattered:
         check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along dim {dim}", inputs[ids],
                           int(shape[dim]))
