@@ -7,8 +7,8 @@ time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
 and a plot of both.  Variants: eager, inductor, kunlun, and kunlun with every fusion pass off
 (`fusion=False`, the CLI's --no-fusion: the generic lowering alone, with the ATen ops it leaves).
 
-    python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS]   -> fusion_layers.json, fusion_layers.png
-                                                              (fusion_layers_t{TOKENS}.* unless 128 tokens)
+    python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS] [MODELS]   -> fusion_layers.json, .png
+                            (fusion_layers_t{TOKENS}.* unless 128 tokens; MODELS: a comma list, default all)
 """
 from __future__ import annotations
 
@@ -157,8 +157,11 @@ def graph_time_ms(fn, args, reps=50) -> float:
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 128  # the eager MoE gathers [T, k, 2I, H] weights
+    only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
     rows = []
     for name, build in cases(tokens):
+        if only and name not in only:
+            continue
         torch._dynamo.reset()
         model, inputs = build()
         with torch.no_grad():
@@ -194,7 +197,7 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "sizes": SIZES, "moe_sizes": MOE_SIZES, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
-    stem = "fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}"
+    stem = ("fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}") + ("_some" if only else "")
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:

@@ -191,3 +191,34 @@ def test_coordinates_are_exact_up_to_the_int32_limit():
     assert count_kernels(gm)["aten"] == 0, outcome.near_misses
     got = gm(q, k)
     assert got.numel() < 2**31 - 1 and torch.equal(got, mask(q, k))
+
+
+@pytest.mark.parametrize("n", [48, 9000], ids=["persistent", "looped"])
+def test_cumsum_scan_on_cuda(n):
+    """scan.sum on CUDA: integer prefix sums exact (HF's packed-sequence ids), float ones within eager's error
+    plus a few units of the row's magnitude; along a row and along a column."""
+    x = torch.randn(5, n, device="cuda")
+    for fn, inp in ((lambda t: (t > 0).cumsum(-1) - 1, x), (lambda t: torch.cumsum(t, -1) * 0.5, x),
+                    (lambda t: torch.cumsum(t.bfloat16().float(), 0), x.t().contiguous())):
+        from .test_lowering_reductions import lower
+
+        gm, outcome = lower(fn, inp)
+        assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+        got, want = gm(inp), fn(inp)
+        if not want.is_floating_point():
+            assert torch.equal(got, want)
+            continue
+        ref = fn(inp.double())
+        err, eager_err = (got.double() - ref).abs().max(), (want.double() - ref).abs().max()
+        assert err <= eager_err + 4 * torch.finfo(torch.float32).eps * inp.abs().double().sum()
+
+
+def test_packed_sequence_mask_on_cuda():
+    from .test_lowering_indexing import packed_mask
+    from .test_lowering_reductions import lower
+
+    pos = torch.cat([torch.arange(700), torch.arange(300)])[None].repeat(2, 1).cuda()
+    pm = torch.rand(2, 1000, device="cuda") > 0.1
+    gm, outcome = lower(packed_mask, pos, pm)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert torch.equal(gm(pos, pm), packed_mask(pos, pm))

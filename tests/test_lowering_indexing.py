@@ -301,8 +301,9 @@ def test_the_runtime_sees_generated_kernels_that_mix_tokens():
 def packed_mask(pos, pm):  # transformers' packed-sequence causal mask, called with ids only (no cache)
     seq = ((pos[:, 1:] - pos[:, :-1]) != 1).cumsum(-1)
     seq = torch.cat([torch.zeros_like(seq[:, :1]), seq], dim=-1)
-    q, k = torch.arange(pos.shape[1])[:, None], torch.arange(pos.shape[1])[None, :]
-    b = torch.arange(pos.shape[0])[:, None, None]
+    q = torch.arange(pos.shape[1], device=pos.device)[:, None]
+    k = torch.arange(pos.shape[1], device=pos.device)[None, :]
+    b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
     return (k <= q) & pm[b, k] & (seq[b, q] == seq[b, k])
 
 
