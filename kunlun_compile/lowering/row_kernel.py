@@ -44,7 +44,6 @@ def tile_plan(rows: int, row_len: int) -> Tuple[bool, int, int, int]:
     return persistent, block_m, block_r, warps if persistent else LOOP_WARPS
 
 
-
 class RowKernel:
     """Launches one generated row kernel."""
 
