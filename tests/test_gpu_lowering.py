@@ -222,3 +222,17 @@ def test_packed_sequence_mask_on_cuda():
     gm, outcome = lower(packed_mask, pos, pm)
     assert count_kernels(gm)["aten"] == 0, outcome.near_misses
     assert torch.equal(gm(pos, pm), packed_mask(pos, pm))
+
+
+def test_histc_on_cuda():
+    """transformers' dispatch histogram on CUDA (int32 ids, as it calls it there): exact counts per expert."""
+    from .test_lowering_reductions import lower
+
+    ids = torch.randint(0, 129, (65536,), device="cuda", dtype=torch.int32)  # 128 is past max: in no bin
+
+    def offsets(t):
+        return torch.cumsum(torch.histc(t, bins=128, min=0, max=127), dim=0, dtype=torch.int32)
+
+    gm, outcome = lower(offsets, ids)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert torch.equal(gm(ids), offsets(ids))

@@ -336,3 +336,36 @@ def test_cumsum_is_a_scan_in_a_row_kernel(n, dtype):
             err = (got[ok].double() - ref.to(got.dtype)[ok].double()).abs().max()
             eager_err = (want[ok].double() - ref.to(got.dtype)[ok].double()).abs().max()
             assert err <= eager_err + 4 * torch.finfo(got.dtype).eps * scale, (interpreted, err, eager_err)
+
+
+def moe_offsets(ids):  # transformers' grouped-GEMM dispatch: tokens per expert, then their running sum
+    counts = torch.histc(ids.float(), bins=8, min=0, max=7)
+    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("fn, make", [
+    (moe_offsets, lambda g: torch.randint(0, 9, (300,), generator=g)),  # 8 is past max: in no bin
+    (lambda x: torch.histc(x, bins=10, min=-1.5, max=2.0) * 2, lambda g: torch.randn(9000, generator=g)),
+    (lambda x: torch.histc(x, bins=3, min=-2, max=2), lambda g: torch.randint(-4, 5, (77,), generator=g).double()),
+], ids=["moe_offsets", "float_looped", "edges"])
+def test_histc_is_a_row_kernel_with_a_row_per_bin(fn, make):
+    """histc: bins x elements, one row per bin (`row.point`), counts exact; an element equal to max falls in
+    the last bin, NaN and out-of-range ones in none, as eager's."""
+    x = make(torch.Generator().manual_seed(0))
+    if x.is_floating_point():
+        x[3] = float("nan")
+        x[4] = float("inf")
+    gm, outcome = lower(fn, x)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert "row.point" in "\n".join(kir_for(k).listing() for k in generated_kernels(gm))
+    want = fn(x)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), interpreted
+
+
+def test_histc_that_takes_its_range_from_the_data_stays_aten_and_says_why():
+    gm, outcome = lower(lambda x: torch.histc(x, bins=4), torch.randn(20))
+    assert count_kernels(gm)["aten"] == 1
+    assert any("taken from the data" in m for m in outcome.near_misses), outcome.near_misses

@@ -34,7 +34,7 @@ import torch.fx as fx
 from .cluster_isel import ClusterSpec
 from .isel import is_cheap, is_contiguous, reads_values, why_not_lowerable
 from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_view
-from .isel_reduce import is_reduction, is_result_of_reduction, reduce_dim
+from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 
 # A cluster's space: ("pw", shape) for element-wise work, ("row", shape, dim) for a row kernel
 # reducing `dim` of `shape`.
@@ -50,7 +50,7 @@ def node_space(node: fx.Node) -> Space:
     if is_result_of_reduction(node):
         node = node.args[0]
     if is_reduction(node):
-        return ("row", iteration_space(node.args[0]), reduce_dim(node))
+        return ("row", *row_space(node))
     if is_index_op(node) or (isinstance(node.meta["val"], torch.Tensor) and not is_contiguous(node.meta["val"])):
         # indexed reads, or a result in a permuted layout: element-wise kernels only, no row kernel takes it
         return ("pwi", iteration_space(node))
@@ -275,4 +275,4 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
             return None  # views alone: no work for a kernel
         return ClusterSpec(group, inputs, outputs, len(space[1]))
     reduction = next(n for n in group if is_reduction(n))
-    return ClusterSpec(group, inputs, outputs, len(space[1]), space[2], tuple(reduction.args[0].meta["val"].shape))
+    return ClusterSpec(group, inputs, outputs, len(space[1]), space[2], row_space(reduction)[0])

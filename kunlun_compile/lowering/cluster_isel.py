@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from .isel import Builder, Policy, Refused, Value, layout_order, lower_node, packet, scalar_operand
 from .isel_index import is_index_op
-from .isel_reduce import MULTI_OUTPUT, REDUCTIONS, is_reduction, is_result_of_reduction, output_dtypes, reduce_dim
+from .isel_reduce import MULTI_OUTPUT, REDUCTIONS, is_reduction, is_result_of_reduction, output_dtypes, row_space
 from .kir import KernelIR
 from .targets import Target
 
@@ -86,17 +86,17 @@ def output_orders(spec: ClusterSpec) -> Tuple[Tuple[int, ...], ...]:
 
 
 def _lower_reduction(b: Builder, spec: ClusterSpec, node: fx.Node, value_of: Callable) -> Any:
-    x = node.args[0].meta["val"]
-    if spec.reduce_dim is None or reduce_dim(node) != spec.reduce_dim or tuple(x.shape) != tuple(spec.space):
+    space, dim = row_space(node)
+    if spec.reduce_dim is None or dim != spec.reduce_dim or tuple(space) != tuple(spec.space):
         raise Refused(f"{node.name}: reduces another dim or shape than its row kernel")
     args = [value_of(a) if not isinstance(a, (list, tuple)) else a for a in node.args]
     kwargs = {k: value_of(v) for k, v in node.kwargs.items()}
     dtypes = output_dtypes(node)
     b.result_dtype = dtypes[0]
     if node.target in MULTI_OUTPUT:
-        results = MULTI_OUTPUT[node.target](b, args, kwargs, dtypes, x.shape[spec.reduce_dim])
+        results = MULTI_OUTPUT[node.target](b, args, kwargs, dtypes, space[dim])
         return tuple(b.cast(v, dt) for v, dt in zip(results, dtypes))
-    return b.cast(REDUCTIONS[node.target](b, args, kwargs, dtypes[0], x.shape[spec.reduce_dim]), dtypes[0])
+    return b.cast(REDUCTIONS[node.target](b, args, kwargs, dtypes[0], space[dim]), dtypes[0])
 
 
 def _check_no_dropped_operand(spec: ClusterSpec, node: fx.Node, per_row: set) -> None:

@@ -11,6 +11,7 @@ up to the order of the additions, NaN propagated as eager does.
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -122,6 +123,9 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
             v = a[0]
         elif ins.op == "row.length":
             v = torch.tensor(shape[kir.reduce_dim], dtype=torch.int64, device=device)
+        elif ins.op == "row.point":
+            kept = [1 if k == kir.reduce_dim else s for k, s in enumerate(shape)]
+            v = torch.arange(math.prod(kept), device=device).view(kept)
         elif ins.op == "row.index":
             d = kir.reduce_dim
             v = torch.arange(shape[d], device=device).view([-1 if k == d else 1 for k in range(len(shape))])

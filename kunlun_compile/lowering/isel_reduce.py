@@ -14,7 +14,7 @@ cluster step puts it in a row kernel with its element-wise producers and consume
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -44,7 +44,27 @@ def _dims(node: fx.Node) -> Optional[List[int]]:
 
 
 def reduce_dim(node: fx.Node) -> int:
-    return _dims(node)[0]
+    return row_space(node)[1]
+
+
+def row_space(node: fx.Node) -> Tuple[Tuple, int]:
+    """(the row kernel's space, its reduced dim): the input's shape and the reduced dim; for histc, one row
+    per bin over all the input's elements ([bins, N], reducing dim 1)."""
+    x = node.args[0].meta["val"]
+    shape = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in x.shape)
+    if node.target is aten.histc.default:
+        return (_histc_args(node)[0],) + shape, 1
+    return shape, _dims(node)[0]
+
+
+def _histc_args(node: fx.Node) -> Tuple[int, float, float]:
+    """(bins, min, max) with torch's defaults."""
+    a = list(node.args[1:]) + [None] * 3
+    kw = node.kwargs
+    bins = a[0] if a[0] is not None else kw.get("bins", 100)
+    lo = a[1] if a[1] is not None else kw.get("min", 0)
+    hi = a[2] if a[2] is not None else kw.get("max", 0)
+    return bins, lo, hi
 
 
 def why_not_reducible(node: fx.Node) -> Optional[str]:
@@ -55,6 +75,8 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
     val = x.meta["val"]
     if val.dim() == 0:
         return "reduction of a 0-dim tensor"
+    if node.target is aten.histc.default:
+        return _why_not_histc(node, val)
     dims = _dims(node)
     if len(dims) != 1:
         return f"reduces {len(dims)} dims (row kernels reduce one)"
@@ -71,6 +93,19 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
     return f"{node.target} of {val.dtype}"
 
 
+def _why_not_histc(node: fx.Node, val: torch.Tensor) -> Optional[str]:
+    bins, lo, hi = _histc_args(node)
+    if val.dim() != 1:
+        return "histc of a tensor of more than one dim"
+    if not isinstance(bins, int) or bins < 1:
+        return f"histc with {bins} bins"
+    if not lo < hi:  # eager then takes the range from the data
+        return f"histc with the range [{lo}, {hi}] (taken from the data)"
+    if val.dtype not in (torch.float32, torch.float64, torch.int32, torch.int64):
+        return f"histc of {val.dtype}"
+    return None
+
+
 # ---- rules: rule(builder, args, kwargs, out_dtypes, row_len) -> Value or tuple of Values ------------
 
 def _sum(b, args, kwargs, out, n):
@@ -82,6 +117,28 @@ def _cumsum(b, args, kwargs, out, n):
     """Prefix sums along the row, accumulated as eager does (fp32 for half results, int64 for integers)."""
     acc = opmath(out) if out.is_floating_point else torch.int64
     return b.emit("scan.sum", acc, (b.operand(args[0], acc),))
+
+
+def _histc(b, args, kwargs, out, n):
+    """Counts per bin, one row per bin (`row.point`) over every element: an element in [min, max] falls in bin
+    (x - min) * bins / (max - min), the last bin taking x == max, as torch computes it (float inputs in their
+    own precision, integer inputs in integer arithmetic as its CUDA kernel does)."""
+    x = args[0]
+    bins, lo, hi = (args + [None] * 4)[1:4]
+    bins, lo, hi = bins if bins is not None else 100, lo if lo is not None else 0, hi if hi is not None else 0
+    if x.dtype.is_floating_point:
+        lo_v, hi_v = b.const(lo, x.dtype), b.const(hi, x.dtype)
+        pos = b.div(b.vec("mul", b.vec("sub", x, lo_v), b.const(bins, x.dtype)), b.const(hi - lo, x.dtype))
+        at = b.cast(pos, torch.int64)  # truncation: floor for the in-range (non-negative) positions
+    else:
+        lo_v, hi_v = b.const(int(lo), x.dtype), b.const(int(hi), x.dtype)
+        wide = b.vec("sub", b.cast(x, torch.int64), b.const(int(lo), torch.int64))
+        at = b.vec("idiv", b.vec("mul", wide, b.const(bins, torch.int64)), b.const(int(hi) - int(lo), torch.int64))
+    last = b.const(bins - 1, torch.int64)
+    at = b.select(b.vec("eq", at, b.const(bins, torch.int64)), last, at)
+    inside = b.vec("and", b.vec("ge", x, lo_v), b.vec("le", x, hi_v))  # NaN: in no bin
+    hit = b.vec("and", inside, b.vec("eq", at, b.emit("row.point", torch.int64)))
+    return b.reduce("sum", b.cast(hit, torch.int64))
 
 
 def _mean(b, args, kwargs, out, n):
@@ -195,6 +252,7 @@ REDUCTIONS: Dict[Any, Callable] = {
     aten.amax.default: _extreme("max"), aten.amin.default: _extreme("min"), aten.var.correction: _var,
     aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax,
     aten.argmax.default: _argmax, aten.argmin.default: _argmin, aten.cumsum.default: _cumsum,
+    aten.histc.default: _histc,
 }
 # Reductions with several results (the graph reads them through getitem nodes).
 MULTI_OUTPUT: Dict[Any, Callable] = {aten.var_mean.correction: _var_mean,

@@ -62,8 +62,10 @@ INDEXED_OPS = ("load.at", "iota")
 # NaN as eager does; `reduce.maxnum` ignores it, for a max whose NaN reaches the result another way
 # (softmax's x - max: a NaN in x makes the row NaN through exp and the sum).
 REDUCE_OPS = {"reduce.sum": 1, "reduce.max": 1, "reduce.min": 1, "reduce.maxnum": 1}
-# A row kernel's position along its row (i64): argmax is the least position holding the max.
-ROW_OPS = {"row.index": 0, "row.length": 0}  # row.length: the reduced dim's size, at run time
+# A row kernel's position along its row (i64): argmax is the least position holding the max.  row.length:
+# the reduced dim's size, at run time; row.point: the row's own position, its kept dims flattened (a
+# histogram's bin: a row per bin).
+ROW_OPS = {"row.index": 0, "row.length": 0, "row.point": 0}
 # Inclusive prefix sums along the row (cumsum): a value per element, each the sum of the row up to it.
 SCAN_OPS = {"scan.sum": 1}
 ARITY = {**VECTOR_OPS, **MATH_OPS, **MEMORY_OPS, **REDUCE_OPS, **ROW_OPS, **SCAN_OPS, "const": 0}

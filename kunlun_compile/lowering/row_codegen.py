@@ -151,6 +151,8 @@ class _RowFunction:
             return [self._store(ins)]
         if ins.op == "row.index":
             return [f"v{n} = (r + m * 0).to(tl.int64)"]
+        if ins.op == "row.point":
+            return [f"v{n} = m.to(tl.int64)"]
         if ins.op == "row.length":
             return [f"v{n} = tl.full([1, 1], 0, tl.int64) + R"]
         if ins.op in SCAN_OPS:  # the tile's prefix sums, after the sum of the tiles before it (looped form)
