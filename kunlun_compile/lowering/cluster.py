@@ -50,7 +50,8 @@ def node_space(node: fx.Node) -> Space:
     if is_result_of_reduction(node):
         node = node.args[0]
     if is_reduction(node):
-        return ("row", *row_space(node))
+        shape, dim = row_space(node)
+        return ("row", tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape), dim)
     if is_index_op(node) or (isinstance(node.meta["val"], torch.Tensor) and not is_contiguous(node.meta["val"])):
         # indexed reads, or a result in a permuted layout: element-wise kernels only, no row kernel takes it
         return ("pwi", iteration_space(node))

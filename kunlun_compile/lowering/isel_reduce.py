@@ -48,10 +48,9 @@ def reduce_dim(node: fx.Node) -> int:
 
 
 def row_space(node: fx.Node) -> Tuple[Tuple, int]:
-    """(the row kernel's space, its reduced dim): the input's shape and the reduced dim; for histc, one row
-    per bin over all the input's elements ([bins, N], reducing dim 1)."""
-    x = node.args[0].meta["val"]
-    shape = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in x.shape)
+    """(the row kernel's space, its reduced dim): the input's shape (ints and SymInts) and the reduced dim; for
+    histc, one row per bin over all the input's elements ([bins, N], reducing dim 1)."""
+    shape = tuple(node.args[0].meta["val"].shape)
     if node.target is aten.histc.default:
         return (_histc_args(node)[0],) + shape, 1
     return shape, _dims(node)[0]
