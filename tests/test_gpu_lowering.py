@@ -236,3 +236,20 @@ def test_histc_on_cuda():
     gm, outcome = lower(offsets, ids)
     assert count_kernels(gm)["aten"] == 0, outcome.near_misses
     assert torch.equal(gm(ids), offsets(ids))
+
+
+def test_scatter_store_on_cuda():
+    """out[ids] = values into a fresh tensor on CUDA (store.at): transformers' inverse permutation and rows
+    written at negative ids, exact."""
+    from .test_lowering_indexing import inverse_permutation, scatter_rows
+    from .test_lowering_reductions import lower
+
+    x, ids = torch.randn(65536, 8, device="cuda"), torch.randint(0, 128, (65536,), device="cuda")
+    gm, outcome = lower(inverse_permutation, x, ids)
+    assert count_kernels(gm)["pointwise"] == 2, outcome.near_misses
+    assert torch.equal(gm(x, ids), inverse_permutation(x, ids))
+    perm = torch.randperm(4096, device="cuda") - 2048
+    y = torch.randn(4096, 256, device="cuda")
+    gm, outcome = lower(scatter_rows, y, perm)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    assert torch.equal(gm(y, perm), scatter_rows(y, perm))

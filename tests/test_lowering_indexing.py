@@ -296,6 +296,7 @@ def test_the_runtime_sees_generated_kernels_that_mix_tokens():
     assert "reads token dim" in check(lambda t, ids: t[ids] * 2.0, x, torch.tensor([5, 0, 1]))  # a gather of rows
     assert "token dim" in check(lambda t: torch.cumsum(t, 0) * 2.0, x)  # a prefix sum over tokens
     assert check(lambda t: torch.cumsum(t, -1) * 2.0, x) is None  # along the hidden dim: per token
+    assert "token dim" in check(scatter_rows, x, torch.tensor([5, 4, 3, 2, 1, 0]))  # rows written at ids
 
 
 def packed_mask(pos, pm):  # transformers' packed-sequence causal mask, called with ids only (no cache)
@@ -320,3 +321,55 @@ def test_transformers_packed_sequence_mask_is_generated_not_aten():
     for interpreted in (False, True):
         with cpu_kernels(interpreted):
             assert torch.equal(gm(pos, pm), want)
+
+
+def inverse_permutation(x, ids):  # transformers' MoE dispatch: restore the order a sort by expert changed
+    _, perm = torch.sort(ids, stable=True)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.size(0), device=ids.device)
+    return x[inv] * 2.0
+
+
+def scatter_rows(x, ids):  # rows written at ids into a fresh tensor (negative ids from the end)
+    out = torch.empty_like(x)
+    out[ids] = x * 3.0 - 1.0
+    return out
+
+
+def test_a_write_at_ids_into_a_fresh_tensor_is_a_scatter_store():
+    """out[ids] = values into an empty tensor: a kernel over the values writing each at its id (`store.at`); the
+    kernel that reads the result reads memory.  Negative ids count from the end; an id outside raises on the
+    host as eager's IndexError."""
+    x, ids = torch.randn(12, 4), torch.randint(0, 5, (12,))
+    gm, outcome = lower(inverse_permutation, x, ids)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 1}, outcome.near_misses  # the sort stays
+    perm = torch.randperm(12) - 6  # a permutation written with negative ids
+    gm2, outcome = lower(scatter_rows, x, perm)
+    assert count_kernels(gm2) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    assert "store out0[%" in kir_for(generated_kernels(gm2)[0]).listing()
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(x, ids), inverse_permutation(x, ids))
+            assert torch.equal(gm2(x, perm), scatter_rows(x, perm))
+    bad = perm.clone()
+    bad[3] = 12
+    with pytest.raises(IndexError):
+        scatter_rows(x, bad)
+    with pytest.raises(IndexError):
+        gm2(x, bad)
+
+
+def test_writes_at_ids_that_are_not_generated_say_why():
+    def accumulate(x, ids):
+        return torch.zeros_like(x).index_put((ids,), x, accumulate=True)
+
+    def into_data(x, ids):
+        out = x.clone() * 2.0
+        out[ids] = x
+        return out
+
+    for fn, why in ((accumulate, "accumulate"), (into_data, "values of its own")):
+        gm, outcome = lower(fn, torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 4, 5]))
+        assert any(why in m for m in outcome.near_misses), outcome.near_misses
+        x, ids = torch.randn(6, 3), torch.tensor([5, 4, 3, 2, 1, 0])
+        assert torch.equal(gm(x, ids), fn(x, ids))

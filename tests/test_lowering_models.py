@@ -1,7 +1,8 @@
 """`--no-fusion` on whole models: the generic lowering alone leaves only what it is meant to leave.
 
-With every fusion pass off, the graphs of the built-in models (MoE ones too) and of HF dense architectures
-(default settings) keep as ATen only matmuls, attention and top-k; everything else -- norms, softmax, rotary with
+With every fusion pass off, the graphs of the built-in models (MoE ones too) and of HF architectures
+(default settings, MoE ones with their grouped-GEMM dispatch) keep as ATen only matmuls, attention, sort,
+top-k and grouped GEMMs; everything else -- norms, softmax, rotary with
 its cat of slices, the rotary table, masks, the embedding, the KV cache's cats -- is generated kernels.
 Each model still matches eager.
 """
@@ -62,3 +63,24 @@ def test_hf_dense_models_keep_only_matmuls_and_attention(arch):
     listings = "\n".join(k["listing"] for g in report.graphs for k in g.generated)
     assert "reduce.sum" in listings  # the norms are row kernels
     assert "iota" in listings and "] if " in listings  # cats: guarded loads of each branch, a select
+
+
+@pytest.mark.parametrize("arch", ["Qwen3Moe", "GptOss"])
+def test_hf_moe_models_keep_only_matmuls_attention_sort_and_grouped_gemms(arch):
+    """transformers' default (grouped-GEMM) expert path: its dispatch -- the histogram of expert ids, the running
+    sum of the counts, the inverse permutation written into a fresh tensor, the gathers -- is generated; the
+    sort, top-k and grouped GEMMs stay."""
+    pytest.importorskip("transformers")
+    from .corpus.archs import ARCHS
+    from .corpus.run import build, input_ids
+
+    model = build(next(a for a in ARCHS if a.name == arch), torch.float32)
+    ids = input_ids()
+    compiled = kc.compile(model, fusion=False, strict=True, graph_mode="none")
+    with torch.no_grad():
+        got, want = compiled(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    report = compiled.kunlun_backend.report
+    assert _left(report) == {}
+    listings = "\n".join(k["listing"] for g in report.graphs for k in g.generated)
+    assert "row.point" in listings and "scan.sum" in listings and "store out" in listings and "[%" in listings

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from .cluster_isel import ClusterSpec
 from .isel import is_cheap, is_contiguous, reads_values, why_not_lowerable
-from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_view
+from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_scatter_store, is_view
 from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 
 # A cluster's space: ("pw", shape) for element-wise work, ("row", shape, dim) for a row kernel
@@ -118,6 +118,8 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
         # instructions of static shape (recomputed at each gathered row) or joins the kernel another way
         if pa is pn or (is_gather_table(n, a) and not _cheap_static_table(members[pa], a)):
             return False
+        if is_scatter_store(a):  # what it writes at data-dependent ids is read from memory, after the kernel
+            return False
         both = joined(space[pa], space[pn])
         if both is not None:
             if _creates_cycle(dag, pa, pn):
@@ -192,7 +194,7 @@ def _reindexable(n: fx.Node, producers: List[fx.Node], producer_space: Space, co
     """A producer cluster read only through the index node `n` (a view, cat branch or gathered ids) is
     evaluated at the coordinates `n` reads, inside n's kernel; when `n` may read one element several times
     (expand, gathers) only if it is cheap."""
-    if not is_index_op(n) or producer_space[0] == "row" or consumer_space[0] == "row":
+    if not is_index_op(n) or is_scatter_store(n) or producer_space[0] == "row" or consumer_space[0] == "row":
         return False
     inside = set(producers) | set(consumers)
     # what else reads a producer is stored by the kernel, at the kernel's point: it must have that shape
@@ -258,8 +260,8 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
         if not reads_values(n):
             continue
         for a in n.all_input_nodes:
-            if a not in inside and a not in inputs:
-                inputs.append(a)
+            if a not in inside and a not in inputs and not (is_scatter_store(n) and a is n.args[0]):
+                inputs.append(a)  # (a scatter's fresh base is never read: the kernel allocates its output)
     outputs = [n for n in group if any(u not in inside for u in n.users)]
     if not outputs:
         return None  # dead code: the dead_code pass's business

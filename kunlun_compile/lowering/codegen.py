@@ -76,6 +76,9 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
             "mask = idx < numel"]
     body += _coordinates(n_in, r, n_out if kir.output_orders else 0) if kir.indexed else _offsets(n_in, r)
     for n, ins in enumerate(kir.instrs):
+        if ins.op == "store.at":
+            body += _scatter_store(n, ins, r)
+            continue
         body.append(_instr(n, ins, cuda, strided_stores=bool(kir.output_orders)))
     lines = [f"def {name}(" + ", ".join(params) + "):"] + ["    " + line for line in body]
     return "\n".join(lines)
@@ -105,6 +108,18 @@ def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: st
     if not operands:
         out = []
     return out
+
+
+def _scatter_store(n: int, ins: Instr, r: int) -> List[str]:
+    """out[id, c1, ..] = value into a contiguous output of the space's shape (its dim 0: numel over the rest);
+    a negative id counts from the end, one outside writes nothing."""
+    v, ids = (f"v{a}" for a in ins.args)
+    inner = " * ".join(f"size{d}" for d in range(1, r)) or "1"
+    offset = f"at{n}"
+    for d in range(1, r):
+        offset = f"({offset}) * size{d} + c{d}"
+    return [f"rows{n} = numel // ({inner})", f"at{n} = tl.where({ids} < 0, {ids} + rows{n}, {ids})",
+            f"tl.store(out{ins.attr} + ({offset}), {v}, mask=mask & (at{n} >= 0) & (at{n} < rows{n}))"]
 
 
 def _coordinates(n_in: int, r: int, strided_outputs: int) -> List[str]:

@@ -121,6 +121,12 @@ def run_kir(kir: KernelIR, inputs: Sequence[torch.Tensor], shape: Sequence[int])
             else:
                 outs[ins.attr].copy_(a[0].expand(tuple(shape)))
             v = a[0]
+        elif ins.op == "store.at":  # out[ids, c1, ..] = value; a negative id from the end, one outside: nothing
+            value, ids = (x.expand(tuple(shape)) for x in a)
+            at = torch.where(ids < 0, ids + shape[0], ids)
+            ok = (at >= 0) & (at < shape[0])
+            outs[ins.attr].index_put_((at[ok],) + tuple(c[ok] for c in coords[1:]), value[ok].to(ins.dtype))
+            v = a[0]
         elif ins.op == "row.length":
             v = torch.tensor(shape[kir.reduce_dim], dtype=torch.int64, device=device)
         elif ins.op == "row.point":

@@ -32,8 +32,12 @@ VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.permute.default, aten.trans
             aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
             aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
 GATHER_OPS = {aten.index_select.default, aten.embedding.default, aten.gather.default, aten.index.Tensor}
-INDEX_OPS = VIEW_OPS | GATHER_OPS | {aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start,
-                                     aten.arange.start_step, aten.scatter.value}
+# out[ids] = values into a fresh tensor (transformers' inverse permutation of its MoE dispatch): a kernel
+# over the values that writes each at its id; what it writes is read from memory by other kernels
+SCATTER_STORES = {aten.index_put.default, aten.index_put_.default}
+FRESH_TENSORS = {aten.empty_like.default, aten.empty.memory_format, aten.new_empty.default}
+INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | {aten.cat.default, aten.stack.default, aten.arange.default,
+                                                      aten.arange.start, aten.arange.start_step, aten.scatter.value}
 # ops that may read one source element for several result elements (recomputing a producer per use)
 DUPLICATING = {aten.expand.default, aten.scatter.value, *GATHER_OPS}
 MAX_SCATTER_IDS = 16  # scatter.value compares each result element with every id of its row: few ids only
@@ -45,6 +49,26 @@ class IndexRefused(Exception):
 
 def is_index_op(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in INDEX_OPS
+
+
+def is_scatter_store(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SCATTER_STORES
+
+
+def _why_not_scatter_store(node: fx.Node) -> Optional[str]:
+    base, indices, values = node.args[0], node.args[1], node.args[2]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    if accumulate:
+        return "index_put with accumulate (a scatter-add)"
+    if not (isinstance(base, fx.Node) and base.op == "call_function" and base.target in FRESH_TENSORS
+            and len(base.users) == 1):
+        return "index_put into a tensor with values of its own (only a fresh empty one is generated)"
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or indices[0].meta["val"].dtype == torch.bool \
+            or indices[0].meta["val"].dim() != 1:
+        return "index_put with other than one 1-d index tensor"
+    if not isinstance(values, fx.Node) or _shape(values) != _shape(base) or _shape(indices[0])[0] != _shape(base)[0]:
+        return "index_put of values not shaped as its result"
+    return None
 
 
 def is_view(node: fx.Node) -> bool:
@@ -109,6 +133,8 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
             return f"scatter of {k} ids per row (more than {MAX_SCATTER_IDS})"
         if index.meta["val"].dim() != val.dim() or any(_shape(index)[d] != _shape(node)[d] for d in others):
             return "scatter whose ids do not cover the result's other dims"
+    if t in SCATTER_STORES:
+        return _why_not_scatter_store(node)
     if t is aten.index.Tensor:
         indices = node.args[1]
         if not all(isinstance(i, fx.Node) for i in indices):

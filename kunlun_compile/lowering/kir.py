@@ -53,7 +53,9 @@ MATH_OPS = {
     # precise-only functions (no single-instruction hardware form on the targets described)
     "exp": 1, "log": 1, "expm1": 1, "log1p": 1, "pow": 2,
 }
-MEMORY_OPS = {"load": 0, "store": 1}
+# store.at (value, ids): writes the value at the point with its first coordinate replaced by the id (a
+# negative id counts from the end; one outside the output writes nothing): eager's `out[ids] = values`.
+MEMORY_OPS = {"load": 0, "store": 1, "store.at": 2}
 # Indexed access (lowering/index_expr.py): `load.at` reads an input at index expressions of the
 # kernel's coordinates (and of gathered ids: its operands); `iota` is such an expression's value.
 # Their attr is a JSON string; their operands are the SSA values the expressions read.
@@ -133,7 +135,7 @@ class KernelIR:
     def indexed(self) -> bool:
         """Reads at index expressions or writes a permuted layout: the launcher keeps every dim (no
         coalescing), the kernel computes every coordinate."""
-        return bool(self.output_orders) or any(i.op in INDEXED_OPS for i in self.instrs)
+        return bool(self.output_orders) or any(i.op in INDEXED_OPS or i.op == "store.at" for i in self.instrs)
 
     @functools.cached_property
     def plain_inputs(self) -> FrozenSet[int]:
@@ -142,7 +144,7 @@ class KernelIR:
         return frozenset(i.attr for i in self.instrs if i.op == "load")
 
     @functools.cached_property
-    def host_checked_ids(self) -> Tuple[List[Tuple[int, int, int]], List[Tuple[int, int]]]:
+    def host_checked_ids(self) -> Tuple[List[Tuple[int, int, int, bool]], List[Tuple[int, int, bool]]]:
         """(gathered_inputs, scattered_inputs): the ids the op range-checks on the host before a launch."""
         return gathered_inputs(self), scattered_inputs(self)
 
@@ -207,6 +209,8 @@ def format_instr(n: int, i: Instr) -> str:
         body = f"load in{i.attr}"
     elif i.op == "store":
         return " " * 7 + f"{f'store out{i.attr}, %{i.args[0]}':<32} : {DTYPE_NAMES[i.dtype]:<4} mem"
+    elif i.op == "store.at":
+        return " " * 7 + f"{f'store out{i.attr}[%{i.args[1]}, ...], %{i.args[0]}':<32} : {DTYPE_NAMES[i.dtype]:<4} mem"
     elif i.op == "const":
         body = f"const {format_const(i.attr)}"
     elif i.op == "load.at":
@@ -226,8 +230,25 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int, bool]]:
     kernel input read as they are (a load, perhaps cast): the ids a host check can see before the launch."""
     from .index_expr import Affine
 
-    source: dict = {}  # SSA id -> the input it is, unchanged
+    source = _input_sources(kir)
     out = []
+    for i in kir.instrs:
+        if i.op == "load.at":
+            a = json.loads(i.attr)
+            for j in a["bounds"]:
+                e = Affine.from_json(a["index"][j])
+                if e.const == 0 and len(e.terms) == 1 and e.terms[0][1] == 1 and e.terms[0][0].kind == "v" \
+                        and e.terms[0][0].n in source:
+                    out.append((source[e.terms[0][0].n], a["in"], j, j in a.get("wrap", ())))
+    return sorted(set(out))
+
+
+def _input_sources(kir: "KernelIR") -> dict:
+    """SSA id -> the input it is, unchanged (a load, an integer cast of one, or a load.at that only reads
+    the input by coordinates in another order: ids [T] in a [T, H] kernel)."""
+    from .index_expr import Affine
+
+    source: dict = {}
     for n, i in enumerate(kir.instrs):
         if i.op == "load":
             source[n] = i.attr
@@ -238,19 +259,18 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int, bool]]:
             index = [Affine.from_json(e) for e in a["index"]]
             if not a["guard"] and not a["bounds"] and all(len(e.terms) == 1 and e.terms[0][0].kind == "c"
                                                           and e.terms[0][1] == 1 and e.const == 0 for e in index):
-                source[n] = a["in"]  # the input read by coordinates in another order (ids [T] in a [T, H] kernel)
-            for j in a["bounds"]:
-                e = Affine.from_json(a["index"][j])
-                if e.const == 0 and len(e.terms) == 1 and e.terms[0][1] == 1 and e.terms[0][0].kind == "v" \
-                        and e.terms[0][0].n in source:
-                    out.append((source[e.terms[0][0].n], a["in"], j, j in a.get("wrap", ())))
-    return sorted(set(out))
+                source[n] = a["in"]
+    return source
 
 
-def scattered_inputs(kir: "KernelIR") -> List[Tuple[int, int]]:
-    """(ids input, kernel dim) for each scatter whose ids are read from an input: positions along that dim."""
-    return sorted({(a["in"], a["ids_of"]) for a in (json.loads(i.attr) for i in kir.instrs if i.op == "load.at")
-                   if "ids_of" in a})
+def scattered_inputs(kir: "KernelIR") -> List[Tuple[int, int, bool]]:
+    """(ids input, kernel dim, negative ids count from the end) for each scatter whose ids are read from an
+    input: positions along that dim (a scatter of a value's ids, or the ids a store.at writes at, dim 0)."""
+    out = {(a["in"], a["ids_of"], False) for a in (json.loads(i.attr) for i in kir.instrs if i.op == "load.at")
+           if "ids_of" in a}
+    source = _input_sources(kir)
+    out |= {(source[i.args[1]], 0, True) for i in kir.instrs if i.op == "store.at" and i.args[1] in source}
+    return sorted(out)
 
 
 def describe_expr(d: list) -> str:

@@ -25,7 +25,7 @@ from .index_expr import Affine
 from .cluster_isel import ClusterSpec, output_orders
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
 from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
-                         scatter_rows, sizes, view_source, wraps_negative_ids)
+                         is_scatter_store, scatter_rows, sizes, view_source, wraps_negative_ids)
 from .kir import KernelIR
 
 aten = torch.ops.aten
@@ -39,6 +39,12 @@ def lower_indexed_cluster(spec: ClusterSpec, b: Builder, policy: Policy) -> Kern
         if shape != ev.space:
             raise Refused(f"{node.name} is read outside the kernel but has shape {list(shape)}, not the "
                           f"kernel's {list(ev.space)}")
+        if is_scatter_store(node):  # out[ids] = values: each value written at its id along dim 0
+            dtype, values, ids = node.meta["val"].dtype, node.args[2], node.args[1][0]
+            value = b.cast(ev.at(values, ev.natural(sizes(values.meta["val"])), ()), dtype)
+            at = b.cast(ev.at(ids, (Affine.coord(0),), ()), torch.int64)
+            b.emit("store.at", dtype, (value, at), k, "mem")
+            continue
         b.store(k, ev.at(node, ev.natural(shape), ()), node.meta["val"].dtype)
     origin = ", ".join(str(packet(n) or n.target).replace("aten.", "") for n in spec.nodes)
     return KernelIR(spec.rank, tuple(n.meta["val"].dtype for n in spec.inputs),
@@ -82,6 +88,8 @@ class _Evaluator:
     # ---- index nodes -------------------------------------------------------------------------
     def _index(self, node: fx.Node, m: Map, guard: Guard) -> Value:
         out = node.meta["val"].dtype
+        if is_scatter_store(node):
+            raise Refused(f"{node.name} (a scatter) is read inside the kernel that writes it")
         if node.target in VIEW_OPS:
             return self.at(node.args[0], view_source(node, m, self.sizes), guard)
         if node.target in (aten.cat.default, aten.stack.default):

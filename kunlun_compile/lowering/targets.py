@@ -90,7 +90,7 @@ TARGETS: Dict[str, Target] = {
         # max/min also reduce a NaN flag; idiv: the ~20-instruction integer division sequence; scan: a scan
         # tree and its carry's sum
         op_slots={"reduce.sum": 1.5, "reduce.max": 3.0, "reduce.min": 3.0, "reduce.maxnum": 1.5, "row.index": 1.0,
-                  "row.length": 0.0, "row.point": 0.0, "load.at": 2.0, "scan.sum": 3.0,
+                  "row.length": 0.0, "row.point": 0.0, "load.at": 2.0, "store.at": 2.0, "scan.sum": 3.0,
                   "iota": 1.0, "idiv": 20.0}),
     "kunlun-xpu": Target(
         name="kunlun-xpu",
@@ -102,7 +102,7 @@ TARGETS: Dict[str, Target] = {
         has_inline_asm=False,
         # assumed: reductions cross the SIMD lanes in log steps; an indexed load computes its address per lane
         op_slots={"reduce.sum": 2.0, "reduce.max": 2.0, "reduce.min": 2.0, "reduce.maxnum": 2.0, "row.index": 1.0,
-                  "row.length": 0.0, "row.point": 0.0, "load.at": 4.0, "scan.sum": 4.0,
+                  "row.length": 0.0, "row.point": 0.0, "load.at": 4.0, "store.at": 4.0, "scan.sum": 4.0,
                   "iota": 1.0, "idiv": 8.0}),
 }
 if tuple(TARGETS) != TARGET_NAMES:  # config.py checks the `target` option against its list of names

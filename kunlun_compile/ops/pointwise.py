@@ -40,9 +40,9 @@ def check_gathers(kir, inputs: List[torch.Tensor], shape: List[int], kernel: str
     for ids, table, dim, wraps in gathered:
         check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
                           inputs[ids], inputs[table].shape[dim], negative=wraps)
-    for ids, dim in scattered:
+    for ids, dim, wraps in scattered:
         check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along dim {dim}", inputs[ids],
-                          int(shape[dim]))
+                          int(shape[dim]), negative=wraps)
 
 
 @torch.library.custom_op("kunlun::pointwise", mutates_args=())

@@ -203,6 +203,8 @@ def _generated_kernel_reason(node: fx.Node, sym) -> Optional[str]:
     token_space = {d for d, e in enumerate(space) if isinstance(e, sympy.Expr) and sym in e.free_symbols}
     if kir.reduce_dim is not None and kir.reduce_dim in token_space:
         return f"kunlun::pointwise {key} reduces along the token dim {kir.reduce_dim}"
+    if 0 in token_space and any(i.op == "store.at" for i in kir.instrs):
+        return f"kunlun::pointwise {key} writes values at ids along the token dim"
     if not kir.indexed:
         return None
     own = {f"c{d}" for d in token_space}
