@@ -158,11 +158,11 @@ def test_strided_inputs_are_read_through_their_strides():
 
 def test_refused_nodes_stay_aten_with_a_reason():
     def f(x, e):
-        return torch.pow(x.abs() + 1, e) + 1  # tensor exponent
+        return torch.pow(x.abs() + 1, e) + 1  # integer pow
 
-    x, e = torch.randn(5, 6), torch.randn(5, 6)
+    x, e = torch.randint(-3, 3, (5, 6)), torch.randint(0, 4, (5, 6))
     gm, outcome = lower(f, x, e)
-    assert "tensor exponent" in "\n".join(outcome.near_misses)
+    assert "integer pow" in "\n".join(outcome.near_misses)
     torch.testing.assert_close(gm(x, e), f(x, e))
 
 
@@ -346,3 +346,30 @@ def test_an_output_used_before_its_cluster_ends_is_reordered():
     assert outcome.matches == 2
     for got, want in zip(gm(a, b), f(a, b)):
         torch.testing.assert_close(got, want)
+
+
+def _rotary_inv_freq(x, y):  # HF rotary tables: a scalar base to a tensor power
+    return x * (1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16)))
+
+
+@pytest.mark.parametrize("fn", [
+    _rotary_inv_freq,
+    lambda x, y: torch.pow(x.abs() + 0.5, y) * 2.0,  # tensor ** tensor
+    lambda x, y: torch.clamp(x, min=-y.abs(), max=y.abs() * 0.5),  # Phimoe's sparsemixer: tensor bounds
+    lambda x, y: torch.clamp(x.bfloat16(), min=y.bfloat16()) * 1.5,
+    lambda x, y: torch.clamp(x, max=y),
+], ids=["scalar_base_pow", "tensor_pow", "clamp_tensors", "clamp_min_bf16", "clamp_max"])
+def test_tensor_exponents_and_tensor_clamp_bounds_are_generated(fn):
+    """pow with a tensor exponent is powf (libdevice's, as torch's tensor-tensor kernel); clamp with tensor
+    bounds is torch's own definition: x unless it is below min (above max), NaN in x or in a bound kept."""
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    x[0, 0], y[1, 1], y[2, 2] = float("nan"), float("nan"), -0.0
+    gm, outcome = lower(fn, x, y)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    want = fn(x, y)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(x, y)
+        assert torch.equal(got.isnan(), want.isnan())
+        # the KIR interpreter is torch itself; Triton's interpreter takes numpy's pow (one unit)
+        torch.testing.assert_close(got, want, rtol=2.5e-7 if interpreted else 0, atol=0, equal_nan=True)

@@ -303,10 +303,13 @@ def _gelu(b, args, kwargs, out):
 
 def _pow(b, args, kwargs, out):
     base, e = args[0], args[1]
-    if isinstance(e, Value):
-        raise Refused("pow with a tensor exponent")
     if not out.is_floating_point:
         raise Refused("integer pow")
+    if isinstance(e, Value):  # a tensor exponent: powf, as torch's tensor-tensor kernel (1 ** e is 1 there)
+        if not isinstance(base, Value) and base == 1:
+            return b.const(1.0, opmath(out))
+        x, ev = _in_compute_dtype(b, [base, e], out)
+        return b.math("pow", x, ev, form="precise")
     (x,) = _in_compute_dtype(b, [base], out)
     one = b.const(1.0, x.dtype)
     if e == 0:
@@ -336,13 +339,23 @@ def _clamp(kind: str):
         hi = (_arg(args, kwargs, 2, "max") if kind == "both" else _arg(args, kwargs, 1, "max")) \
             if kind in ("both", "max") else None
         if isinstance(lo, Value) or isinstance(hi, Value):
-            raise Refused("clamp with tensor bounds")
+            return _clamp_by_tensors(b, x, lo, hi, comp)
         if lo is not None:
             x = b.vec("max", x, b.const(lo, comp))
         if hi is not None:  # applied last: torch gives max when min > max
             x = b.vec("min", x, b.const(hi, comp))
         return x
     return rule
+
+
+def _clamp_by_tensors(b, x: Value, lo, hi, comp: torch.dtype) -> Value:
+    """torch's clamp with tensor bounds: x where x >= min (or x is NaN) else min, then the same against max --
+    a NaN bound makes the result NaN through the failed compare."""
+    for bound, keep in ((lo, "ge"), (hi, "le")):
+        if bound is not None:
+            v = b.operand(bound, comp)
+            x = b.select(b.vec("or", b.vec(keep, x, v), b.vec("ne", x, x)), x, v)
+    return x
 
 
 def _relu(b, args, kwargs, out):
