@@ -3,8 +3,9 @@
 Each case is a plain-torch function of the kind a decoder layer is made of: RMSNorm (HF, Gemma and
 x*x/sum spellings), residual add + RMSNorm, LayerNorm + GELU + residual, a scaled and masked fp32
 softmax, log_softmax over a vocabulary row (the looped long-row path), a softmax/top-k router,
-neox rotary, a scaled embedding and causal-mask construction; bf16, hidden 4096, at decode sizes
-(1, 16, 64 tokens) and a prefill size (8192 tokens; log_softmax 1024, the causal mask 4096).  The
+neox rotary, a scaled embedding, causal-mask construction, transformers' packed-sequence mask and its
+MoE dispatch glue (histc, cumsum, inverse permutation, gathers); bf16, hidden 4096, at decode sizes
+(1, 16, 64 tokens) and a prefill size (8192 tokens; log_softmax 1024, the masks 4096).  The
 last three are mostly not lowered yet (indexing, cat): they show where the generic path stands.
 Variants, one compile each (dynamo reset between): eager, inductor (torch.compile default) and
 kunlun with fusion=False (graph runtime off: this bench captures the whole call itself).  Per row
@@ -40,7 +41,7 @@ SMOKE_SIZES = dict(hidden=64, vocab=512, heads=4, head_dim=16, score_rows_per_to
                    experts=64, mask_past=8)
 DECODE_TOKENS = (1, 16, 64)
 PREFILL_TOKENS = 8192
-PREFILL_OVERRIDE = {"log_softmax_vocab": 1024, "causal_mask": 4096}  # bounds memory
+PREFILL_OVERRIDE = {"log_softmax_vocab": 1024, "causal_mask": 4096, "packed_mask": 4096}  # bounds memory
 SMOKE_TOKENS = 2
 SMOKE_TOLERANCE = 2  # --smoke fails a case whose kunlun error passes this many times eager's (+ 2^-8)
 # graph_mode="none": this bench captures the whole call in a CUDA graph itself (as bench_fusion.py does)
@@ -110,6 +111,32 @@ def causal_mask(q_pos, k_pos):
     return torch.where(k_pos[None, :] <= q_pos[:, None], 0.0, float("-inf"))
 
 
+def packed_mask(pos, pm):
+    """transformers' causal mask for a call with ids only: sequence starts found by a cumsum of position jumps,
+    `padding_mask[batch, kv]` picks, `arange`s."""
+    seq = ((pos[:, 1:] - pos[:, :-1]) != 1).cumsum(-1)
+    seq = torch.cat([torch.zeros_like(seq[:, :1]), seq], dim=-1)
+    q = torch.arange(pos.shape[1], device=pos.device)[:, None]
+    k = torch.arange(pos.shape[1], device=pos.device)[None, :]
+    b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
+    return (k <= q) & pm[b, k] & (seq[b, q] == seq[b, k])
+
+
+def moe_dispatch(ids, x):
+    """transformers' grouped-GEMM dispatch around the expert GEMMs: sort by expert (stays ATen), tokens per
+    expert (histc) and their offsets (cumsum), rows in expert order, the inverse permutation written into a
+    fresh tensor and the gather back."""
+    k = ids.shape[-1]
+    sorted_ids, perm = torch.sort(ids.reshape(-1))
+    experts = SIZES["experts"]  # the smoke sizes have as many
+    counts = torch.histc(sorted_ids.float(), bins=experts, min=0, max=experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=ids.device)
+    rows = x[perm // k] * 2.0
+    return offsets, rows[inv]
+
+
 # ---- fresh random inputs (never zeros) -----------------------------------------------------
 
 def _randn(dev, *shape, scale=1.0, shift=0.0):
@@ -165,6 +192,16 @@ def _embedding_inputs(T, S, dev):
     return torch.randint(0, S["vocab"], (T,), device=dev), _randn(dev, S["vocab"], S["hidden"])
 
 
+def _packed_inputs(T, S, dev):
+    cut = int(torch.randint(1, T, ()).item()) if T > 1 else 1  # two packed sequences
+    pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).to(dev)[None]
+    return pos, torch.rand(1, T, device=dev) > 0.05
+
+
+def _dispatch_inputs(T, S, dev):
+    return torch.randint(0, S["experts"], (T, TOP_K), device=dev), _randn(dev, T, S["hidden"]).to(BF)
+
+
 def _mask_inputs(T, S, dev):
     # T new tokens after S["mask_past"] cached ones, positions shifted by a random offset
     start = int(torch.randint(1, 64, ()).item())
@@ -185,6 +222,8 @@ CASES = {
     "rotary_neox": (rotary_neox, _rotary_inputs),
     "embedding_scaled": (embedding_scaled, _embedding_inputs),
     "causal_mask": (causal_mask, _mask_inputs),
+    "packed_mask": (packed_mask, _packed_inputs),
+    "moe_dispatch": (moe_dispatch, _dispatch_inputs),
 }
 
 
