@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kunlun_compile as kc
 from kunlun_compile.graph_stats import count_kernels, generated_kernels
 from kunlun_compile.lowering.cache import kir_for
 from kunlun_compile.lowering.index_expr import Affine, identity
@@ -373,3 +374,19 @@ def test_writes_at_ids_that_are_not_generated_say_why():
         assert any(why in m for m in outcome.near_misses), outcome.near_misses
         x, ids = torch.randn(6, 3), torch.tensor([5, 4, 3, 2, 1, 0])
         assert torch.equal(gm(x, ids), fn(x, ids))
+
+
+def test_arange_of_a_symbolic_length_is_generated_under_dynamic_shapes():
+    """torch.arange(n) with n a symbolic size (HF's cache positions under dynamic=True): the end only sizes
+    the kernel's space, passed as a shape argument; the kernel serves every n."""
+    def positions(x, y):
+        return torch.arange(y.shape[0], device=x.device)[:, None] * 2 + x[: y.shape[0]]
+
+    torch._dynamo.reset()
+    be = kc.backend(fusion=False)
+    compiled = torch.compile(positions, backend=be, dynamic=True)
+    for n in (3, 7, 12):
+        x, y = torch.randn(16, 4), torch.randn(n)
+        assert torch.equal(compiled(x, y), positions(x, y))
+    code = "\n".join(g.passes[-1].code_after for g in be.report.graphs)
+    assert "aten.arange" not in code and "kunlun.pointwise" in code

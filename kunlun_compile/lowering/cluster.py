@@ -260,8 +260,10 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
         if not reads_values(n):
             continue
         for a in n.all_input_nodes:
-            if a not in inside and a not in inputs and not (is_scatter_store(n) and a is n.args[0]):
-                inputs.append(a)  # (a scatter's fresh base is never read: the kernel allocates its output)
+            if a not in inside and a not in inputs and not (is_scatter_store(n) and a is n.args[0]) \
+                    and isinstance(a.meta.get("val"), torch.Tensor):
+                inputs.append(a)  # (not a scatter's fresh base: the kernel allocates its output; not arange's
+                # symbolic end: it only sizes the space, given to the kernel as a shape argument)
     outputs = [n for n in group if any(u not in inside for u in n.users)]
     if not outputs:
         return None  # dead code: the dead_code pass's business

@@ -482,6 +482,10 @@ def is_cheap(node: fx.Node) -> bool:
     return packet(node) not in _MATH_PACKETS
 
 
+def _is_arange(node: fx.Node) -> bool:
+    return node.target in (aten.arange.default, aten.arange.start, aten.arange.start_step)
+
+
 def reads_values(node: fx.Node) -> bool:
     return getattr(LOWERINGS.get(packet(node)), "reads_values", True)
 
@@ -530,7 +534,7 @@ def _why_not_operands(node: fx.Node, val: Any) -> Optional[str]:
                 devices.add(av.device)
             elif av.device != val.device:
                 return "a 0-dim operand on another device"
-        else:
+        elif not (isinstance(av, torch.SymInt) and _is_arange(node)):  # arange's end only sizes its result
             return "a symbolic or non-tensor operand"
     if len(devices) > 1:
         return "operands on several devices"

@@ -136,6 +136,10 @@ def _size_from_inputs(graph: fx.Graph, spec: ClusterSpec, size: torch.SymInt) ->
                             node = graph.call_function(torch.ops.aten.sym_size.int, (x, d))
                         node.meta["val"] = s
                         return node
+            for n in spec.nodes:  # a size the graph computes as a value (arange's symbolic end)
+                for a in n.all_input_nodes:
+                    if isinstance(a.meta.get("val"), torch.SymInt) and a.meta["val"].node.expr == expr:
+                        return a
             raise Refused(f"no input has the symbolic size {expr}")
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             parts = [build(a) for a in expr.args]
