@@ -2,7 +2,7 @@
 
 For a few row shapes (softmax with scale and mask over 1024-wide rows at prefill, log_softmax over a
 32000-wide vocabulary row at decode and prefill, RMSNorm over 4096), lowers the subgraph once and
-times the one kernel under each (persistent, BLOCK_M, BLOCK_R, num_warps, online) candidate, beside
+times the one kernel under each (persistent, BLOCK_M, BLOCK_R, num_warps) candidate, beside
 inductor: the table says which tile rule to keep.  Times are CUDA-graph replays (bench_fusion).
 
     python benchmarks/row_tiles.py [OUT_JSON]
@@ -50,7 +50,7 @@ def main():
     from kunlun_compile.passes.lower_elementwise import lower_elementwise
 
     rows = []
-    original, original_online = row_kernel.tile_plan, row_kernel.use_online
+    original = row_kernel.tile_plan
     for name, fn, shape in cases():
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         gm = make_fx(fn)(x)
@@ -68,30 +68,26 @@ def main():
         full = triton_next_pow2(r)
         candidates = ([(True, bm, full, w) for bm, w in ((1, 4), (2, 4), (4, 8), (8, 8)) if bm * full <= 65536]
                       if full <= 8192 else [])
-        # looped: (online, two-pass) x tiles x warps; `online` only matters for a softmax-like pair
-        candidates += [(False, 1, br, w, on) for br, w, on in itertools.product((2048, 4096, 8192), (8, 16),
-                                                                                (True, False)) if br < r]
-        candidates = [c if len(c) == 5 else c + (False,) for c in candidates]
-        for persistent, bm, br, warps, online in candidates:
+        candidates += [(False, 1, br, w) for br, w in itertools.product((2048, 4096, 8192), (4, 8, 16)) if br < r]
+        for persistent, bm, br, warps in candidates:
             if bm > max(m, 1):
                 continue
             row_kernel.tile_plan = lambda rows, n, p=(persistent, bm, br, warps): p
-            row_kernel.use_online = lambda rows, on=online: on
             try:
                 got = gm(x)
                 err = (got.float() - want.float()).abs().max().item()
                 t = graph_time_ms(gm, (x,))
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row of the table
-                rows.append(dict(case=name, shape=shape, tile=[persistent, bm, br, warps, online], error=str(e)[:120]))
+                rows.append(dict(case=name, shape=shape, tile=[persistent, bm, br, warps], error=str(e)[:120]))
                 continue
             finally:
-                row_kernel.tile_plan, row_kernel.use_online = original, original_online
-            rows.append(dict(case=name, shape=shape, tile=[persistent, bm, br, warps, online], ms=t, inductor_ms=t_ind,
+                row_kernel.tile_plan = original
+            rows.append(dict(case=name, shape=shape, tile=[persistent, bm, br, warps], ms=t, inductor_ms=t_ind,
                              max_abs_err=err))
             if best is None or t < best[0]:
-                best = (t, (persistent, bm, br, warps, online))
-        default = original(m, r) + (original_online(m),)
-        row_kernel.tile_plan, row_kernel.use_online = original, original_online
+                best = (t, (persistent, bm, br, warps))
+        default = original(m, r)
+        row_kernel.tile_plan = original
         t_default = graph_time_ms(gm, (x,))
         print(f"{name:15s} {str(shape):14s} inductor {t_ind:.4f}  default {default} {t_default:.4f}  "
               f"best {best[1]} {best[0]:.4f}", flush=True)

@@ -369,3 +369,18 @@ def test_histc_that_takes_its_range_from_the_data_stays_aten_and_says_why():
     gm, outcome = lower(lambda x: torch.histc(x, bins=4), torch.randn(20))
     assert count_kernels(gm)["aten"] == 1
     assert any("taken from the data" in m for m in outcome.near_misses), outcome.near_misses
+
+
+def test_histc_reads_bins_and_range_given_by_name():
+    """A graph may carry histc's bins/min/max as keywords: the row space and the bins' arithmetic both read
+    them (integer inputs are eager's on CUDA only; on the CPU tracing itself raises, as eager does)."""
+    x = torch.randint(0, 8, (40,)).float()
+    gm = make_fx(lambda t: torch.histc(t, bins=8, min=0, max=7), tracing_mode="fake")(x)
+    (node,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.histc.default]
+    node.args, node.kwargs = node.args[:1], {"bins": 8, "min": 0, "max": 7}
+    lower_elementwise(gm, PassContext(CompileConfig(), "t"))
+    gm.recompile()
+    assert count_kernels(gm)["aten"] == 0
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(x), torch.histc(x, bins=8, min=0, max=7))

@@ -42,8 +42,11 @@ Space = Tuple
 
 
 def iteration_space(node: fx.Node) -> Tuple:
-    val = node.meta["val"]
-    return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in val.shape)
+    return _exprs(node.meta["val"].shape)
+
+
+def _exprs(shape) -> Tuple:
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape)
 
 
 def node_space(node: fx.Node) -> Space:
@@ -51,7 +54,7 @@ def node_space(node: fx.Node) -> Space:
         node = node.args[0]
     if is_reduction(node):
         shape, dim = row_space(node)
-        return ("row", tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape), dim)
+        return ("row", _exprs(shape), dim)
     if is_index_op(node) or (isinstance(node.meta["val"], torch.Tensor) and not is_contiguous(node.meta["val"])):
         # indexed reads, or a result in a permuted layout: element-wise kernels only, no row kernel takes it
         return ("pwi", iteration_space(node))

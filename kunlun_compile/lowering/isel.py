@@ -305,9 +305,7 @@ def _pow(b, args, kwargs, out):
     base, e = args[0], args[1]
     if not out.is_floating_point:
         raise Refused("integer pow")
-    if isinstance(e, Value):  # a tensor exponent: powf, as torch's tensor-tensor kernel (1 ** e is 1 there)
-        if not isinstance(base, Value) and base == 1:
-            return b.const(1.0, opmath(out))
+    if isinstance(e, Value):  # a tensor exponent: powf, as torch's tensor-tensor kernel
         x, ev = _in_compute_dtype(b, [base, e], out)
         return b.math("pow", x, ev, form="precise")
     (x,) = _in_compute_dtype(b, [base], out)

@@ -52,18 +52,15 @@ def row_space(node: fx.Node) -> Tuple[Tuple, int]:
     histc, one row per bin over all the input's elements ([bins, N], reducing dim 1)."""
     shape = tuple(node.args[0].meta["val"].shape)
     if node.target is aten.histc.default:
-        return (_histc_args(node)[0],) + shape, 1
+        return (_histc_params(node.args, node.kwargs)[0],) + shape, 1
     return shape, _dims(node)[0]
 
 
-def _histc_args(node: fx.Node) -> Tuple[int, float, float]:
-    """(bins, min, max) with torch's defaults."""
-    a = list(node.args[1:]) + [None] * 3
-    kw = node.kwargs
-    bins = a[0] if a[0] is not None else kw.get("bins", 100)
-    lo = a[1] if a[1] is not None else kw.get("min", 0)
-    hi = a[2] if a[2] is not None else kw.get("max", 0)
-    return bins, lo, hi
+def _histc_params(args: Sequence, kwargs: Dict) -> Tuple[int, float, float]:
+    """histc's (bins, min, max), given by position or name, with torch's defaults."""
+    names, defaults = ("bins", "min", "max"), (100, 0, 0)
+    return tuple(args[1 + k] if len(args) > 1 + k else kwargs.get(name, d)
+                 for k, (name, d) in enumerate(zip(names, defaults)))
 
 
 def why_not_reducible(node: fx.Node) -> Optional[str]:
@@ -93,7 +90,7 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
 
 
 def _why_not_histc(node: fx.Node, val: torch.Tensor) -> Optional[str]:
-    bins, lo, hi = _histc_args(node)
+    bins, lo, hi = _histc_params(node.args, node.kwargs)
     if val.dim() != 1:
         return "histc of a tensor of more than one dim"
     if not isinstance(bins, int) or bins < 1:
@@ -123,8 +120,7 @@ def _histc(b, args, kwargs, out, n):
     (x - min) * bins / (max - min), the last bin taking x == max, as torch computes it (float inputs in their
     own precision, integer inputs in integer arithmetic as its CUDA kernel does)."""
     x = args[0]
-    bins, lo, hi = (args + [None] * 4)[1:4]
-    bins, lo, hi = bins if bins is not None else 100, lo if lo is not None else 0, hi if hi is not None else 0
+    bins, lo, hi = _histc_params(args, kwargs)
     if x.dtype.is_floating_point:
         lo_v, hi_v = b.const(lo, x.dtype), b.const(hi, x.dtype)
         pos = b.div(b.vec("mul", b.vec("sub", x, lo_v), b.const(bins, x.dtype)), b.const(hi - lo, x.dtype))
