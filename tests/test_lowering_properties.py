@@ -132,6 +132,26 @@ def test_random_programs_with_indexing_equal_eager(case, seed):
         check_close(gm(*inputs), want, dtype, triton_units, scale)
 
 
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs(max_steps=8, reductions=True, indexing=True), __import__("hypothesis").strategies.integers(0, 2**16))
+def test_random_programs_with_reductions_and_indexing_equal_eager(case, seed):
+    """Reductions among moved values: a row kernel takes indexing producers and consumers (it reads at index
+    expressions; a reduction is evaluated at the rows its readers ask for, only its own), or the values cross
+    memory between kernels.  The reductions' tolerance, no cluster refused."""
+    program, shapes, dtype = case
+    inputs = make_inputs(shapes, dtype, seed)
+    gm, fn, outcome = lowered(program, inputs)
+    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    want = fn(*inputs)
+    scale = scale_of(program, inputs)
+    kir_units, triton_units = TOL_UNITS[dtype]
+    with cpu_kernels(False):
+        check_close(gm(*inputs), want, dtype, 2 * kir_units, scale)
+    with cpu_kernels(True):
+        check_close(gm(*inputs), want, dtype, 2 * triton_units, scale)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(programs(max_steps=4), __import__("hypothesis").strategies.integers(0, 2**16))

@@ -384,3 +384,120 @@ def test_histc_reads_bins_and_range_given_by_name():
     for interpreted in (False, True):
         with cpu_kernels(interpreted):
             assert torch.equal(gm(x), torch.histc(x, bins=8, min=0, max=7))
+
+
+# ---- row kernels that index: gathers, views and `cat` around a reduction (reindex.py) ----------------
+
+def embed_then_norm(ids, table, w):  # HF: the embedding's rows are the residual and the first norm's input
+    e = F.embedding(ids, table)
+    return rms_hf(e, w), e
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def qk_norm_rope(q, k, wq, wk, cos, sin):
+    """Qwen3's attention prologue without fusions: per-head norms of [B, S, H, D], the head transpose, the
+    rotation by rotate_half, and k repeated for grouped queries (`repeat_kv`)."""
+    q, k = rms_hf(q, wq).transpose(1, 2), rms_hf(k, wk).transpose(1, 2)
+    cos, sin = cos[:, None], sin[:, None]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    b, h, s, d = k.shape
+    return q, k[:, :, None].expand(b, h, 2, s, d).reshape(b, 2 * h, s, d)
+
+
+def packed_sequence_starts(pos):  # transformers' packed-sequence detection
+    return (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+
+def assert_close_to_float64(fn, inputs, outputs, units=4):
+    refs = fn(*[x.double() if x.is_floating_point() else x for x in inputs])
+    for got, want, ref in zip(outputs, fn(*inputs), refs):
+        assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == want.dtype
+        eps = torch.finfo(got.dtype).eps
+        assert relative_error(got, ref.to(got.dtype)) <= relative_error(want, ref.to(want.dtype)) + units * eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [48, PERSISTENT_MAX_R + 904], ids=["persistent", "looped"])
+def test_an_embedding_gather_joins_the_norm_that_reads_it(hidden, dtype):
+    g = torch.Generator().manual_seed(hidden)
+    ids = torch.randint(0, 30, (2, 7), generator=g)
+    table, w = torch.randn(30, hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype)
+    gm, outcome = lower(embed_then_norm, ids, table, w)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    kir = kir_for(generated_kernels(gm)[0])
+    assert kir.reduce_dim == 2 and "gather" in kir.listing()
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            normed, rows = gm(ids, table, w)
+        assert torch.equal(rows, table[ids])
+        assert_close_to_float64(embed_then_norm, (ids, table, w), (normed, rows))
+    with pytest.raises(IndexError):  # an id outside the table: eager's error, checked on the host
+        gm(torch.full((2, 7), 30), table, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qk_norms_through_the_head_transpose_and_rotation_are_one_row_kernel_each(dtype):
+    """The norm's rows are read at the rotation's other half (same row, other positions) and through the head
+    transpose: each of q and k is one row kernel; q keeps eager's transposed layout, k's repeat is written out."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 5, 4, 16, generator=g).to(dtype), torch.randn(2, 5, 2, 16, generator=g).to(dtype)
+    wq, wk = torch.randn(16, generator=g).to(dtype), torch.randn(16, generator=g).to(dtype)
+    cos, sin = (torch.randn(2, 5, 16, generator=g).to(dtype) for _ in range(2))
+    args = (q, k, wq, wk, cos, sin)
+    gm, outcome = lower(qk_norm_rope, *args)
+    keys = generated_kernels(gm)
+    assert len(keys) == 2 and all(kir_for(key).reduce_dim is not None for key in keys), outcome.near_misses
+    assert "dims [0, 2, 1, 3] in memory" in kir_for(keys[0]).listing()
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert_close_to_float64(qk_norm_rope, args, gm(*args))
+
+
+def test_positions_and_their_running_count_are_one_row_kernel():
+    """transformers' packed-sequence starts from position ids made by `arange` in the graph (no input read):
+    the diff, the compare and the cumsum are one row kernel; counts are exact."""
+    def from_arange(n):
+        pos = (torch.arange(12) + n)[None]
+        return pos, packed_sequence_starts(pos)
+
+    gm, outcome = lower(from_arange, torch.tensor(3))
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    pos = torch.cat([torch.arange(5), torch.arange(3), torch.arange(6)])[None]
+    gm, outcome = lower(packed_sequence_starts, pos)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(pos), packed_sequence_starts(pos))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.exp().sum(-1)[1:] - x.exp().sum(-1)[:-1],  # row sums read at the next row
+    lambda x: torch.cat([x.cumsum(-1)[:, 1:], x.cumsum(-1)[:, :1]], -1),  # a scan read at other positions
+    lambda x: torch.softmax(x, -1).t() * 2,  # rows read down the columns
+], ids=["next_row", "rolled_scan", "columns"])
+def test_a_row_read_at_other_rows_or_positions_crosses_memory(fn):
+    """A reduction read at rows other than the kernel's own (or a scan at other positions) cannot be one kernel:
+    the values go through memory, no cluster is refused, results are eager's."""
+    x = torch.randn(6, 40)
+    gm, outcome = lower(fn, x)
+    assert count_kernels(gm)["aten"] == 0 and len(generated_kernels(gm)) >= 2, outcome.near_misses
+    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_by_negative_ids_joins_its_softmax():
+    def f(x, ids):
+        return torch.softmax(x[ids] * 0.5, dim=-1)
+
+    x, ids = torch.randn(10, 40), torch.tensor([0, -1, 3, -10, 9])
+    gm, outcome = lower(f, x, ids)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            torch.testing.assert_close(gm(x, ids), f(x, ids))

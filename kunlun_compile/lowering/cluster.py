@@ -15,6 +15,8 @@ sizes compared as expressions):
   shape with one reduced dim: element-wise producers of that shape and consumers of that
   shape or of the per-row shape (the reduced dim kept as 1) join it, and so do other
   reductions over the same dim of the same shape (softmax spelled out: amax, exp, sum).
+  Producers and consumers that index (an embedding gather before a norm, the shifted
+  positions before a cumsum) join it too: the row kernel then reads at index expressions.
 Merging is refused when it would create a cycle: when one cluster reaches the
 other through something outside both (the merged kernel would need its own
 output as an input).  A value a cluster computes and something else needs is
@@ -25,7 +27,7 @@ outside use).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import networkx as nx
 import torch
@@ -70,8 +72,6 @@ def joined(a: Space, b: Space) -> Optional[Space]:
     if a[0] != "row" and b[0] != "row":
         return ("pwi" if "pwi" in (a[0], b[0]) else "pw", a[1]) if a[1] == b[1] else None
     row, pw = (a, b) if a[0] == "row" else (b, a)
-    if pw[0] != "pw":
-        return None
     shape, dim = row[1], row[2]
     per_row = tuple(1 if d == dim else s for d, s in enumerate(shape))
     return row if pw[1] in (shape, per_row) else None
@@ -81,8 +81,27 @@ def shape_of(space: Space) -> Tuple:
     return space[1]
 
 
-def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
-    """The clusters of `gm` (in graph order) and one line per element-wise-looking node left out."""
+def find_clusters(gm: fx.GraphModule, lowers: Optional[Callable[[ClusterSpec], bool]] = None
+                  ) -> Tuple[List[ClusterSpec], List[str]]:
+    """The clusters of `gm` (in graph order) and one line per element-wise-looking node left out.
+
+    A row kernel that took indexing neighbours is tried at once (`lowers`): where it reads a reduction at
+    rows other than its own (a cumsum rolled by a `cat`, a row sum read at the next row), it cannot be
+    one kernel, and its nodes are clustered again without such joins (as separate kernels, through memory).
+    """
+    plain_rows: Set[fx.Node] = set()
+    for _ in range(4):
+        specs, refused = _find_clusters(gm, plain_rows)
+        failed = [s for s in specs if lowers is not None and s.reduce_dim is not None
+                  and any(is_index_op(n) for n in s.nodes) and not set(s.nodes) <= plain_rows and not lowers(s)]
+        if not failed:
+            break
+        for s in failed:
+            plain_rows.update(s.nodes)
+    return specs, refused
+
+
+def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[ClusterSpec], List[str]]:
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     lowerable: Dict[fx.Node, Space] = {}
@@ -124,12 +143,20 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
         if is_scatter_store(a):  # what it writes at data-dependent ids is read from memory, after the kernel
             return False
         both = joined(space[pa], space[pn])
+        if both is not None and not _row_takes(members[pa], members[pn], space[pa], space[pn], plain_rows):
+            both = None
         if both is not None:
             if _creates_cycle(dag, pa, pn):
                 return False
             merge(pa, pn, both)
-        elif _reindexable(n, members[pa], space[pa], members[pn], space[pn]) and not _creates_cycle(dag, pa, pn):
-            merge(pn, pa, ("pwi", shape_of(space[pn])))
+        elif _reindexable(n, members[pa], space[pa], members[pn], space[pn]) \
+                and _row_takes(members[pa], members[pn], ("pwi", ()), space[pn], plain_rows) \
+                and not _creates_cycle(dag, pa, pn):
+            merge(pn, pa, space[pn] if space[pn][0] == "row" else ("pwi", shape_of(space[pn])))
+        elif (through := _row_through(n, members[pa], space[pa], members[pn], space[pn])) is not None \
+                and _row_takes(members[pa], members[pn], through, ("pwi", ()), plain_rows) \
+                and not _creates_cycle(dag, pa, pn):
+            merge(pn, pa, through)
         elif space[pa][0] in ("pw", "pwi") and (space[pa][0] == "pw" or space[pn][0] != "row") and _inlinable(
                 members[pa], shape_of(space[pa]), shape_of(space[pn]), members[pn]) \
                 and not _creates_cycle(dag, pa, pn):
@@ -150,11 +177,20 @@ def find_clusters(gm: fx.GraphModule) -> Tuple[List[ClusterSpec], List[str]]:
         if not merged:
             break
 
-    _fuse_siblings(dag, members, space, order)
+    _fuse_siblings(dag, members, space, order, plain_rows)
     specs = [_spec(sorted(group, key=order.get), order, space[r]) for r, group in members.items()]
     specs = [s for s in specs if s is not None]
     specs.sort(key=lambda s: order[s.nodes[0]])
     return specs, refused
+
+
+def _row_takes(a: List[fx.Node], b: List[fx.Node], space_a: Space, space_b: Space, plain_rows: Set[fx.Node]) -> bool:
+    """A row kernel joins an indexing cluster (gathers, views, cat: evaluated at maps, reindex.py) unless it would
+    write values at ids (a scatter store), or such a kernel was tried and refused (`plain_rows`)."""
+    if "row" not in (space_a[0], space_b[0]) or "pwi" not in (space_a[0], space_b[0]):
+        return True
+    inside = set(a) | set(b)
+    return not (inside & plain_rows) and not any(is_scatter_store(n) for n in inside)
 
 
 def _broadcasts_to(small: Tuple, big: Tuple) -> bool:
@@ -197,14 +233,40 @@ def _reindexable(n: fx.Node, producers: List[fx.Node], producer_space: Space, co
     """A producer cluster read only through the index node `n` (a view, cat branch or gathered ids) is
     evaluated at the coordinates `n` reads, inside n's kernel; when `n` may read one element several times
     (expand, gathers) only if it is cheap."""
-    if not is_index_op(n) or is_scatter_store(n) or producer_space[0] == "row" or consumer_space[0] == "row":
+    if not is_index_op(n) or is_scatter_store(n) or producer_space[0] == "row":
         return False
     inside = set(producers) | set(consumers)
     # what else reads a producer is stored by the kernel, at the kernel's point: it must have that shape
+    # (in a row kernel, the per-row shape too)
     read_outside = [p for p in producers if any(u not in inside for u in p.users)]
-    if not all(iteration_space(p) == shape_of(consumer_space) for p in read_outside):
+    shapes = [shape_of(consumer_space)]
+    if consumer_space[0] == "row":
+        shapes.append(tuple(1 if d == consumer_space[2] else x for d, x in enumerate(consumer_space[1])))
+    if not all(iteration_space(p) in shapes for p in read_outside):
         return False
     return n.target not in DUPLICATING or sum(not is_cheap(p) for p in producers) <= MAX_INLINED_MATH
+
+
+def _row_through(n: fx.Node, producers: List[fx.Node], producer_space: Space, consumers: List[fx.Node],
+                 consumer_space: Space) -> Optional[Space]:
+    """A row kernel read through the index node `n` (a transpose of the heads, the slices and `cat` of a
+    rotation) by element-wise consumers of the same row length: one row kernel over the consumers' space,
+    reducing its last dim, that evaluates the row values at the coordinates `n` reads (the same row, other
+    positions along it; reindex.py checks and the lowering is tried, cluster.find_clusters).  Returns that
+    space, or None."""
+    if producer_space[0] != "row" or consumer_space[0] == "row" or not is_index_op(n) or is_scatter_store(n):
+        return None
+    shape, dim = producer_space[1], producer_space[2]
+    big = shape_of(consumer_space)
+    if dim != len(shape) - 1 or not big or big[-1] != shape[-1] or big[-1] == 1:
+        return None
+    inside = set(producers) | set(consumers)
+    per_row = big[:-1] + (1,)
+    if not all(iteration_space(p) in (big, per_row) for p in producers if any(u not in inside for u in p.users)):
+        return None
+    if n.target in DUPLICATING and sum(not is_cheap(p) for p in producers) > MAX_INLINED_MATH:
+        return None
+    return ("row", big, len(big) - 1)
 
 
 def _cheap_static_table(producers: List[fx.Node], table: fx.Node) -> bool:
@@ -222,7 +284,7 @@ def _device_anchor(order: Dict[fx.Node, int], out: fx.Node) -> Optional[fx.Node]
 
 
 def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, Space],
-                   order: Dict[fx.Node, int]) -> None:
+                   order: Dict[fx.Node, int], plain_rows: Set[fx.Node]) -> None:
     """Merge clusters of the same space that read a common input and do not depend on each other."""
     def reads(r: fx.Node) -> set:
         inside = set(members[r])
@@ -235,7 +297,8 @@ def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space
         for i, a in enumerate(reps):
             for b in reps[i + 1:]:
                 both = joined(space[a], space[b])
-                if both is None or not (reads(a) & reads(b)):
+                if both is None or not _row_takes(members[a], members[b], space[a], space[b], plain_rows) \
+                        or not (reads(a) & reads(b)):
                     continue
                 if nx.has_path(dag, a, b) or nx.has_path(dag, b, a):
                     continue
@@ -273,8 +336,7 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
     if not inputs:
         # computed from shapes and coordinates alone (a sliding-window mask from arange): a kernel still needs
         # a tensor for its device; fills alone are nothing worth a kernel
-        anchor = _device_anchor(order, outputs[0]) if space[0] != "row" and not all(
-            not reads_values(n) for n in group) else None
+        anchor = _device_anchor(order, outputs[0]) if not all(not reads_values(n) for n in group) else None
         if anchor is None:
             return None
         inputs = [anchor]
@@ -283,4 +345,8 @@ def _spec(group: List[fx.Node], order: Dict[fx.Node, int], space: Space) -> Opti
             return None  # views alone: no work for a kernel
         return ClusterSpec(group, inputs, outputs, len(space[1]))
     reduction = next(n for n in group if is_reduction(n))
-    return ClusterSpec(group, inputs, outputs, len(space[1]), space[2], row_space(reduction)[0])
+    # the space with its SymInts: the reduction's input shape, or (a row read through a view) a member's
+    shape = next((tuple(n.meta["val"].shape) for n in [reduction.args[0]] + group
+                  if isinstance(n.meta.get("val"), torch.Tensor) and _exprs(n.meta["val"].shape) == space[1]),
+                 row_space(reduction)[0])
+    return ClusterSpec(group, inputs, outputs, len(space[1]), space[2], shape)

@@ -73,9 +73,12 @@ def lower_cluster(spec: ClusterSpec, target: Target, policy: Policy) -> KernelIR
         b.store(k, values[node], node.meta["val"].dtype)
     origin = ", ".join(str(packet(n) or n.target.__name__).replace("aten.", "") for n in spec.nodes)
     per_row = tuple(k for k, n in enumerate(spec.outputs) if spec.per_row(n))
+    orders = output_orders(spec)
+    if orders and any(list(orders[k]) != list(range(spec.rank)) for k in per_row):
+        raise Refused("a row kernel writes its per-row values contiguous; one leaves in a permuted layout")
     return KernelIR(spec.rank, tuple(n.meta["val"].dtype for n in spec.inputs),
                     tuple(n.meta["val"].dtype for n in spec.outputs), tuple(b.instrs), origin,
-                    spec.reduce_dim, per_row, output_orders(spec))
+                    spec.reduce_dim, per_row, orders)
 
 
 def output_orders(spec: ClusterSpec) -> Tuple[Tuple[int, ...], ...]:
@@ -89,14 +92,19 @@ def _lower_reduction(b: Builder, spec: ClusterSpec, node: fx.Node, value_of: Cal
     space, dim = row_space(node)
     if spec.reduce_dim is None or dim != spec.reduce_dim or tuple(space) != tuple(spec.space):
         raise Refused(f"{node.name}: reduces another dim or shape than its row kernel")
+    return reduction_value(b, node, value_of, space[dim])
+
+
+def reduction_value(b: Builder, node: fx.Node, value_of: Callable, length) -> Any:
+    """The reduction's result (a tuple for several), its operands given by `value_of`, over rows of `length`."""
     args = [value_of(a) if not isinstance(a, (list, tuple)) else a for a in node.args]
     kwargs = {k: value_of(v) for k, v in node.kwargs.items()}
     dtypes = output_dtypes(node)
     b.result_dtype = dtypes[0]
     if node.target in MULTI_OUTPUT:
-        results = MULTI_OUTPUT[node.target](b, args, kwargs, dtypes, space[dim])
+        results = MULTI_OUTPUT[node.target](b, args, kwargs, dtypes, length)
         return tuple(b.cast(v, dt) for v, dt in zip(results, dtypes))
-    return b.cast(REDUCTIONS[node.target](b, args, kwargs, dtypes[0], space[dim]), dtypes[0])
+    return b.cast(REDUCTIONS[node.target](b, args, kwargs, dtypes[0], length), dtypes[0])
 
 
 def _check_no_dropped_operand(spec: ClusterSpec, node: fx.Node, per_row: set) -> None:

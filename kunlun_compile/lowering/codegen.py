@@ -26,7 +26,7 @@ import torch
 from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "10"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "11"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -148,7 +148,7 @@ def indexed_input_ranks(kir: KernelIR) -> Dict[int, int]:
     return dict(sorted(out.items()))
 
 
-def _indexed_load(n: int, ins: Instr) -> str:
+def _indexed_load(n: int, ins: Instr, zero: str = "idx * 0") -> str:
     a = json.loads(ins.attr)
     k = a["in"]
     index = [Affine.from_json(e).code() for e in a["index"]]
@@ -162,8 +162,8 @@ def _indexed_load(n: int, ins: Instr) -> str:
     for j in a["bounds"]:
         mask += f" & ({index[j]} >= 0) & ({index[j]} < isz{k}_{j})"
     other = "float('nan')" if a["bounds"] and ins.dtype.is_floating_point else "0"
-    # `+ idx * 0`: an offset of constants only is still a block, as the mask is
-    return f"v{n} = tl.load(in{k} + ({offset}) + idx * 0, mask={mask}, other={other})"
+    # `+ idx * 0` (`zero`): an offset of constants only is still a block, as the mask is
+    return f"v{n} = tl.load(in{k} + ({offset}) + {zero}, mask={mask}, other={other})"
 
 
 def _iota(n: int, ins: Instr, const_shape: str) -> str:

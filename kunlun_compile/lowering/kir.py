@@ -103,8 +103,8 @@ class KernelIR:
     origin: str = dataclasses.field(default="", compare=False)
     reduce_dim: Optional[int] = None  # row kernels: the dim of the iteration space that is reduced
     reduced_outputs: Tuple[int, ...] = ()  # row kernels: outputs holding one value per row
-    # element-wise kernels whose outputs keep an input's layout (eager's `x.t() * y`): each output's dims
-    # from outermost to innermost in memory; empty when every output is contiguous
+    # kernels whose outputs keep an input's layout (eager's `x.t() * y`): each output's dims from outermost
+    # to innermost in memory; empty when every output is contiguous (a row kernel's per-row outputs always are)
     output_orders: Tuple[Tuple[int, ...], ...] = ()
 
     def __post_init__(self):
@@ -113,9 +113,11 @@ class KernelIR:
             raise ValueError("KIR: reduce instructions need a reduce_dim, and a reduce_dim needs them")
         if self.reduce_dim is not None and not 0 <= self.reduce_dim < self.rank:
             raise ValueError(f"KIR: reduce_dim {self.reduce_dim} outside rank {self.rank}")
-        if self.output_orders and (len(self.output_orders) != len(self.outputs) or self.reduce_dim is not None
-                                   or any(sorted(o) != list(range(self.rank)) for o in self.output_orders)):
-            raise ValueError("KIR: output_orders must give each output of an element-wise kernel a permutation")
+        if self.output_orders and (len(self.output_orders) != len(self.outputs)
+                                   or any(sorted(o) != list(range(self.rank)) for o in self.output_orders)
+                                   or any(list(self.output_orders[k]) != list(range(self.rank))
+                                          for k in self.reduced_outputs)):
+            raise ValueError("KIR: output_orders must give each output a permutation (per-row outputs: none)")
 
     # ---- identity --------------------------------------------------------------------------
     def canonical(self) -> str:

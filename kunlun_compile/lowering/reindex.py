@@ -11,7 +11,14 @@ on demand, once per (node, map, guard):
 - a tensor the kernel only reads is a plain load when the map is the kernel's own point (read
   through its strides, as in every kernel), else a `load.at` at the map's expressions.
 Outputs are stored at the kernel's point, so a value something outside reads must have the
-kernel's shape; the cluster step only re-indexes producers nothing else reads.
+kernel's shape (or, in a row kernel, the per-row shape); the cluster step only re-indexes
+producers nothing else reads.
+
+In a row kernel a reduction is asked for at a map of its result; it is the kernel's own row when
+that map's kept coordinates do not move along the kernel's row (no `c{reduce_dim}`, no gathered
+value): its input is then evaluated at that map with the reduced coordinate walking the kernel's
+row, once per distinct row map.  A scan (cumsum) gives one value per element: it is only asked
+for at the kernel's own position along the row.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .index_expr import Affine
-from .cluster_isel import ClusterSpec, output_orders
+from .index_expr import Affine, identity
+from .cluster_isel import ClusterSpec, output_orders, reduction_value
+from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
 from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
                          is_scatter_store, scatter_rows, sizes, view_source, wraps_negative_ids)
@@ -34,8 +42,13 @@ Guard = Tuple[Tuple[Affine, int, Optional[int]], ...]  # lo <= expr < hi (hi Non
 
 def lower_indexed_cluster(spec: ClusterSpec, b: Builder, policy: Policy) -> KernelIR:
     ev = _Evaluator(spec, b, policy)
+    per_row = []
     for k, node in enumerate(spec.outputs):
         shape = sizes(node.meta["val"])
+        if spec.per_row(node):  # one value per row of a row kernel: stored at the row
+            b.store(k, ev.at(node, ev.row_map(shape, node), ()), node.meta["val"].dtype)
+            per_row.append(k)
+            continue
         if shape != ev.space:
             raise Refused(f"{node.name} is read outside the kernel but has shape {list(shape)}, not the "
                           f"kernel's {list(ev.space)}")
@@ -46,16 +59,21 @@ def lower_indexed_cluster(spec: ClusterSpec, b: Builder, policy: Policy) -> Kern
             b.emit("store.at", dtype, (value, at), k, "mem")
             continue
         b.store(k, ev.at(node, ev.natural(shape), ()), node.meta["val"].dtype)
-    origin = ", ".join(str(packet(n) or n.target).replace("aten.", "") for n in spec.nodes)
+    origin = ", ".join(str(packet(n) or getattr(n.target, "__name__", n.target)).replace("aten.", "")
+                       for n in spec.nodes)
+    orders = output_orders(spec)
+    if orders and any(list(orders[k]) != list(range(spec.rank)) for k in per_row):
+        raise Refused("a row kernel writes its per-row values contiguous; one leaves in a permuted layout")
     return KernelIR(spec.rank, tuple(n.meta["val"].dtype for n in spec.inputs),
                     tuple(n.meta["val"].dtype for n in spec.outputs), tuple(b.instrs), origin,
-                    output_orders=output_orders(spec))
+                    spec.reduce_dim, tuple(per_row), output_orders=orders)
 
 
 class _Evaluator:
     def __init__(self, spec: ClusterSpec, b: Builder, policy: Policy):
-        self.b, self.policy = b, policy
-        self.space = sizes(spec.outputs[0].meta["val"])
+        self.b, self.policy, self.reduce_dim = b, policy, spec.reduce_dim
+        self.space = (tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in spec.space)
+                      if spec.reduce_dim is not None else sizes(spec.outputs[0].meta["val"]))
         self.sizes = [s if isinstance(s, int) else None for s in self.space]
         self.inside = set(spec.nodes)
         self.outputs = set(spec.outputs)
@@ -67,9 +85,20 @@ class _Evaluator:
         lead = len(self.space) - len(shape)
         return tuple(Affine.constant(0) if s == 1 else Affine.coord(lead + j) for j, s in enumerate(shape))
 
+    def row_map(self, shape: Tuple, node: fx.Node) -> Map:
+        """The map of a per-row value of a row kernel at the kernel's row: the reduced dim kept as 1, or dropped."""
+        if len(shape) == len(self.space):
+            return self.natural(shape)
+        if len(shape) != len(self.space) - 1:
+            raise Refused(f"{node.name}: per-row value of shape {list(shape)} in a kernel over {list(self.space)}")
+        kept = [d for d in range(len(self.space)) if d != self.reduce_dim]
+        return tuple(Affine.constant(0) if s == 1 else Affine.coord(d) for d, s in zip(kept, shape))
+
     def at(self, node: fx.Node, m: Map, guard: Guard) -> Value:
         if node not in self.inside:
             return self._load(node, m, guard)
+        if is_reduction(node) or is_result_of_reduction(node):
+            return self._reduction(node, m)
         key = (node, m, guard)
         if key not in self.memo:
             self.memo[key] = self._index(node, m, guard) if is_index_op(node) else self._elementwise(node, m, guard)
@@ -84,6 +113,39 @@ class _Evaluator:
                 return self.at(a, _operand_map(m, shape, sizes(a.meta["val"])), guard)
             return scalar_operand(a)
         return lower_node(self.b, node, value_of, self.policy, node in self.outputs)
+
+    # ---- reductions (row kernels) --------------------------------------------------------------
+    def _reduction(self, node: fx.Node, m: Map) -> Value:
+        red = node.args[0] if is_result_of_reduction(node) else node
+        shape, dim = row_space(red)
+        shape = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in shape)
+        rd = self.reduce_dim
+        if rd is None or shape[dim] != self.space[rd]:
+            raise Refused(f"{red.name}: reduces rows of {shape[dim]}, not the kernel's rows")
+        out = sizes(node.meta["val"])
+        scan = len(out) == len(shape) and out[dim] == shape[dim] and shape[dim] != 1
+        if scan and not m[dim].is_coord(rd):
+            raise Refused(f"{red.name}: a scan read at another position along the row")
+        if len(out) == len(shape):
+            row = m[:dim] + (Affine.coord(rd),) + m[dim + 1:]
+        elif len(out) == len(shape) - 1:
+            row = m[:dim] + (Affine.coord(rd),) + m[dim:]
+        else:
+            raise Refused(f"{red.name}: result of shape {list(out)} from rows of {list(shape)}")
+        kept = [e for j, e in enumerate(row) if j != dim]
+        if any(e.values() or _reads_coord(e, rd) for e in kept):
+            raise Refused(f"{red.name}: read at rows that move along the kernel's row")
+        if red.target is aten.histc.default and row != identity(len(self.space)):
+            raise Refused(f"{red.name}: a histogram's bins are the kernel's own rows")
+        key = (red, row, "reduction")
+        if key not in self.memo:
+            def value_of(a: Any) -> Any:
+                if isinstance(a, fx.Node):
+                    return self.at(a, _operand_map(row, shape, sizes(a.meta["val"])), ())
+                return scalar_operand(a)
+            self.memo[key] = reduction_value(self.b, red, value_of, shape[dim])
+        v = self.memo[key]
+        return v[node.args[1]] if is_result_of_reduction(node) else v
 
     # ---- index nodes -------------------------------------------------------------------------
     def _index(self, node: fx.Node, m: Map, guard: Guard) -> Value:
@@ -180,6 +242,10 @@ class _Evaluator:
 
     def _operands(self, e: Affine) -> Tuple[Value, ...]:
         return tuple(Value(v, self.b.instrs[v].dtype) for v in sorted(set(e.values())))
+
+
+def _reads_coord(e: Affine, d: int) -> bool:
+    return any(a.kind == "c" and a.n == d or a.inner is not None and _reads_coord(a.inner, d) for a, _ in e.terms)
 
 
 def _operand_map(m: Map, shape: Tuple, operand: Tuple) -> Map:

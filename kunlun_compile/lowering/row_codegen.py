@@ -16,6 +16,9 @@ row length (row_kernel.py):
 Kept dims are coalesced by the launcher as an element-wise kernel's are (`KRANK`, a constexpr).
 Inputs `in{k}` and full-row outputs `out{j}` are addressed by kept strides `st{x}_{d}` and a row
 stride `rst{x}` (x = `i{k}` / `o{j}`); per-row outputs are written at `m` (contiguous).
+A kernel that reads at index expressions (a gather, a `cat` branch: `load.at`, `iota`) keeps every
+kept dim (no coalescing) and names each coordinate `c{d}` as element-wise kernels do; the reduced
+dim's coordinate is `r`.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from typing import List, Set
 
 import torch
 
-from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _instr, _offsets
-from .kir import REDUCE_OPS, SCAN_OPS, Instr, KernelIR
+from .codegen import CODEGEN_VERSION, TL_DTYPES, _const, _indexed_load, _instr, _offsets, indexed_input_ranks
+from .kir import INDEXED_OPS, REDUCE_OPS, SCAN_OPS, Instr, KernelIR
 
 TILE = "[BLOCK_M, BLOCK_R]"
 _COMBINE = {"reduce.sum": "tl.sum", "reduce.max": "tl.max", "reduce.min": "tl.min", "reduce.maxnum": "tl.max"}
@@ -60,7 +63,7 @@ class _RowFunction:
     # ---- the two forms ---------------------------------------------------------------------
     def persistent(self, name: str) -> str:
         body = self._prologue() + ["rr = tl.arange(0, BLOCK_R)[None, :]", "if INDEX64:",
-                                   "    rr = rr.to(tl.int64)", "r = rr", "mask = mmask & (r < R)"]
+                                   "    rr = rr.to(tl.int64)", "r = rr", "mask = mmask & (r < R)"] + self._row_coord()
         for n, ins in enumerate(self.kir.instrs):
             body += self._emit(n, ins, persistent=True)
         return self._function(name, body)
@@ -77,7 +80,7 @@ class _RowFunction:
             body += [f"acc{n} = {_identity(instrs[n], TILE)}" for n in reduces]
             closure = self._tile_closure([instrs[n].args[0] for n in reduces], done)
             body += self._carries(closure)
-            body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
+            body += self._loop_head()
             for n in closure:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
             for n in reduces:
@@ -90,10 +93,17 @@ class _RowFunction:
         if last:
             closure = self._tile_closure([instrs[n].args[0] for n in last], done)
             body += self._carries(closure)
-            body += ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"]
+            body += self._loop_head()
             for n in closure + last:
                 body += ["    " + line for line in self._emit(n, instrs[n], persistent=False)]
         return self._function(name, body)
+
+    def _loop_head(self) -> List[str]:
+        return ["for r0 in range(0, R, BLOCK_R):", "    r = r0 + rr", "    mask = mmask & (r < R)"] + [
+            "    " + line for line in self._row_coord()]
+
+    def _row_coord(self) -> List[str]:
+        return [f"c{self.kir.reduce_dim} = r"] if self.kir.indexed else []
 
     def _carries(self, closure: List[int]) -> List[str]:
         """Before a loop: each scan it computes starts its row's running sum at 0."""
@@ -106,6 +116,8 @@ class _RowFunction:
         params = ([f"in{k}" for k in range(len(self.kir.inputs))] + [f"out{k}" for k in range(len(self.kir.outputs))]
                   + ["M", "R"] + [f"size{d}" for d in range(1, kr)]
                   + [f"st{x}_{d}" for x in self.operands for d in range(kr)] + [f"rst{x}" for x in self.operands]
+                  + [f"{p}{k}_{j}" for k, rank in indexed_input_ranks(self.kir).items() for p in ("ist", "isz")
+                     for j in range(rank)]
                   + ["KRANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK_M: tl.constexpr",
                      "BLOCK_R: tl.constexpr", "PDL: tl.constexpr"])
         return "\n".join([f"def {name}(" + ", ".join(params) + "):"] + ["    " + line for line in body])
@@ -117,7 +129,21 @@ class _RowFunction:
                   "else:",
                   "    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]",
                   "mmask = m < M"]
+        if self.kir.indexed:
+            return lines + self._coordinates()
         return lines + _offsets(0, kept_rank(self.kir), self.operands, index="m", rank_name="KRANK")
+
+    def _coordinates(self) -> List[str]:
+        """Every kept coordinate `c{d}` of the row `m` (the launcher keeps all kept dims), and the offsets."""
+        kept = [d for d in range(self.kir.rank) if d != self.kir.reduce_dim]
+        if not kept:
+            return [f"off{x} = m * st{x}_0" for x in self.operands]
+        lines = ["rem = m"]
+        for j in range(len(kept) - 1, 0, -1):
+            lines += [f"c{kept[j]} = rem % size{j}", f"rem = rem // size{j}"]
+        lines.append(f"c{kept[0]} = rem")
+        return lines + [f"off{x} = " + " + ".join(f"c{d} * st{x}_{j}" for j, d in enumerate(kept))
+                        for x in self.operands]
 
     def _between(self, phase: int, done: Set[int]) -> List[str]:
         """Row values (not along the row) that the reductions finished so far allow: computed once."""
@@ -149,6 +175,8 @@ class _RowFunction:
             return [f"v{n} = tl.load(in{ins.attr} + (off{x} + r * rst{x}), mask=mask, other=0)"]
         if ins.op == "store":
             return [self._store(ins)]
+        if ins.op == "load.at":
+            return [_indexed_load(n, ins, zero="(m + r) * 0")]
         if ins.op == "row.index":
             return [f"v{n} = (r + m * 0).to(tl.int64)"]
         if ins.op == "row.point":
@@ -182,7 +210,7 @@ def _tile_values(instrs) -> List[bool]:
     """True for values that vary along the row (they depend on a load other than through a reduction)."""
     tile: List[bool] = []
     for ins in instrs:
-        tile.append(ins.op in ("load", "row.index")
+        tile.append(ins.op in ("load", "row.index") or ins.op in INDEXED_OPS
                     or (ins.op not in REDUCE_OPS and any(tile[a] for a in ins.args)))
     return tile
 

@@ -20,8 +20,8 @@ import torch
 import triton
 
 from ..triton_kernel import Kernel
-from .codegen import broadcast_strides, coalesce
-from .interpret import output_shapes, run_kir
+from .codegen import broadcast_strides, coalesce, indexed_input_ranks
+from .interpret import allocate_outputs, run_kir
 from .kir import KernelIR
 from .row_codegen import full_outputs, kept_rank
 
@@ -53,26 +53,34 @@ class RowKernel:
         self._fns = {(form, cuda): Kernel(getattr(module, f"row_{form}_{'cuda' if cuda else 'portable'}"))
                      for form in ("persistent", "looped") for cuda in (True, False)}
         self._full = full_outputs(kir)
+        self._indexed = list(indexed_input_ranks(kir))
         self._plans: Dict[tuple, tuple] = {}
 
-    def _plan(self, inputs: Sequence[torch.Tensor], shape: Tuple[int, ...]) -> tuple:
+    def _plan(self, inputs: Sequence[torch.Tensor], shape: Tuple[int, ...], outs: Sequence[torch.Tensor]) -> tuple:
         sig = (shape, tuple((x.shape, x.stride()) for x in inputs))
         plan = self._plans.get(sig)
         if plan is None:
             d = self.kir.reduce_dim
-            strides = [broadcast_strides(x, self.rank) for x in inputs]
-            strides += [_contiguous_strides(shape) for _ in self._full]
+            # an input read only at index expressions has no strides over the space
+            strides = [broadcast_strides(x, self.rank) if k in self.kir.plain_inputs else [0] * self.rank
+                       for k, x in enumerate(inputs)]
+            strides += [broadcast_strides(outs[k], self.rank) for k in self._full]  # outputs: as allocated
             kept = [s for k, s in enumerate(shape) if k != d] or [1]
             kept_strides = [[st for k, st in enumerate(s) if k != d] or [0] for s in strides]
             row_strides = [s[d] for s in strides]
-            sizes, sts = coalesce(tuple(kept), kept_strides)
+            # a kernel reading at index expressions computes every kept coordinate: no dims merged
+            sizes, sts = (list(kept), kept_strides) if self.kir.indexed else coalesce(tuple(kept), kept_strides)
             rows, row_len = math.prod(kept), shape[d]
             reach = max([rows * row_len] + [sum((n - 1) * abs(st) for n, st in zip(sizes, s)) + (row_len - 1) * abs(rs)
-                                             for s, rs in zip(sts, row_strides)])
+                                             for s, rs in zip(sts, row_strides)]
+                        + [sum((n - 1) * abs(st) for n, st in zip(inputs[k].shape, inputs[k].stride()))
+                           for k in self._indexed])
             kr = kept_rank(self.kir)
             full_sizes = [1] * (kr - len(sizes)) + sizes
             full_sts = [[0] * (kr - len(sizes)) + s for s in sts]
             args = full_sizes[1:] + [st for s in full_sts for st in s] + row_strides
+            for k in self._indexed:  # raw strides, then sizes, of each input read at index expressions
+                args += list(inputs[k].stride()) + list(inputs[k].shape)
             plan = self._plans[sig] = (rows, row_len, args, len(sizes), reach > _INT32_LIMIT)
             if len(self._plans) > 256:
                 self._plans.pop(next(iter(self._plans)))
@@ -81,9 +89,8 @@ class RowKernel:
     def __call__(self, inputs: Sequence[torch.Tensor], shape: Sequence[int]) -> List[torch.Tensor]:
         shape = tuple(int(s) for s in shape)
         device = inputs[0].device
-        outs = [torch.empty(s, dtype=dt, device=device) for s, dt in zip(output_shapes(self.kir, shape),
-                                                                         self.kir.outputs)]
-        rows, row_len, args, krank, index64 = self._plan(inputs, shape)
+        outs = allocate_outputs(self.kir, shape, device)  # contiguous, or in the layout the kernel keeps
+        rows, row_len, args, krank, index64 = self._plan(inputs, shape, outs)
         if row_len == 0:  # an empty row (a symbolic length of 0): eager's own answer (0, NaN, or its error)
             return run_kir(self.kir, inputs, shape)
         if rows == 0:
@@ -95,11 +102,3 @@ class RowKernel:
                                               BLOCK_M=block_m, BLOCK_R=block_r, num_warps=warps,
                                               enable_fp_fusion=False)  # eager's roundings (cache.py)
         return outs
-
-
-def _contiguous_strides(shape: Sequence[int]) -> List[int]:
-    strides, step = [], 1
-    for s in reversed(shape):
-        strides.append(step if s != 1 else 0)
-        step *= s
-    return strides[::-1]

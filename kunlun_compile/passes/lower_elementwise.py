@@ -36,7 +36,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     target = get_target(ctx.config.target)
     policy = Policy(fast_math=ctx.config.fast_math)
     _pieces_as_slices(gm.graph)
-    clusters, refused = find_clusters(gm)
+    clusters, refused = find_clusters(gm, lowers=lambda spec: _lowers(spec, target, policy))
     outcome = PassOutcome(near_misses=[f"left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
     for spec in clusters:
@@ -57,6 +57,14 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     # shape-only sources of fills (zeros_like(x) under fill) and sym_size nodes of a refused cluster
     gm.graph.eliminate_dead_code()
     return outcome
+
+
+def _lowers(spec: ClusterSpec, target, policy: Policy) -> bool:
+    try:
+        lower_cluster(spec, target, policy)
+    except Refused:
+        return False
+    return True
 
 
 _SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.unbind.int}
