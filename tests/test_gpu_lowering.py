@@ -135,6 +135,35 @@ def test_indexed_kernels_on_cuda_match_eager(dtype):
                                    msg=lambda m, name=fn.__name__: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens, hidden", [(7, 48), (300, 2048), (5, 4096 + 904)], ids=str)
+def test_row_kernels_that_index_on_cuda(tokens, hidden, dtype):
+    """An embedding gather in its norm's row kernel (persistent and looped), the Q/K norms through the head
+    transpose and rotation (q written in eager's transposed layout), packed-sequence starts: eager's values."""
+    from .test_lowering_reductions import (assert_close_to_float64, embed_then_norm, lower, packed_sequence_starts,
+                                           qk_norm_rope)
+
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, 100, (2, tokens), generator=g).cuda()
+    table, w = (torch.randn(*s, generator=g).to(dtype).cuda() for s in [(100, hidden), (hidden,)])
+    gm, outcome = lower(embed_then_norm, ids, table, w)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    normed, rows = gm(ids, table, w)
+    assert torch.equal(rows, table[ids])
+    assert_close_to_float64(embed_then_norm, (ids, table, w), (normed, rows))
+    q, k = (torch.randn(2, tokens, h, 128, generator=g).to(dtype).cuda() for h in (8, 2))
+    wq, wk = (torch.randn(128, generator=g).to(dtype).cuda() for _ in range(2))
+    cos, sin = (torch.randn(2, tokens, 128, generator=g).to(dtype).cuda() for _ in range(2))
+    args = (q, k, wq, wk, cos, sin)
+    gm, outcome = lower(qk_norm_rope, *args)
+    assert count_kernels(gm)["pointwise"] == 2, outcome.near_misses
+    assert_close_to_float64(qk_norm_rope, args, gm(*args))
+    pos = torch.cat([torch.arange(tokens // 2 + 1), torch.arange(tokens)])[None].cuda()
+    gm, outcome = lower(packed_sequence_starts, pos)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    assert torch.equal(gm(pos), packed_sequence_starts(pos))
+
+
 @pytest.mark.parametrize("size", [(7, 151), (64, 4096), (3, 32000)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_argmax_and_max_dim_on_cuda_are_eagers(size):
     from .test_lowering_reductions import extremes, lower

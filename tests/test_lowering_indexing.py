@@ -391,3 +391,29 @@ def test_arange_of_a_symbolic_length_is_generated_under_dynamic_shapes():
         assert torch.equal(compiled(x, y), positions(x, y))
     code = "\n".join(g.passes[-1].code_after for g in be.report.graphs)
     assert "aten.arange" not in code and "kunlun.pointwise" in code
+
+
+def test_rotary_tables_read_by_q_and_k_are_recomputed_in_each_rotation():
+    """HF's cos/sin tables (a cat of the angles, cos, sin, the attention scaling) are read by the q and the k
+    rotation: recomputed in both kernels (two math functions per element) instead of a third kernel storing them.
+    Each rotation reads the angles; the result is eager's."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def rope(q, k, freqs):
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * 1.0).unsqueeze(1), (emb.sin() * 1.0).unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    g = torch.Generator().manual_seed(11)
+    args = tuple(torch.randn(*s, generator=g) for s in [(2, 4, 5, 16), (2, 2, 5, 16), (2, 5, 8)])
+    gm, outcome = lower(rope, *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 0}, outcome.near_misses
+    for key in generated_kernels(gm):
+        listing = kir_for(key).listing()
+        assert "cos" in listing and "sin" in listing
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            for got, want in zip(gm(*args), rope(*args)):
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)

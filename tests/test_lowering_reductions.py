@@ -482,13 +482,14 @@ def test_positions_and_their_running_count_are_one_row_kernel():
 def test_a_row_read_at_other_rows_or_positions_crosses_memory(fn):
     """A reduction read at rows other than the kernel's own (or a scan at other positions) cannot be one kernel:
     the values go through memory, no cluster is refused, results are eager's."""
-    x = torch.randn(6, 40)
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
     gm, outcome = lower(fn, x)
     assert count_kernels(gm)["aten"] == 0 and len(generated_kernels(gm)) >= 2, outcome.near_misses
     assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    scale = x.exp().sum(-1).max().item()  # sums in another order than eager's: within fp32 units of the sums
     for interpreted in (False, True):
         with cpu_kernels(interpreted):
-            torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_a_gather_by_negative_ids_joins_its_softmax():

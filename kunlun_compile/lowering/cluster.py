@@ -37,6 +37,7 @@ from .cluster_isel import ClusterSpec
 from .isel import is_cheap, is_contiguous, reads_values, why_not_lowerable
 from .isel_index import DUPLICATING, is_gather_table, is_index_op, is_scatter_store, is_view
 from .isel_reduce import is_reduction, is_result_of_reduction, row_space
+from .recompute import recompute_in_readers
 
 # A cluster's space: ("pw", shape) for element-wise work, ("row", shape, dim) for a row kernel
 # reducing `dim` of `shape`.
@@ -157,10 +158,11 @@ def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[C
                 and _row_takes(members[pa], members[pn], through, ("pwi", ()), plain_rows) \
                 and not _creates_cycle(dag, pa, pn):
             merge(pn, pa, through)
-        elif space[pa][0] in ("pw", "pwi") and (space[pa][0] == "pw" or space[pn][0] != "row") and _inlinable(
+        elif space[pa][0] in ("pw", "pwi") and _row_takes(members[pa], members[pn], space[pa], space[pn], plain_rows) \
+                and _inlinable(
                 members[pa], shape_of(space[pa]), shape_of(space[pn]), members[pn]) \
                 and not _creates_cycle(dag, pa, pn):
-            merge(pn, pa, space[pn] if space[pa][0] == "pw" else ("pwi", shape_of(space[pn])))
+            merge(pn, pa, space[pn] if space[pa][0] == "pw" or space[pn][0] == "row" else ("pwi", shape_of(space[pn])))
         else:
             return False
         return True
@@ -177,6 +179,7 @@ def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[C
         if not merged:
             break
 
+    recompute_in_readers(gm.graph, members, space, order, dag, find, MAX_INLINED_MATH)
     _fuse_siblings(dag, members, space, order, plain_rows)
     specs = [_spec(sorted(group, key=order.get), order, space[r]) for r, group in members.items()]
     specs = [s for s in specs if s is not None]
