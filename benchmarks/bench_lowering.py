@@ -114,8 +114,7 @@ def causal_mask(q_pos, k_pos):
 def packed_mask(pos, pm):
     """transformers' causal mask for a call with ids only: sequence starts found by a cumsum of position jumps,
     `padding_mask[batch, kv]` picks, `arange`s."""
-    seq = ((pos[:, 1:] - pos[:, :-1]) != 1).cumsum(-1)
-    seq = torch.cat([torch.zeros_like(seq[:, :1]), seq], dim=-1)
+    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)  # its find_packed_sequence_indices
     q = torch.arange(pos.shape[1], device=pos.device)[:, None]
     k = torch.arange(pos.shape[1], device=pos.device)[None, :]
     b = torch.arange(pos.shape[0], device=pos.device)[:, None, None]

@@ -417,3 +417,57 @@ def test_rotary_tables_read_by_q_and_k_are_recomputed_in_each_rotation():
         with cpu_kernels(interpreted):
             for got, want in zip(gm(*args), rope(*args)):
                 torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+
+
+def functional(fn):  # what the backend receives: in-place writes as functional ops (copy + slice_scatter)
+    return torch.func.functionalize(fn)
+
+
+def mla_assemble(q_nope, q_pe):  # DeepSeek's MLA query: a fresh buffer written by two slice assignments
+    out = q_pe.new_empty(q_nope.shape[:-1] + (q_nope.shape[-1] + q_pe.shape[-1],))
+    out[..., : q_nope.shape[-1]] = q_nope
+    out[..., q_nope.shape[-1]:] = q_pe
+    return out * 2
+
+
+def column_write(x, y):
+    z = x.clone()
+    z[:, 2] = y
+    z[:, -1] = y * 3
+    return z + 1
+
+
+def triangles(x):
+    return torch.triu(x, diagonal=1) + torch.tril(x, -1) * 2 + torch.ones_like(x).tril()
+
+
+@pytest.mark.parametrize("fn, shapes", [
+    (mla_assemble, [(2, 4, 7, 16), (2, 1, 7, 8)]),
+    (column_write, [(4, 5), (4,)]),
+    (triangles, [(3, 6, 5)]),
+], ids=["slice_writes", "select_writes", "triangles"])
+def test_slice_writes_and_triangle_masks_are_generated(fn, shapes):
+    """Functionalised slice assignments (`copy` + `slice_scatter` / `select_scatter` into a fresh or cloned
+    buffer) and tril / triu: one kernel each, eager's values exactly.  A fresh buffer that the writes cover is
+    not read (its values are anyone's: eager's are uninitialised)."""
+    g = torch.Generator().manual_seed(len(shapes))
+    args = [torch.randn(*s, generator=g) for s in shapes]
+    if fn is mla_assemble:
+        args[1] = args[1].expand(2, 4, 7, 8)  # the shared rotary part, broadcast over the heads as DeepSeek does
+    gm, outcome = lower(functional(fn), *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    assert len(kir_for(generated_kernels(gm)[0]).inputs) == len(args)  # the buffer is not an input
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(*args), fn(*args))
+
+
+def test_a_fresh_buffer_read_other_than_by_slice_writes_stays_an_allocation():
+    """An uninitialised buffer is a kernel only where slice writes fill it; returned or read as it is, it stays
+    `new_empty` (an allocation, no kernel), with the reason."""
+    def f(x):
+        return x.new_empty(x.shape), x * 2
+
+    gm, outcome = lower(f, torch.randn(3, 4))
+    assert any("uninitialised buffer" in m for m in outcome.near_misses), outcome.near_misses
+    assert "new_empty" in gm.code

@@ -502,3 +502,22 @@ def test_a_gather_by_negative_ids_joins_its_softmax():
     for interpreted in (False, True):
         with cpu_kernels(interpreted):
             torch.testing.assert_close(gm(x, ids), f(x, ids))
+
+
+def test_safe_softmax_gives_zero_rows_where_attention_sees_nothing():
+    """SDPA's math path (DeepSeek's eager attention) normalises with `_safe_softmax`: a row that is -inf
+    everywhere is 0, not NaN; a NaN still makes its row NaN."""
+    def f(s):
+        return torch.ops.aten._safe_softmax(s, -1)
+
+    s = torch.randn(2, 3, 7, 7)
+    s = s.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    s[0, 1, 3] = float("-inf")  # a row that sees nothing
+    s[1, 2, 4, 0] = float("nan")
+    gm, outcome = lower(f, s)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    want = f(s)
+    assert torch.equal(want[0, 1, 3], torch.zeros(7))
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            torch.testing.assert_close(gm(s), want, equal_nan=True)

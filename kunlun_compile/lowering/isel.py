@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from .isel_index import is_index_op, why_not_indexable
+from .isel_index import SLICE_WRITES, is_index_op, why_not_indexable
 from .refused import Refused
 from .isel_reduce import (is_reduction, is_result_of_reduction, why_not_reducible)
 from .kir import FLOAT_DTYPES, HALF_DTYPES, Instr, opmath
@@ -457,6 +457,8 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.zeros: _fill(lambda a, k: 0), aten.ones: _fill(lambda a, k: 1),
     aten.new_zeros: _fill(lambda a, k: 0), aten.new_ones: _fill(lambda a, k: 1),
     aten.new_full: _fill(lambda a, k: a[2]), aten.lift_fresh_copy: _identity,
+    # an uninitialised buffer that slice writes fill (why_not_lowerable): any value is eager's, 0 is one
+    aten.new_empty: _fill(lambda a, k: 0),
 }
 # Ops whose result is exactly representable in the result dtype (no rounding step).
 _EXACT = {prims.convert_element_type, aten._to_copy, aten.clone, aten.where, aten.masked_fill, aten.neg, aten.abs,
@@ -498,6 +500,9 @@ def why_not_lowerable(node: fx.Node) -> Optional[str]:
         return why_not_indexable(node) or _why_not_operands(node, node.meta.get("val"))
     if node.op != "call_function" or packet(node) not in LOWERINGS:
         return "not an element-wise op in the lowering table"
+    if packet(node) is aten.new_empty and not all(u.target in SLICE_WRITES and u.args[0] is node
+                                                  or u.op == "call_function" and not u.users for u in node.users):
+        return "an uninitialised buffer read other than under slice writes (an allocation, not a kernel)"
     return _why_not_values(node, node.meta.get("val"))
 
 

@@ -36,8 +36,13 @@ GATHER_OPS = {aten.index_select.default, aten.embedding.default, aten.gather.def
 # over the values that writes each at its id; what it writes is read from memory by other kernels
 SCATTER_STORES = {aten.index_put.default, aten.index_put_.default}
 FRESH_TENSORS = {aten.empty_like.default, aten.empty.memory_format, aten.new_empty.default}
-INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | {aten.cat.default, aten.stack.default, aten.arange.default,
-                                                      aten.arange.start, aten.arange.start_step, aten.scatter.value}
+# a value written over a slice / an index of another (functionalised `x[..., a:b] = y`, MLA's q/k assembly)
+SLICE_WRITES = {aten.slice_scatter.default, aten.select_scatter.default}
+# element-wise ops that read the point's coordinates: the triangle masks
+TRIANGLES = {aten.tril.default, aten.triu.default}
+INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | SLICE_WRITES | TRIANGLES | {
+    aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
+    aten.scatter.value}
 # ops that may read one source element for several result elements (recomputing a producer per use)
 DUPLICATING = {aten.expand.default, aten.scatter.value, *GATHER_OPS}
 MAX_SCATTER_IDS = 16  # scatter.value compares each result element with every id of its row: few ids only
@@ -145,6 +150,14 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
         dim, start, end, step = _slice_args(node)
         if not _static([start, step]):
             return "a slice with a symbolic start"
+    if t is aten.slice_scatter.default:
+        dim, start, end, step = _slice_args(node, _shape(node))
+        if not _static([start]) or step != 1:
+            return "a slice write with a symbolic start or a step"
+    if t is aten.select_scatter.default and not isinstance(node.args[3], int):
+        return "a select write at a symbolic index"
+    if t in TRIANGLES and val.dim() < 2:
+        return f"{t.__name__} of a {val.dim()}-d tensor"
     if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
         start_step = node.args[:1] + node.args[2:] if len(node.args) > 1 else ()
         if not all(isinstance(a, int) for a in start_step):
@@ -152,10 +165,12 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
     return None
 
 
-def _slice_args(node: fx.Node):
-    args = list(node.args) + [None] * (5 - len(node.args))
+def _slice_args(node: fx.Node, src: Optional[Tuple] = None):
+    """(dim, start, end, step) of a slice (of node.args[0], or of `src`); slice_scatter's come after its src."""
+    skip = 1 if node.target is aten.slice_scatter.default else 0
+    args = list(node.args[skip:]) + [None] * (5 - len(node.args[skip:]))
     _, dim, start, end, step = args[:5]
-    src = _shape(node.args[0])
+    src = _shape(node.args[0]) if src is None else src
     dim = (dim or 0) % len(src)
     start = 0 if start is None else start
     if isinstance(start, int) and start < 0:
@@ -240,6 +255,24 @@ def cat_branches(node: fx.Node, m: Map) -> List[Tuple[fx.Node, Map, Tuple[Affine
         out.append((src, m[:dim] + (m[dim] - offset,) + m[dim + 1:], (m[dim], offset, None if last else offset + size)))
         offset = offset + size if not last else offset
     return out
+
+
+def written_slice(node: fx.Node, m: Map) -> Tuple[fx.Node, fx.Node, Map, Tuple[Affine, int, Optional[int]]]:
+    """slice_scatter / select_scatter: (base, src, src's coordinates at `m`, the guard where `m` reads src)."""
+    base, src = node.args[0], node.args[1]
+    rank = len(m)
+    if node.target is aten.select_scatter.default:
+        dim, index = node.args[2] % rank, node.args[3]
+        size = _shape(node)[dim]
+        index = index + size if index < 0 and isinstance(size, int) else index
+        return base, src, m[:dim] + m[dim + 1:], (m[dim], index, index + 1)
+    dim, start, end, _ = _slice_args(node, _shape(node))
+    size = _shape(node)[dim]
+    if end is not None and isinstance(end, int) and end < 0 and isinstance(size, int):
+        end += size
+    if end is not None and isinstance(size, int) and isinstance(end, int) and end >= size:
+        end = None  # to the end (a sentinel like 2**63 - 1)
+    return base, src, m[:dim] + (m[dim] - start,) + m[dim + 1:], (m[dim], start, end)
 
 
 Pick = Tuple[fx.Node, Map, int]  # (ids node, the ids' coordinates, the table dim its values pick)

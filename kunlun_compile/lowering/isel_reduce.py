@@ -29,7 +29,7 @@ def _dims(node: fx.Node) -> Optional[List[int]]:
     """The reduced dims of `node`, normalised to its input's rank; None for an op without a dims argument."""
     x = node.args[0].meta["val"]
     target = node.target
-    if target in (aten._softmax.default, aten._log_softmax.default):
+    if target in (aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default):
         dims = [node.args[1]]
     elif target is aten.native_layer_norm.default:
         dims = [x.dim() - k for k in range(len(node.args[1]), 0, -1)]
@@ -222,6 +222,14 @@ def _softmax(b, args, kwargs, out, n):
     return b.vec("mul", e, b.div(b.const(1.0, e.dtype), b.reduce("sum", e)))
 
 
+def _safe_softmax(b, args, kwargs, out, n):
+    """softmax, with 0 for a row that is -inf everywhere (attention rows that see nothing; eager's SDPA math
+    path): such a row's max is -inf.  A NaN anywhere in a row still makes it NaN."""
+    x = b.operand(args[0], opmath(out))
+    masked = b.vec("eq", b.reduce("max", x), b.const(float("-inf"), x.dtype))
+    return b.select(masked, b.const(0.0, x.dtype), _softmax(b, args, kwargs, out, n))
+
+
 def _log_softmax(b, args, kwargs, out, n):
     shifted, e = _softmax_parts(b, args, out)
     return b.vec("sub", shifted, b.log(b.reduce("sum", e)))
@@ -245,7 +253,7 @@ def _layer_norm(b, args, kwargs, outs, n):
 REDUCTIONS: Dict[Any, Callable] = {
     aten.sum.dim_IntList: _sum, aten.sum.default: _sum, aten.mean.dim: _mean, aten.mean.default: _mean,
     aten.amax.default: _extreme("max"), aten.amin.default: _extreme("min"), aten.var.correction: _var,
-    aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax,
+    aten._softmax.default: _softmax, aten._log_softmax.default: _log_softmax, aten._safe_softmax.default: _safe_softmax,
     aten.argmax.default: _argmax, aten.argmin.default: _argmin, aten.cumsum.default: _cumsum,
     aten.histc.default: _histc,
 }

@@ -32,8 +32,9 @@ from .index_expr import Affine, identity
 from .cluster_isel import ClusterSpec, output_orders, reduction_value
 from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
-from .isel_index import (GATHER_OPS, VIEW_OPS, Map, arange_value, cat_branches, gather_parts, is_index_op,
-                         is_scatter_store, scatter_rows, sizes, view_source, wraps_negative_ids)
+from .isel_index import (GATHER_OPS, SLICE_WRITES, TRIANGLES, VIEW_OPS, Map, arange_value, cat_branches,
+                         gather_parts, is_index_op, is_scatter_store, scatter_rows, sizes, view_source,
+                         wraps_negative_ids, written_slice)
 from .kir import KernelIR
 
 aten = torch.ops.aten
@@ -166,6 +167,18 @@ class _Evaluator:
             return result
         if node.target in GATHER_OPS:
             return self._gather(node, m, guard, out)
+        if node.target in SLICE_WRITES:  # src where the point lies in the written slice, else base
+            base, src, src_map, (e, lo, hi) = written_slice(node, m)
+            inside = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
+            if hi is not None:
+                inside = self.b.vec("and", inside, self.b.vec("lt", self._iota(e), self.b.const(hi, torch.int64)))
+            v = self.b.cast(self.at(src, src_map, guard + ((e, lo, hi),)), out)
+            return self.b.select(inside, v, self.b.cast(self.at(base, m, guard), out))
+        if node.target in TRIANGLES:  # tril keeps col - row <= k, triu col - row >= k; zero elsewhere
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+            keep = self.b.vec("le" if node.target is aten.tril.default else "ge", self._iota(m[-1] - m[-2]),
+                              self.b.const(k, torch.int64))
+            return self.b.select(keep, self.b.cast(self.at(node.args[0], m, guard), out), self.b.const(0, out))
         if node.target is aten.scatter.value:  # the value where an id of the row names this position
             src, ids, dim, rows = scatter_rows(node, m)
             position = self._iota(m[dim])

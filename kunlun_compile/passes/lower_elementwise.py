@@ -25,6 +25,7 @@ from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
 from ..lowering.cluster_isel import lower_cluster
 from ..lowering.isel import Policy, Refused, layout_order
+from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
@@ -36,6 +37,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     target = get_target(ctx.config.target)
     policy = Policy(fast_math=ctx.config.fast_math)
     _pieces_as_slices(gm.graph)
+    _copies_as_conversions(gm.graph)
     clusters, refused = find_clusters(gm, lowers=lambda spec: _lowers(spec, target, policy))
     outcome = PassOutcome(near_misses=[f"left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
@@ -106,6 +108,37 @@ def _pieces_as_slices(graph: fx.Graph) -> None:
             item.replace_all_uses_with(view)
             graph.erase_node(item)
         graph.erase_node(node)
+
+
+def _copies_as_conversions(graph: fx.Graph) -> None:
+    """`copy(dst, src)` written into a slice (functionalised `x[..., a:b] = y`: copy, then slice_scatter) is
+    src broadcast to dst's shape in dst's dtype: dst is not read.  As expand + convert nodes the lowering
+    evaluates src in place and the slice write's buffer needs no read."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default or not node.users:
+            continue
+        if not all(u.target in SLICE_WRITES and u.args[1] is node and node not in (u.args[0],) for u in node.users):
+            continue
+        dst, src = node.args[0].meta.get("val"), node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) \
+            else None
+        if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
+            continue
+        value = node.args[1]
+        with graph.inserting_before(node):
+            if tuple(src.shape) != tuple(dst.shape):
+                value = graph.call_function(aten.expand.default, (value, list(dst.shape)))
+                value.meta["val"] = src.expand(dst.shape)
+            if src.dtype != dst.dtype:
+                before = value.meta["val"]
+                value = graph.call_function(torch.ops.prims.convert_element_type.default, (value, dst.dtype))
+                value.meta["val"] = before.to(dst.dtype)
+        dst_node = node.args[0]
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        while dst_node.op == "call_function" and not dst_node.users and dst_node.target in VIEW_OPS:
+            view, dst_node = dst_node, dst_node.args[0]  # the view the copy wrote through: now unread
+            graph.erase_node(view)
 
 
 def _shape_args(graph: fx.Graph, spec: ClusterSpec) -> List[Any]:
