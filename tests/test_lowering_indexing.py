@@ -471,3 +471,103 @@ def test_a_fresh_buffer_read_other_than_by_slice_writes_stays_an_allocation():
     gm, outcome = lower(f, torch.randn(3, 4))
     assert any("uninitialised buffer" in m for m in outcome.near_misses), outcome.near_misses
     assert "new_empty" in gm.code
+
+
+def complex_rope(q, k, freqs):  # DeepSeek-V2 / Llama4: the rotation as a product of complex numbers
+    freqs_cis = torch.polar(torch.ones_like(freqs), freqs) * 1.0
+    qc = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+    kc = torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2))
+    fc = freqs_cis.unsqueeze(1)
+    return torch.view_as_real(qc * fc).flatten(3).to(q.dtype), torch.view_as_real(kc * fc).flatten(3).to(k.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_complex_rotations_are_real_pairs_in_generated_kernels(dtype):
+    """polar, view_as_complex, the complex product and view_as_real become real and imaginary parts: the q and k
+    rotations are one kernel each (freqs_cis recomputed in both); within a unit of eager's complex product."""
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(2, 4, 7, 16, generator=g).to(dtype), torch.randn(2, 1, 7, 16, generator=g).to(dtype),
+            torch.randn(2, 7, 8, generator=g))
+    gm, outcome = lower(complex_rope, *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 0}, outcome.near_misses
+    want = complex_rope(*args)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            for got, w in zip(gm(*args), want):
+                torch.testing.assert_close(got, w, rtol=torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_a_complex_value_read_outside_stays_complex():
+    def f(x, freqs):
+        c = torch.polar(torch.ones_like(freqs), freqs)
+        return torch.view_as_real(torch.view_as_complex(x) * c), c  # c itself leaves the graph
+
+    gm, outcome = lower(f, torch.randn(3, 4, 2), torch.randn(3, 4))
+    assert "polar" in gm.code
+    got, want = gm(torch.ones(3, 4, 2), torch.zeros(3, 4)), f(torch.ones(3, 4, 2), torch.zeros(3, 4))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def llama4_router(logits, x):  # top-k scores scattered into -inf, read transposed; rows repeated per expert
+    vals, idx = torch.topk(logits, 2, dim=1)
+    scores = torch.full_like(logits, float("-inf")).scatter(1, idx, vals).transpose(0, 1)
+    return torch.sigmoid(scores), x.repeat(4, 1) * 2
+
+
+def test_scatter_of_values_and_repeat_are_generated():
+    """scatter.src (each id takes src at its own position) read through a transpose, and repeat: generated, eager's
+    values exactly.  The ids are range-checked on the host along the scatter's own dim (8 experts), not the
+    kernel's dim of the same index (7 tokens)."""
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(7, 8, generator=g), torch.randn(7, 16, generator=g))
+    gm, outcome = lower(llama4_router, *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 1}, outcome.near_misses  # the top-k
+    want = llama4_router(*args)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            scores, rows = gm(*args)
+        torch.testing.assert_close(scores, want[0], rtol=2e-7, atol=0)  # sigmoid: within a unit of eager's
+        assert torch.equal(scores == 0, want[0] == 0) and torch.equal(rows, want[1])
+
+    def marks(ids):  # scatter.value read transposed: ids up to 7 into 8 columns, 5 rows
+        return torch.zeros(5, 8).scatter(1, ids, 1.0).t() * 3
+
+    ids = torch.tensor([[7, 0], [1, 7], [2, 3], [7, 6], [4, 5]])
+    gm, outcome = lower(marks, ids)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert torch.equal(gm(ids), marks(ids))
+
+    def routed(ids, x):  # Llama4: the scores flattened to one per (expert, token) row, times the repeated tokens
+        scores = torch.zeros(5, 8).scatter(1, ids, 1.0).t().reshape(-1, 1)
+        return x.repeat(8, 1) * scores
+
+    x = torch.randn(5, 3, generator=g)
+    gm, outcome = lower(routed, ids, x)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    assert torch.equal(gm(ids, x), routed(ids, x))
+    with pytest.raises(IndexError):  # an id past the 8 experts: eager's error, from the host check
+        gm(torch.full((5, 2), 8), x)
+
+
+def chunk_pads(q, g):  # Qwen3-Next's chunked delta rule pads the sequence to whole chunks; a crop and a fill value
+    return F.pad(q, (0, 0, 0, 3)) * 2, F.pad(g, (0, 3)) + 1, F.pad(q, (1, -2, 2, 0), value=-1.5)
+
+
+def state_copies(x):  # a cache state written by copy_ into fresh zeros (the last tokens, a scaled value)
+    s = torch.zeros(2, 5, 4)
+    s.copy_(x[..., -4:])
+    return s * 1, torch.zeros_like(x).copy_(x * 2)
+
+
+@pytest.mark.parametrize("fn, shapes", [(chunk_pads, [(2, 5, 7, 4), (2, 5, 7)]), (state_copies, [(2, 5, 9)])],
+                         ids=["pads", "copies"])
+def test_pads_and_whole_tensor_copies_are_generated(fn, shapes):
+    g = torch.Generator().manual_seed(9)
+    args = [torch.randn(*s, generator=g) for s in shapes]
+    gm, outcome = lower(functional(fn), *args)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    want = fn(*args)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(*args)
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, want))

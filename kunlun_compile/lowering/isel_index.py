@@ -40,11 +40,13 @@ FRESH_TENSORS = {aten.empty_like.default, aten.empty.memory_format, aten.new_emp
 SLICE_WRITES = {aten.slice_scatter.default, aten.select_scatter.default}
 # element-wise ops that read the point's coordinates: the triangle masks
 TRIANGLES = {aten.tril.default, aten.triu.default}
-INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | SLICE_WRITES | TRIANGLES | {
+# a row's few ids name the positions that take a value (a constant, or src at the id's own position)
+SCATTERS = {aten.scatter.value, aten.scatter.src}
+INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | SLICE_WRITES | TRIANGLES | SCATTERS | {
     aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
-    aten.scatter.value}
+    aten.repeat.default, aten.constant_pad_nd.default}
 # ops that may read one source element for several result elements (recomputing a producer per use)
-DUPLICATING = {aten.expand.default, aten.scatter.value, *GATHER_OPS}
+DUPLICATING = {aten.expand.default, aten.repeat.default, *SCATTERS, *GATHER_OPS}
 MAX_SCATTER_IDS = 16  # scatter.value compares each result element with every id of its row: few ids only
 
 
@@ -80,8 +82,32 @@ def is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in VIEW_OPS
 
 
+def repeat_source(node: fx.Node, m: Map, sizes: Sequence[Optional[int]]) -> Map:
+    """x.repeat(reps): the point `m` reads x at each coordinate modulo x's size (new leading dims dropped)."""
+    src, reps = _shape(node.args[0]), list(node.args[1])
+    lead = len(reps) - len(src)
+    return tuple(m[lead + d] if reps[lead + d] == 1 else m[lead + d].mod(src[d], sizes) for d in range(len(src)))
+
+
+def padded_source(node: fx.Node, m: Map) -> Tuple[Map, Tuple[Tuple[Affine, int, Optional[int]], ...]]:
+    """constant_pad_nd: (x's coordinates at `m`, the guards under which `m` lies inside x; pads count from the
+    last dim, (before, after) each; a negative pad crops)."""
+    pads, src = list(node.args[1]), _shape(node.args[0])
+    out, guards = list(m), []
+    for k in range(len(pads) // 2):
+        d, before, after = len(m) - 1 - k, pads[2 * k], pads[2 * k + 1]
+        if before == 0 and after == 0:
+            continue
+        out[d] = m[d] - before
+        lo = before if before > 0 else 0
+        hi = before + src[d] if after > 0 else None
+        if lo or hi is not None:
+            guards.append((m[d], lo, hi))
+    return tuple(out), tuple(guards)
+
+
 def scatter_rows(node: fx.Node, m: Map) -> Tuple[fx.Node, fx.Node, int, List[Map]]:
-    """scatter.value: (self, ids, dim, the ids' coordinates for each id of the point's row)."""
+    """scatter.value / .src: (self, ids, dim, the ids' coordinates for each id of the point's row)."""
     src, dim, index = node.args[0], node.args[1] % len(m), node.args[2]
     k = _shape(index)[dim]
     return src, index, dim, [m[:dim] + (Affine.constant(j),) + m[dim + 1:] for j in range(k)]
@@ -130,8 +156,15 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
             sources = [x for x in node.args[0] if x.meta["val"].dim() == val.dim()]  # cat skips 1-d empties
             if not _static([_shape(x)[dim] for x in sources[:-1]]):
                 return "cat of symbolic sizes along its dim (before its last source)"
-    if t is aten.scatter.value:
+    if t is aten.repeat.default:
+        src, reps = _shape(node.args[0]), list(node.args[1])
+        if not _static(reps) or not _static([x for x, k in zip(src, reps[len(reps) - len(src):]) if k != 1]):
+            return "repeat of symbolic sizes"
+    if t in SCATTERS:
         src, dim, index = node.args[0], node.args[1] % val.dim(), node.args[2]
+        source = node.args[3]
+        if t is aten.scatter.src and (not isinstance(source, fx.Node) or source.meta["val"].dim() != val.dim()):
+            return "scatter of a src that is not a tensor of the result's rank"
         k = _shape(index)[dim]
         others = [d for d in range(val.dim()) if d != dim]
         if not isinstance(k, int) or k > MAX_SCATTER_IDS:
@@ -156,6 +189,11 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
             return "a slice write with a symbolic start or a step"
     if t is aten.select_scatter.default and not isinstance(node.args[3], int):
         return "a select write at a symbolic index"
+    if t is aten.constant_pad_nd.default:
+        pads, src = list(node.args[1]), _shape(node.args[0])
+        padded_after = [src[len(src) - 1 - k] for k in range(len(pads) // 2) if pads[2 * k + 1] > 0]
+        if not _static(pads) or not _static(padded_after):
+            return "a pad of symbolic sizes"
     if t in TRIANGLES and val.dim() < 2:
         return f"{t.__name__} of a {val.dim()}-d tensor"
     if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):

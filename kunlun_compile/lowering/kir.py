@@ -146,7 +146,7 @@ class KernelIR:
         return frozenset(i.attr for i in self.instrs if i.op == "load")
 
     @functools.cached_property
-    def host_checked_ids(self) -> Tuple[List[Tuple[int, int, int, bool]], List[Tuple[int, int, bool]]]:
+    def host_checked_ids(self) -> Tuple[List[Tuple[int, int, int, bool]], List[Tuple[int, int, bool, int]]]:
         """(gathered_inputs, scattered_inputs): the ids the op range-checks on the host before a launch."""
         return gathered_inputs(self), scattered_inputs(self)
 
@@ -265,13 +265,15 @@ def _input_sources(kir: "KernelIR") -> dict:
     return source
 
 
-def scattered_inputs(kir: "KernelIR") -> List[Tuple[int, int, bool]]:
-    """(ids input, kernel dim, negative ids count from the end) for each scatter whose ids are read from an
-    input: positions along that dim (a scatter of a value's ids, or the ids a store.at writes at, dim 0)."""
-    out = {(a["in"], a["ids_of"], False) for a in (json.loads(i.attr) for i in kir.instrs if i.op == "load.at")
-           if "ids_of" in a}
+def scattered_inputs(kir: "KernelIR") -> List[Tuple[int, int, bool, int]]:
+    """(ids input, kernel dim, negative ids count from the end, size) for each scatter whose ids are read from
+    an input: positions along that dim of the kernel (size -1), or below a static size where the scatter's dim
+    is not one dim of the kernel (a scatter read through a reshape); the ids a store.at writes at: dim 0."""
+    out = {(a["in"], a["ids_of"], False, -1) if isinstance(a["ids_of"], int) else (a["in"], -1, False,
+                                                                                     a["ids_of"]["size"])
+           for a in (json.loads(i.attr) for i in kir.instrs if i.op == "load.at") if "ids_of" in a}
     source = _input_sources(kir)
-    out |= {(source[i.args[1]], 0, True) for i in kir.instrs if i.op == "store.at" and i.args[1] in source}
+    out |= {(source[i.args[1]], 0, True, -1) for i in kir.instrs if i.op == "store.at" and i.args[1] in source}
     return sorted(out)
 
 

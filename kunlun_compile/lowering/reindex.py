@@ -32,9 +32,9 @@ from .index_expr import Affine, identity
 from .cluster_isel import ClusterSpec, output_orders, reduction_value
 from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
-from .isel_index import (GATHER_OPS, SLICE_WRITES, TRIANGLES, VIEW_OPS, Map, arange_value, cat_branches,
-                         gather_parts, is_index_op, is_scatter_store, scatter_rows, sizes, view_source,
-                         wraps_negative_ids, written_slice)
+from .isel_index import (GATHER_OPS, SCATTERS, SLICE_WRITES, TRIANGLES, VIEW_OPS, Map, arange_value,
+                         cat_branches, gather_parts, is_index_op, is_scatter_store, padded_source, repeat_source,
+                         scatter_rows, sizes, view_source, wraps_negative_ids, written_slice)
 from .kir import KernelIR
 
 aten = torch.ops.aten
@@ -179,16 +179,36 @@ class _Evaluator:
             keep = self.b.vec("le" if node.target is aten.tril.default else "ge", self._iota(m[-1] - m[-2]),
                               self.b.const(k, torch.int64))
             return self.b.select(keep, self.b.cast(self.at(node.args[0], m, guard), out), self.b.const(0, out))
-        if node.target is aten.scatter.value:  # the value where an id of the row names this position
-            src, ids, dim, rows = scatter_rows(node, m)
+        if node.target in SCATTERS:  # where an id of the row names this position: the value, or src at the id
+            base, ids, dim, rows = scatter_rows(node, m)
             position = self._iota(m[dim])
-            hit = None
-            for ids_map in rows:
-                picked = self.b.cast(self._ids(ids, ids_map, guard, dim), torch.int64)
+            # ids read from memory are range-checked on the host against the kernel dim the positions run along
+            size = sizes(node.meta["val"])[dim]
+            kdim = next((d for d in range(len(self.space)) if m[dim].is_coord(d) and self.space[d] == size),
+                        {"size": size} if isinstance(size, int) else None)
+            if kdim is None and ids not in self.inside:
+                raise Refused(f"{node.name}: its positions do not run along one dim of the kernel and its size is "
+                              "symbolic (no host check)")
+            result = self.b.cast(self.at(base, m, guard), out)
+            for ids_map in rows:  # in the row's order: a later id writes over an earlier one
+                picked = self.b.cast(self._ids(ids, ids_map, guard, kdim), torch.int64)
                 same = self.b.vec("eq", picked, position)
-                hit = same if hit is None else self.b.vec("or", hit, same)
-            base = self.b.cast(self.at(src, m, guard), out)
-            return self.b.select(hit, self.b.const(node.args[3], out), base)
+                value = self.b.const(node.args[3], out) if node.target is aten.scatter.value \
+                    else self.b.cast(self.at(node.args[3], ids_map, guard), out)
+                result = self.b.select(same, value, result)
+            return result
+        if node.target is aten.constant_pad_nd.default:  # x inside its borders, the pad value outside
+            src_map, borders = padded_source(node, m)
+            v = self.b.cast(self.at(node.args[0], src_map, guard + borders), out)
+            for e, lo, hi in borders:
+                inside = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
+                if hi is not None:
+                    inside = self.b.vec("and", inside, self.b.vec("lt", self._iota(e), self.b.const(hi, torch.int64)))
+                value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+                v = self.b.select(inside, v, self.b.const(value, out))
+            return v
+        if node.target is aten.repeat.default:
+            return self.at(node.args[0], repeat_source(node, m, self.sizes), guard)
         # arange
         return self.b.cast(self._iota(arange_value(node, m)), out)
 
@@ -219,9 +239,9 @@ class _Evaluator:
         v = self.b.cast(self.at(table, tuple(table_map), guard + extra), out)
         return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
 
-    def _ids(self, ids: fx.Node, m: Map, guard: Guard, bound_dim: int) -> Value:
+    def _ids(self, ids: fx.Node, m: Map, guard: Guard, bound_dim) -> Value:
         """Ids a scatter writes through: read in memory they are range-checked on the host against the kernel's
-        dim `bound_dim` (eager raises for an id outside the result)."""
+        dim `bound_dim`, or below {"size": n} (eager raises for an id outside the result)."""
         if ids in self.inside:
             return self.at(ids, m, guard)
         return self._load(ids, m, guard, ids_of=bound_dim)
@@ -230,7 +250,7 @@ class _Evaluator:
         return self.b.emit("iota", torch.int64, self._operands(e), json.dumps(e.to_json()))
 
     # ---- memory --------------------------------------------------------------------------------
-    def _load(self, node: fx.Node, m: Map, guard: Guard, ids_of: Optional[int] = None, wrap=()) -> Value:
+    def _load(self, node: fx.Node, m: Map, guard: Guard, ids_of=None, wrap=()) -> Value:
         if node not in self.input_index:
             raise Refused(f"operand {node.name} is neither in the kernel nor an input")
         k, val = self.input_index[node], node.meta["val"]
@@ -241,7 +261,7 @@ class _Evaluator:
         attr = {"in": k, "index": [e.to_json() for e in m], "guard": [[e.to_json(), lo, hi] for e, lo, hi in guard],
                 "bounds": [j for j, e in enumerate(m) if e.values()]}
         if ids_of is not None:
-            attr["ids_of"] = ids_of  # its values are positions along this dim of the kernel (a host check)
+            attr["ids_of"] = ids_of  # positions along this kernel dim, or below {"size": n} (a host check)
         if wrap:
             attr["wrap"] = list(wrap)  # a negative value at these dims counts from the end (x[ids])
         operands = tuple(sorted({v for e in exprs for v in e.values()}))

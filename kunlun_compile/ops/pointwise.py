@@ -40,9 +40,10 @@ def check_gathers(kir, inputs: List[torch.Tensor], shape: List[int], kernel: str
     for ids, table, dim, wraps in gathered:
         check_index_range(f"pointwise {kernel}", f"ids (input {ids}) into dim {dim} of input {table}",
                           inputs[ids], inputs[table].shape[dim], negative=wraps)
-    for ids, dim, wraps in scattered:
-        check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along dim {dim}", inputs[ids],
-                          int(shape[dim]), negative=wraps)
+    for ids, dim, wraps, size in scattered:
+        check_index_range(f"pointwise {kernel}", f"scatter ids (input {ids}) along " +
+                          (f"dim {dim}" if size < 0 else f"a dim of {size}"), inputs[ids],
+                          int(shape[dim]) if size < 0 else size, negative=wraps)
 
 
 @torch.library.custom_op("kunlun::pointwise", mutates_args=())

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
 from ..lowering.cluster_isel import lower_cluster
+from ..lowering.complex_pairs import complex_as_pairs
 from ..lowering.isel import Policy, Refused, layout_order
 from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS
 from ..lowering.targets import get_target
@@ -38,6 +39,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     policy = Policy(fast_math=ctx.config.fast_math)
     _pieces_as_slices(gm.graph)
     _copies_as_conversions(gm.graph)
+    complex_as_pairs(gm.graph)
     clusters, refused = find_clusters(gm, lowers=lambda spec: _lowers(spec, target, policy))
     outcome = PassOutcome(near_misses=[f"left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
@@ -111,21 +113,27 @@ def _pieces_as_slices(graph: fx.Graph) -> None:
 
 
 def _copies_as_conversions(graph: fx.Graph) -> None:
-    """`copy(dst, src)` written into a slice (functionalised `x[..., a:b] = y`: copy, then slice_scatter) is
-    src broadcast to dst's shape in dst's dtype: dst is not read.  As expand + convert nodes the lowering
-    evaluates src in place and the slice write's buffer needs no read."""
+    """`copy(dst, src)` is src broadcast to dst's shape in dst's dtype: dst is not read.  Written into a slice
+    (functionalised `x[..., a:b] = y`: copy, then slice_scatter) it becomes expand + convert nodes, so the
+    lowering evaluates src in place and the buffer needs no read; a whole-tensor copy whose src has dst's
+    shape and layout (`zeros(..).copy_(x)`) becomes a clone or a convert of src."""
     aten = torch.ops.aten
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.copy.default or not node.users:
-            continue
-        if not all(u.target in SLICE_WRITES and u.args[1] is node and node not in (u.args[0],) for u in node.users):
             continue
         dst, src = node.args[0].meta.get("val"), node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) \
             else None
         if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
             continue
+        into_slices = all(u.target in SLICE_WRITES and u.args[1] is node and u.args[0] is not node for u in node.users)
+        # elsewhere the copy's result has dst's layout: rewritten only where a clone of src has it too
+        if not into_slices and (tuple(src.shape) != tuple(dst.shape) or src.clone().stride() != dst.stride()):
+            continue
         value = node.args[1]
         with graph.inserting_before(node):
+            if not into_slices and src.dtype == dst.dtype:  # a fresh tensor of src's values (zeros(..).copy_(x))
+                value = graph.call_function(aten.clone.default, (value,))
+                value.meta["val"] = src.clone()
             if tuple(src.shape) != tuple(dst.shape):
                 value = graph.call_function(aten.expand.default, (value, list(dst.shape)))
                 value.meta["val"] = src.expand(dst.shape)
