@@ -20,7 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-KEPT = {"mm", "addmm", "bmm", "baddbmm", "topk", "sort", "argsort", "_grouped_mm", "scaled_dot_product_attention",
+# matmul-class library calls (cuBLAS / LAPACK: a triangular solve is BLAS-3 TRSM, Qwen3-Next's chunked delta
+# rule), attention, sort/top-k, collectives and random ops: what the generic path keeps as ATen by design
+KEPT = {"mm", "addmm", "bmm", "baddbmm", "linalg_solve_triangular", "topk", "sort", "argsort", "_grouped_mm",
+        "scaled_dot_product_attention",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention", "bernoulli",
         "rand", "randn", "randint", "multinomial", "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"}

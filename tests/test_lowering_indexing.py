@@ -571,3 +571,31 @@ def test_pads_and_whole_tensor_copies_are_generated(fn, shapes):
         with cpu_kernels(interpreted):
             got = gm(*args)
         assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, want))
+
+
+def causal_conv(x, w):  # Qwen3-Next's short convolution: per channel over the sequence, width 4, causal, then silu
+    y = F.conv1d(x.transpose(1, 2), w.unsqueeze(1), None, padding=3, groups=x.shape[-1])[..., : x.shape[1]]
+    return F.silu(y).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_depthwise_causal_conv_is_one_kernel_with_its_activation(dtype):
+    """The taps are summed in order in fp32 (half inputs too, as eager's kernels accumulate): as close to the
+    float64 result as eager, within a few units."""
+    g = torch.Generator().manual_seed(6)
+    args = (torch.randn(2, 7, 16, generator=g).to(dtype), torch.randn(16, 4, generator=g).to(dtype))
+    gm, outcome = lower(causal_conv, *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    ref, want = causal_conv(*[a.double() for a in args]), causal_conv(*args)
+    eps, scale = torch.finfo(dtype).eps, ref.abs().max().item()
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            got = gm(*args)
+        assert (got.double() - ref).abs().max() <= (want.double() - ref).abs().max() + 4 * eps * scale
+
+
+def test_convolutions_other_than_depthwise_1d_stay_aten_and_say_why():
+    x, w = torch.randn(1, 4, 9), torch.randn(6, 4, 3)
+    gm, outcome = lower(lambda a, b: F.conv1d(a, b) * 2, x, w)
+    assert any("depthwise" in m for m in outcome.near_misses), outcome.near_misses
+    torch.testing.assert_close(gm(x, w), F.conv1d(x, w) * 2)

@@ -80,3 +80,16 @@ def test_hf_moe_models_keep_only_matmuls_attention_sort_and_grouped_gemms(arch):
     report = _hf_generic_only(arch)
     listings = "\n".join(k["listing"] for g in report.graphs for k in g.generated)
     assert "row.point" in listings and "scan.sum" in listings and "store out" in listings and "[%" in listings
+
+
+@pytest.mark.parametrize("arch, constructs", [
+    ("DeepseekV2", ["cos", "sin"]),  # complex rotary as real pairs; MLA's q/k written by slice assignments
+    ("Llama4", ["cos", "sin"]),  # complex rotary; the router's scatter of top-k scores, tokens repeated per expert
+    # the causal conv's shifted taps, chunk pads, the state copies; the triangular solve stays (a matmul-class
+    # library call).  ~2 min through Triton's interpreter: in the slow run
+    pytest.param("Qwen3Next", ["] if "], marks=pytest.mark.slow),
+], ids=["DeepseekV2", "Llama4", "Qwen3Next"])
+def test_hf_models_with_complex_rotaries_slice_writes_and_linear_attention_keep_only_kept_ops(arch, constructs):
+    report = _hf_generic_only(arch)
+    listings = "\n".join(k["listing"] for g in report.graphs for k in g.generated)
+    assert all(c in listings for c in constructs)

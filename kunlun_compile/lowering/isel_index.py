@@ -42,9 +42,11 @@ SLICE_WRITES = {aten.slice_scatter.default, aten.select_scatter.default}
 TRIANGLES = {aten.tril.default, aten.triu.default}
 # a row's few ids name the positions that take a value (a constant, or src at the id's own position)
 SCATTERS = {aten.scatter.value, aten.scatter.src}
+# a depthwise 1-d convolution of a few taps (Qwen3-Next's causal conv over the sequence): a sum of shifted reads
+MAX_CONV_TAPS = 8
 INDEX_OPS = VIEW_OPS | GATHER_OPS | SCATTER_STORES | SLICE_WRITES | TRIANGLES | SCATTERS | {
     aten.cat.default, aten.stack.default, aten.arange.default, aten.arange.start, aten.arange.start_step,
-    aten.repeat.default, aten.constant_pad_nd.default}
+    aten.repeat.default, aten.constant_pad_nd.default, aten.convolution.default}
 # ops that may read one source element for several result elements (recomputing a producer per use)
 DUPLICATING = {aten.expand.default, aten.repeat.default, *SCATTERS, *GATHER_OPS}
 MAX_SCATTER_IDS = 16  # scatter.value compares each result element with every id of its row: few ids only
@@ -194,6 +196,8 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
         padded_after = [src[len(src) - 1 - k] for k in range(len(pads) // 2) if pads[2 * k + 1] > 0]
         if not _static(pads) or not _static(padded_after):
             return "a pad of symbolic sizes"
+    if t is aten.convolution.default:
+        return _why_not_depthwise_conv1d(node)
     if t in TRIANGLES and val.dim() < 2:
         return f"{t.__name__} of a {val.dim()}-d tensor"
     if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
@@ -201,6 +205,30 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
         if not all(isinstance(a, int) for a in start_step):
             return "arange with a non-integer start or step"
     return None
+
+
+def _why_not_depthwise_conv1d(node: fx.Node) -> Optional[str]:
+    x, w = _shape(node.args[0]), _shape(node.args[1])
+    stride, padding, dilation, transposed, _, groups = node.args[3:9]
+    if len(x) != 3 or len(w) != 3 or transposed:
+        return "a convolution other than 1-d (only depthwise 1-d convolutions are generated)"
+    if not (groups == x[1] == w[0] and w[1] == 1) or not isinstance(w[2], int) or w[2] > MAX_CONV_TAPS:
+        return f"a convolution that is not depthwise with at most {MAX_CONV_TAPS} taps"
+    if not _static(list(stride) + list(padding) + list(dilation) + [x[2]]):
+        return "a convolution of symbolic sizes"
+    return None
+
+
+def conv_taps(node: fx.Node, m: Map) -> List[Tuple[Map, Map, Affine, int]]:
+    """Depthwise conv1d at the point m = (batch, channel, t): for each tap k, (x's coordinates, the weight's
+    coordinates, the read position, x's length): out = sum_k x[b, c, t*stride - pad + k*dil] * w[c, 0, k]."""
+    x, w = _shape(node.args[0]), _shape(node.args[1])
+    (stride,), (pad,), (dil,) = node.args[3], node.args[4], node.args[5]
+    taps = []
+    for k in range(w[2]):
+        pos = m[2] * stride + (k * dil - pad)
+        taps.append(((m[0], m[1], pos), (m[1], Affine.constant(0), Affine.constant(k)), pos, x[2]))
+    return taps
 
 
 def _slice_args(node: fx.Node, src: Optional[Tuple] = None):

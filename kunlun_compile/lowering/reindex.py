@@ -33,9 +33,9 @@ from .cluster_isel import ClusterSpec, output_orders, reduction_value
 from .isel_reduce import is_reduction, is_result_of_reduction, row_space
 from .isel import Builder, Policy, Refused, Value, lower_node, packet, scalar_operand
 from .isel_index import (GATHER_OPS, SCATTERS, SLICE_WRITES, TRIANGLES, VIEW_OPS, Map, arange_value,
-                         cat_branches, gather_parts, is_index_op, is_scatter_store, padded_source, repeat_source,
-                         scatter_rows, sizes, view_source, wraps_negative_ids, written_slice)
-from .kir import KernelIR
+                         cat_branches, conv_taps, gather_parts, is_index_op, is_scatter_store, padded_source,
+                         repeat_source, scatter_rows, sizes, view_source, wraps_negative_ids, written_slice)
+from .kir import KernelIR, opmath
 
 aten = torch.ops.aten
 Guard = Tuple[Tuple[Affine, int, Optional[int]], ...]  # lo <= expr < hi (hi None: no upper end)
@@ -207,10 +207,26 @@ class _Evaluator:
                 value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
                 v = self.b.select(inside, v, self.b.const(value, out))
             return v
+        if node.target is aten.convolution.default:  # depthwise conv1d: taps summed in order, in opmath
+            return self._conv(node, m, guard, out)
         if node.target is aten.repeat.default:
             return self.at(node.args[0], repeat_source(node, m, self.sizes), guard)
         # arange
         return self.b.cast(self._iota(arange_value(node, m)), out)
+
+    def _conv(self, node: fx.Node, m: Map, guard: Guard, out: torch.dtype) -> Value:
+        acc_dtype = opmath(out)
+        acc = None
+        for x_map, w_map, pos, length in conv_taps(node, m):
+            inside = self.b.vec("and", self.b.vec("ge", self._iota(pos), self.b.const(0, torch.int64)),
+                                self.b.vec("lt", self._iota(pos), self.b.const(length, torch.int64)))
+            x = self.b.cast(self.at(node.args[0], x_map, guard + ((pos, 0, length),)), acc_dtype)
+            term = self.b.vec("mul", self.b.select(inside, x, self.b.const(0.0, acc_dtype)),
+                              self.b.cast(self.at(node.args[1], w_map, guard), acc_dtype))
+            acc = term if acc is None else self.b.vec("add", acc, term)
+        if node.args[2] is not None:
+            acc = self.b.vec("add", acc, self.b.cast(self.at(node.args[2], (m[1],), guard), acc_dtype))
+        return self.b.cast(acc, out)
 
     def _gather(self, node: fx.Node, m: Map, guard: Guard, out: torch.dtype) -> Value:
         table, picks, table_map = gather_parts(node, m)

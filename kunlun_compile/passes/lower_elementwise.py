@@ -113,40 +113,46 @@ def _pieces_as_slices(graph: fx.Graph) -> None:
 
 
 def _copies_as_conversions(graph: fx.Graph) -> None:
-    """`copy(dst, src)` is src broadcast to dst's shape in dst's dtype: dst is not read.  Written into a slice
-    (functionalised `x[..., a:b] = y`: copy, then slice_scatter) it becomes expand + convert nodes, so the
-    lowering evaluates src in place and the buffer needs no read; a whole-tensor copy whose src has dst's
-    shape and layout (`zeros(..).copy_(x)`) becomes a clone or a convert of src."""
-    aten = torch.ops.aten
+    """`copy(dst, src)` is src broadcast to dst's shape, in dst's dtype and layout: dst's values are not read.
+    Written into a slice (functionalised `x[..., a:b] = y`: copy, then slice_scatter) it becomes expand +
+    convert nodes, so the lowering evaluates src in place and the buffer needs no read.  A whole-tensor copy
+    (`zeros(..).copy_(x)`, a cache state) becomes a `_to_copy` of src into dst's dtype and layout (asked for
+    when contiguous; otherwise only where a copy of src has it)."""
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.copy.default or not node.users:
+        if node.op != "call_function" or node.target is not torch.ops.aten.copy.default or not node.users:
             continue
-        dst, src = node.args[0].meta.get("val"), node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) \
-            else None
+        dst, src = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
         if not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor):
             continue
-        into_slices = all(u.target in SLICE_WRITES and u.args[1] is node and u.args[0] is not node for u in node.users)
-        # elsewhere the copy's result has dst's layout: rewritten only where a clone of src has it too
-        if not into_slices and (tuple(src.shape) != tuple(dst.shape) or src.clone().stride() != dst.stride()):
+        if all(u.target in SLICE_WRITES and u.args[1] is node and u.args[0] is not node for u in node.users):
+            value = _broadcast_convert(graph, node, dst, src)
+        elif tuple(src.shape) == tuple(dst.shape) and (dst.is_contiguous() or src.clone().stride() == dst.stride()):
+            fmt = {"memory_format": torch.contiguous_format} if dst.is_contiguous() else {}
+            with graph.inserting_before(node):
+                value = graph.call_function(torch.ops.aten._to_copy.default, (node.args[1],),
+                                            dict(dtype=dst.dtype, **fmt))
+            value.meta["val"] = src.to(dst.dtype, copy=True, **fmt)
+        else:
             continue
-        value = node.args[1]
-        with graph.inserting_before(node):
-            if not into_slices and src.dtype == dst.dtype:  # a fresh tensor of src's values (zeros(..).copy_(x))
-                value = graph.call_function(aten.clone.default, (value,))
-                value.meta["val"] = src.clone()
-            if tuple(src.shape) != tuple(dst.shape):
-                value = graph.call_function(aten.expand.default, (value, list(dst.shape)))
-                value.meta["val"] = src.expand(dst.shape)
-            if src.dtype != dst.dtype:
-                before = value.meta["val"]
-                value = graph.call_function(torch.ops.prims.convert_element_type.default, (value, dst.dtype))
-                value.meta["val"] = before.to(dst.dtype)
         dst_node = node.args[0]
         node.replace_all_uses_with(value)
         graph.erase_node(node)
         while dst_node.op == "call_function" and not dst_node.users and dst_node.target in VIEW_OPS:
             view, dst_node = dst_node, dst_node.args[0]  # the view the copy wrote through: now unread
             graph.erase_node(view)
+
+
+def _broadcast_convert(graph: fx.Graph, node: fx.Node, dst: torch.Tensor, src: torch.Tensor) -> fx.Node:
+    value = node.args[1]
+    with graph.inserting_before(node):
+        if tuple(src.shape) != tuple(dst.shape):
+            value = graph.call_function(torch.ops.aten.expand.default, (value, list(dst.shape)))
+            value.meta["val"] = src.expand(dst.shape)
+        if src.dtype != dst.dtype:
+            before = value.meta["val"]
+            value = graph.call_function(torch.ops.prims.convert_element_type.default, (value, dst.dtype))
+            value.meta["val"] = before.to(dst.dtype)
+    return value
 
 
 def _shape_args(graph: fx.Graph, spec: ClusterSpec) -> List[Any]:
