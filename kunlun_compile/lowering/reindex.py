@@ -233,14 +233,21 @@ class _Evaluator:
         wrap = wraps_negative_ids(node)
         table_map, picked = list(table_map), []
         for ids, ids_map, dim in picks:
-            picked.append(self.b.cast(self.at(ids, ids_map, guard), torch.int64))
-            table_map[dim] = Affine.value(picked[-1].id)
+            p = self.b.cast(self.at(ids, ids_map, guard), torch.int64)
+            e = self._coordinates_within(p, table, dim)
+            if e is not None:  # ids from arange: an index expression (a strided read, no range check)
+                table_map[dim] = e
+                continue
+            picked.append((p, dim))
+            table_map[dim] = Affine.value(p.id)
         if table not in self.inside:  # the load wraps negative ids (by the table's size at run time)
-            wrapped = [dim for _, _, dim in picks] if wrap else []
+            wrapped = [dim for _, dim in picked] if wrap else []
             return self.b.cast(self._load(table, tuple(table_map), guard, wrap=wrapped), out)
+        if not picked:
+            return self.b.cast(self.at(table, tuple(table_map), guard), out)
         # a table the kernel computes: evaluated at the gathered rows, NaN for an id outside it
         inside, extra = None, ()
-        for p, (_, _, dim) in zip(picked, picks):
+        for p, dim in picked:
             size = sizes(table.meta["val"])[dim]
             if not isinstance(size, int):
                 raise Refused(f"{node.name} gathers from a computed value of symbolic size {size}")
@@ -254,6 +261,20 @@ class _Evaluator:
             extra += ((table_map[dim], 0, size),)
         v = self.b.cast(self.at(table, tuple(table_map), guard + extra), out)
         return self.b.select(inside, v, self.b.const(float("nan") if out.is_floating_point else 0, out))
+
+    def _coordinates_within(self, ids: Value, table: fx.Node, dim: int) -> Optional[Affine]:
+        """The ids as an index expression when they are coordinates (an `iota`: `arange` picks, transformers'
+        `pm[batch, kv]`) that provably stay inside the table's dim; else None (read as values, range-checked)."""
+        ins = self.b.instrs[ids.id]
+        if ins.op != "iota":
+            return None
+        e = Affine.from_json(json.loads(ins.attr))
+        size = sizes(table.meta["val"])[dim]
+        lo, hi = e.range(self.sizes)
+        if isinstance(size, int) and lo is not None and hi is not None and 0 <= lo and hi < size:
+            return e
+        coord = next((d for d in range(len(self.space)) if e.is_coord(d)), None)
+        return e if coord is not None and self.space[coord] == size else None
 
     def _ids(self, ids: fx.Node, m: Map, guard: Guard, bound_dim) -> Value:
         """Ids a scatter writes through: read in memory they are range-checked on the host against the kernel's
