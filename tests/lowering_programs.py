@@ -50,12 +50,17 @@ LOGICAL = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logica
            "bit_and": torch.bitwise_and, "bit_or": torch.bitwise_or}
 UNARY_LOGICAL = {"not": torch.logical_not, "bit_not": torch.bitwise_not}
 # Indexing that keeps the shape: a rotation by cat of two slices (rotate_half's form), a reversal by a
-# gather of arange ids, a transpose-and-back through a computed value.
+# gather of arange ids, a transpose-and-back through a computed value, pads, repeats, triangles.
 INDEX = {
     "roll": lambda x, d: torch.cat((x.narrow(d, 1, x.shape[d] - 1), x.narrow(d, 0, 1)), d)
     if x.shape[d] > 1 else x * 1.0,
     "reverse": lambda x, d: x.index_select(d, torch.arange(x.shape[d] - 1, -1, -1, device=x.device)),
     "transpose_back": lambda x, d: (x.transpose(0, d) * 1.0).transpose(0, d),
+    # a shift by one with a zero fill (pad one before, crop one after), the first half repeated, a triangle
+    "shift": lambda x, d: torch.nn.functional.pad(x.transpose(d, -1), (1, -1)).transpose(d, -1),
+    "repeat_half": lambda x, d: x.narrow(d, 0, x.shape[d] // 2).repeat(
+        *[2 if k == d % x.dim() else 1 for k in range(x.dim())]) if x.shape[d] % 2 == 0 else x * 1.0,
+    "tril": lambda x, d: torch.tril(x, diagonal=d) if x.dim() >= 2 else x * 1.0,
 }
 # Reductions along one dim, kept as size 1 (so the result broadcasts back against its row), and row ops
 # with a value per element (softmax, cumsum).

@@ -93,24 +93,30 @@ def test_random_programs_equal_eager(case, seed):
         check_close(gm(*inputs), want, dtype, triton_units, scale)
 
 
+def assert_lowered_equals_eager(case, seed, units: int = 1):
+    """The program lowered, no cluster refused, both interpreters within `units` times the dtype's tolerance."""
+    program, shapes, dtype = case
+    inputs = make_inputs(shapes, dtype, seed)
+    gm, fn, outcome = lowered(program, inputs)
+    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    want = fn(*inputs)
+    scale = scale_of(program, inputs)
+    kir_units, triton_units = TOL_UNITS[dtype]
+    with cpu_kernels(False):
+        check_close(gm(*inputs), want, dtype, units * kir_units, scale)
+    with cpu_kernels(True):
+        check_close(gm(*inputs), want, dtype, units * triton_units, scale)
+    return outcome
+
+
 @SETTINGS
 @given(programs(reductions=True), __import__("hypothesis").strategies.integers(0, 2**16))
 def test_random_programs_with_reductions_equal_eager(case, seed):
     """Reductions (sum, mean, amax, amin, var, softmax, log_softmax) along random dims among element-wise steps:
     row kernels with their producers and consumers.  Only a reduction of a dim of size 1 (a value that was
     already reduced there) may stay ATen; no cluster may be refused."""
-    program, shapes, dtype = case
-    inputs = make_inputs(shapes, dtype, seed)
-    gm, fn, outcome = lowered(program, inputs)
-    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
+    outcome = assert_lowered_equals_eager(case, seed, units=2)
     assert all("size 1" in m for m in outcome.near_misses if "reduce" in m), outcome.near_misses
-    want = fn(*inputs)
-    scale = scale_of(program, inputs)
-    kir_units, triton_units = TOL_UNITS[dtype]
-    with cpu_kernels(False):
-        check_close(gm(*inputs), want, dtype, 2 * kir_units, scale)
-    with cpu_kernels(True):
-        check_close(gm(*inputs), want, dtype, 2 * triton_units, scale)
 
 
 @SETTINGS
@@ -119,17 +125,7 @@ def test_random_programs_with_indexing_equal_eager(case, seed):
     """Cat of slices, gathers by arange ids and transposes of computed values among element-wise steps: read in
     place by the kernels that need them (indexed loads, producers evaluated at other coordinates).  Values move,
     nothing is recomputed differently: the same tolerance as element-wise programs, and no cluster refused."""
-    program, shapes, dtype = case
-    inputs = make_inputs(shapes, dtype, seed)
-    gm, fn, outcome = lowered(program, inputs)
-    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
-    want = fn(*inputs)
-    scale = scale_of(program, inputs)
-    kir_units, triton_units = TOL_UNITS[dtype]
-    with cpu_kernels(False):
-        check_close(gm(*inputs), want, dtype, kir_units, scale)
-    with cpu_kernels(True):
-        check_close(gm(*inputs), want, dtype, triton_units, scale)
+    assert_lowered_equals_eager(case, seed)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None,
@@ -139,17 +135,7 @@ def test_random_programs_with_reductions_and_indexing_equal_eager(case, seed):
     """Reductions among moved values: a row kernel takes indexing producers and consumers (it reads at index
     expressions; a reduction is evaluated at the rows its readers ask for, only its own), or the values cross
     memory between kernels.  The reductions' tolerance, no cluster refused."""
-    program, shapes, dtype = case
-    inputs = make_inputs(shapes, dtype, seed)
-    gm, fn, outcome = lowered(program, inputs)
-    assert not [m for m in outcome.near_misses if m.startswith("cluster at")], outcome.near_misses
-    want = fn(*inputs)
-    scale = scale_of(program, inputs)
-    kir_units, triton_units = TOL_UNITS[dtype]
-    with cpu_kernels(False):
-        check_close(gm(*inputs), want, dtype, 2 * kir_units, scale)
-    with cpu_kernels(True):
-        check_close(gm(*inputs), want, dtype, 2 * triton_units, scale)
+    assert_lowered_equals_eager(case, seed, units=2)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
