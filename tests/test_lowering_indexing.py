@@ -600,3 +600,28 @@ def test_convolutions_other_than_depthwise_1d_stay_aten_and_say_why():
     gm, outcome = lower(lambda a, b: F.conv1d(a, b) * 2, x, w)
     assert any("depthwise" in m for m in outcome.near_misses), outcome.near_misses
     torch.testing.assert_close(gm(x, w), F.conv1d(x, w) * 2)
+
+
+def test_cache_rows_gathered_once_for_q_and_k_are_recomputed_in_each_rotation():
+    """vLLM's form: the cos/sin cache rows picked by the positions, chunked into halves, each half unsqueezed for
+    the q and the k rotation.  The pick and its views are cheap: each rotation gathers its own (two kernels, no
+    third storing the rows), eager's values."""
+    def rope(q, k, cache, positions):
+        cos, sin = cache.index_select(0, positions).chunk(2, dim=-1)
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        return rotate(q), rotate(k)
+
+    g = torch.Generator().manual_seed(12)
+    args = (torch.randn(5, 4, 16, generator=g), torch.randn(5, 2, 16, generator=g), torch.randn(32, 16, generator=g),
+            torch.randint(0, 32, (5,), generator=g))
+    gm, outcome = lower(rope, *args)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 2, "aten": 0}, outcome.near_misses
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert all(torch.equal(a, b) for a, b in zip(gm(*args), rope(*args)))
+    with pytest.raises(IndexError):  # a position past the cache: eager's error, checked on the host
+        gm(*args[:3], torch.full((5,), 32))

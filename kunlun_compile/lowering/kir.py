@@ -247,7 +247,8 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int, bool]]:
 
 def _input_sources(kir: "KernelIR") -> dict:
     """SSA id -> the input it is, unchanged (a load, an integer cast of one, or a load.at that only reads
-    the input by coordinates in another order: ids [T] in a [T, H] kernel)."""
+    the input by coordinates in another order: ids [T] in a [T, H] kernel, perhaps under a `cat` branch's
+    guard: the graph's gather read every id, so every id is checked)."""
     from .index_expr import Affine
 
     source: dict = {}
@@ -259,7 +260,7 @@ def _input_sources(kir: "KernelIR") -> dict:
         elif i.op == "load.at":
             a = json.loads(i.attr)
             index = [Affine.from_json(e) for e in a["index"]]
-            if not a["guard"] and not a["bounds"] and all(len(e.terms) == 1 and e.terms[0][0].kind == "c"
+            if not a["bounds"] and all(len(e.terms) == 1 and e.terms[0][0].kind == "c"
                                                           and e.terms[0][1] == 1 and e.const == 0 for e in index):
                 source[n] = a["in"]
     return source

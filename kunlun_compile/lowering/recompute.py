@@ -11,6 +11,7 @@ originals are left without users (dead code).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List
 
 import networkx as nx
@@ -23,22 +24,46 @@ from .isel_index import is_gather_table
 def recompute_in_readers(graph: fx.Graph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, tuple],
                          order: Dict[fx.Node, float], dag: nx.DiGraph, find: Callable[[fx.Node], fx.Node],
                          max_math: int) -> None:
+    """Until nothing changes (a reader that took a copy may itself be cheap and read by several kernels: the
+    cos/sin rows a gather picks, sliced into halves, each half read by the q and the k rotation)."""
+    # clusters that took a copy: one read by a single, larger kernel now moves into it (it was kept apart only
+    # by the producer it shared)
+    received: set = set()
+    for _ in range(4):
+        if not _one_round(graph, members, space, order, dag, find, max_math, received):
+            return
+
+
+def _one_round(graph, members, space, order, dag, find, max_math, received: set) -> bool:
+    changed = False
     for r in list(members):
         group = members.get(r)
         if group is None or space[r][0] == "row" or sum(not is_cheap(p) for p in group) > max_math:
             continue
         inside = set(group)
         readers = {find(u) for p in group for u in p.users if u not in inside}
-        if len(readers) < 2 or any(c not in members for c in readers):
-            continue  # read by one kernel (cluster.py inlines it) or by something not generated
+        if not readers or any(c not in members for c in readers):
+            continue  # read by something not generated
+        if len(readers) == 1 and not (r in received and _smaller(space[r][1], space[next(iter(readers))][1])):
+            continue  # read by one kernel: cluster.py inlines it where it can
         if any(is_gather_table(u, p) for p in group for u in p.users if u not in inside):
             continue  # read at data-dependent rows: from memory (cluster.py's rule for tables)
         for c in readers:
             _copy_into(graph, group, members, c, order, dag, find)
+            received.add(c)
             if space[r][0] == "pwi" and space[c][0] == "pw":
                 space[c] = ("pwi", space[c][1])  # it now reads through the producer's views
         del members[r], space[r]
         dag.remove_node(r)
+        changed = True
+    return changed
+
+
+def _smaller(a: tuple, b: tuple) -> bool:
+    """Fewer elements in shape `a` than in `b`, decided on static sizes (symbolic ones: unknown, False)."""
+    if not all(isinstance(x, int) for x in a + b):
+        return False
+    return math.prod(a) < math.prod(b)
 
 
 def _copy_into(graph: fx.Graph, group: List[fx.Node], members: Dict[fx.Node, List[fx.Node]], reader: fx.Node,
