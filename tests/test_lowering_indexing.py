@@ -625,3 +625,18 @@ def test_cache_rows_gathered_once_for_q_and_k_are_recomputed_in_each_rotation():
             assert all(torch.equal(a, b) for a, b in zip(gm(*args), rope(*args)))
     with pytest.raises(IndexError):  # a position past the cache: eager's error, checked on the host
         gm(*args[:3], torch.full((5,), 32))
+
+
+def test_a_gather_read_through_a_shifted_view_still_checks_its_ids():
+    """Every id of a gather is read by eager (it raises for any outside the table), also where the kernel reads
+    only shifted rows of the result: the ids input is range-checked on the host as a whole."""
+    def f(table, ids):
+        rows = table.index_select(0, ids) * 2.0
+        return rows[1:] + rows[:-1]
+
+    table, ids = torch.randn(10, 4), torch.tensor([0, 3, 9, 2])
+    gm, outcome = lower(f, table, ids)
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
+    torch.testing.assert_close(gm(table, ids), f(table, ids))
+    with pytest.raises(IndexError):
+        gm(table, torch.tensor([10, 0, 1, 2]))  # the first id: read by eager's gather, not by the kernel's rows

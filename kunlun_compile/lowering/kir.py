@@ -246,9 +246,9 @@ def gathered_inputs(kir: "KernelIR") -> List[Tuple[int, int, int, bool]]:
 
 
 def _input_sources(kir: "KernelIR") -> dict:
-    """SSA id -> the input it is, unchanged (a load, an integer cast of one, or a load.at that only reads
-    the input by coordinates in another order: ids [T] in a [T, H] kernel, perhaps under a `cat` branch's
-    guard: the graph's gather read every id, so every id is checked)."""
+    """SSA id -> the input it is, unchanged: a load, an integer cast of one, or a load.at that reads the
+    input at coordinates only (ids [T] in a [T, H] kernel, under a `cat` branch's guard, shifted by a view
+    of the gathered rows).  The graph's gather read every id of that input, so every id is checked."""
     from .index_expr import Affine
 
     source: dict = {}
@@ -259,9 +259,7 @@ def _input_sources(kir: "KernelIR") -> dict:
             source[n] = source[i.args[0]]
         elif i.op == "load.at":
             a = json.loads(i.attr)
-            index = [Affine.from_json(e) for e in a["index"]]
-            if not a["bounds"] and all(len(e.terms) == 1 and e.terms[0][0].kind == "c"
-                                                          and e.terms[0][1] == 1 and e.const == 0 for e in index):
+            if not a["bounds"] and not any(Affine.from_json(e).values() for e in a["index"]):
                 source[n] = a["in"]
     return source
 
