@@ -179,7 +179,10 @@ def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[C
         if not merged:
             break
 
-    recompute_in_readers(gm.graph, members, space, order, dag, find, MAX_INLINED_MATH)
+    def adopt(n: fx.Node, r: fx.Node) -> None:
+        rep[n] = r
+
+    recompute_in_readers(gm.graph, members, space, order, dag, find, adopt, MAX_INLINED_MATH)
     _fuse_siblings(dag, members, space, order, plain_rows)
     specs = [_spec(sorted(group, key=order.get), order, space[r]) for r, group in members.items()]
     specs = [s for s in specs if s is not None]

@@ -23,18 +23,19 @@ from .isel_index import is_gather_table
 
 def recompute_in_readers(graph: fx.Graph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, tuple],
                          order: Dict[fx.Node, float], dag: nx.DiGraph, find: Callable[[fx.Node], fx.Node],
-                         max_math: int) -> None:
-    """Until nothing changes (a reader that took a copy may itself be cheap and read by several kernels: the
-    cos/sin rows a gather picks, sliced into halves, each half read by the q and the k rotation)."""
+                         adopt: Callable[[fx.Node, fx.Node], None], max_math: int) -> None:
+    """`find` gives a node's cluster (its representative); `adopt(node, rep)` puts a new node in a cluster."""
+    # until nothing changes: a reader that took a copy may itself be cheap and read by several kernels (the
+    # cos/sin rows a gather picks, sliced into halves, each half read by the q and the k rotation)
     # clusters that took a copy: one read by a single, larger kernel now moves into it (it was kept apart only
     # by the producer it shared)
     received: set = set()
     for _ in range(4):
-        if not _one_round(graph, members, space, order, dag, find, max_math, received):
+        if not _one_round(graph, members, space, order, dag, find, adopt, max_math, received):
             return
 
 
-def _one_round(graph, members, space, order, dag, find, max_math, received: set) -> bool:
+def _one_round(graph, members, space, order, dag, find, adopt, max_math, received: set) -> bool:
     changed = False
     for r in list(members):
         group = members.get(r)
@@ -49,7 +50,8 @@ def _one_round(graph, members, space, order, dag, find, max_math, received: set)
         if any(is_gather_table(u, p) for p in group for u in p.users if u not in inside):
             continue  # read at data-dependent rows: from memory (cluster.py's rule for tables)
         for c in readers:
-            _copy_into(graph, group, members, c, order, dag, find)
+            for copy in _copy_into(graph, group, members, c, order, dag, find):
+                adopt(copy, c)
             received.add(c)
             if space[r][0] == "pwi" and space[c][0] == "pw":
                 space[c] = ("pwi", space[c][1])  # it now reads through the producer's views
@@ -67,7 +69,7 @@ def _smaller(a: tuple, b: tuple) -> bool:
 
 
 def _copy_into(graph: fx.Graph, group: List[fx.Node], members: Dict[fx.Node, List[fx.Node]], reader: fx.Node,
-               order: Dict[fx.Node, float], dag: nx.DiGraph, find: Callable[[fx.Node], fx.Node]) -> None:
+               order: Dict[fx.Node, float], dag: nx.DiGraph, find: Callable[[fx.Node], fx.Node]) -> List[fx.Node]:
     inside = set(group)
     reading = set(members[reader])
     # only what this reader needs: the producer's values it reads and what they are computed from
@@ -91,3 +93,4 @@ def _copy_into(graph: fx.Graph, group: List[fx.Node], members: Dict[fx.Node, Lis
             if u in reading:
                 u.replace_input_with(p, copy)
     members[reader] += list(copies.values())
+    return list(copies.values())
