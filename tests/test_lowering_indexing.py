@@ -554,10 +554,10 @@ def chunk_pads(q, g):  # Qwen3-Next's chunked delta rule pads the sequence to wh
     return F.pad(q, (0, 0, 0, 3)) * 2, F.pad(g, (0, 3)) + 1, F.pad(q, (1, -2, 2, 0), value=-1.5)
 
 
-def state_copies(x):  # a cache state written by copy_ into fresh zeros (the last tokens, a scaled value)
-    s = torch.zeros(2, 5, 4)
+def state_copies(x):  # a cache state written by copy_ into fresh zeros (the last tokens, a scaled value, a
+    s = torch.zeros(2, 5, 4)  # transposed value: the state is contiguous whatever the source's layout)
     s.copy_(x[..., -4:])
-    return s * 1, torch.zeros_like(x).copy_(x * 2)
+    return s * 1, torch.zeros_like(x).copy_(x * 2), torch.zeros(2, 9, 5).copy_((x * 3).transpose(1, 2))
 
 
 @pytest.mark.parametrize("fn, shapes", [(chunk_pads, [(2, 5, 7, 4), (2, 5, 7)]), (state_copies, [(2, 5, 9)])],
@@ -640,3 +640,68 @@ def test_a_gather_read_through_a_shifted_view_still_checks_its_ids():
     torch.testing.assert_close(gm(table, ids), f(table, ids))
     with pytest.raises(IndexError):
         gm(table, torch.tensor([10, 0, 1, 2]))  # the first id: read by eager's gather, not by the kernel's rows
+
+
+def test_a_row_kernel_does_not_take_a_scatter_store_of_its_result():
+    """`out[perm] = softmax(x)` into a fresh tensor: the store at ids is its own kernel after the row kernel (a row
+    kernel writes its rows where they are); no cluster refused, eager's values."""
+    def f(x, perm):
+        out = torch.empty_like(x)
+        out[perm] = torch.softmax(x, -1)
+        return out * 2
+
+    g = torch.Generator().manual_seed(13)
+    x, perm = torch.randn(6, 40, generator=g), torch.randperm(6, generator=g)
+    gm, outcome = lower(functional(f), x, perm)
+    assert count_kernels(gm)["aten"] == 0 and not [m for m in outcome.near_misses if m.startswith("cluster at")], \
+        outcome.near_misses
+    listings = [kir_for(k).listing() for k in generated_kernels(gm)]
+    assert any("store out0[%" in t for t in listings) and not any("store out0[%" in t and "reduce" in t
+                                                                    for t in listings)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            torch.testing.assert_close(gm(x, perm), f(x, perm))
+
+
+def test_packed_mask_picks_under_symbolic_sizes_are_index_expressions():
+    """Under dynamic shapes the kv length is a symbol: `pm[b, k]` with k = arange(T) over pm's T columns still
+    provably stays inside (the same symbol), so it is a strided read; eager's values at two lengths."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kunlun_compile.config import CompileConfig
+    from kunlun_compile.passes import PassContext
+    from kunlun_compile.passes.lower_elementwise import lower_elementwise
+
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None].repeat(2, 1)
+    pm = torch.rand(2, 12) > 0.2
+    gm = make_fx(packed_mask, tracing_mode="symbolic")(pos, pm)
+    outcome = lower_elementwise(gm, PassContext(CompileConfig(), "t"))
+    gm.recompile()
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    listings = "\n".join(kir_for(k).listing() for k in generated_kernels(gm))
+    assert "gather" not in listings
+    for t in (12, 5):
+        p, m = pos[:, :t], pm[:, :t]
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                assert torch.equal(gm(p, m), packed_mask(p, m))
+
+
+def test_a_producer_read_by_recomputed_copies_is_clustered_again():
+    """The angles are computed (x * 2) and also read by a matmul: they stay a kernel, while the cos/sin built
+    from them are copied into the q and k rotations.  The next recompute round meets the copies among the
+    angles' readers (they belong to the rotations' kernels)."""
+    def rope(q, k, x, w):
+        freqs = x * 2.0
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * 1.0).unsqueeze(1), (emb.sin() * 1.0).unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, freqs @ w
+
+    g = torch.Generator().manual_seed(14)
+    args = tuple(torch.randn(*s, generator=g) for s in [(2, 4, 5, 16), (2, 2, 5, 16), (2, 5, 8), (8, 3)])
+    gm, outcome = lower(rope, *args)
+    assert count_kernels(gm)["pointwise"] == 3, outcome.near_misses  # the angles, the q and the k rotation
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            for got, want in zip(gm(*args), rope(*args)):
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)

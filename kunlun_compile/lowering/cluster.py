@@ -144,21 +144,22 @@ def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[C
         if is_scatter_store(a):  # what it writes at data-dependent ids is read from memory, after the kernel
             return False
         both = joined(space[pa], space[pn])
-        if both is not None and not _row_takes(members[pa], members[pn], space[pa], space[pn], plain_rows):
+        if both is not None and not _row_takes(members[pa], members[pn], (space[pa][0], space[pn][0]), plain_rows):
             both = None
         if both is not None:
             if _creates_cycle(dag, pa, pn):
                 return False
             merge(pa, pn, both)
         elif _reindexable(n, members[pa], space[pa], members[pn], space[pn]) \
-                and _row_takes(members[pa], members[pn], ("pwi", ()), space[pn], plain_rows) \
+                and _row_takes(members[pa], members[pn], ("pwi", space[pn][0]), plain_rows) \
                 and not _creates_cycle(dag, pa, pn):
             merge(pn, pa, space[pn] if space[pn][0] == "row" else ("pwi", shape_of(space[pn])))
         elif (through := _row_through(n, members[pa], space[pa], members[pn], space[pn])) is not None \
-                and _row_takes(members[pa], members[pn], through, ("pwi", ()), plain_rows) \
+                and _row_takes(members[pa], members[pn], ("row", "pwi"), plain_rows) \
                 and not _creates_cycle(dag, pa, pn):
             merge(pn, pa, through)
-        elif space[pa][0] in ("pw", "pwi") and _row_takes(members[pa], members[pn], space[pa], space[pn], plain_rows) \
+        elif space[pa][0] in ("pw", "pwi") and _row_takes(members[pa], members[pn], (space[pa][0], space[pn][0]),
+                                                          plain_rows) \
                 and _inlinable(
                 members[pa], shape_of(space[pa]), shape_of(space[pn]), members[pn]) \
                 and not _creates_cycle(dag, pa, pn):
@@ -190,10 +191,11 @@ def _find_clusters(gm: fx.GraphModule, plain_rows: Set[fx.Node]) -> Tuple[List[C
     return specs, refused
 
 
-def _row_takes(a: List[fx.Node], b: List[fx.Node], space_a: Space, space_b: Space, plain_rows: Set[fx.Node]) -> bool:
-    """A row kernel joins an indexing cluster (gathers, views, cat: evaluated at maps, reindex.py) unless it would
-    write values at ids (a scatter store), or such a kernel was tried and refused (`plain_rows`)."""
-    if "row" not in (space_a[0], space_b[0]) or "pwi" not in (space_a[0], space_b[0]):
+def _row_takes(a: List[fx.Node], b: List[fx.Node], kinds: Tuple[str, str], plain_rows: Set[fx.Node]) -> bool:
+    """Whether clusters `a` and `b` (of space kinds `kinds`) may merge.  A row kernel joins an indexing cluster
+    (gathers, views, cat: evaluated at maps, reindex.py) unless it would write values at ids (a scatter store)
+    or such a kernel was tried and refused (`plain_rows`); any other pair is not this rule's business."""
+    if set(kinds) != {"row", "pwi"}:
         return True
     inside = set(a) | set(b)
     return not (inside & plain_rows) and not any(is_scatter_store(n) for n in inside)
@@ -303,7 +305,7 @@ def _fuse_siblings(dag: nx.DiGraph, members: Dict[fx.Node, List[fx.Node]], space
         for i, a in enumerate(reps):
             for b in reps[i + 1:]:
                 both = joined(space[a], space[b])
-                if both is None or not _row_takes(members[a], members[b], space[a], space[b], plain_rows) \
+                if both is None or not _row_takes(members[a], members[b], (space[a][0], space[b][0]), plain_rows) \
                         or not (reads(a) & reads(b)):
                     continue
                 if nx.has_path(dag, a, b) or nx.has_path(dag, b, a):

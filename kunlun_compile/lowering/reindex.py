@@ -169,11 +169,8 @@ class _Evaluator:
             return self._gather(node, m, guard, out)
         if node.target in SLICE_WRITES:  # src where the point lies in the written slice, else base
             base, src, src_map, (e, lo, hi) = written_slice(node, m)
-            inside = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
-            if hi is not None:
-                inside = self.b.vec("and", inside, self.b.vec("lt", self._iota(e), self.b.const(hi, torch.int64)))
             v = self.b.cast(self.at(src, src_map, guard + ((e, lo, hi),)), out)
-            return self.b.select(inside, v, self.b.cast(self.at(base, m, guard), out))
+            return self.b.select(self._in_range(e, lo, hi), v, self.b.cast(self.at(base, m, guard), out))
         if node.target in TRIANGLES:  # tril keeps col - row <= k, triu col - row >= k; zero elsewhere
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
             keep = self.b.vec("le" if node.target is aten.tril.default else "ge", self._iota(m[-1] - m[-2]),
@@ -200,12 +197,9 @@ class _Evaluator:
         if node.target is aten.constant_pad_nd.default:  # x inside its borders, the pad value outside
             src_map, borders = padded_source(node, m)
             v = self.b.cast(self.at(node.args[0], src_map, guard + borders), out)
+            fill = self.b.const(node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0), out)
             for e, lo, hi in borders:
-                inside = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
-                if hi is not None:
-                    inside = self.b.vec("and", inside, self.b.vec("lt", self._iota(e), self.b.const(hi, torch.int64)))
-                value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-                v = self.b.select(inside, v, self.b.const(value, out))
+                v = self.b.select(self._in_range(e, lo, hi), v, fill)
             return v
         if node.target is aten.convolution.default:  # depthwise conv1d: taps summed in order, in opmath
             return self._conv(node, m, guard, out)
@@ -218,10 +212,8 @@ class _Evaluator:
         acc_dtype = opmath(out)
         acc = None
         for x_map, w_map, pos, length in conv_taps(node, m):
-            inside = self.b.vec("and", self.b.vec("ge", self._iota(pos), self.b.const(0, torch.int64)),
-                                self.b.vec("lt", self._iota(pos), self.b.const(length, torch.int64)))
             x = self.b.cast(self.at(node.args[0], x_map, guard + ((pos, 0, length),)), acc_dtype)
-            term = self.b.vec("mul", self.b.select(inside, x, self.b.const(0.0, acc_dtype)),
+            term = self.b.vec("mul", self.b.select(self._in_range(pos, 0, length), x, self.b.const(0.0, acc_dtype)),
                               self.b.cast(self.at(node.args[1], w_map, guard), acc_dtype))
             acc = term if acc is None else self.b.vec("add", acc, term)
         if node.args[2] is not None:
@@ -282,6 +274,13 @@ class _Evaluator:
         if ids in self.inside:
             return self.at(ids, m, guard)
         return self._load(ids, m, guard, ids_of=bound_dim)
+
+    def _in_range(self, e: Affine, lo: int, hi: Optional[int]) -> Value:
+        """lo <= e (< hi): the condition a guard states, as a value (selects take the guarded branch's result)."""
+        inside = self.b.vec("ge", self._iota(e), self.b.const(lo, torch.int64))
+        if hi is None:
+            return inside
+        return self.b.vec("and", inside, self.b.vec("lt", self._iota(e), self.b.const(hi, torch.int64)))
 
     def _iota(self, e: Affine) -> Value:
         return self.b.emit("iota", torch.int64, self._operands(e), json.dumps(e.to_json()))

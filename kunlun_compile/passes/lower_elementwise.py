@@ -25,8 +25,8 @@ from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
 from ..lowering.cluster_isel import lower_cluster
 from ..lowering.complex_pairs import complex_as_pairs
-from ..lowering.isel import Policy, Refused, layout_order
-from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS
+from ..lowering.isel import Policy, Refused, is_contiguous, layout_order
+from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS, sizes
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
@@ -40,13 +40,16 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     _pieces_as_slices(gm.graph)
     _copies_as_conversions(gm.graph)
     complex_as_pairs(gm.graph)
-    clusters, refused = find_clusters(gm, lowers=lambda spec: _lowers(spec, target, policy))
+    tried: Dict[int, Any] = {}  # id(spec) -> (spec, its KIR) from find_clusters' trial: not lowered twice
+    clusters, refused = find_clusters(gm, lowers=lambda spec: _trial(spec, target, policy, tried))
     outcome = PassOutcome(near_misses=[f"left as ATen: {r}" for r in refused])
     replaced = {}  # an earlier cluster's output node -> the getitem that now stands for it
     for spec in clusters:
+        # (an input replaced by an earlier kernel's result keeps its dtype and shape: the KIR does not change)
         spec.inputs = [replaced.get(x, x) for x in spec.inputs]
         try:
-            kir = lower_cluster(spec, target, policy)
+            done = tried.get(id(spec))  # (the spec is kept in the entry: its id is not reused)
+            kir = done[1] if done is not None and done[0] is spec else lower_cluster(spec, target, policy)
             shape = _shape_args(gm.graph, spec)
         except Refused as e:
             outcome.near_misses.append(f"cluster at {spec.nodes[0].name} ({len(spec.nodes)} ops): {e}")
@@ -63,9 +66,10 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     return outcome
 
 
-def _lowers(spec: ClusterSpec, target, policy: Policy) -> bool:
+def _trial(spec: ClusterSpec, target, policy: Policy, tried: Dict[int, Any]) -> bool:
+    """Lower `spec` once as a trial (find_clusters asks for row kernels that index); keep the KIR for the pass."""
     try:
-        lower_cluster(spec, target, policy)
+        tried[id(spec)] = (spec, lower_cluster(spec, target, policy))
     except Refused:
         return False
     return True
@@ -116,8 +120,8 @@ def _copies_as_conversions(graph: fx.Graph) -> None:
     """`copy(dst, src)` is src broadcast to dst's shape, in dst's dtype and layout: dst's values are not read.
     Written into a slice (functionalised `x[..., a:b] = y`: copy, then slice_scatter) it becomes expand +
     convert nodes, so the lowering evaluates src in place and the buffer needs no read.  A whole-tensor copy
-    (`zeros(..).copy_(x)`, a cache state) becomes a `_to_copy` of src into dst's dtype and layout (asked for
-    when contiguous; otherwise only where a copy of src has it)."""
+    (`zeros(..).copy_(x)`, a cache state) into a contiguous dst becomes a `_to_copy` of src, contiguous, in dst's
+    dtype.  Shapes and layouts are compared as expressions: nothing is guarded on."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.copy.default or not node.users:
             continue
@@ -126,12 +130,11 @@ def _copies_as_conversions(graph: fx.Graph) -> None:
             continue
         if all(u.target in SLICE_WRITES and u.args[1] is node and u.args[0] is not node for u in node.users):
             value = _broadcast_convert(graph, node, dst, src)
-        elif tuple(src.shape) == tuple(dst.shape) and (dst.is_contiguous() or src.clone().stride() == dst.stride()):
-            fmt = {"memory_format": torch.contiguous_format} if dst.is_contiguous() else {}
+        elif sizes(src) == sizes(dst) and is_contiguous(dst):
             with graph.inserting_before(node):
                 value = graph.call_function(torch.ops.aten._to_copy.default, (node.args[1],),
-                                            dict(dtype=dst.dtype, **fmt))
-            value.meta["val"] = src.to(dst.dtype, copy=True, **fmt)
+                                            dict(dtype=dst.dtype, memory_format=torch.contiguous_format))
+            value.meta["val"] = src.to(dst.dtype, copy=True, memory_format=torch.contiguous_format)
         else:
             continue
         dst_node = node.args[0]
@@ -145,7 +148,7 @@ def _copies_as_conversions(graph: fx.Graph) -> None:
 def _broadcast_convert(graph: fx.Graph, node: fx.Node, dst: torch.Tensor, src: torch.Tensor) -> fx.Node:
     value = node.args[1]
     with graph.inserting_before(node):
-        if tuple(src.shape) != tuple(dst.shape):
+        if sizes(src) != sizes(dst):
             value = graph.call_function(torch.ops.aten.expand.default, (value, list(dst.shape)))
             value.meta["val"] = src.expand(dst.shape)
         if src.dtype != dst.dtype:
