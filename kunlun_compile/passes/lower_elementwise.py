@@ -130,6 +130,8 @@ def _copies_as_conversions(graph: fx.Graph) -> None:
             continue
         if all(u.target in SLICE_WRITES and u.args[1] is node and u.args[0] is not node for u in node.users):
             value = _broadcast_convert(graph, node, dst, src)
+            if value is None:
+                continue
         elif sizes(src) == sizes(dst) and is_contiguous(dst):
             with graph.inserting_before(node):
                 value = graph.call_function(torch.ops.aten._to_copy.default, (node.args[1],),
@@ -145,11 +147,19 @@ def _copies_as_conversions(graph: fx.Graph) -> None:
             graph.erase_node(view)
 
 
-def _broadcast_convert(graph: fx.Graph, node: fx.Node, dst: torch.Tensor, src: torch.Tensor) -> fx.Node:
+def _broadcast_convert(graph: fx.Graph, node: fx.Node, dst: torch.Tensor, src: torch.Tensor) -> Optional[fx.Node]:
+    """src expanded to dst's shape and converted to its dtype; None where the expand would need a symbolic size
+    (a SymInt in a node's arguments names a symbol the graph may not bind: kept as the copy it was)."""
     value = node.args[1]
+    src_sizes, dst_sizes = sizes(src), sizes(dst)
+    lead = len(dst_sizes) - len(src_sizes)
+    # -1 keeps a dim that src already has; a broadcast dim needs its (static) size
+    target = [-1 if d >= lead and src_sizes[d - lead] == size else size for d, size in enumerate(dst_sizes)]
+    if lead < 0 or not all(isinstance(t, int) for t in target):
+        return None
     with graph.inserting_before(node):
-        if sizes(src) != sizes(dst):
-            value = graph.call_function(torch.ops.aten.expand.default, (value, list(dst.shape)))
+        if any(t != -1 for t in target):
+            value = graph.call_function(torch.ops.aten.expand.default, (value, target))
             value.meta["val"] = src.expand(dst.shape)
         if src.dtype != dst.dtype:
             before = value.meta["val"]
