@@ -394,6 +394,22 @@ def test_arange_of_a_symbolic_length_is_generated_under_dynamic_shapes():
     assert "aten.arange" not in code and "kunlun.pointwise" in code
 
 
+def test_a_pad_by_a_symbolic_length_stays_aten_and_says_why():
+    """transformers pads its mask by the KV length minus the query length under dynamic shapes (found on CUDA:
+    the pad check compared an fx Node with 0 and the whole lowering pass was skipped for the graph)."""
+    def padded(x, y):
+        return F.pad(x, (0, y.shape[0] - x.shape[-1])) * 2
+
+    torch._dynamo.reset()
+    be = kc.backend(fusion=False, strict=True)
+    compiled = torch.compile(padded, backend=be, dynamic=True)
+    for n in (9, 12, 20):
+        x, y = torch.randn(3, 7), torch.randn(n)
+        assert torch.equal(compiled(x, y), padded(x, y))
+    misses = [m for g in be.report.graphs for p in g.passes for m in p.near_misses]
+    assert any("a pad of symbolic sizes" in m for m in misses), misses
+
+
 def test_rotary_tables_read_by_q_and_k_are_recomputed_in_each_rotation():
     """HF's cos/sin tables (a cat of the angles, cos, sin, the attention scaling) are read by the q and the k
     rotation: recomputed in both kernels (two math functions per element) instead of a third kernel storing them.

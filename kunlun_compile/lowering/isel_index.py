@@ -193,8 +193,10 @@ def why_not_indexable(node: fx.Node) -> Optional[str]:
         return "a select write at a symbolic index"
     if t is aten.constant_pad_nd.default:
         pads, src = list(node.args[1]), _shape(node.args[0])
+        if not _static(pads):  # transformers pads its masks by a symbolic length under dynamic shapes
+            return "a pad of symbolic sizes"
         padded_after = [src[len(src) - 1 - k] for k in range(len(pads) // 2) if pads[2 * k + 1] > 0]
-        if not _static(pads) or not _static(padded_after):
+        if not _static(padded_after):
             return "a pad of symbolic sizes"
     if t is aten.convolution.default:
         return _why_not_depthwise_conv1d(node)
