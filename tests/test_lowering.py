@@ -105,6 +105,30 @@ def test_coalesce_merges_dims_contiguous_for_every_input():
     assert coalesce((1, 1), [(1, 1)]) == ([1], [[0]])
 
 
+def test_sizes_the_graph_fixes_are_compile_time_constants_symbolic_ones_stay_arguments():
+    """A mask [T, past + T] under dynamic shapes: its dims are symbolic, passed as arguments (one compiled
+    kernel for every length); a static shape's sizes are constants of the Triton function (`%` by a constant
+    is a multiply and a shift: the causal mask at 4096 tokens spent its time in `%` by an argument)."""
+    def mask(q_pos, k_pos):
+        return torch.where(k_pos[None, :] <= q_pos[:, None], 0.0, float("-inf"))
+
+    (static,) = kirs(lower(mask, torch.arange(4) + 6, torch.arange(10))[0])
+    assert static.static_sizes == (4, 10) and "sizes [4, 10]" in static.listing()
+    assert KernelIR.from_json(json.loads(json.dumps(static.to_json()))) == static
+    src = generate(static)
+    assert "K1: tl.constexpr" in src and "c1 = rem % S1" in src
+    torch._dynamo.reset()
+    be = kc.backend(fusion=False)
+    compiled = torch.compile(mask, backend=be, dynamic=True)
+    for t, past in ((3, 5), (6, 9), (8, 20)):
+        q, k = torch.arange(t) + past, torch.arange(past + t)
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                assert torch.equal(compiled(q, k), mask(q, k))
+    keys = {k for g in be.report.graphs for k in re.findall(r"'(pw_[0-9a-f]+)'", g.passes[-1].code_after)}
+    assert [kir_for(k).static_sizes for k in keys] == [(None, None)]
+
+
 # ---- clusters ----------------------------------------------------------------------------------
 
 def test_clusters_never_create_a_cycle():

@@ -152,6 +152,39 @@ def test_per_row_results_leave_the_kernel_with_or_without_the_dim():
                 torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.bool], ids=str)
+def test_reductions_over_a_dim_of_size_one_are_conversions_in_the_element_wise_kernel(dtype):
+    """transformers' packed-sequence cumsum at decode (one token) and other reductions over a dim of size 1:
+    conversions to the result's dtype (bool/int sums count in int64), squeezed where the dim is not kept; they
+    join their neighbours' kernel (a row kernel of length 1 had stayed ATen, four more kernels on the GPU)."""
+    def unit(x, y):
+        outs = [x.cumsum(-1) + y, x.sum(1), x.sum([0, 1], keepdim=True), x.cumsum(0, dtype=torch.float32) * 2]
+        if dtype is not torch.bool:
+            outs += [x.amax(1, keepdim=True), x.amin([1]), x.prod(1)]
+        if dtype.is_floating_point:
+            outs += [x.mean(1) * 3]
+        return outs
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(1, 1, generator=g) * 4).to(dtype) if dtype is not torch.bool else torch.tensor([[True]])
+    y = torch.randn(3, 1, generator=g) * 4
+    gm, outcome = lower(unit, x, y)
+    assert count_kernels(gm)["aten"] == 0, outcome.near_misses
+    gm, _ = lower(lambda a, b: a.cumsum(-1) + b, x, y)  # the decode cumsum: one kernel with its reader
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}
+    gm, _ = lower(unit, x, y)
+    cases = [x, torch.full((1, 1), float("nan")).to(dtype)] if dtype.is_floating_point else [x]
+    for case in cases:
+        want = unit(case, y)
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                got = gm(case, y)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert torch.equal(a.isnan(), b.isnan()) if a.is_floating_point() else True
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()) if a.is_floating_point() else torch.equal(a, b)
+
+
 def test_nan_propagates_as_in_eager():
     x = torch.randn(6, 5000)
     x[1, 7] = float("nan")  # looped form
