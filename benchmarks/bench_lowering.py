@@ -122,9 +122,9 @@ def packed_mask(pos, pm):
 
 
 def moe_dispatch(ids, x):
-    """transformers' grouped-GEMM dispatch around the expert GEMMs: sort by expert (stays ATen), tokens per
-    expert (histc) and their offsets (cumsum), rows in expert order, the inverse permutation written into a
-    fresh tensor and the gather back."""
+    """transformers' grouped-GEMM dispatch around the expert GEMMs: sort by expert (generated ranks up to
+    lowering/small_sorts.MAX_RANKED elements, ATen's sort beyond), tokens per expert (histc) and their offsets
+    (cumsum), rows in expert order, the inverse permutation written into a fresh tensor and the gather back."""
     k = ids.shape[-1]
     sorted_ids, perm = torch.sort(ids.reshape(-1))
     experts = SIZES["experts"]  # the smoke sizes have as many

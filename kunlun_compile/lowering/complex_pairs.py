@@ -17,11 +17,12 @@ results may differ by one unit (tested against eager within the models' limits).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+
+from .graph_emit import emit
 
 aten = torch.ops.aten
 PART_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
@@ -49,7 +50,7 @@ def complex_as_pairs(graph: fx.Graph) -> int:
     for end in regions:
         with graph.inserting_before(end):
             re, im = _parts(graph, end.args[0], parts)
-            stacked = _emit(graph, aten.stack.default, ([re, im], -1))
+            stacked = emit(graph, aten.stack.default, ([re, im], -1))
         end.replace_all_uses_with(stacked)
     if regions:
         graph.eliminate_dead_code()
@@ -91,49 +92,20 @@ def _parts(graph: fx.Graph, n: fx.Node, memo: Dict[fx.Node, Parts]) -> Parts:
         return memo[n]
     t, a = n.target, n.args
     if t is aten.view_as_complex.default:
-        out = (_emit(graph, aten.select.int, (a[0], -1, 0)), _emit(graph, aten.select.int, (a[0], -1, 1)))
+        out = (emit(graph, aten.select.int, (a[0], -1, 0)), emit(graph, aten.select.int, (a[0], -1, 1)))
     elif t is aten.polar.default:
         r, theta = a[0], a[1]
-        out = (_emit(graph, aten.mul.Tensor, (r, _emit(graph, aten.cos.default, (theta,)))),
-               _emit(graph, aten.mul.Tensor, (r, _emit(graph, aten.sin.default, (theta,)))))
+        out = (emit(graph, aten.mul.Tensor, (r, emit(graph, aten.cos.default, (theta,)))),
+               emit(graph, aten.mul.Tensor, (r, emit(graph, aten.sin.default, (theta,)))))
     elif t is aten.mul.Tensor:
         # a real operand is a complex one with a zero imaginary part, as torch promotes it (inf * 0 is NaN there)
         (xr, xi), (yr, yi) = (_parts(graph, v, memo) if _is_complex(v) else (v, 0.0) for v in a[:2])
         mul = aten.mul.Tensor
-        out = (_emit(graph, aten.sub.Tensor, (_emit(graph, mul, (xr, yr)), _emit(graph, mul, (xi, yi)))),
-               _emit(graph, aten.add.Tensor, (_emit(graph, mul, (xr, yi)), _emit(graph, mul, (xi, yr)))))
+        out = (emit(graph, aten.sub.Tensor, (emit(graph, mul, (xr, yr)), emit(graph, mul, (xi, yi)))),
+               emit(graph, aten.add.Tensor, (emit(graph, mul, (xr, yi)), emit(graph, mul, (xi, yr)))))
     else:  # a view: the same view of each part
         src_r, src_i = _parts(graph, a[0], memo)
         rest = tuple(a[1:])
-        out = (_emit(graph, t, (src_r,) + rest, n.kwargs), _emit(graph, t, (src_i,) + rest, n.kwargs))
+        out = (emit(graph, t, (src_r,) + rest, n.kwargs), emit(graph, t, (src_i,) + rest, n.kwargs))
     memo[n] = out
     return out
-
-
-def _emit(graph: fx.Graph, target, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
-    node = graph.call_function(target, args, dict(kwargs or {}))
-    vals = _vals(args)
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    real_args = _substitute(args)
-    if mode is not None:
-        with mode:
-            node.meta["val"] = target(*real_args, **(kwargs or {}))
-    else:
-        node.meta["val"] = target(*real_args, **(kwargs or {}))
-    return node
-
-
-def _vals(args) -> List[Any]:
-    out: List[Any] = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            out += _vals(a)
-        elif isinstance(a, fx.Node):
-            out.append(a.meta["val"])
-    return out
-
-
-def _substitute(a):
-    if isinstance(a, (list, tuple)):
-        return type(a)(_substitute(x) for x in a)
-    return a.meta["val"] if isinstance(a, fx.Node) else a

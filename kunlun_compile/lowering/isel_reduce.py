@@ -52,11 +52,11 @@ def row_space(node: fx.Node) -> Tuple[Tuple, int]:
     histc, one row per bin over all the input's elements ([bins, N], reducing dim 1)."""
     shape = tuple(node.args[0].meta["val"].shape)
     if node.target is aten.histc.default:
-        return (_histc_params(node.args, node.kwargs)[0],) + shape, 1
+        return (histc_params(node.args, node.kwargs)[0],) + shape, 1
     return shape, _dims(node)[0]
 
 
-def _histc_params(args: Sequence, kwargs: Dict) -> Tuple[int, float, float]:
+def histc_params(args: Sequence, kwargs: Dict) -> Tuple[int, float, float]:
     """histc's (bins, min, max), given by position or name, with torch's defaults."""
     names, defaults = ("bins", "min", "max"), (100, 0, 0)
     return tuple(args[1 + k] if len(args) > 1 + k else kwargs.get(name, d)
@@ -90,7 +90,7 @@ def why_not_reducible(node: fx.Node) -> Optional[str]:
 
 
 def _why_not_histc(node: fx.Node, val: torch.Tensor) -> Optional[str]:
-    bins, lo, hi = _histc_params(node.args, node.kwargs)
+    bins, lo, hi = histc_params(node.args, node.kwargs)
     if val.dim() != 1:
         return "histc of a tensor of more than one dim"
     if not isinstance(bins, int) or bins < 1:
@@ -120,7 +120,7 @@ def _histc(b, args, kwargs, out, n):
     (x - min) * bins / (max - min), the last bin taking x == max, as torch computes it (float inputs in their
     own precision, integer inputs in integer arithmetic as its CUDA kernel does)."""
     x = args[0]
-    bins, lo, hi = _histc_params(args, kwargs)
+    bins, lo, hi = histc_params(args, kwargs)
     if x.dtype.is_floating_point:
         lo_v, hi_v = b.const(lo, x.dtype), b.const(hi, x.dtype)
         pos = b.div(b.vec("mul", b.vec("sub", x, lo_v), b.const(bins, x.dtype)), b.const(hi - lo, x.dtype))

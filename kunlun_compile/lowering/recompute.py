@@ -18,7 +18,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .isel import is_cheap
-from .isel_index import is_gather_table
+from .isel_index import SCATTER_STORES, is_gather_table
 
 
 def recompute_in_readers(graph: fx.Graph, members: Dict[fx.Node, List[fx.Node]], space: Dict[fx.Node, tuple],
@@ -49,6 +49,8 @@ def _one_round(graph, members, space, order, dag, find, adopt, max_math, receive
             continue  # read by one kernel: cluster.py inlines it where it can
         if any(is_gather_table(u, p) for p in group for u in p.users if u not in inside):
             continue  # read at data-dependent rows: from memory (cluster.py's rule for tables)
+        if any(p.target in SCATTER_STORES for p in group):
+            continue  # writes at data-dependent positions (a sort's values at their ranks): made once, read back
         for c in readers:
             for copy in _copy_into(graph, group, members, c, order, dag, find):
                 adopt(copy, c)

@@ -28,6 +28,8 @@ from ..lowering.cluster_isel import lower_cluster
 from ..lowering.complex_pairs import complex_as_pairs
 from ..lowering.isel import Policy, Refused, is_contiguous, layout_order
 from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS, sizes
+from ..lowering.small_sorts import sorts_as_ranks
+from ..lowering.cumulative_counts import cumulative_counts
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
@@ -41,6 +43,8 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     _pieces_as_slices(gm.graph)
     _copies_as_conversions(gm.graph)
     _unit_reductions_as_conversions(gm.graph)
+    sorts_as_ranks(gm.graph)
+    cumulative_counts(gm.graph)
     complex_as_pairs(gm.graph)
     tried: Dict[int, Any] = {}  # id(spec) -> (spec, its KIR) from find_clusters' trial: not lowered twice
     clusters, refused = find_clusters(gm, lowers=lambda spec: _trial(spec, target, policy, tried))
