@@ -129,6 +129,24 @@ def test_sizes_the_graph_fixes_are_compile_time_constants_symbolic_ones_stay_arg
     assert [kir_for(k).static_sizes for k in keys] == [(None, None)]
 
 
+def test_zero_strides_are_compiled_in_per_call_and_a_dim_that_becomes_one_is_still_right():
+    """Broadcast dims (stride 0) are compile-time flags of the launch (`Z{k}`), computed from each call's
+    strides: a symbolic dim that is 1 in one call (stride 0) and 5 in the next gets the right reads in both."""
+    def bias(x, y):
+        return x * 2 + y
+
+    (kir,) = kirs(lower(bias, torch.randn(4, 6), torch.randn(1, 6))[0])
+    assert "((Z1 >> 0) & 1) == 0" in generate(kir)
+    torch._dynamo.reset()
+    compiled = torch.compile(bias, backend=kc.backend(fusion=False), dynamic=True)
+    g = torch.Generator().manual_seed(1)
+    for m, k in ((1, 6), (5, 6), (5, 1), (1, 1), (3, 6)):
+        x, y = torch.randn(3 if m == 1 else m, 6, generator=g), torch.randn(m, k, generator=g)
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                assert torch.equal(compiled(x, y), bias(x, y)), (m, k)
+
+
 # ---- clusters ----------------------------------------------------------------------------------
 
 def test_clusters_never_create_a_cycle():

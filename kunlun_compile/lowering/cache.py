@@ -364,6 +364,9 @@ class GeneratedKernel:
             # sizes the graph fixes are compile-time constants (K{d}); 0: read the size argument
             full_fixed = [True] * (self.rank - rank) + fixed
             constants = {f"K{d}": full_sizes[d] if full_fixed[d] else 0 for d in range(1, self.rank)}
+            # each input's zero strides (broadcast dims) as a bit mask: compiled in (codegen._term)
+            constants.update({f"Z{k}": sum(1 << d for d, st in enumerate(s) if st == 0)
+                              for k, s in enumerate(full_strides)})
             plan = self._plans[sig] = (numel, args, rank, reach > _INT32_LIMIT, constants)
             if len(self._plans) > 256:  # many layouts: keep the newest
                 self._plans.pop(next(iter(self._plans)))

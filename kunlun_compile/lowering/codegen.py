@@ -26,7 +26,7 @@ import torch
 from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "12"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "13"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -66,7 +66,7 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
               + [f"{p}{k}_{j}" for k, rank in indexed_input_ranks(kir).items() for p in ("ist", "isz")
                  for j in range(rank)]
               + ([f"ost{k}_{d}" for k in range(n_out) for d in range(r)] if kir.output_orders else [])
-              + [f"K{d}: tl.constexpr" for d in range(1, r)]
+              + [f"K{d}: tl.constexpr" for d in range(1, r)] + [f"Z{k}: tl.constexpr" for k in range(n_in)]
               + ["RANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
     # programmatic dependent launch (triton_kernel.py): wait for the kernel before, CUDA flavour only
     body = (["if PDL:", "    tl.extra.cuda.gdc_wait()"] if cuda else []) + [
@@ -78,7 +78,7 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
     # a dim's size: the constant K{d} where the launcher knows it at compile time (not 0), else the argument
     body += [f"S{d} = K{d} if K{d} != 0 else size{d}" for d in range(1, r)]
     body += (_coordinates(n_in, r, n_out if kir.output_orders else 0) if kir.indexed
-             else _offsets(n_in, r, size="S"))
+             else _offsets(n_in, r, size="S", zero_flags=True))
     for n, ins in enumerate(kir.instrs):
         if ins.op == "store.at":
             body += _scatter_store(n, ins, r)
@@ -89,9 +89,10 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
 
 
 def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: str = "RANK",
-             size: str = "size") -> List[str]:
+             size: str = "size", zero_flags: bool = False) -> List[str]:
     """`off{k}` for every operand (inputs 0..n_in-1 unless `operands` names them), for each possible
-    coalesced rank (constexpr branches): the flat `index` decomposed over `{size}{d}`, times `st{k}_{d}`."""
+    coalesced rank (constexpr branches): the flat `index` decomposed over `{size}{d}`, times `st{k}_{d}`
+    (with `zero_flags`, a dim whose bit is set in the constexpr `Z{k}` is left out: see `_term`)."""
     operands = list(range(n_in)) if operands is None else operands
     out: List[str] = []
     for rank in range(1, r + 1):
@@ -108,11 +109,21 @@ def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: st
                 coords[d] = f"c{d}"
             coords[dims[0]] = "rem"
         for k in operands:
-            terms = " + ".join(f"{coords[d]} * st{k}_{d}" for d in dims)
-            out.append(f"    off{k} = {terms}")
+            terms = " + ".join(_term(coords[d], k, d, zero_flags) for d in dims)
+            out.append(f"    off{k} = {terms}" + (f" + {index} * 0" if zero_flags else ""))
     if not operands:
         out = []
     return out
+
+
+def _term(coord: str, k: int, d: int, zero_flags: bool) -> str:
+    """coord * st{k}_{d}; with `zero_flags`, 0 at compile time where the launcher says the stride is 0 (a
+    broadcast dim): Triton then knows the load's address repeats along the block (one load, not one per
+    element; the causal mask's position along its rows), which a run-time zero stride does not tell it.
+    (`+ idx * 0` after the terms keeps an offset of constants a block.)"""
+    if not zero_flags:
+        return f"{coord} * st{k}_{d}"
+    return f"({coord} * st{k}_{d} if ((Z{k} >> {d}) & 1) == 0 else 0)"
 
 
 def _scatter_store(n: int, ins: Instr, r: int) -> List[str]:
@@ -137,7 +148,7 @@ def _coordinates(n_in: int, r: int, strided_outputs: int) -> List[str]:
         out += [f"c{d} = rem % S{d}", f"rem = rem // S{d}"]
     out.append("c0 = rem")
     for k in range(n_in):
-        out.append(f"off{k} = " + " + ".join(f"c{d} * st{k}_{d}" for d in range(r)))
+        out.append(f"off{k} = " + " + ".join(_term(f"c{d}", k, d, True) for d in range(r)) + " + idx * 0")
     for k in range(strided_outputs):
         out.append(f"ooff{k} = " + " + ".join(f"c{d} * ost{k}_{d}" for d in range(r)))
     return out

@@ -53,9 +53,11 @@ def _inverses_as_ranks(graph: fx.Graph, sort: fx.Node, rank: fx.Node) -> None:
     n = rank.meta["val"].shape[0]
     for item in [u for u in sort.users if u.args[1] == 1]:
         for write in list(item.users):
-            if (write.target is aten.index_put.default and write.args[1] == [item] and len(write.args) < 4
-                    and _is_fresh(write.args[0]) and _is_arange(write.args[2], n)
-                    and write.meta["val"].dtype == torch.int64):
+            # (in place, `index_put_`, when nothing else holds the fresh tensor: graphs traced unfunctionalised)
+            if (write.target in (aten.index_put.default, aten.index_put_.default) and write.args[1] == [item]
+                    and len(write.args) < 4 and _is_fresh(write.args[0]) and _is_arange(write.args[2], n)
+                    and write.meta["val"].dtype == torch.int64
+                    and (write.target is aten.index_put.default or len(write.args[0].users) == 1)):
                 write.replace_all_uses_with(rank)
                 graph.erase_node(write)
 
