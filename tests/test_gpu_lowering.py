@@ -282,3 +282,35 @@ def test_scatter_store_on_cuda():
     gm, outcome = lower(scatter_rows, y, perm)
     assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}, outcome.near_misses
     assert torch.equal(gm(y, perm), scatter_rows(y, perm))
+
+
+def test_moe_dispatch_glue_on_cuda_in_a_graph_capture():
+    """Ranked sorts and running counts on CUDA, captured in a CUDA graph and replayed with new ids (the first
+    form made a 0-dim constant on the CPU: a host copy during capture, found by bench_lowering), exact;
+    a float sort with ties and NaN in torch's stable order."""
+    from torch.func import functionalize
+
+    from .test_lowering_sorts import _same, _with_ties_and_nans, dispatch
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 8, (64, 8), generator=g).cuda()
+    x = torch.randn(64, 256, generator=g).cuda()
+    gm = make_fx(functionalize(dispatch), tracing_mode="fake")(ids, x)
+    outcome = lower_elementwise(gm, PassContext(CompileConfig.from_options({}), "t"))
+    gm.recompile()
+    assert count_kernels(gm) == {"fused": 0, "pointwise": 4, "aten": 0}, outcome.near_misses
+    gm(ids, x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = gm(ids, x)
+    for fresh in (torch.randint(0, 8, (64, 8), generator=g), torch.full((64, 8), 5)):
+        ids.copy_(fresh.cuda())
+        graph.replay()
+        assert all(_same(a, b) for a, b in zip(outs, dispatch(ids, x)))
+    v = _with_ties_and_nans(torch.float32, 300, g).cuda()
+    sorted_gm = make_fx(lambda t: torch.sort(t, descending=True), tracing_mode="fake")(v)
+    lower_elementwise(sorted_gm, PassContext(CompileConfig.from_options({}), "t"))
+    sorted_gm.recompile()
+    want = torch.sort(v, descending=True, stable=True)
+    got = sorted_gm(v)
+    assert _same(got[0], want.values) and _same(got[1], want.indices)

@@ -53,8 +53,9 @@ def _running_counts(graph: fx.Graph, x: fx.Node, bins: int, lo: float, hi: float
 
     pos = e(aten.div.Tensor, e(aten.mul.Tensor, e(aten.sub.Tensor, x, lo), bins), hi - lo)
     at = e(aten._to_copy.default, pos, dtype=torch.int64)  # truncation: floor for the in-range positions
-    at = e(aten.where.self, e(aten.eq.Scalar, at, bins), e(aten.scalar_tensor.default, bins - 1, dtype=torch.int64),
-           at)
+    # x == max falls in the last bin (an element past max is outside: its bin does not count).  No 0-dim
+    # constant tensor: one made on the CPU is a host copy inside a CUDA graph capture (found on the H200)
+    at = e(aten.clamp_max.default, at, bins - 1)
     inside = e(aten.bitwise_and.Tensor, e(aten.ge.Scalar, x, lo), e(aten.le.Scalar, x, hi))  # NaN: in no bin
     upto = e(aten.arange.default, bins, dtype=torch.int64, device=x.meta["val"].device)
     hit = e(aten.bitwise_and.Tensor, e(aten.unsqueeze.default, inside, 0),
