@@ -61,6 +61,10 @@ INDEX = {
     "repeat_half": lambda x, d: x.narrow(d, 0, x.shape[d] // 2).repeat(
         *[2 if k == d % x.dim() else 1 for k in range(x.dim())]) if x.shape[d] % 2 == 0 else x * 1.0,
     "tril": lambda x, d: torch.tril(x, diagonal=d) if x.dim() >= 2 else x * 1.0,
+    # every value sorted (ranks: lowering/small_sorts.py), ascending or descending by the dim's parity; sorted
+    # values move at most as far as their inputs do, so the tolerance of the value before carries over
+    "sort_flat": lambda x, d: torch.sort(x.reshape(-1), descending=d % 2 == 1, stable=True).values.reshape(
+        x.shape) if x.dim() else x * 1.0,
 }
 # Reductions along one dim, kept as size 1 (so the result broadcasts back against its row), and row ops
 # with a value per element (softmax, cumsum).

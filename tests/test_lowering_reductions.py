@@ -155,14 +155,16 @@ def test_per_row_results_leave_the_kernel_with_or_without_the_dim():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.bool], ids=str)
 def test_reductions_over_a_dim_of_size_one_are_conversions_in_the_element_wise_kernel(dtype):
     """transformers' packed-sequence cumsum at decode (one token) and other reductions over a dim of size 1:
-    conversions to the result's dtype (bool/int sums count in int64), squeezed where the dim is not kept; they
-    join their neighbours' kernel (a row kernel of length 1 had stayed ATen, four more kernels on the GPU)."""
+    conversions to the result's dtype (bool/int sums count in int64), softmax exp(x - x), log-softmax x - x
+    (NaN for an infinite x, as eager), squeezed where the dim is not kept; they join their neighbours' kernel
+    (a row kernel of length 1 had stayed ATen, four more kernels on the GPU)."""
     def unit(x, y):
         outs = [x.cumsum(-1) + y, x.sum(1), x.sum([0, 1], keepdim=True), x.cumsum(0, dtype=torch.float32) * 2]
         if dtype is not torch.bool:
             outs += [x.amax(1, keepdim=True), x.amin([1]), x.prod(1)]
         if dtype.is_floating_point:
-            outs += [x.mean(1) * 3]
+            outs += [x.mean(1) * 3, torch.softmax(x, 1), torch.log_softmax(x, -1),
+                     torch.softmax(x, 0, dtype=torch.float32)]
         return outs
 
     g = torch.Generator().manual_seed(4)
@@ -173,7 +175,8 @@ def test_reductions_over_a_dim_of_size_one_are_conversions_in_the_element_wise_k
     gm, _ = lower(lambda a, b: a.cumsum(-1) + b, x, y)  # the decode cumsum: one kernel with its reader
     assert count_kernels(gm) == {"fused": 0, "pointwise": 1, "aten": 0}
     gm, _ = lower(unit, x, y)
-    cases = [x, torch.full((1, 1), float("nan")).to(dtype)] if dtype.is_floating_point else [x]
+    cases = [x] + ([torch.full((1, 1), v).to(dtype) for v in (float("nan"), float("inf"), -float("inf"))]
+                   if dtype.is_floating_point else [])
     for case in cases:
         want = unit(case, y)
         for interpreted in (False, True):

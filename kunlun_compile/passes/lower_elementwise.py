@@ -29,6 +29,7 @@ from ..lowering.complex_pairs import complex_as_pairs
 from ..lowering.isel import Policy, Refused, is_contiguous, layout_order
 from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS, sizes
 from ..lowering.small_sorts import sorts_as_ranks
+from ..lowering.unit_reductions import unit_reductions_as_conversions
 from ..lowering.cumulative_counts import cumulative_counts
 from ..lowering.targets import get_target
 from .manager import PassContext, PassOutcome
@@ -42,7 +43,7 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     policy = Policy(fast_math=ctx.config.fast_math)
     _pieces_as_slices(gm.graph)
     _copies_as_conversions(gm.graph)
-    _unit_reductions_as_conversions(gm.graph)
+    unit_reductions_as_conversions(gm.graph)
     sorts_as_ranks(gm.graph)
     cumulative_counts(gm.graph)
     complex_as_pairs(gm.graph)
@@ -131,47 +132,6 @@ def _pieces_as_slices(graph: fx.Graph) -> None:
             item.replace_all_uses_with(view)
             graph.erase_node(item)
         graph.erase_node(node)
-
-
-_UNIT_REDUCTIONS = {torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default, torch.ops.aten.sum.dim_IntList,
-                    torch.ops.aten.mean.dim, torch.ops.aten.amax.default, torch.ops.aten.amin.default,
-                    torch.ops.aten.prod.dim_int}
-
-
-def _unit_reductions_as_conversions(graph: fx.Graph) -> None:
-    """A sum / mean / max / min / product or a prefix scan over dims of static size 1 is its input in the
-    result's dtype (a bool cumsum counts in int64; a half sum rounds an fp32 accumulator holding one value back
-    to itself): a conversion, plus a squeeze where the dims are not kept.  As element-wise nodes they join their
-    neighbours' kernel instead of a row kernel of length 1 (transformers' packed-sequence cumsum at decode)."""
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _UNIT_REDUCTIONS:
-            continue
-        x, out = node.args[0], node.meta.get("val")
-        val = x.meta.get("val") if isinstance(x, fx.Node) else None
-        if not isinstance(val, torch.Tensor) or not isinstance(out, torch.Tensor) or val.dim() == 0:
-            continue
-        dims = _reduced_dims(node, val.dim())
-        if not dims or not all(isinstance(val.shape[d], int) and val.shape[d] == 1 for d in dims):
-            continue
-        with graph.inserting_before(node):
-            value = graph.call_function(torch.ops.aten._to_copy.default, (x,), dict(dtype=out.dtype))
-            value.meta["val"] = val.to(out.dtype, copy=True)
-            if out.dim() < val.dim():
-                squeezed = graph.call_function(torch.ops.aten.squeeze.dims, (value, dims))
-                squeezed.meta["val"] = value.meta["val"].squeeze(dims)
-                value = squeezed
-        node.replace_all_uses_with(value)
-        graph.erase_node(node)
-
-
-def _reduced_dims(node: fx.Node, rank: int) -> List[int]:
-    """The dims a reduction or scan in _UNIT_REDUCTIONS reduces, normalised (an empty list: all of them)."""
-    if node.target in (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default, torch.ops.aten.prod.dim_int):
-        dims = [node.args[1] if len(node.args) > 1 else node.kwargs["dim"]]
-    else:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = list(range(rank)) if not dims else [dims] if isinstance(dims, int) else list(dims)
-    return sorted({d % rank for d in dims})
 
 
 def _copies_as_conversions(graph: fx.Graph) -> None:
