@@ -142,3 +142,26 @@ def test_sorted_values_read_by_several_kernels_are_written_once():
     for interpreted in (False, True):
         with cpu_kernels(interpreted):
             assert all(_same(a, b) for a, b in zip(gm(ids, x), readers(ids, x)))
+
+
+def test_writes_that_are_not_the_inverse_permutation_stay_writes():
+    """Only `inv[perm] = arange(n)` into a fresh [n] tensor is the rank; a longer buffer or other values are
+    written as they were."""
+    def longer(ids):
+        _, perm = torch.sort(ids, stable=True)
+        out = torch.zeros(ids.shape[0] + 3, dtype=torch.int64)
+        out[perm] = torch.arange(ids.shape[0])
+        return out
+
+    def shifted(ids):
+        _, perm = torch.sort(ids, stable=True)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(ids.shape[0]) + 1
+        return inv
+
+    ids = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(3))
+    for fn in (longer, shifted):
+        gm, _ = lower(fn, ids)
+        for interpreted in (False, True):
+            with cpu_kernels(interpreted):
+                assert torch.equal(gm(ids), fn(ids)), fn.__name__
