@@ -105,48 +105,6 @@ def test_coalesce_merges_dims_contiguous_for_every_input():
     assert coalesce((1, 1), [(1, 1)]) == ([1], [[0]])
 
 
-def test_sizes_the_graph_fixes_are_compile_time_constants_symbolic_ones_stay_arguments():
-    """A mask [T, past + T] under dynamic shapes: its dims are symbolic, passed as arguments (one compiled
-    kernel for every length); a static shape's sizes are constants of the Triton function (`%` by a constant
-    is a multiply and a shift: the causal mask at 4096 tokens spent its time in `%` by an argument)."""
-    def mask(q_pos, k_pos):
-        return torch.where(k_pos[None, :] <= q_pos[:, None], 0.0, float("-inf"))
-
-    (static,) = kirs(lower(mask, torch.arange(4) + 6, torch.arange(10))[0])
-    assert static.static_sizes == (4, 10) and "sizes [4, 10]" in static.listing()
-    assert KernelIR.from_json(json.loads(json.dumps(static.to_json()))) == static
-    src = generate(static)
-    assert "K1: tl.constexpr" in src and "c1 = rem % S1" in src
-    torch._dynamo.reset()
-    be = kc.backend(fusion=False)
-    compiled = torch.compile(mask, backend=be, dynamic=True)
-    for t, past in ((3, 5), (6, 9), (8, 20)):
-        q, k = torch.arange(t) + past, torch.arange(past + t)
-        for interpreted in (False, True):
-            with cpu_kernels(interpreted):
-                assert torch.equal(compiled(q, k), mask(q, k))
-    keys = {k for g in be.report.graphs for k in re.findall(r"'(pw_[0-9a-f]+)'", g.passes[-1].code_after)}
-    assert [kir_for(k).static_sizes for k in keys] == [(None, None)]
-
-
-def test_zero_strides_are_compiled_in_per_call_and_a_dim_that_becomes_one_is_still_right():
-    """Broadcast dims (stride 0) are compile-time flags of the launch (`Z{k}`), computed from each call's
-    strides: a symbolic dim that is 1 in one call (stride 0) and 5 in the next gets the right reads in both."""
-    def bias(x, y):
-        return x * 2 + y
-
-    (kir,) = kirs(lower(bias, torch.randn(4, 6), torch.randn(1, 6))[0])
-    assert "((Z1 >> 0) & 1) == 0" in generate(kir)
-    torch._dynamo.reset()
-    compiled = torch.compile(bias, backend=kc.backend(fusion=False), dynamic=True)
-    g = torch.Generator().manual_seed(1)
-    for m, k in ((1, 6), (5, 6), (5, 1), (1, 1), (3, 6)):
-        x, y = torch.randn(3 if m == 1 else m, 6, generator=g), torch.randn(m, k, generator=g)
-        for interpreted in (False, True):
-            with cpu_kernels(interpreted):
-                assert torch.equal(compiled(x, y), bias(x, y)), (m, k)
-
-
 # ---- clusters ----------------------------------------------------------------------------------
 
 def test_clusters_never_create_a_cycle():

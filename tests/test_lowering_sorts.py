@@ -82,7 +82,7 @@ def dispatch(ids, x):
     counts = torch.histc(sorted_ids.float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
+    inv[perm] = torch.arange(perm.numel(), device=ids.device)
     rows = x[perm // k] * 2.0
     return offsets, rows[inv]
 

@@ -46,7 +46,7 @@ import triton
 
 from ..config import ENV_CACHE_DIR, env_setting
 from ..triton_kernel import Kernel
-from .codegen import CODEGEN_VERSION, broadcast_strides, coalesce_static, generate, indexed_input_ranks
+from .codegen import CODEGEN_VERSION, broadcast_strides, coalesce, generate, indexed_input_ranks
 from .interpret import allocate_outputs
 from .kir import KernelIR
 from .row_codegen import generate_row
@@ -345,10 +345,8 @@ class GeneratedKernel:
             strides = [broadcast_strides(x, self.rank) if k in self._plain else [0] * self.rank
                        for k, x in enumerate(inputs)]
             padded = (1,) * (self.rank - len(shape)) + tuple(shape)
-            fixed = [s is not None for s in self.kir.static_sizes] or [False] * self.rank
             # an indexed kernel computes every coordinate: no dims merged
-            sizes, sts, fixed = ((list(padded), strides, fixed) if self.kir.indexed
-                                 else coalesce_static(padded, strides, fixed))
+            sizes, sts = (list(padded), strides) if self.kir.indexed else coalesce(padded, strides)
             numel = 1
             for s in padded:
                 numel *= s
@@ -361,13 +359,7 @@ class GeneratedKernel:
             args = full_sizes[1:] + [st for s in full_strides for st in s]
             for k in self._indexed:  # raw strides, then sizes, of each input read at index expressions
                 args += list(inputs[k].stride()) + list(inputs[k].shape)
-            # sizes the graph fixes are compile-time constants (K{d}); 0: read the size argument
-            full_fixed = [True] * (self.rank - rank) + fixed
-            constants = {f"K{d}": full_sizes[d] if full_fixed[d] else 0 for d in range(1, self.rank)}
-            # each input's zero strides (broadcast dims) as a bit mask: compiled in (codegen._term)
-            constants.update({f"Z{k}": sum(1 << d for d, st in enumerate(s) if st == 0)
-                              for k, s in enumerate(full_strides)})
-            plan = self._plans[sig] = (numel, args, rank, reach > _INT32_LIMIT, constants)
+            plan = self._plans[sig] = (numel, args, rank, reach > _INT32_LIMIT)
             if len(self._plans) > 256:  # many layouts: keep the newest
                 self._plans.pop(next(iter(self._plans)))
         return plan
@@ -376,12 +368,12 @@ class GeneratedKernel:
         shape = tuple(int(s) for s in shape)
         device = inputs[0].device
         outs = allocate_outputs(self.kir, shape, device)
-        numel, args, rank, index64, constants = self._plan(inputs, shape)
+        numel, args, rank, index64 = self._plan(inputs, shape)
         if self.kir.output_orders:  # each output's strides over the (left-padded) iteration space
             args = args + [st for o in outs for st in ([0] * (self.rank - o.dim()) + list(o.stride()))]
         if numel == 0:
             return outs
         fn = (self._cuda if device.type == "cuda" else self._portable).on(device)
         fn[(triton.cdiv(numel, BLOCK),)](*inputs, *outs, numel, *args, RANK=rank, INDEX64=index64, BLOCK=BLOCK,
-                                         num_warps=NUM_WARPS, enable_fp_fusion=False, **constants)
+                                         num_warps=NUM_WARPS, enable_fp_fusion=False)
         return outs

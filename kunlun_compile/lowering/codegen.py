@@ -26,7 +26,7 @@ import torch
 from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "13"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "14"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",
@@ -66,7 +66,6 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
               + [f"{p}{k}_{j}" for k, rank in indexed_input_ranks(kir).items() for p in ("ist", "isz")
                  for j in range(rank)]
               + ([f"ost{k}_{d}" for k in range(n_out) for d in range(r)] if kir.output_orders else [])
-              + [f"K{d}: tl.constexpr" for d in range(1, r)] + [f"Z{k}: tl.constexpr" for k in range(n_in)]
               + ["RANK: tl.constexpr", "INDEX64: tl.constexpr", "BLOCK: tl.constexpr", "PDL: tl.constexpr"])
     # programmatic dependent launch (triton_kernel.py): wait for the kernel before, CUDA flavour only
     body = (["if PDL:", "    tl.extra.cuda.gdc_wait()"] if cuda else []) + [
@@ -75,10 +74,7 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
             "else:",
             "    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
             "mask = idx < numel"]
-    # a dim's size: the constant K{d} where the launcher knows it at compile time (not 0), else the argument
-    body += [f"S{d} = K{d} if K{d} != 0 else size{d}" for d in range(1, r)]
-    body += (_coordinates(n_in, r, n_out if kir.output_orders else 0) if kir.indexed
-             else _offsets(n_in, r, size="S", zero_flags=True))
+    body += _coordinates(n_in, r, n_out if kir.output_orders else 0) if kir.indexed else _offsets(n_in, r)
     for n, ins in enumerate(kir.instrs):
         if ins.op == "store.at":
             body += _scatter_store(n, ins, r)
@@ -88,11 +84,9 @@ def _function(kir: KernelIR, name: str, cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: str = "RANK",
-             size: str = "size", zero_flags: bool = False) -> List[str]:
+def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: str = "RANK") -> List[str]:
     """`off{k}` for every operand (inputs 0..n_in-1 unless `operands` names them), for each possible
-    coalesced rank (constexpr branches): the flat `index` decomposed over `{size}{d}`, times `st{k}_{d}`
-    (with `zero_flags`, a dim whose bit is set in the constexpr `Z{k}` is left out: see `_term`)."""
+    coalesced rank (constexpr branches): the flat `index` decomposed over `size{d}`, times `st{k}_{d}`."""
     operands = list(range(n_in)) if operands is None else operands
     out: List[str] = []
     for rank in range(1, r + 1):
@@ -104,36 +98,26 @@ def _offsets(n_in: int, r: int, operands=None, index: str = "idx", rank_name: st
             out.append(f"    rem = {index}")
             coords = {}
             for d in reversed(dims[1:]):
-                out.append(f"    c{d} = rem % {size}{d}")
-                out.append(f"    rem = rem // {size}{d}")
+                out.append(f"    c{d} = rem % size{d}")
+                out.append(f"    rem = rem // size{d}")
                 coords[d] = f"c{d}"
             coords[dims[0]] = "rem"
         for k in operands:
-            terms = " + ".join(_term(coords[d], k, d, zero_flags) for d in dims)
-            out.append(f"    off{k} = {terms}" + (f" + {index} * 0" if zero_flags else ""))
+            terms = " + ".join(f"{coords[d]} * st{k}_{d}" for d in dims)
+            out.append(f"    off{k} = {terms}")
     if not operands:
         out = []
     return out
-
-
-def _term(coord: str, k: int, d: int, zero_flags: bool) -> str:
-    """coord * st{k}_{d}; with `zero_flags`, 0 at compile time where the launcher says the stride is 0 (a
-    broadcast dim): Triton then knows the load's address repeats along the block (one load, not one per
-    element; the causal mask's position along its rows), which a run-time zero stride does not tell it.
-    (`+ idx * 0` after the terms keeps an offset of constants a block.)"""
-    if not zero_flags:
-        return f"{coord} * st{k}_{d}"
-    return f"({coord} * st{k}_{d} if ((Z{k} >> {d}) & 1) == 0 else 0)"
 
 
 def _scatter_store(n: int, ins: Instr, r: int) -> List[str]:
     """out[id, c1, ..] = value into a contiguous output of the space's shape (its dim 0: numel over the rest);
     a negative id counts from the end, one outside writes nothing."""
     v, ids = (f"v{a}" for a in ins.args)
-    inner = " * ".join(f"S{d}" for d in range(1, r)) or "1"
+    inner = " * ".join(f"size{d}" for d in range(1, r)) or "1"
     offset = f"at{n}"
     for d in range(1, r):
-        offset = f"({offset}) * S{d} + c{d}"
+        offset = f"({offset}) * size{d} + c{d}"
     return [f"rows{n} = numel // ({inner})", f"at{n} = tl.where({ids} < 0, {ids} + rows{n}, {ids})",
             f"tl.store(out{ins.attr} + ({offset}), {v}, mask=mask & (at{n} >= 0) & (at{n} < rows{n}))"]
 
@@ -145,10 +129,10 @@ def _coordinates(n_in: int, r: int, strided_outputs: int) -> List[str]:
     for d in range(r - 1, 0, -1):
         # `%` by a run-time size: Triton's axis analysis keeps runs of 16 contiguous (vector loads) where
         # a size divisible by 16 is; a multiply-and-shift split loses them (2x slower on the H200, NOTES v21)
-        out += [f"c{d} = rem % S{d}", f"rem = rem // S{d}"]
+        out += [f"c{d} = rem % size{d}", f"rem = rem // size{d}"]
     out.append("c0 = rem")
     for k in range(n_in):
-        out.append(f"off{k} = " + " + ".join(_term(f"c{d}", k, d, True) for d in range(r)) + " + idx * 0")
+        out.append(f"off{k} = " + " + ".join(f"c{d} * st{k}_{d}" for d in range(r)))
     for k in range(strided_outputs):
         out.append(f"ooff{k} = " + " + ".join(f"c{d} * ost{k}_{d}" for d in range(r)))
     return out
@@ -260,25 +244,18 @@ def _math(op: str, form: str, dt: torch.dtype, a: List[str], cuda: bool) -> str:
 
 def coalesce(shape: Tuple[int, ...], strides: List[Tuple[int, ...]]) -> Tuple[List[int], List[List[int]]]:
     """Drop size-1 dims and merge neighbours that are contiguous for every input (outputs are contiguous)."""
-    sizes, sts, _ = coalesce_static(shape, strides, [True] * len(shape))
-    return sizes, sts
-
-
-def coalesce_static(shape: Tuple[int, ...], strides: List[Tuple[int, ...]],
-                    static: List[bool]) -> Tuple[List[int], List[List[int]], List[bool]]:
-    """`coalesce`, and whether each merged dim's size is fixed by the graph (all the dims merged into it are)."""
-    dims = [(s, [st[d] for st in strides], static[d]) for d, s in enumerate(shape) if s != 1]
+    dims = [(s, [st[d] for st in strides]) for d, s in enumerate(shape) if s != 1]
     if not dims:
-        return [1], [[0] for _ in strides], [True]
+        return [1], [[0] for _ in strides]
     merged = [dims[0]]
-    for size, sts, fixed in dims[1:]:
-        psize, psts, pfixed = merged[-1]
+    for size, sts in dims[1:]:
+        psize, psts = merged[-1]
         if all(ps == s * size for ps, s in zip(psts, sts)):
-            merged[-1] = (psize * size, sts, pfixed and fixed)
+            merged[-1] = (psize * size, sts)
         else:
-            merged.append((size, sts, fixed))
-    return ([s for s, _, _ in merged], [[sts[k] for _, sts, _ in merged] for k in range(len(strides))],
-            [fixed for _, _, fixed in merged])
+            merged.append((size, sts))
+    sizes = [s for s, _ in merged]
+    return sizes, [[sts[k] for _, sts in merged] for k in range(len(strides))]
 
 
 def broadcast_strides(x: torch.Tensor, rank: int) -> List[int]:

@@ -106,9 +106,6 @@ class KernelIR:
     # kernels whose outputs keep an input's layout (eager's `x.t() * y`): each output's dims from outermost
     # to innermost in memory; empty when every output is contiguous (a row kernel's per-row outputs always are)
     output_orders: Tuple[Tuple[int, ...], ...] = ()
-    # element-wise kernels: each dim's size where the graph fixes it (None where symbolic).  The launcher
-    # makes the static ones compile-time constants: `%` and `//` by a constant are a multiply and a shift
-    static_sizes: Tuple[Optional[int], ...] = ()
 
     def __post_init__(self):
         reduces = any(i.op in REDUCE_OPS or i.op in ROW_OPS or i.op in SCAN_OPS for i in self.instrs)
@@ -121,8 +118,6 @@ class KernelIR:
                                    or any(list(self.output_orders[k]) != list(range(self.rank))
                                           for k in self.reduced_outputs)):
             raise ValueError("KIR: output_orders must give each output a permutation (per-row outputs: none)")
-        if self.static_sizes and (len(self.static_sizes) != self.rank or self.reduce_dim is not None):
-            raise ValueError("KIR: static_sizes gives each dim of an element-wise kernel's space (or is empty)")
 
     # ---- identity --------------------------------------------------------------------------
     def canonical(self) -> str:
@@ -172,8 +167,6 @@ class KernelIR:
         head = f"kernel {self.key}  rank {self.rank}  ({ins}) -> ({outs})"
         if self.reduce_dim is not None:
             head += f"  reduces dim {self.reduce_dim}"
-        if self.static_sizes:
-            head += "  sizes [" + ", ".join("?" if n is None else str(n) for n in self.static_sizes) + "]"
         if self.origin:
             head += f"\n  ; lowered from: {self.origin}"
         lines = [head]
@@ -199,8 +192,6 @@ class KernelIR:
             d["reduced_outputs"] = list(self.reduced_outputs)
         if self.output_orders:
             d["output_orders"] = [list(o) for o in self.output_orders]
-        if self.static_sizes:
-            d["static_sizes"] = list(self.static_sizes)
         if with_origin:
             d["origin"] = self.origin
         return d
@@ -212,7 +203,7 @@ class KernelIR:
         return cls(d["rank"], tuple(DTYPES_BY_NAME[x] for x in d["inputs"]),
                    tuple(DTYPES_BY_NAME[x] for x in d["outputs"]), instrs, d.get("origin", ""),
                    d.get("reduce_dim"), tuple(d.get("reduced_outputs", ())),
-                   tuple(tuple(o) for o in d.get("output_orders", ())), tuple(d.get("static_sizes", ())))
+                   tuple(tuple(o) for o in d.get("output_orders", ())))
 
 
 def format_instr(n: int, i: Instr) -> str:

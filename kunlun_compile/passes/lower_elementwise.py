@@ -11,7 +11,6 @@ kernel serves every batch size.
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 from typing import Any, Dict, List, Optional
 
@@ -58,7 +57,6 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
             done = tried.get(id(spec))  # (the spec is kept in the entry: its id is not reused)
             kir = done[1] if done is not None and done[0] is spec else lower_cluster(spec, target, policy)
             shape = _shape_args(gm.graph, spec)
-            kir = _with_static_sizes(kir, shape)
         except Refused as e:
             outcome.near_misses.append(f"cluster at {spec.nodes[0].name} ({len(spec.nodes)} ops): {e}")
             continue
@@ -72,16 +70,6 @@ def lower_elementwise(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     # shape-only sources of fills (zeros_like(x) under fill) and sym_size nodes of a refused cluster
     gm.graph.eliminate_dead_code()
     return outcome
-
-
-def _with_static_sizes(kir, shape: List[Any]):
-    """An element-wise kernel records which of its sizes the graph fixes (ints in the shape argument; a
-    `sym_size` node is symbolic), so they become compile-time constants of its Triton function."""
-    if kir.reduce_dim is not None:
-        return kir
-    fixed = [int(s) if isinstance(s, int) else None for s in shape]
-    return dataclasses.replace(kir, static_sizes=tuple([1] * (kir.rank - len(fixed)) + fixed)[-kir.rank:]
-                               if kir.rank else ())
 
 
 def _trial(spec: ClusterSpec, target, policy: Policy, tried: Dict[int, Any]) -> bool:
