@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import kunlun_compile as kc
 from kunlun_compile.graph_stats import count_kernels
-from kunlun_compile.lowering.small_sorts import MAX_RANKED
+from kunlun_compile.lowering.small_sorts import MAX_RANKED, sorts_as_ranks
 from kunlun_compile.ops import cpu_kernels
 
 from .test_lowering import lower
@@ -141,13 +142,16 @@ def test_sorted_values_read_by_several_kernels_are_written_once():
 
 
 def test_writes_that_are_not_the_inverse_permutation_stay_writes():
-    """Only `inv[perm] = arange(n)` into a fresh [n] tensor is the rank; a longer buffer or other values are
-    written as they were."""
+    """Only `inv[perm] = arange(n)` into a fresh [n] tensor, without accumulation, is the rank.  Into a longer
+    fresh buffer (its tail is eager's uninitialised memory), or accumulated, the write stays a write; with
+    other values (arange + 1) too, and that result is eager's."""
     def longer(ids):
         _, perm = torch.sort(ids, stable=True)
-        out = torch.zeros(ids.shape[0] + 3, dtype=torch.int64)
-        out[perm] = torch.arange(ids.shape[0])
-        return out
+        return torch.empty(ids.shape[0] + 3, dtype=torch.int64).index_put((perm,), torch.arange(ids.shape[0]))
+
+    def accumulated(ids):
+        _, perm = torch.sort(ids, stable=True)
+        return torch.empty_like(perm).index_put((perm,), torch.arange(ids.shape[0]), accumulate=True)
 
     def shifted(ids):
         _, perm = torch.sort(ids, stable=True)
@@ -156,8 +160,13 @@ def test_writes_that_are_not_the_inverse_permutation_stay_writes():
         return inv
 
     ids = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(3))
-    for fn in (longer, shifted):
-        gm, _ = lower(fn, ids)
-        for interpreted in (False, True):
-            with cpu_kernels(interpreted):
-                assert torch.equal(gm(ids), fn(ids)), fn.__name__
+    for fn in (longer, accumulated, shifted):
+        gm = make_fx(fn, tracing_mode="fake")(ids)
+        assert sorts_as_ranks(gm.graph) == 1
+        writes = [n for n in gm.graph.nodes
+                  if n.target in (torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)]
+        assert len(writes) == 3, fn.__name__  # the sort's values and positions, and the model's own write
+    gm, _ = lower(shifted, ids)
+    for interpreted in (False, True):
+        with cpu_kernels(interpreted):
+            assert torch.equal(gm(ids), shifted(ids))

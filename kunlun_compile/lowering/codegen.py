@@ -26,7 +26,7 @@ import torch
 from .index_expr import Affine
 from .kir import Instr, KernelIR
 
-CODEGEN_VERSION = "14"  # bump when the generated source changes, to invalidate the disk cache
+CODEGEN_VERSION = "11"  # bump when the generated source changes, to invalidate the disk cache
 
 TL_DTYPES = {
     torch.float64: "tl.float64", torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16",

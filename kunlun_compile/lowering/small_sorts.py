@@ -55,12 +55,16 @@ def _inverses_as_ranks(graph: fx.Graph, sort: fx.Node, rank: fx.Node) -> None:
         for write in list(item.users):
             # (in place, `index_put_`, when nothing else holds the fresh tensor: graphs traced unfunctionalised)
             if (write.target in (aten.index_put.default, aten.index_put_.default) and write.args[1] == [item]
-                    and len(write.args) < 4 and _is_fresh(write.args[0]) and _is_arange(write.args[2], n)
-                    and not write.kwargs.get("accumulate", False) and write.meta["val"].dtype == torch.int64
+                    and not _accumulates(write) and _is_fresh(write.args[0]) and _is_arange(write.args[2], n)
+                    and write.meta["val"].dtype == torch.int64
                     and tuple(write.meta["val"].shape) == (n,)
                     and (write.target is aten.index_put.default or len(write.args[0].users) == 1)):
                 write.replace_all_uses_with(rank)
                 graph.erase_node(write)
+
+
+def _accumulates(write: fx.Node) -> bool:
+    return bool(write.args[3] if len(write.args) > 3 else write.kwargs.get("accumulate", False))
 
 
 def _is_fresh(node) -> bool:

@@ -25,12 +25,12 @@ from ..lowering.cache import register
 from ..lowering.cluster import ClusterSpec, find_clusters
 from ..lowering.cluster_isel import lower_cluster
 from ..lowering.complex_pairs import complex_as_pairs
+from ..lowering.cumulative_counts import cumulative_counts
 from ..lowering.isel import Policy, Refused, is_contiguous, layout_order
 from ..lowering.isel_index import SLICE_WRITES, VIEW_OPS, sizes
 from ..lowering.small_sorts import sorts_as_ranks
-from ..lowering.unit_reductions import unit_reductions_as_conversions
-from ..lowering.cumulative_counts import cumulative_counts
 from ..lowering.targets import get_target
+from ..lowering.unit_reductions import unit_reductions_as_conversions
 from .manager import PassContext, PassOutcome
 from .rewrites import mark_replacement, rewrite_allowed
 
