@@ -45,7 +45,7 @@ def _plant_broken_add_rmsnorm() -> None:
 
     norms.RULES[index] = dataclasses.replace(rule, replace=broken)
     from kunlun_compile.passes import fusion
-    fusion.FAMILY_RULES["add_rmsnorm"] = norms.RULES
+    fusion.FAMILY_STAGES["add_rmsnorm"] = (fusion.Stage(norms.RULES),)
 
 
 def two_norms_broken():

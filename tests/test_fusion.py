@@ -461,10 +461,10 @@ class RopeTablesFirst(nn.Module):
     """HF's rotary with the products written table-first (`cos * q`): no pattern has that order."""
 
     def forward(self, q, k, cos, sin):
-        from kunlun_compile.passes.rules.hf_prologue import rotate_half
+        from kunlun_compile.ops.rotary import rotate
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return cos * q + sin * rotate_half(q), cos * k + sin * rotate_half(k)
+        return cos * q + sin * rotate(q, neox=True), cos * k + sin * rotate(k, neox=True)
 
 
 def test_a_rotation_left_unfused_is_described():

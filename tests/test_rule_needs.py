@@ -29,5 +29,5 @@ def test_variants_are_told_apart_by_their_needs():
                                        "softmax_none_renorm_scaled", "hf_topk_router", "hf_topk_router_unnormalized",
                                        "hf_topk_router_float_weights", "hf_topk_then_softmax_router",
                                        "hf_topk_then_softmax_in_dtype_router", "hf_greedy_router"])
-    assert torch.ops.aten.stack.default in by_name["plain_vllmnorm_gptj_full"].needs
-    assert torch.ops.aten.stack.default not in by_name["plain_vllmnorm_neox_full"].needs
+    assert torch.ops.aten.stack.default in by_name["plain_vllmnorm_gptj"].needs
+    assert torch.ops.aten.stack.default not in by_name["plain_vllmnorm_neox"].needs

@@ -72,7 +72,7 @@ _DIM_ARGUMENTS = {
     aten._softmax.default: 1, aten._log_softmax.default: 1, aten.topk.default: 2, aten.cat.default: 1,
     aten.stack.default: 1, aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.amax.default: 1, aten.amin.default: 1,
     aten.max.dim: 1, aten.min.dim: 1, aten.argmax.default: 1, aten.gather.default: 1, aten.sort.default: 1,
-    aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1,
+    aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1, aten.slice.Tensor: 1,
 }
 
 

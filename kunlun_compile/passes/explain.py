@@ -22,6 +22,7 @@ from torch._inductor import pattern_matcher as pm
 
 from . import pattern_engine as pe
 from .explain_anchors import ANCHORS, describe, op_name as _op_name
+from .layouts import RELAID
 
 aten = torch.ops.aten
 # a pattern output is looked for among the nodes this close after an anchor, and a failure counts only this
@@ -33,7 +34,8 @@ def unfused_anchors(gm: fx.GraphModule, family: str, rules: Sequence[pe.Rewrite]
     is_anchor = ANCHORS.get(family)
     if is_anchor is None:
         return []
-    anchors = [n for n in gm.graph.nodes if n.op == "call_function" and is_anchor(n)]
+    # a primitive put back as its reference was explained before it went back (`Stage.notes`)
+    anchors = [n for n in gm.graph.nodes if n.op == "call_function" and is_anchor(n) and not n.meta.get(RELAID)]
     if not anchors:
         return []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -4,56 +4,102 @@ Order matters and is the order of `FAMILIES`: the attention prologue goes
 before the norms (its Q/K norms would otherwise be taken as lone RMSNorms), and
 the MoE router before the experts (the experts' rule reads the router's ids), and
 linear layers last (other patterns may start at a projection's output).
+
+A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue
+has the two-stage form: every rotation becomes the `kunlun::rotary` primitive (rules that fuse nothing by
+themselves), the vLLM and HF rules fuse chains of primitives, and the primitives left are put back as
+their reference.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch.fx as fx
 
 from .explain import unfused_anchors
+from .layouts import RELAID
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
-from .rules import hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue
+from .rules import hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue, rotary
 
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    rules: Sequence[Rewrite]
+    fuses: bool = True  # False: its rewrites make or remove primitives, and are not counted as fusions
+    # its replacements may lay their results out unlike the nodes they replaced (a primitive put back as its
+    # reference): they are marked for `layouts.py`, which makes the views after them reshapes
+    relays: bool = False
+    then: Optional[Callable[[fx.GraphModule], int]] = None  # a graph tidy-up after the rules
+    notes: Optional[Callable[[fx.GraphModule], List[str]]] = None  # near misses read off the graph before them
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str  # the pattern family, as reports count it
     description: str
-    rules: Sequence[Rewrite]
+    stages: Sequence[Stage]
+
+    @property
+    def rules(self) -> List[Rewrite]:
+        return [r for s in self.stages for r in s.rules]
+
+
+def _fusing(rules: Sequence[Rewrite]) -> Sequence[Stage]:
+    return (Stage(rules),)
 
 
 # The one list of pattern families, in pass order.
 FAMILIES = (
-    Family("masked_input", "vocab-shard id masking -> kunlun::masked_input", masks.MASKED_INPUT_RULES),
+    Family("masked_input", "vocab-shard id masking -> kunlun::masked_input", _fusing(masks.MASKED_INPUT_RULES)),
     Family("attention_mask", "causal / sliding-window / padding mask construction -> kunlun::attention_mask",
-           masks.ATTENTION_MASK_RULES),
+           _fusing(masks.ATTENTION_MASK_RULES)),
     Family("norm_rope_gate", "qkv(+gate) split + Q/K RMSNorm + rotary -> kunlun::split_norm_rope_gate; "
-           "separate q/k projections (HF) + Q/K RMSNorm + rotary -> kunlun::qk_norm_rope",
-           prologue.RULES + hf_prologue.RULES),
-    Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate", moe_gate.RULES),
-    Family("moe_ffn", "routed expert FFN -> kunlun::fused_moe", moe_experts.RULES),
+           "separate q/k projections (HF) + Q/K RMSNorm + rotary primitives -> kunlun::qk_norm_rope",
+           (Stage(rotary.RECOGNISE, fuses=False, then=rotary.share_tables),
+            Stage(rotary.WIDEN, fuses=False),
+            Stage(prologue.RULES),
+            Stage(hf_prologue.RULES),
+            Stage(rotary.LOWER, fuses=False, relays=True, notes=rotary.unfused))),
+    Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate",
+           _fusing(moe_gate.RULES)),
+    Family("moe_ffn", "routed expert FFN -> kunlun::fused_moe", _fusing(moe_experts.RULES)),
     Family("add_rmsnorm", "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
-           norms.RULES),
+           _fusing(norms.RULES)),
     Family("decode_linear", "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above); "
-           "with a gated input (SwiGLU, attention gate) and gated residual -> kunlun::gated_linear", linears.RULES),
+           "with a gated input (SwiGLU, attention gate) and gated residual -> kunlun::gated_linear",
+           _fusing(linears.RULES)),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
-# each family's rules, read when the passes are built (tests swap a family's rules here to plant faults)
-FAMILY_RULES = {f.name: f.rules for f in FAMILIES}
+# each family's stages, read when the passes are built (tests swap a family's stages here to plant faults)
+FAMILY_STAGES = {f.name: f.stages for f in FAMILIES}
+FAMILY_RULES = {f.name: f.rules for f in FAMILIES}  # every rule of a family, for explain and the rule tests
 
 
-def _family_pass(family: str, rules: Sequence[Rewrite]):
+def _family_pass(family: str, stages: Sequence[Stage]):
     def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
-        outcome = apply_rewrites(gm, rules)
+        outcome = PassOutcome()
+        for stage in stages:
+            before = set(gm.graph.nodes) if stage.relays else None
+            noted = stage.notes(gm) if stage.notes is not None else []
+            done = apply_rewrites(gm, stage.rules, fuses=stage.fuses)
+            if stage.then is not None and done.matches:
+                stage.then(gm)
+            for node in gm.graph.nodes if before is not None else ():
+                if node not in before:
+                    node.meta[RELAID] = True
+            if stage.fuses:
+                outcome.matches += done.matches
+                for name, n in done.patterns.items():
+                    outcome.patterns[name] = outcome.patterns.get(name, 0) + n
+            outcome.near_misses += [line for line in done.near_misses + noted if line not in outcome.near_misses]
+        rules = [r for s in stages if s.fuses for r in s.rules]  # a primitive's making is not a fusion
         outcome.near_misses += [line for line in unfused_anchors(gm, family, rules) if line not in outcome.near_misses]
         return outcome
     return run
 
 
 def fusion_passes() -> List[GraphPass]:
-    return [GraphPass(f.name, f.description, _family_pass(f.name, FAMILY_RULES[f.name]), family=True)
+    return [GraphPass(f.name, f.description, _family_pass(f.name, FAMILY_STAGES[f.name]), family=True)
             for f in FAMILIES]

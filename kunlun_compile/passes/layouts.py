@@ -10,7 +10,8 @@ So every `view` whose input depends on a fused op's result through other ops bec
 which is the same view when the layout allows it and a copy when it does not.  A `view` taken
 straight of a fused op's result stays: that result is contiguous, and any view of a contiguous
 tensor with the same number of elements is valid.  Values that depend on graph inputs only keep
-the layouts they were traced with.
+the layouts they were traced with.  A primitive put back as its reference (`RELAID` on the nodes it
+became) is treated as a fused op whose layout is not known: views of it become reshapes too.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .manager import PassContext, PassOutcome
 aten = torch.ops.aten
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default)
+RELAID = "kunlun_relaid"  # node meta: computed by a rewrite whose result's layout may differ from the traced one
 
 
 def _is_fused_op(node: fx.Node) -> bool:
@@ -48,7 +50,7 @@ def views_after_fused_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         if node.target in _VIEWS and inputs and inputs[0] in relaid:
             node.target = aten.reshape.default
             changed += 1
-        if any(_fresh(i) or i in relaid for i in inputs):
+        if node.meta.get(RELAID) or any(_fresh(i) or i in relaid for i in inputs):
             relaid.add(node)
     if changed:
         gm.recompile()

@@ -38,13 +38,15 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._inductor import pattern_matcher as pm
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.passes.tools_common import legalize_graph
+from torch.utils._ordered_set import OrderedSet
 
 from ..capture.decompositions import decomposition_table
 from . import pattern_cache
 from .canonical import canonicalize
 from .manager import PassOutcome
-from .rewrites import mark_replacement, rewrite_allowed
+from .rewrites import MADE_BY, REFUSED, mark_replacement, rewrite_allowed
 
 aten = torch.ops.aten
 
@@ -184,6 +186,23 @@ def _pattern_nodes(p) -> Iterable[pm.PatternExpr]:
             stack.extend(a for a in q.flat_args_kwargs[0] if isinstance(a, pm.PatternExpr))
 
 
+class _DistinctOutputs(pm.MultiOutputPattern):
+    """A pattern's outputs are distinct nodes.  Inductor's matcher looks for the second output among the
+    users of what the first bound, and may bind it to the first output's own node when the two chains are
+    alike (q's and k's rotations of shared tables): one replacement per tensor instead of one per pair."""
+
+    def _match_from_anchors(self, pattern, ctx):
+        prior = dict(ctx.pattern_to_node)
+        bound = [ctx.pattern_to_node.get(o) for o in self.outputs if o is not None]
+        m = pm.FailedMatch("no anchor found")
+        for node in pattern.find_anchor_nodes(ctx, OrderedSet(n for n in bound if n is not None)):
+            m = ctx.match(pattern, node)
+            if pm.is_match(m):
+                return m
+            ctx.pattern_to_node = dict(prior)
+        return m
+
+
 def _outputs(p) -> List[pm.PatternExpr]:
     return list(p.outputs) if isinstance(p, pm.MultiOutputPattern) else [p]
 
@@ -219,6 +238,8 @@ def compile_rewrite(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any,
 
     def pattern(relaxed: bool) -> pm.PatternExpr:
         p = pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)
+        if isinstance(p, pm.MultiOutputPattern):
+            p.__class__ = _DistinctOutputs
         if relaxed:
             for q in _pattern_nodes(p):
                 q.users = pm.MULTIPLE
@@ -238,7 +259,16 @@ def _trace_request(rule: Rewrite, dtype: torch.dtype):
     tensors = list(rule.example_inputs(dtype))
     markers = dict(rule.constants)
     return (f"{rule.family}/{rule.name} {sorted(markers.items())}", dtype, tensors,
-            lambda: trace_aten(lambda *ts: rule.search(*ts, **markers), tensors))
+            lambda: trace_pattern(lambda *ts: rule.search(*ts, **markers), tensors))
+
+
+def trace_pattern(fn: Callable, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """A pattern traced on its own static example inputs, whatever compile is running around it.  Inside
+    inductor (vLLM's post-grad pass) `make_fx` would otherwise reuse the running compile's fake mode, give
+    the examples' sizes symbols of that compile's shape environment and leave guards on them (`x.shape[-1]
+    // 2` in a search function) that Dynamo cannot source: "list index out of range" in its guard code."""
+    with torch._guards.tracing(None), unset_fake_temporarily():
+        return trace_aten(fn, example_inputs)
 
 
 SKIP_PATTERNS_THAT_CANNOT_MATCH = True  # False: build and try every pattern (tests compare both ways)
@@ -383,11 +413,12 @@ def searchable(rule: Rewrite, present: set) -> bool:
     return all(t in present for t in rule.needs)
 
 
-def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
-    """Apply `rules` in order (all matches of one rule before the next); count per family."""
+def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite], fuses: bool = True) -> PassOutcome:
+    """Apply `rules` in order (all matches of one rule before the next); count per family.  `fuses=False`:
+    rules that make or remove primitives -- not fusions, so not limited by a bisect (`rewrites.py`)."""
     result = PassOutcome()
     try:
-        _apply_rules(gm, rules, result)
+        _apply_rules(gm, rules, result, fuses)
     finally:
         _replacements.clear()  # traces are shared between the matches of one graph only (one fake mode)
     if result.matches and not _in_topological_order(gm.graph):
@@ -399,7 +430,7 @@ def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite]) -> PassOutcome:
     return result
 
 
-def _apply_rules(gm: fx.GraphModule, rules: Sequence[Rewrite], result: PassOutcome) -> None:
+def _apply_rules(gm: fx.GraphModule, rules: Sequence[Rewrite], result: PassOutcome, fuses: bool) -> None:
     canonicalize(gm)
     dtypes = graph_float_dtypes(gm)
     present, index = present_ops(gm), GraphIndex(gm)
@@ -408,7 +439,7 @@ def _apply_rules(gm: fx.GraphModule, rules: Sequence[Rewrite], result: PassOutco
             continue
         for compiled in _patterns_for(rule, dtypes, index):
             matches = result.matches
-            _apply_one(gm, compiled, result)
+            _apply_one(gm, compiled, result, fuses)
             if result.matches != matches:  # replacements change the graph for the rules after
                 present, index = present_ops(gm), GraphIndex(gm)
 
@@ -422,7 +453,7 @@ def _in_topological_order(graph: fx.Graph) -> bool:
     return True
 
 
-def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> None:
+def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome, fuses: bool = True) -> None:
     rule = c.rule
     label = f"{rule.family}/{rule.name}"
     for node in _candidates(gm, c.anchor_targets):
@@ -441,8 +472,10 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> N
         verdict = rule.guard(bindings)
         if isinstance(verdict, Refusal):
             _note(result, f"{label}: {verdict.reason}")
+            for n in m.nodes:  # its near miss is said: later explanations leave these nodes alone
+                n.meta[REFUSED] = label
             continue
-        if not rewrite_allowed(f"{label} at {node.name}", m.nodes):
+        if fuses and not rewrite_allowed(f"{label} at {node.name}", m.nodes):
             continue
         params = {k: m.kwargs[k] for k in rule.constants}
         params.update(verdict)
@@ -450,7 +483,8 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome) -> N
         uses = _uses_of(_match_outputs(m))
         m.replace_by_example(replacement, [m.kwargs[n] for n in c.tensor_names],
                              trace_fn=functools.partial(_trace_replacement, f"{label} {params!r}"))
-        _mark_replacements(uses)
+        # a primitive rewritten again (partial rotary widened) keeps the rule that first spelled it
+        _mark_replacements(uses, next((n.meta[MADE_BY] for n in m.nodes if MADE_BY in n.meta), rule.name))
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
         result.matches += 1
 
@@ -482,12 +516,12 @@ def _uses_of(outputs: Sequence[fx.Node]) -> List[Tuple[fx.Node, fx.Node, int]]:
     return [(o, u, i) for o in outputs for u in o.users for i, a in enumerate(_flat_args(u)) if a is o]
 
 
-def _mark_replacements(uses: Sequence[Tuple[fx.Node, fx.Node, int]]) -> None:
+def _mark_replacements(uses: Sequence[Tuple[fx.Node, fx.Node, int]], rule: str) -> None:
     """After a replacement, the node at each recorded argument position is what replaced that output."""
     for old, user, i in uses:
         new = _flat_args(user)[i]
         if isinstance(new, fx.Node) and new is not old:
-            mark_replacement(old, new)
+            mark_replacement(old, new, rule)
 
 
 def _flat_args(node: fx.Node) -> List[Any]:

@@ -17,6 +17,8 @@ from typing import Iterator, List, Optional, Sequence
 import torch.fx as fx
 
 REPLACES = "kunlun_replaces"
+MADE_BY = "kunlun_made_by"  # node meta: the rule whose replacement computed this value
+REFUSED = "kunlun_refused"  # node meta: a rule whose guard refused a match holding this node (its near miss)
 
 # (pass name, graph name) of the pass running now
 _current_pass: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("kunlun_pass", default=None)
@@ -68,5 +70,7 @@ def rewrite_allowed(description: str, nodes: Sequence[fx.Node] = ()) -> bool:
     return True
 
 
-def mark_replacement(old: fx.Node, new: fx.Node) -> None:
+def mark_replacement(old: fx.Node, new: fx.Node, rule: Optional[str] = None) -> None:
     new.meta[REPLACES] = old.meta.get(REPLACES, old.name)
+    if rule is not None:
+        new.meta[MADE_BY] = rule

@@ -1,10 +1,11 @@
-"""norm_rope_gate: the attention prologue -> kunlun::split_norm_rope_gate.
+"""norm_rope_gate: the attention prologue -> kunlun::split_norm_rope_gate.  Stage two: chains of primitives.
 
-The search function is the prologue of a vLLM attention layer as the model code
-writes it: split the fused qkv(+gate) projection, optional per-head Q/K RMSNorm
-(vLLM or Gemma style), rotary embedding from `cos_sin_cache[positions]` (neox
-halves or GPT-J pairs, over the whole head or its first `rotary_dim` dims).
-One rule per variant; head counts and sizes are read back from the match.
+The search function is the prologue of a vLLM attention layer as the model code writes it: split the fused
+qkv(+gate) projection, optional per-head Q/K RMSNorm (vLLM or Gemma style), and the rotation against
+`cos_sin_cache[positions]`.  By the time these rules run, the rotation -- neox halves or GPT-J pairs, over
+the whole head or its first `rotary_dim` dims -- is one `kunlun::rotary` node (`rotary.py`) whose tables
+are the cache's halves widened to the rotated width; so a rule is only (gated or not) x (norm kind) x (how
+the halves were widened), and head counts and sizes are read back from the match.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 from .norms import EPS, gemma_lone, vllm_lone
+from .rotary import ROTARY, widened_tables
 
 aten = torch.ops.aten
 # Gemma first: in fp32 its `x * (1 + w)` is also a vLLM norm whose weight is `1 + w`
@@ -22,36 +24,27 @@ NORMS = {"gemma": gemma_lone, "vllm": vllm_lone, "none": None}
 # The kernel keeps one head per tile row in registers and loads 16-byte vectors: head_dim a multiple of 8, <= 512.
 MAX_HEAD_DIM = 512
 # example sizes for tracing; all different so no view or slice of them is a no-op by accident
-_T, _NQ, _NKV, _D, _R_PARTIAL, _P = 5, 4, 2, 16, 8, 32
+_T, _NQ, _NKV, _D, _P = 5, 4, 2, 16, 32
+_FREE = ((ROTARY, 3), (ROTARY, 4))  # neox and rotary_dim: read by the guard
 
 
-def _rotate(x, cos, sin, neox: bool):
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    if neox:
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-    else:
-        x1, x2 = x[..., ::2], x[..., 1::2]
-    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    return torch.cat((o1, o2), dim=-1) if neox else torch.stack((o1, o2), dim=-1).flatten(-2)
-
-
-def _rope(positions, q, k, cache, head_dim: int, rotary_dim: int, neox: bool):
+def _rope(positions, q, k, cache, head_dim: int, neox: bool):
+    """vLLM's rotary from the cache, its rotation already a primitive.  The result stays per head
+    ([tokens, heads, head_dim]): the model's reshape back to its input's shape is left outside the match,
+    because a model that feeds the heads straight to attention (vLLM's Qwen3) has that reshape cancelled
+    against attention's own view by canonicalisation."""
     positions = positions.flatten()
     num_tokens = positions.shape[0]
     cos, sin = cache.index_select(0, positions).chunk(2, dim=-1)
 
-    # The result stays per head ([tokens, heads, head_dim]): the model's reshape back to its input's
-    # shape is left outside the match, because a model that feeds the heads straight to attention
-    # (vLLM's Qwen3) has that reshape cancelled against attention's own view by canonicalisation.
-    def apply(x):
-        x = x.view(num_tokens, -1, head_dim)
-        x_rot = _rotate(x[..., :rotary_dim], cos, sin, neox)
-        return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1)
+    def apply(x):  # each rotation prepares its own tables, as vLLM's `apply_rotary_emb` does
+        x_cos, x_sin = widened_tables(cos.unsqueeze(-2), sin.unsqueeze(-2), neox)
+        return torch.ops.kunlun.rotary(x.view(num_tokens, -1, head_dim), x_cos, x_sin, neox, head_dim)
 
     return apply(q), apply(k)
 
 
-def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int, rotary_dim: int):
+def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int):
     norm_fn = NORMS[norm]
 
     def prologue(qkv, q_weight, k_weight, cache, positions, eps):
@@ -66,7 +59,7 @@ def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int, 
         if norm_fn is not None:
             q = norm_fn(q.view(-1, nq, d), q_weight, eps).view(-1, q_size)
             k = norm_fn(k.view(-1, nkv, d), k_weight, eps).view(-1, kv_size)
-        q, k = _rope(positions, q, k, cache, d, rotary_dim, neox)
+        q, k = _rope(positions, q, k, cache, d, neox)
         return (q, k, v, gate) if gated else (q, k, v)
 
     if norm_fn is not None:
@@ -91,8 +84,8 @@ def _replace(*tensors, norm: str, gated: bool, neox: bool, eps=None, nq, nkv, he
     return (q, k, v, gate) if gated else (q, k, v)
 
 
-def _example_inputs(dtype, norm: str, gated: bool, partial: bool):
-    rotary = _R_PARTIAL if partial else _D
+def _example_inputs(dtype, norm: str, gated: bool):
+    rotary = _D
     cols = (_NQ * (2 if gated else 1) + 2 * _NKV) * _D
     qkv = torch.randn(_T, cols, dtype=dtype)
     cache = torch.randn(_P, rotary, dtype=dtype)
@@ -124,9 +117,19 @@ def _head_sizes(b: Bindings, gated: bool, rotary_dim: int):
     return q_cols // d, sizes[1] // d, d
 
 
-def _guard(b: Bindings, norm: str, gated: bool, partial: bool):
+def _rotation(b: Bindings, neox: bool):
+    """rotary_dim shared by the q and k rotations, or a reason."""
+    found = {tuple(n.args[3:5]) for n in b.nodes(ROTARY)}
+    if len(found) != 1 or next(iter(found))[0] != neox:
+        return f"q and k are rotated differently: {sorted(found)}"
+    return next(iter(found))[1]
+
+
+def _guard(b: Bindings, norm: str, gated: bool, neox: bool):
     qkv, cache, positions = b.val("qkv"), b.val("cache"), b.val("positions")
-    rotary_dim = int(cache.shape[1]) if isinstance(cache.shape[1], int) else -1
+    rotary_dim = _rotation(b, neox)
+    if isinstance(rotary_dim, str):
+        return Refusal(rotary_dim)
     sizes = _head_sizes(b, gated, rotary_dim)
     if isinstance(sizes, str):
         return Refusal(sizes)
@@ -140,14 +143,9 @@ def _guard(b: Bindings, norm: str, gated: bool, partial: bool):
         None if d % 8 == 0 and d <= MAX_HEAD_DIM
         else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
         None if 0 < rotary_dim <= d and rotary_dim % 2 == 0 else f"rotary_dim {rotary_dim} for head_dim {d}",
-        None if (rotary_dim < d) == partial else f"rotary_dim {rotary_dim} vs head_dim {d}",
+        None if g.known_equal(cache.shape[1], rotary_dim)
+        else f"cos_sin_cache width {cache.shape[1]} is not rotary_dim {rotary_dim}",
     )
-    for s in b.nodes(aten.slice.Tensor):  # the rotary slices cut the head at rotary_dim (GPT-J's ::2 aside)
-        if len(s.args) > 4 and s.args[4] != 1:
-            continue
-        bounds = [a for a in s.args[2:4] if isinstance(a, int)]
-        if any(x not in (0, rotary_dim) and x < d for x in bounds):
-            reason = reason or f"a head slice at {bounds} is not at rotary_dim {rotary_dim}"
     if not reason and norm != "none":
         qw, kw = b.val("q_weight"), b.val("k_weight")
         reason = g.first(g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"),
@@ -159,23 +157,21 @@ def _guard(b: Bindings, norm: str, gated: bool, partial: bool):
     return {"nq": nq, "nkv": nkv, "head_dim": d, "rotary_dim": rotary_dim}
 
 
-def _rule(gated: bool, norm: str, neox: bool, partial: bool) -> Rewrite:
-    name = "_".join([("gated" if gated else "plain"), f"{norm}norm", ("neox" if neox else "gptj"),
-                     ("partial" if partial else "full")])
-    search = _make_search(gated, norm, neox, _NQ, _NKV, _D, _R_PARTIAL if partial else _D)
+def _rule(gated: bool, norm: str, neox: bool) -> Rewrite:
+    name = "_".join([("gated" if gated else "plain"), f"{norm}norm", ("neox" if neox else "gptj")])
+    search = _make_search(gated, norm, neox, _NQ, _NKV, _D)
 
     def replace(*tensors, **params):
         return _replace(*tensors, norm=norm, gated=gated, neox=neox, **params)
 
     return Rewrite(family="norm_rope_gate", name=name, search=search, replace=replace,
-                   example_inputs=lambda dtype: _example_inputs(dtype, norm, gated, partial),
+                   example_inputs=lambda dtype: _example_inputs(dtype, norm, gated),
                    constants={"eps": EPS} if norm != "none" else {},
-                   guard=lambda b: _guard(b, norm, gated, partial),
-                   # GPT-J pairs are stacked, a gate's chunk is copied, a norm has rsqrt (checked in tests)
-                   needs=(aten.split_with_sizes.default, aten.index_select.default) +
-                   (() if neox else (aten.stack.default,)) + ((aten.clone.default,) if gated else ()) +
-                   ((aten.rsqrt.default,) if norm != "none" else ()))
+                   guard=lambda b: _guard(b, norm, gated, neox), free_arguments=_FREE,
+                   # GPT-J tables are interleaved by a stack, a gate's chunk copied, a norm has rsqrt (tested)
+                   needs=(ROTARY, aten.split_with_sizes.default, aten.index_select.default) +
+                   (() if neox else (aten.stack.default,)) +
+                   ((aten.clone.default,) if gated else ()) + ((aten.rsqrt.default,) if norm != "none" else ()))
 
 
-RULES = [_rule(gated, norm, neox, partial)
-         for gated, norm, neox, partial in itertools.product((True, False), NORMS, (True, False), (True, False))]
+RULES = [_rule(gated, norm, neox) for gated, norm, neox in itertools.product((True, False), NORMS, (True, False))]

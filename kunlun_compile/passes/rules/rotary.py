@@ -1,0 +1,311 @@
+"""Rotary embedding, stage one: every spelling of one tensor's rotation -> the `kunlun::rotary` primitive.
+
+Each rule here is small and local: one rotation of one tensor, as some model writes it (the halves cut by
+slices or by `chunk`, GPT-J pairs, `rotate_half` or the two products written out without `-x2` against
+half-width tables, the rotation on an upcast x).  `WIDEN` then folds partial rotary (the rotated slice
+`cat` with the passed-through rest) into the primitive's `rotary_dim`.  The prologue rules (`prologue.py`,
+`hf_prologue.py`) fuse primitives with their Q/K norms; `LOWER` puts every primitive nothing fused back as
+its reference (`ops/rotary.py`), bit for bit the model's arithmetic, with a near miss saying which spelling
+it was and why no prologue rule took it.  A new spelling is one more search function below, not one more
+variant of every prologue rule.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.fx as fx
+
+from ...ops.rotary import reference
+from ..explain_anchors import val
+from ..pattern_engine import Bindings, Refusal, Rewrite
+from ..rewrites import MADE_BY, REFUSED, REPLACES
+from . import guards as g
+
+aten = torch.ops.aten
+ROTARY = torch.ops.kunlun.rotary.default
+_D = 16  # example head width; the tables' width is read from the match
+
+
+# ---- how the halves are cut ------------------------------------------------------------------------
+
+def _sliced_halves(x):
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _chunked_halves(x):
+    return torch.chunk(x, 2, dim=-1)
+
+
+def _pairs(x):
+    return x[..., ::2], x[..., 1::2]
+
+
+# ---- the spellings -----------------------------------------------------------------------------------
+
+def _with_rotate_half(cut, join):
+    """`x cos + rotate(x) sin`, rotate(x) = (-x2, x1) joined back: HF's `rotate_half`, Cohere's pairs."""
+    def rotation(x, cos, sin):
+        x1, x2 = cut(x)
+        return x * cos + join(-x2, x1) * sin
+    return rotation
+
+
+def _upcast_with_rotate_half(cut, join):
+    """The same in float32 on an upcast x (Ernie-4.5: `x.float() cos + rotate(x).float() sin`)."""
+    def rotation(x, cos, sin):
+        x1, x2 = cut(x)
+        return x.float() * cos + join(-x2, x1).float() * sin
+    return rotation
+
+
+def _written_out(cut, join):
+    """The two products written out, half-width tables: `(x1 cos - x2 sin, x2 cos + x1 sin)` joined
+    (GptOss; vLLM's `forward_native`)."""
+    def rotation(x, cos, sin):
+        x1, x2 = cut(x)
+        return join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+    return rotation
+
+
+def _cat(a, b):
+    return torch.cat((a, b), dim=-1)
+
+
+def _interleave(a, b):
+    return torch.stack((a, b), dim=-1).flatten(-2)
+
+
+# ---- replacements ------------------------------------------------------------------------------------
+
+def widened_tables(cos, sin, neox: bool):
+    """Half-width tables (one angle per pair) as the primitive takes them: each rotated element's angle."""
+    join = _cat if neox else _interleave
+    return join(cos, cos), join(sin, sin)
+
+
+def _as_primitive(x, cos, sin, *, neox: bool, upcast: bool = False, half_tables: bool = False):
+    if half_tables:
+        cos, sin = widened_tables(cos, sin, neox)
+    return torch.ops.kunlun.rotary(x.float() if upcast else x, cos, sin, neox, x.shape[-1])
+
+
+def _guard(b: Bindings, half_tables: bool):
+    x, cos, sin = b.val("x"), b.val("cos"), b.val("sin")
+    d = x.shape[-1]
+    width = cos.shape[-1] * (2 if half_tables else 1)
+    (out,) = [n.meta["val"] for n in b.match.output_nodes() if n is not None]
+    reason = g.first(
+        # the pairs' flatten may be merged with a view after it: the match would then end in another shape
+        None if g.same_shape(out, x) else f"the rotation ends in {tuple(out.shape)}, not x's {tuple(x.shape)}",
+        g.float_dtype(x, "x"), g.float_dtype(cos, "cos"), g.same_dtype(cos, sin, "cos and sin"),
+        None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
+        None if isinstance(d, int) and d % 2 == 0 else f"rotated width {d} is not a static even size",
+        None if g.known_equal(width, d) else
+        f"cos width {cos.shape[-1]} is not {'half of ' if half_tables else ''}the rotated width {d}",
+        _grows(x, cos))
+    return Refusal(reason) if reason else {}
+
+
+def _grows(x, cos):
+    """Why cos would broadcast x to a larger shape (the primitive's result has x's shape), else None."""
+    if cos.dim() > x.dim():
+        return f"cos {tuple(cos.shape)} has more dims than x {tuple(x.shape)}"
+    lead = x.shape[x.dim() - cos.dim():-1]
+    if all(g.known_equal(c, 1) or g.known_equal(c, s) for c, s in zip(cos.shape[:-1], lead)):
+        return None
+    return f"cos {tuple(cos.shape)} broadcasts x {tuple(x.shape)} to a larger shape"
+
+
+def _inputs(dtype, half_tables: bool, rank: int = 4):
+    """HF's [B, H, S, D] with [B, 1, S, w] tables, or vLLM's [T, H, D] with [T, 1, w] (only the pairs'
+    flatten, a view, spells the rank into the pattern)."""
+    width = _D // 2 if half_tables else _D
+    lead = (2, 3, 5) if rank == 4 else (5, 3)
+    table = lead[:-2] + (1, lead[-1]) if rank == 4 else (5, 1)
+    return (torch.randn(*lead, _D, dtype=dtype), torch.randn(*table, width, dtype=dtype),
+            torch.randn(*table, width, dtype=dtype))
+
+
+_CUTS = {"slices": _sliced_halves, "chunk": _chunked_halves}
+
+
+_WRITTEN_OUT = "without rotate_half (x1*cos - x2*sin, x2*cos + x1*sin, no -x2)"
+SPELLINGS = {}  # rule name -> the spelling in words, for near misses
+
+
+def _spelling(kind: str, form: str) -> str:
+    if kind == "written_out_":
+        return (f"even/odd slices {_WRITTEN_OUT} into a stack" if form.startswith("pairs")
+                else f"halves {_WRITTEN_OUT} into a cat")
+    words = "pairs (stack)" if form.startswith("pairs") else f"neox halves by {form.split('_')[0]} (cat)"
+    return f"{words}, in float32 on an upcast x" if kind == "upcast_" else words
+
+
+def _rules():
+    rules = []
+    for kind, spell, half_tables, upcast, needs in (
+            ("", _with_rotate_half, False, False, aten.neg.default),
+            ("upcast_", _upcast_with_rotate_half, False, True, aten.neg.default),
+            ("written_out_", _written_out, True, False, aten.sub.Tensor)):
+        forms = [(f"{cut}_halves", c, _cat, True, 4) for cut, c in _CUTS.items()]
+        forms += [("pairs", _pairs, _interleave, False, 4), ("pairs_per_token", _pairs, _interleave, False, 3)]
+        for form, cut, join, neox, rank in forms:
+            SPELLINGS[f"rotary_{kind}{form}"] = _spelling(kind, form)
+            rules.append(Rewrite(
+                family="norm_rope_gate", name=f"rotary_{kind}{form}", search=spell(cut, join),
+                replace=lambda x, cos, sin, neox=neox, upcast=upcast, half_tables=half_tables: _as_primitive(
+                    x, cos, sin, neox=neox, upcast=upcast, half_tables=half_tables),
+                example_inputs=lambda dtype, half_tables=half_tables, rank=rank: _inputs(dtype, half_tables, rank),
+                guard=lambda b, half_tables=half_tables: _guard(b, half_tables),
+                dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
+                needs=(needs, aten.stack.default if join is _interleave else aten.cat.default)))
+    return rules
+
+
+RECOGNISE = _rules()
+
+
+def _feeds_rotations_only(node: fx.Node) -> bool:
+    return bool(node.users) and all(u.target is ROTARY or (u.target in _TABLE_OPS and _feeds_rotations_only(u))
+                                    for u in node.users)
+
+
+def share_tables(gm: fx.GraphModule) -> int:
+    """One table per (cos, sin) pair: each half-width rotation widened its tables itself (`cat((cos, cos))`);
+    q's and k's rotations must read the same nodes for a prologue rule to see one pair of tables.  In graph
+    order, so a merged input makes its users equal."""
+    seen, merged = {}, 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _TABLE_OPS or not _feeds_rotations_only(node):
+            continue
+        first = seen.setdefault((node.target, repr(node.args), repr(sorted(node.kwargs.items()))), node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
+
+
+# only the widening's own ops: a model's per-layer `cos.unsqueeze(1)` of tables computed once per forward
+# (HF) is equal in every layer, and merged it would let a prologue rule pair one layer's q with another's k
+_TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default)
+
+
+# ---- partial rotary: the rotated slice and the passed-through rest -----------------------------------
+
+_FREE = ((ROTARY, 3), (ROTARY, 4))  # neox and rotary_dim match any value; the guards read them
+
+
+def _partial(x, cos, sin):
+    return torch.cat((torch.ops.kunlun.rotary(x[..., :_D // 2], cos, sin, True, _D // 2), x[..., _D // 2:]), dim=-1)
+
+
+def _full_with_empty_rest(x, cos, sin):
+    """Phi3 at full rotary width: the rotated slice spans the row (cleanup folds it away), the rest is empty."""
+    return torch.cat((torch.ops.kunlun.rotary(x, cos, sin, True, _D), x[..., _D:]), dim=-1)
+
+
+def _rotary_args(b: Bindings):
+    (node,) = b.nodes(ROTARY)
+    return node.args[3], node.args[4]
+
+
+def _widen_guard(b: Bindings):
+    x = b.val("x")
+    neox, rotary_dim = _rotary_args(b)
+    d = x.shape[-1]
+    if not isinstance(d, int):
+        return Refusal(f"the row width {d} is not static")
+    for s in b.nodes(aten.slice.Tensor):  # x[..., :r] rotated, x[..., r:] passed through
+        start = s.args[2] if len(s.args) > 2 and s.args[2] is not None else 0
+        width = s.meta["val"].shape[-1]
+        rotated = any(u.target is ROTARY for u in s.users)
+        if not (g.known_equal(width, rotary_dim) and start == 0 if rotated
+                else start == rotary_dim and g.known_equal(width, d - rotary_dim)):
+            return Refusal(f"a slice [{start}:{start} + {width}] of the row does not cut it at rotary_dim "
+                           f"{rotary_dim}")
+    return {"neox": neox, "rotary_dim": rotary_dim}
+
+
+def _widened(x, cos, sin, *, neox, rotary_dim):
+    return torch.ops.kunlun.rotary(x, cos, sin, neox, rotary_dim)
+
+
+def _partial_inputs(dtype, rot):
+    return (torch.randn(2, 3, 5, _D, dtype=dtype), torch.randn(2, 1, 5, rot, dtype=dtype),
+            torch.randn(2, 1, 5, rot, dtype=dtype))
+
+
+WIDEN = [
+    Rewrite(family="norm_rope_gate", name="rotary_partial", search=_partial, replace=_widened,
+            example_inputs=lambda dtype: _partial_inputs(dtype, _D // 2), guard=_widen_guard,
+            free_arguments=_FREE, needs=(ROTARY, aten.cat.default, aten.slice.Tensor)),
+    Rewrite(family="norm_rope_gate", name="rotary_full_with_empty_rest", search=_full_with_empty_rest,
+            replace=_widened, example_inputs=lambda dtype: _partial_inputs(dtype, _D), guard=_widen_guard,
+            free_arguments=_FREE, needs=(ROTARY, aten.cat.default, aten.slice.Tensor)),
+]
+
+
+# ---- what nothing fused goes back as its reference ---------------------------------------------------
+
+def _primitive(x, cos, sin):
+    return torch.ops.kunlun.rotary(x, cos, sin, True, _D)
+
+
+def _lower_guard(b: Bindings):
+    neox, rotary_dim = _rotary_args(b)
+    return {"neox": neox, "rotary_dim": rotary_dim}
+
+
+def unfused(gm: fx.GraphModule) -> List[str]:
+    """A near miss for every primitive no prologue rule took: what spelling it came from, and why."""
+    lines = []
+    for node in gm.graph.find_nodes(op="call_function", target=ROTARY):
+        if node.meta.get(REFUSED):  # a prologue rule's guard said why already
+            continue
+        x, cos = node.args[0], node.args[1]
+        spelling = SPELLINGS.get(node.meta.get(MADE_BY), "neox halves" if node.args[3] else "pairs")
+        row = x.meta["val"].shape[-1]
+        width = "" if isinstance(row, int) and node.args[4] == row else f" over the first {node.args[4]} dims"
+        lines.append(f"norm_rope_gate: {node.meta.get(REPLACES, node.name)} (rotary rotation, {spelling}{width}, "
+                     f"of {val(x)} with cos {val(_model_table(cos))}) left unfused; {_why_unfused(x)}")
+    return lines
+
+
+def _model_table(cos: fx.Node) -> fx.Node:
+    """The model's own table behind one this module widened (`cat((cos, cos))`, pairs stacked and flattened)."""
+    node = cos.args[0] if cos.target is aten.view.default else cos
+    if node.target in (aten.cat.default, aten.stack.default) and len(set(node.args[0])) == 1:
+        return node.args[0][0]
+    return cos
+
+
+def _why_unfused(x: fx.Node) -> str:
+    if not (isinstance(x, fx.Node) and x.target in (aten.transpose.int, aten._to_copy.default, aten.mul.Tensor)):
+        return ("no pattern of the family covers this spelling of the prologue: its rules take q and k as per-head "
+                "views [batch, seq, heads, head_dim], (normed and) transposed to [batch, heads, seq, head_dim], "
+                "rotated with one pair of tables")
+    return "no prologue rule matched around it (a rule's refusal, if one came close, is listed with the rule's name)"
+
+
+def _lowered(x, cos, sin, *, neox, rotary_dim):
+    """Contiguous, as the primitive's fake said: the views after it were checked against that layout.  Decided
+    without guards (`.contiguous()` would guard on the symbolic sizes it reads)."""
+    out = reference(x, cos, sin, neox, rotary_dim)
+    return out if _known_contiguous(out) else out.clone(memory_format=torch.contiguous_format)
+
+
+def _known_contiguous(t: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if not (g.known_equal(size, 1) or g.known_equal(stride, expected)):
+            return False
+        expected = expected * size
+    return True
+
+
+LOWER = [Rewrite(family="norm_rope_gate", name="rotary_reference", search=_primitive, replace=_lowered,
+                 example_inputs=lambda dtype: _partial_inputs(dtype, _D), guard=_lower_guard, dtypes=(),
+                 free_arguments=_FREE, needs=(ROTARY,))]
