@@ -7,6 +7,7 @@ so a pattern matches whatever spelling the model's code produced:
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`),
+- symbolic sizes are read off the graph's inputs,
 - arithmetic in the patterns' spelling (`algebra.py`: `x * x` is `x.pow(2)`, `1 / sqrt` is `rsqrt`, ...;
   put back after the fusion passes wherever nothing fused it),
 then `cleanup.py`'s merge of equal views and no-op removal, and dead-code elimination.
@@ -110,9 +111,29 @@ def _negative_dims(node: fx.Node) -> bool:
     return True
 
 
+def _sizes_read_from_inputs(gm: fx.GraphModule) -> int:
+    """`sym_size(t, d)` reads its symbol off the first graph input that has it as a dim.  A replacement traced
+    under dynamic shapes reads sizes off whatever value it had (a table's `unsqueeze`): that extra user of a
+    value inside a later pattern would look like a value escaping the match."""
+    inputs = {}
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        v = _val(ph)
+        for d, size in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_symbol:
+                inputs.setdefault(size.node.expr, (ph, d))
+    edits = 0
+    for node in gm.graph.find_nodes(op="call_function", target=aten.sym_size.int):
+        size = _val(node)
+        source = inputs.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+        if source is not None and tuple(node.args) != source:
+            node.args = source
+            edits += 1
+    return edits
+
+
 def canonicalize(gm: fx.GraphModule) -> int:
     """Rewrite `gm` in place into the canonical spelling; returns how many edits."""
-    edits = 0
+    edits = _sizes_read_from_inputs(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
