@@ -17,7 +17,7 @@ from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 from .norms import EPS, gemma_lone, hf_lone
 from .prologue import MAX_HEAD_DIM
-from .rotary import ROTARY
+from .rotary import ROTARY, shared_rotation
 
 aten = torch.ops.aten
 _B, _S, _NQ, _NKV, _D = 2, 5, 4, 2, 16  # example sizes, all different
@@ -88,17 +88,9 @@ def fused_norm_rope(q, k, q_weight, k_weight, cos, sin, **params):
 
 # ---- guard ----------------------------------------------------------------------------------------------
 
-def _rotation(b: Bindings):
-    """(neox, rotary_dim) shared by the q and k rotations, or a reason."""
-    found = {tuple(n.args[3:5]) for n in b.nodes(ROTARY)}
-    if len(found) != 1:
-        return f"q and k are rotated differently: {sorted(found)}"
-    return found.pop()
-
-
 def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
     q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
-    rotation = _rotation(b)
+    rotation = shared_rotation(b)
     if isinstance(rotation, str):
         return Refusal(rotation)
     neox, rotary_dim = rotation

@@ -16,7 +16,7 @@ import torch
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 from .norms import EPS, gemma_lone, vllm_lone
-from .rotary import ROTARY, widened_tables
+from .rotary import ROTARY, shared_rotation, widened_tables
 
 aten = torch.ops.aten
 # Gemma first: in fp32 its `x * (1 + w)` is also a vLLM norm whose weight is `1 + w`
@@ -117,19 +117,12 @@ def _head_sizes(b: Bindings, gated: bool, rotary_dim: int):
     return q_cols // d, sizes[1] // d, d
 
 
-def _rotation(b: Bindings, neox: bool):
-    """rotary_dim shared by the q and k rotations, or a reason."""
-    found = {tuple(n.args[3:5]) for n in b.nodes(ROTARY)}
-    if len(found) != 1 or next(iter(found))[0] != neox:
-        return f"q and k are rotated differently: {sorted(found)}"
-    return next(iter(found))[1]
-
-
 def _guard(b: Bindings, norm: str, gated: bool, neox: bool):
     qkv, cache, positions = b.val("qkv"), b.val("cache"), b.val("positions")
-    rotary_dim = _rotation(b, neox)
-    if isinstance(rotary_dim, str):
-        return Refusal(rotary_dim)
+    rotation = shared_rotation(b)
+    if isinstance(rotation, str) or rotation[0] != neox:
+        return Refusal(rotation if isinstance(rotation, str) else f"the rotation is {'pairs' if neox else 'neox'}")
+    rotary_dim = rotation[1]
     sizes = _head_sizes(b, gated, rotary_dim)
     if isinstance(sizes, str):
         return Refusal(sizes)

@@ -207,6 +207,14 @@ def _full_with_empty_rest(x, cos, sin):
     return torch.cat((torch.ops.kunlun.rotary(x, cos, sin, True, _D), x[..., _D:]), dim=-1)
 
 
+def shared_rotation(b: Bindings):
+    """(neox, rotary_dim) of every primitive in a match (q's and k's), or why they differ."""
+    found = {tuple(n.args[3:5]) for n in b.nodes(ROTARY)}
+    if len(found) != 1:
+        return f"q and k are rotated differently: {sorted(found)}"
+    return found.pop()
+
+
 def _rotary_args(b: Bindings):
     (node,) = b.nodes(ROTARY)
     return node.args[3], node.args[4]
