@@ -30,10 +30,12 @@ def _val(node):
 
 
 def _is_contiguous(node) -> bool:
-    """Row-major contiguous for every size (decided without adding shape guards)."""
     v = _val(node)
-    if not isinstance(v, torch.Tensor):
-        return False
+    return isinstance(v, torch.Tensor) and known_contiguous(v)
+
+
+def known_contiguous(v: torch.Tensor) -> bool:
+    """Row-major contiguous for every size (decided without adding shape guards)."""
     expected = 1
     for size, stride in reversed(list(zip(v.shape, v.stride()))):
         if not (statically_known_true(size == 1) or statically_known_true(stride == expected)):

@@ -81,13 +81,14 @@ def _family_pass(family: str, stages: Sequence[Stage]):
     def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         outcome = PassOutcome()
         for stage in stages:
-            before = set(gm.graph.nodes) if stage.relays else None
+            # by name: a rewrite that breaks the graph's order has it rebuilt (`legalize_graph`), new node objects
+            before = {n.name for n in gm.graph.nodes} if stage.relays else None
             noted = stage.notes(gm) if stage.notes is not None else []
             done = apply_rewrites(gm, stage.rules, fuses=stage.fuses)
             if stage.then is not None and done.matches:
                 stage.then(gm)
             for node in gm.graph.nodes if before is not None else ():
-                if node not in before:
+                if node.name not in before:
                     node.meta[RELAID] = True
             if stage.fuses:
                 outcome.matches += done.matches

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ...ops.rotary import reference
+from ..canonical import known_contiguous
 from ..explain_anchors import val
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from ..rewrites import MADE_BY, REFUSED, REPLACES
@@ -302,16 +303,7 @@ def _lowered(x, cos, sin, *, neox, rotary_dim):
     """Contiguous, as the primitive's fake said: the views after it were checked against that layout.  Decided
     without guards (`.contiguous()` would guard on the symbolic sizes it reads)."""
     out = reference(x, cos, sin, neox, rotary_dim)
-    return out if _known_contiguous(out) else out.clone(memory_format=torch.contiguous_format)
-
-
-def _known_contiguous(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in reversed(list(zip(t.shape, t.stride()))):
-        if not (g.known_equal(size, 1) or g.known_equal(stride, expected)):
-            return False
-        expected = expected * size
-    return True
+    return out if known_contiguous(out) else out.clone(memory_format=torch.contiguous_format)
 
 
 LOWER = [Rewrite(family="norm_rope_gate", name="rotary_reference", search=_primitive, replace=_lowered,
