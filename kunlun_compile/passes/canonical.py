@@ -6,7 +6,8 @@ so a pattern matches whatever spelling the model's code produced:
 - `_to_copy` loses `layout`/`device` keywords that restate the input's,
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
-- a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`),
+- a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`), and written out
+  where it defaults to the last (`topk(x, k)` is `topk(x, k, -1, True, True)`),
 - symbolic sizes are read off the graph's inputs,
 - arithmetic in the patterns' spelling (`algebra.py`: `x * x` is `x.pow(2)`, `1 / sqrt` is `rsqrt`, ...;
   put back after the fusion passes wherever nothing fused it),
@@ -76,6 +77,7 @@ _DIM_ARGUMENTS = {
     aten.stack.default: 1, aten.mean.dim: 1, aten.sum.dim_IntList: 1, aten.amax.default: 1, aten.amin.default: 1,
     aten.max.dim: 1, aten.min.dim: 1, aten.argmax.default: 1, aten.gather.default: 1, aten.sort.default: 1,
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1, aten.slice.Tensor: 1,
+    aten.logsumexp.default: 1,
 }
 
 
@@ -90,12 +92,31 @@ def _rank(node: fx.Node):
     return v.dim() + extra if isinstance(v, torch.Tensor) else None
 
 
+# a dim that defaults to the last is written out (`topk(x, k, dim=1)` on a 2-D x and a pattern's `topk(x, k)`
+# are recorded with and without it): both read `-1`
+_TOPK_DEFAULTS = (("dim", -1), ("largest", True), ("sorted", True))
+
+
+def _topk_in_full(node: fx.Node) -> bool:
+    """`topk(x, k, dim, largest, sorted)` with every argument positional: `sorted=False` written or not must not
+    change where the other arguments sit (a rule may leave `sorted` free: best first is one valid order)."""
+    if len(node.args) == 5 or len(node.args) < 2:
+        return False
+    given = dict(zip(("dim", "largest", "sorted"), node.args[2:]), **node.kwargs)
+    node.args = (*node.args[:2], *(given.get(name, default) for name, default in _TOPK_DEFAULTS))
+    node.kwargs = {}
+    return True
+
+
 def _negative_dims(node: fx.Node) -> bool:
     pos = _DIM_ARGUMENTS.get(node.target)
     if pos is None:
         return False
     args = list(node.args)
     dim = args[pos] if pos < len(args) else node.kwargs.get("dim")
+    if dim is None and node.target is aten.sort.default and pos == len(args):
+        node.args = (*args, -1)
+        return True
     rank = _rank(node)
     if rank is None or dim is None:
         return False
@@ -142,6 +163,8 @@ def canonicalize(gm: fx.GraphModule) -> int:
         if node.target is aten._unsafe_view.default:
             node.target = aten.view.default
             edits += 1
+        if node.target is aten.topk.default:
+            edits += _topk_in_full(node)
         edits += _negative_dims(node)
         if node.target is aten._to_copy.default:
             edits += _drop_restated_copy_kwargs(node)

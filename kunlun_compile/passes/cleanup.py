@@ -119,6 +119,31 @@ def remove_noop_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     return PassOutcome(matches=removed)
 
 
+# (narrow, wide): every value of `narrow` is exactly a value of `wide`
+_EXACT_WIDENINGS = {(torch.int8, torch.int16), (torch.int8, torch.int32), (torch.int8, torch.int64),
+                    (torch.int16, torch.int32), (torch.int16, torch.int64), (torch.int32, torch.int64),
+                    (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+                    (torch.bfloat16, torch.float64), (torch.float32, torch.float64)}
+
+
+def fold_cast_round_trips(gm: fx.GraphModule) -> int:
+    """`x.to(wide).to(x.dtype)` is x where `wide` holds every value of x's dtype exactly: a replacement that
+    restores a primitive's int64 ids from a kernel's int32 ones, then the model's own cast back to int32."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.target is aten._to_copy.default and node.args else None
+        if not (isinstance(inner, fx.Node) and inner.target is aten._to_copy.default
+                and set(node.kwargs) <= {"dtype"} and set(inner.kwargs) <= {"dtype"}):
+            continue
+        x, wide, out = _val(inner.args[0]), _val(inner), _val(node)
+        if (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dtype == out.dtype
+                and (x.dtype, wide.dtype) in _EXACT_WIDENINGS):
+            node.replace_all_uses_with(inner.args[0])
+            gm.graph.erase_node(node)
+            folded += 1
+    return folded
+
+
 def dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()

@@ -6,9 +6,9 @@ the MoE router before the experts (the experts' rule reads the router's ids), an
 linear layers last (other patterns may start at a projection's output).
 
 A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue
-has the two-stage form: every rotation becomes the `kunlun::rotary` primitive (rules that fuse nothing by
-themselves), the vLLM and HF rules fuse chains of primitives, and the primitives left are put back as
-their reference.
+and the router have the two-stage form: every spelling becomes a primitive (`kunlun::rotary`,
+`kunlun::router`: rules that fuse nothing by themselves), fusing rules take primitives (chains of them into
+the prologue kernels; a router into its kernel), and the primitives left are put back as their reference.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch.fx as fx
 
+from .cleanup import fold_cast_round_trips
 from .explain import unfused_anchors
 from .layouts import RELAID
 from .manager import GraphPass, PassContext, PassOutcome
@@ -33,6 +34,13 @@ class Stage:
     relays: bool = False
     then: Optional[Callable[[fx.GraphModule], int]] = None  # a graph tidy-up after the rules
     notes: Optional[Callable[[fx.GraphModule], List[str]]] = None  # near misses read off the graph before them
+    # whose rules `explain` compares an anchor left in the graph with (None: the fusing stages'); a family whose
+    # fusing rules match primitives only explains with the rules that make them
+    explains: Optional[bool] = None
+
+    @property
+    def explaining(self) -> bool:
+        return self.fuses if self.explains is None else self.explains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +70,12 @@ FAMILIES = (
             Stage(prologue.RULES),
             Stage(hf_prologue.RULES),
             Stage(rotary.LOWER, fuses=False, relays=True, notes=rotary.unfused))),
-    Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise -> kunlun::moe_gate",
-           _fusing(moe_gate.RULES)),
+    Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise + scale -> kunlun::router primitive "
+           "-> kunlun::moe_gate",
+           (Stage(moe_gate.RECOGNISE, fuses=False, explains=True),
+            Stage(moe_gate.WIDEN, fuses=False),
+            Stage(moe_gate.FUSE, explains=False, then=fold_cast_round_trips),
+            Stage(moe_gate.LOWER, fuses=False, relays=True, notes=moe_gate.unfused))),
     Family("moe_ffn", "routed expert FFN -> kunlun::fused_moe", _fusing(moe_experts.RULES)),
     Family("add_rmsnorm", "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
            _fusing(norms.RULES)),
@@ -95,7 +107,7 @@ def _family_pass(family: str, stages: Sequence[Stage]):
                 for name, n in done.patterns.items():
                     outcome.patterns[name] = outcome.patterns.get(name, 0) + n
             outcome.near_misses += [line for line in done.near_misses + noted if line not in outcome.near_misses]
-        rules = [r for s in stages if s.fuses for r in s.rules]  # a primitive's making is not a fusion
+        rules = [r for s in stages if s.explaining for r in s.rules]
         outcome.near_misses += [line for line in unfused_anchors(gm, family, rules) if line not in outcome.near_misses]
         return outcome
     return run

@@ -124,6 +124,9 @@ class Rewrite:
     guard: Guard = _no_params
     # float dtypes to trace the pattern for; () when the pattern does integer/bool work only
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # the float32 form is tried in every graph, not only in those with float32 inputs: work a half model does
+    # in float32 (a router behind a float32 linear)
+    float32_in_any_graph: bool = False
     # ATen ops the pattern cannot do without: a graph with none of them is not searched (saves the trace)
     needs: Tuple[Any, ...] = ()
     # a primitive op the search function is written with -> the ops ("namespace::name") it also matches
@@ -365,7 +368,7 @@ def _patterns_for(rule: Rewrite, dtypes, index: Optional[GraphIndex] = None) -> 
     with the graph's `index`, only those that can match it."""
     out, seen = [], set()
     for dtype in rule.dtypes or (torch.float32,):  # () : no float work, one trace serves every graph
-        if rule.dtypes and dtype not in dtypes:
+        if rule.dtypes and dtype not in dtypes and not (rule.float32_in_any_graph and dtype == torch.float32):
             continue
         if index is not None and SKIP_PATTERNS_THAT_CANNOT_MATCH and not _can_match(rule, dtype, index):
             continue

@@ -246,7 +246,7 @@ ARCHS = [
               moe_gate=2,  # Llama4Router: topk on logits, scatter into -inf, sigmoid (top-1)
               moe_ffn=2,  # Llama4TextExperts: every token through every expert (bmm), inputs pre-scaled by the
                           # router scores; + shared_expert
-          ), found=both(norm_rope_gate=0, moe_gate=0, moe_ffn=0),
+          ), found=both(norm_rope_gate=0, moe_ffn=0),
           forms=("complex (view_as_complex) rotary in fp32", "weightless L2 Q/K norm after the rotary",
                  "top-k-then-sigmoid router", "dense all-expert bmm", "shared expert")),
     _arch("Starcoder2", expected=dict(
