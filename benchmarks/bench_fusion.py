@@ -51,7 +51,8 @@ class HFLogits(torch.nn.Module):
 
 
 VARIANTS = ("eager", "inductor", "kunlun", "kunlun_nofusion")
-HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1")
+HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1",
+            "hf-llama4")
 
 
 def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
@@ -80,6 +81,12 @@ def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
         "hf-dots1": lambda: transformers.Dots1ForCausalLM(transformers.Dots1Config(
             **moe, n_routed_experts=MOE_SIZES["num_experts"], moe_intermediate_size=SIZES["moe_intermediate_size"],
             n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, pad_token_id=0)),
+        # corpus architecture whose router fuses since the router primitive: top-1 of the logits scattered into
+        # -inf, a sigmoid over all experts (its experts are dense bmm, its rotary complex: neither fuses)
+        "hf-llama4": lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+            **dict(moe, num_experts_per_tok=1, intermediate_size=SIZES["moe_intermediate_size"]),
+            num_local_experts=MOE_SIZES["num_experts"], intermediate_size_mlp=SIZES["intermediate_size"],
+            pad_token_id=0)),
     }
     torch.manual_seed(0)
     model = builders[kind]()

@@ -143,24 +143,25 @@ routed_scaling_factor multiplies the kernel's output (`mul(out, 2.5)` on Deepsee
 graph: silent.
 
 **E. Routers: vLLM's CPU router** (moe_gate; fused_moe/router/cpu_router.py).  Logits come from GateLinear's
-`_C.onednn_mm` [T, E] f32.
+`_C.onednn_mm` [T, E] f32.  All five forms below fuse since the router primitive (`passes/rules/moe_gate.py`:
+each is a spelling that becomes `kunlun::router`, then `kunlun::moe_gate`); before it none did.
 - E1 softmax, renormalised (Qwen3Moe, Mixtral): `topk(logits, k, -1, True, False)`, `_softmax(values, -1,
-  False)`, `_to_copy(ids, int32)`: top-k on the raw logits, softmax over the k chosen.
+  False)`, `_to_copy(ids, int32)`: top-k on the raw logits, softmax over the k chosen (spelling
+  `router_top_then_softmax`; `sorted` is left free).
 - E2 softmax, not renormalised (Qwen2Moe, Olmoe): `topk(logits, k, -1, True, False)`, `exp(sub(values,
-  logsumexp(logits, [-1], True)))`, ids int32.
-  (E1/E2's near-miss lines point at a residual add 16 nodes on, "the pattern has getitem, the graph
-  aten::add": misleading; the difference is top-k before the softmax.)
+  logsumexp(logits, [-1], True)))`, ids int32 (`router_top_then_exp_minus_logsumexp`).
 - E3 grouped, one group, no bias (DeepseekV2, softmax): `_softmax(logits)`, `view([T, 1, -1])`,
   `max.dim(-1)[0]`, `topk(.., 1, -1, True, False)[1]`, `zeros_like.scatter.value(1, idx, 1)`, `unsqueeze(-1)`,
   `expand([T, 1, E])`, **`view([T, E])`** (one group: no clone), `_to_copy(bool)`, `bitwise_not`,
-  `masked_fill.Scalar(scores, mask, -inf)`, `topk(.., k, -1, True, False)`: values are the weights.
+  `masked_fill.Scalar(scores, mask, -inf)`, `topk(.., k, -1, True, False)`: values are the weights
+  (`router_softmax_one_group_values`).
 - E4 grouped with correction bias, 2 groups (DeepseekV3, sigmoid): `sigmoid`, `add(s, unsqueeze(bias, 0))`,
   `view([T, 2, -1])`, `topk(.., 2)[0].sum(-1)`, group top-k, scatter mask, `expand`, `clone`, `view([T, E])`,
-  masked_fill, `topk(.., k, -1, True, False)[1]`, `gather(sigmoid, 1, ids)`, `div(w, sum(w, [-1], True))`:
-  the rule sigmoid_groups_bias(_renorm) matches and its guard refuses: "correction bias has shape (1, 8),
-  expected [8]" (the bias binds after vLLM's `unsqueeze(0)`).
+  masked_fill, `topk(.., k, -1, True, False)[1]`, `gather(sigmoid, 1, ids)`, `div(w, sum(w, [-1], True))`
+  (`router_sigmoid_grouped_steered`; the bias binds after vLLM's `unsqueeze(0)` as [1, E], which the kernel
+  takes as [E]; the renormalisation and the scale fold into the primitive).
 - E5 grouped with bias, one group (Glm4Moe, sigmoid; GLM-4.5's n_group is 1): E4 with `expand([T, 1, E])` ->
-  `view` instead of `clone` + view: "the pattern has aten::clone, the graph aten::expand".
+  `view` instead of `clone` + view (`router_sigmoid_one_group_steered`).
 """
 
 

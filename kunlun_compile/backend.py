@@ -237,5 +237,7 @@ def compile(model: Any, *, dynamic: Optional[bool] = None, fullgraph: bool = Fal
     compiled = torch.compile(model, backend=be, dynamic=dynamic, fullgraph=fullgraph)
     if dynamic:
         compiled = with_serving_shapes(compiled, fall_back=not be.config.strict, warned=be.warned)
-    compiled.kunlun_backend = be
+    # on the compiled wrapper itself: `OptimizedModule.__setattr__` forwards to the user's module, where a second
+    # `compile` of the same module (other options) would overwrite it and both handles would read its report
+    object.__setattr__(compiled, "kunlun_backend", be)
     return compiled

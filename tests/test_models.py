@@ -17,6 +17,20 @@ def _compile_and_run(model, inputs):
     return got, want, compiled.kunlun_backend.report
 
 
+def test_two_compiles_of_one_module_keep_their_own_backends():
+    """`compiled.kunlun_backend` lives on the compiled handle: set on the module (where `OptimizedModule`
+    forwards attributes) a second compile with other options took it over, and the first handle read the
+    second's report (bench_fusion's fused-op column was the fusion-off report's, empty)."""
+    model, inputs = build_model("llama-tiny", num_tokens=6, seed=0)
+    fused = kc.compile(model, strict=True)
+    generic = kc.compile(model, strict=True, fusion=False)
+    assert fused.kunlun_backend is not generic.kunlun_backend and not hasattr(model, "kunlun_backend")
+    with torch.no_grad():
+        fused(*inputs)
+    assert fused.kunlun_backend.report.graphs[0].patterns["add_rmsnorm"] == 5
+    assert generic.kunlun_backend.report.graphs == []
+
+
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_fp32_matches_eager(name):
     model, inputs = build_model(name, dtype=torch.float32, seed=1)

@@ -56,9 +56,12 @@ DEFAULT_ARCHS = ("Llama",)  # ~1 minute of two cores; the rest is marked slow
 # arch -> family -> fusions the kunlun report counts (families not listed: 0)
 FOUND = {
     **{arch: {"norm_rope_gate": 2, "add_rmsnorm": 5}
-       for arch in ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen2Moe", "Qwen3Moe", "Mixtral", "Gemma", "Phi3", "Granite",
-                    "Glm4Moe")},
-    "Olmoe": {"add_rmsnorm": 9},  # + the 4 full-width Q/K norms, as lone RMSNorms
+       for arch in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3", "Granite")},
+    # vLLM's CPU router (fused_moe/router/cpu_router.py): top-k of the logits with a softmax or exp(l - logsumexp)
+    # over the chosen, or the grouped top-k; each becomes kunlun::moe_gate
+    **{arch: {"norm_rope_gate": 2, "add_rmsnorm": 5, "moe_gate": 2} for arch in ("Qwen2Moe", "Qwen3Moe", "Mixtral",
+                                                                               "Glm4Moe")},
+    "Olmoe": {"add_rmsnorm": 9, "moe_gate": 2},  # + the 4 full-width Q/K norms, as lone RMSNorms
     "Gemma2": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Gemma3": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Olmo2": {"norm_rope_gate": 2, "add_rmsnorm": 9},  # the prologue without its full-width norms; they fuse lone
@@ -66,8 +69,8 @@ FOUND = {
     "Glm": {"add_rmsnorm": 5},
     "Glm4": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Cohere": {"norm_rope_gate": 2},
-    "DeepseekV2": {"add_rmsnorm": 9},
-    "DeepseekV3": {"add_rmsnorm": 9},
+    "DeepseekV2": {"add_rmsnorm": 9, "moe_gate": 1},
+    "DeepseekV3": {"add_rmsnorm": 9, "moe_gate": 1},
 }
 # why a family fused fewer times than EXPECTED without a near-miss line (a rotation left unfused has one:
 # passes/explain_anchors.py reads vLLM's `x1 cos - x2 sin` / `x2 cos + x1 sin` into a cat)

@@ -232,6 +232,7 @@ def _recognise(name: str, words: str, search, scoring: str, *, biased=False, top
                needs=(), dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> Rewrite:
     """top_first: the top-k is of the logits (a softmax over the k chosen is the renormalised softmax)."""
     SPELLINGS[name] = words
+    search.__doc__ = search.__doc__ or words[0].upper() + words[1:]  # what `kunlun-compile passes` lists
     renormalize = top_first if renormalize is None else renormalize
     return Rewrite(family="moe_gate", name=name, search=search,
                    replace=lambda *t, **p: _as_primitive(*t, scoring=scoring, renormalize=renormalize, **p),
