@@ -72,3 +72,23 @@ def test_fresh_copies_of_constants_are_dropped():
     out, g = _compile(f, x)
     torch.testing.assert_close(out, f(x))
     assert "lift_fresh_copy" in g.passes[0].code_before and "lift_fresh_copy" not in _final_code(g)
+
+
+def test_equal_transposes_of_one_view_are_merged():
+    """Functionalization replays a mutated buffer's views at every use (vLLM's transformers backend: view ->
+    transpose -> slice per use of q): equal transposes and permutes become one node, so a pattern that reads q
+    twice sees one q.  Unequal ones (other dims) stay."""
+    from kunlun_compile.passes.cleanup import merge_duplicates
+    from kunlun_compile.passes.pattern_engine import trace_aten
+
+    def fn(x):
+        a, b = x.transpose(1, 2), x.transpose(1, 2)
+        c, d = x.permute(0, 2, 1), x.transpose(0, 1)
+        return a * b, c + 1, d - 1
+
+    gm = trace_aten(fn, (torch.randn(2, 3, 4),))  # traced patterns are canonicalised: merge once more by hand
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    transposes = sum(1 for t in ops if t is torch.ops.aten.transpose.int)
+    assert merge_duplicates(gm) == 0 and transposes == 2  # canonicalisation merged a and b already
+    mul = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    assert mul.args[0] is mul.args[1]

@@ -253,6 +253,35 @@ def test_a_primitive_nothing_fused_goes_back_with_its_layout_and_a_reason(spelli
     assert len(lines) == 1 and "rotary rotation, " in lines[0] and "of float32 [2, 4, 5, 16]" in lines[0], lines
 
 
+class ReplayedViews(nn.Module):
+    """HF Glm's partial pairs rotary as vLLM's transformers backend traces it: each use of q and k re-creates
+    its `view -> transpose -> slice` chain (functionalization replays the views of the buffer the projection
+    wrote), so one rotation reads x through two equal chains."""
+
+    def forward(self, q_flat, k_flat, cos, sin):
+        def heads(t, n):
+            return t.view(1, t.shape[1], n, 32).transpose(1, 2)
+
+        def rotate(t_a, t_b):
+            r_a, r_b = t_a[..., :16], t_b[..., :16]
+            rot = torch.stack((-r_b[..., 1::2], r_b[..., ::2]), dim=-1).flatten(-2)
+            return torch.cat((r_a * cos + rot * sin, t_b[..., 16:]), dim=-1)
+
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return rotate(heads(q_flat, 4), heads(q_flat, 4)), rotate(heads(k_flat, 2), heads(k_flat, 2))
+
+
+def test_replayed_view_chains_fuse_as_one_prologue():
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 5, 128, generator=g), torch.randn(1, 5, 64, generator=g),
+              torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g))
+    with cpu_kernels(False):
+        got, want, fused, misses = _compile(ReplayedViews().eval(), inputs)
+    assert fused == 1, misses
+    for g_, w in zip(got, want):
+        assert torch.equal(g_, w)
+
+
 def test_primitive_rewrites_are_not_counted_by_a_bisect():
     """`kunlun-compile bisect` limits a pass's fusions; making and lowering primitives are not fusions."""
     model = Prologue("chunk", "before").eval()

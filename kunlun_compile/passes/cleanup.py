@@ -76,9 +76,10 @@ def _is_noop_copy(node: fx.Node) -> bool:
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 
 
-# Pure views that are merged when equal: functionalization re-creates `getitem`/`view`/`slice` of a buffer at
-# every use (vLLM's CPU linears write into one), and model code splits one qkv twice.
-_MERGED = _SPLITS | {aten.view.default, aten.slice.Tensor, operator.getitem}
+# Pure views that are merged when equal: functionalization re-creates `getitem`/`view`/`transpose`/`slice` of a
+# buffer at every use (vLLM's CPU linears write into one; its transformers backend transposes the heads after
+# the view), and model code splits one qkv twice.
+_MERGED = _SPLITS | {aten.view.default, aten.slice.Tensor, aten.transpose.int, aten.permute.default, operator.getitem}
 
 
 def _merge_key(node: fx.Node):
