@@ -131,8 +131,9 @@ are graph inputs [1, T, 16]; `unsqueeze(1)`, `slice(3, 0, 8)`, `unsqueeze(4)`, `
 `clone`, `view([1, 1, T, 16])` (repeat_interleave(2) of the first half); q: replayed `getitem` ->
 `view([1, T, -1, 32])` -> `transpose(1, 2)` -> `slice(3, 0, 16)`; rotate: `neg(slice(3, 1, max, 2))`,
 `slice(3, 0, max, 2)`, `stack(-1)`, `view([1, H, T, 16])`; `q_rot*cos + rot*sin`; `cat([.., slice(3, 16, max)],
--1)`; `transpose(1, 2)` back.  No rule, with or without the CSE.  Explained by explain.py's rotation anchor (the
-`neg` into the `stack`): "left unfused; no pattern of the family covers this spelling of the prologue".
+-1)`; `transpose(1, 2)` back.  Fused since the replayed `transpose` nodes are merged too (`merge_duplicates`):
+before, the rotation read q through two equal transposes, no spelling matched, and explain.py's rotation anchor
+said "left unfused; no pattern of the family covers this spelling of the prologue".
 
 **D. Experts: vLLM's CPU MoE kernel** (moe_ffn; every MoE architecture).  `empty_like(x)`,
 `auto_functionalized_v2(_C.cpu_fused_moe.default, input=x [T, H] f32, w13, w2, w13_bias=None, w2_bias=None,

@@ -66,7 +66,7 @@ FOUND = {
     "Gemma3": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Olmo2": {"norm_rope_gate": 2, "add_rmsnorm": 9},  # the prologue without its full-width norms; they fuse lone
     "StableLm": {"norm_rope_gate": 2},
-    "Glm": {"add_rmsnorm": 5},
+    "Glm": {"norm_rope_gate": 2, "add_rmsnorm": 5},  # HF Glm code through vLLM's transformers backend
     "Glm4": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Cohere": {"norm_rope_gate": 2},
     "DeepseekV2": {"add_rmsnorm": 9, "moe_gate": 1},
