@@ -91,6 +91,14 @@ def _steered(scoring: str):
     return search
 
 
+def _kept(group_scores, groups: int, topk_group: int):
+    """[tokens, experts] True for the experts of the best `topk_group` groups, as both vLLM routers build it:
+    a 0/1 float mask scattered per group, broadcast to the group's experts."""
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    return group_mask.unsqueeze(-1).expand(-1, groups, _E // groups).reshape(-1, _E).bool()
+
+
 def _grouped(scoring: str, biased: bool, groups: int, topk_group: int):
     """DeepSeek-V3's group-limited top-k as vLLM (`select_experts`) and transformers write it: a group scores
     the sum of its top 2 (with a bias) or its max, experts outside the best groups are masked to -inf.  One
@@ -98,10 +106,7 @@ def _grouped(scoring: str, biased: bool, groups: int, topk_group: int):
     def choose(scores, choice):
         grouped = choice.view(-1, groups, _E // groups)
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if biased else grouped.amax(dim=-1)
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, _E // groups).reshape(-1, _E)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        choice = choice.masked_fill(~_kept(group_scores, groups, topk_group), float("-inf"))
         ids = torch.topk(choice, k=_K, dim=-1, sorted=False)[1]
         return scores.gather(1, ids), ids
 
@@ -122,10 +127,8 @@ def _grouped_values(scoring: str, groups: int, topk_group: int):
     def search(logits):
         scores = _scores(logits, scoring)
         group_scores = scores.view(-1, groups, _E // groups).max(dim=-1).values
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, _E // groups).reshape(-1, _E)
-        return torch.topk(scores.masked_fill(~score_mask.bool(), float("-inf")), k=_K, dim=-1, sorted=False)
+        return torch.topk(scores.masked_fill(~_kept(group_scores, groups, topk_group), float("-inf")), k=_K, dim=-1,
+                          sorted=False)
     return search
 
 
