@@ -197,6 +197,28 @@ def test_dense_sigmoid_weights_of_a_top_k_fuse_to_the_bit(dtype):
     assert torch.equal(got, want)
 
 
+def test_a_float32_router_inside_a_bf16_model_fuses():
+    """HF's DeepSeek / Ernie / Dots1 routers run a float32 linear inside a bf16 model: the graph's inputs are all
+    bf16, yet the router's scores are float32 without a cast before them.  The spellings' float32 forms are
+    tried in every graph (`Rewrite.float32_in_any_graph`); patterns follow the inputs' dtypes otherwise."""
+
+    class Float32Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Parameter(torch.randn(E, 32, generator=torch.Generator().manual_seed(5)))
+
+        def forward(self, x):
+            logits = torch.nn.functional.linear(x.float(), self.gate.float())
+            return torch.topk(logits.sigmoid(), K, dim=-1)
+
+    model = Float32Router().bfloat16().eval()
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with cpu_kernels(False):
+        (got_w, got_ids), (want_w, want_ids), fused, misses, _ = _compile(model, x)
+    assert fused == 1, misses
+    assert torch.equal(got_ids, want_ids) and rel_err(got_w, want_w) < 1e-6
+
+
 def test_the_models_cast_of_the_ids_back_to_int32_cancels():
     """The fused kernel's int32 ids are restored to the primitive's int64, then cast back by the model:
     `fold_cast_round_trips` leaves the kernel's ids, no cast kernel."""

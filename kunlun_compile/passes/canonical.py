@@ -92,8 +92,8 @@ def _rank(node: fx.Node):
     return v.dim() + extra if isinstance(v, torch.Tensor) else None
 
 
-# a dim that defaults to the last is written out (`topk(x, k, dim=1)` on a 2-D x and a pattern's `topk(x, k)`
-# are recorded with and without it): both read `-1`
+# topk's defaulted arguments written out (`topk(x, k, dim=1)` on a 2-D x and a pattern's `topk(x, k)` are
+# recorded with and without a dim): both read `-1`
 _TOPK_DEFAULTS = (("dim", -1), ("largest", True), ("sorted", True))
 
 
@@ -114,9 +114,6 @@ def _negative_dims(node: fx.Node) -> bool:
         return False
     args = list(node.args)
     dim = args[pos] if pos < len(args) else node.kwargs.get("dim")
-    if dim is None and node.target is aten.sort.default and pos == len(args):
-        node.args = (*args, -1)
-        return True
     rank = _rank(node)
     if rank is None or dim is None:
         return False
