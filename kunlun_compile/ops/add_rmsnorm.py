@@ -16,6 +16,9 @@ Rounding reproduces the module being replaced (bf16/fp16; fp32 is exact either w
   `(w + offset)` in fp32 and cast once.
 - sum_in_dtype=True with norm_offset == 0, HF transformers (the residual add is
   a separate op in the dtype): the rounded sum is normalised, then as vLLM.
+- weight_in_float=True with norm_offset == 0, torch's `F.rms_norm` / `nn.RMSNorm`
+  and HF's `(weight * x).to(dtype)`: as Gemma style with an offset of 0 (the
+  weight multiplies in fp32, the product is rounded once).
 """
 from __future__ import annotations
 
@@ -43,15 +46,19 @@ def check_args(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.
         raise ValueError(f"fused_add_rmsnorm: eps must be > 0, got {eps}")
 
 
+def _weight_in_float(norm_offset: float, weight_in_float: bool) -> bool:
+    return weight_in_float or norm_offset != 0.0
+
+
 def reference(x, residual, weight, eps: float, norm_offset: float,
-              sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              sum_in_dtype: bool = False, weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The definition of correct, in plain torch (residual None: a lone RMSNorm, new_residual is x)."""
     dtype = x.dtype
     total = x.float() if residual is None else x.float() + residual.float()
     new_residual = total.to(dtype)
     if sum_in_dtype:
         total = new_residual.float()
-    if norm_offset == 0.0:
+    if not _weight_in_float(norm_offset, weight_in_float):
         normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
         return normed * weight.to(dtype), new_residual
     r = new_residual.float()
@@ -92,7 +99,7 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, new_r_ptr, n_cols, eps, no
 
 
 def triton_impl(x, residual, weight, eps: float, norm_offset: float,
-                sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                sum_in_dtype: bool = False, weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """residual None: only `out` is written; the second result is an empty [0] tensor."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
@@ -111,7 +118,8 @@ def triton_impl(x, residual, weight, eps: float, norm_offset: float,
         _add_rmsnorm_kernel.on(x.device)[(rows,)](
             x2, r2, w, out, new_r, n_cols, eps, norm_offset,
             x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
-            GEMMA=norm_offset != 0.0, HAS_RESIDUAL=residual is not None, SUM_IN_DTYPE=sum_in_dtype,
+            GEMMA=_weight_in_float(norm_offset, weight_in_float), HAS_RESIDUAL=residual is not None,
+            SUM_IN_DTYPE=sum_in_dtype,
             BLOCK=block, num_warps=num_warps)
     if residual is None:
         return out.view(x.shape), out.new_empty(0)
@@ -120,29 +128,31 @@ def triton_impl(x, residual, weight, eps: float, norm_offset: float,
 
 @torch.library.custom_op("kunlun::fused_add_rmsnorm", mutates_args=())
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      norm_offset: float, sum_in_dtype: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                      norm_offset: float, sum_in_dtype: bool = False,
+                      weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     check_args(x, residual, weight, eps)
     if use_triton(x):
-        return triton_impl(x, residual, weight, eps, norm_offset, sum_in_dtype)
-    return contiguous_results(reference(x, residual, weight, eps, norm_offset, sum_in_dtype))
+        return triton_impl(x, residual, weight, eps, norm_offset, sum_in_dtype, weight_in_float)
+    return contiguous_results(reference(x, residual, weight, eps, norm_offset, sum_in_dtype, weight_in_float))
 
 
 @fused_add_rmsnorm.register_fake
-def _(x, residual, weight, eps, norm_offset, sum_in_dtype=False):
+def _(x, residual, weight, eps, norm_offset, sum_in_dtype=False, weight_in_float=False):
     check_args(x, residual, weight, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("kunlun::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_offset: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_offset: float,
+             weight_in_float: bool = False) -> torch.Tensor:
     check_args(x, None, weight, eps)
     if use_triton(x):
-        return triton_impl(x, None, weight, eps, norm_offset)[0]
-    return contiguous_results(reference(x, None, weight, eps, norm_offset)[0])
+        return triton_impl(x, None, weight, eps, norm_offset, weight_in_float=weight_in_float)[0]
+    return contiguous_results(reference(x, None, weight, eps, norm_offset, weight_in_float=weight_in_float)[0])
 
 
 @rms_norm.register_fake
-def _(x, weight, eps, norm_offset):
+def _(x, weight, eps, norm_offset, weight_in_float=False):
     check_args(x, None, weight, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -6,6 +6,10 @@ so a pattern matches whatever spelling the model's code produced:
 - `_to_copy` loses `layout`/`device` keywords that restate the input's,
 - chains of permutes are composed, and dropped when they cancel,
 - chains of views of a contiguous tensor collapse to one view,
+- a scalar overload is its `.Tensor` overload (`x.add_(eps)` in torch's own decompositions, functionalized,
+  is `add.Scalar`; `x + eps` in model code is `add.Tensor` with a number), and an in-place op on a value
+  nothing else reads is its functional form (a decomposition runs below functionalization when a pattern is
+  traced, so `F.rms_norm`'s `add_` stays in place there),
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`), and written out
   where it defaults to the last (`topk(x, k)` is `topk(x, k, -1, True, True)`),
 - symbolic sizes are read off the graph's inputs,
@@ -79,6 +83,31 @@ _DIM_ARGUMENTS = {
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.cumsum.default: 1, aten.slice.Tensor: 1,
     aten.logsumexp.default: 1,
 }
+
+
+# `op.Scalar(x, number)` computes what `op.Tensor(x, number)` does (a number is a wrapped scalar either way)
+_SCALAR_OVERLOADS = {aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor,
+                     aten.mul.Scalar: aten.mul.Tensor, aten.div.Scalar: aten.div.Tensor}
+
+
+_IN_PLACE = {aten.add_.Scalar: aten.add.Tensor, aten.add_.Tensor: aten.add.Tensor,
+             aten.mul_.Scalar: aten.mul.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
+             aten.sub_.Scalar: aten.sub.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
+             aten.div_.Scalar: aten.div.Tensor, aten.div_.Tensor: aten.div.Tensor}
+
+
+def _tensor_overload(node: fx.Node) -> bool:
+    target = _SCALAR_OVERLOADS.get(node.target)
+    if target is None and node.target in _IN_PLACE:
+        mutated = node.args[0]
+        # only an intermediate that this op alone reads: nothing can observe the mutation
+        if isinstance(mutated, fx.Node) and mutated.op == "call_function" and len(mutated.users) == 1:
+            target = _IN_PLACE[node.target]
+    if target is None or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return False
+    node.target = target
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "alpha"}
+    return True
 
 
 def _rank(node: fx.Node):
@@ -162,6 +191,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
             edits += 1
         if node.target is aten.topk.default:
             edits += _topk_in_full(node)
+        edits += _tensor_overload(node)
         edits += _negative_dims(node)
         if node.target is aten._to_copy.default:
             edits += _drop_restated_copy_kwargs(node)

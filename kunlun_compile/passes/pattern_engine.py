@@ -166,6 +166,19 @@ def _free_arguments(gm: fx.GraphModule, free: Sequence[Tuple[Any, Union[str, int
             node.kwargs = {k: pm.Ignored() if k in keys else v for k, v in node.kwargs.items()}
 
 
+def _float32_markers(gm: fx.GraphModule, markers: Mapping[str, float]) -> None:
+    """A marker constant that the traced code rounded to float32 (torch's own decompositions do, for eps)
+    is the marker: written back so the pattern binds it by name."""
+    rounded = {torch.tensor(v, dtype=torch.float32).item(): v for v in markers.values() if isinstance(v, float)}
+    rounded = {k: v for k, v in rounded.items() if k != v}
+
+    def back(x):
+        return rounded.get(x, x) if isinstance(x, float) else x
+    for node in gm.graph.nodes:
+        node.args = tuple(back(a) for a in node.args)
+        node.kwargs = {k: back(v) for k, v in node.kwargs.items()}
+
+
 def _as_wildcard(x):
     if isinstance(x, (list, tuple)):
         return [_as_wildcard(y) for y in x]
@@ -238,6 +251,7 @@ def compile_rewrite(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any,
     gm = pattern_cache.traced(*request)
     _wildcard_sizes(gm)
     _free_arguments(gm, rule.free_arguments)
+    _float32_markers(gm, markers)
 
     def pattern(relaxed: bool) -> pm.PatternExpr:
         p = pm.fx_to_pattern(gm, ignore_types=_IGNORED_TYPES, argnames=names, scalar_workaround=markers)

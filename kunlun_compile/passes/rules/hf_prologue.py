@@ -62,6 +62,18 @@ gemma_norm_rope = _norm_after_transpose_rope(gemma_lone)
 transposed_norm_rope = _norm_after_transpose_rope(hf_lone)
 
 
+def _per_token_norm_rope(norm):
+    def per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+        """Decode-style code: q and k per token [tokens, heads, head_dim], normed, rotated against tables
+        [tokens, 1, R] -- no sequence dim, no transpose."""
+        return _rotated(norm(q, q_weight, eps), cos, sin), _rotated(norm(k, k_weight, eps), cos, sin)
+    return per_token_norm_rope
+
+
+gemma_per_token_norm_rope = _per_token_norm_rope(gemma_lone)
+per_token_norm_rope = _per_token_norm_rope(hf_lone)
+
+
 # ---- replacement ----------------------------------------------------------------------------------------
 
 def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upcast=False, neox, rotary_dim):
@@ -76,6 +88,10 @@ def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upc
     q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
                                                  q_weight, k_weight, cos, sin, eps, norm_offset, neox)
     return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
+
+
+def fused_per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps, norm_offset=0.0, neox, rotary_dim):
+    return torch.ops.kunlun.qk_norm_rope(q, k, q_weight, k_weight, cos[:, 0], sin[:, 0], eps, norm_offset, neox)
 
 
 def fused_rope(q, k, cos, sin, **params):
@@ -129,6 +145,48 @@ def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
     return params
 
 
+def _per_token_guard(b: Bindings, gemma: bool):
+    q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
+    rotation = shared_rotation(b)
+    if isinstance(rotation, str):
+        return Refusal(rotation)
+    neox, rotary_dim = rotation
+    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 3 or not g.known_equal(cos.shape[1], 1):
+        return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need per-token heads "
+                       "[tokens, heads, head_dim] and cos/sin [tokens, 1, rotary_dim]")
+    d = q.shape[2]
+    qw, kw = b.val("q_weight"), b.val("k_weight")
+    reason = g.first(
+        g.float_dtype(q, "q"), g.same_dtype(q, k, "q and k"), g.same_dtype(cos, sin, "cos and sin"),
+        g.same_dtype(q, cos, "q and cos"),  # the norm's output is in q's dtype, and so is the rotation
+        None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
+        None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(k.shape[2], d)
+        and g.known_equal(cos.shape[0], q.shape[0])
+        else f"q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} differ in tokens or head_dim",
+        None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
+        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
+        None if g.known_equal(cos.shape[2], rotary_dim) else f"cos width {cos.shape[2]} is not rotary_dim {rotary_dim}",
+        g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight"),
+        None if gemma else g.same_dtype(q, qw, "q and q_weight"),
+        None if gemma else g.same_dtype(q, kw, "q and k_weight"))
+    if reason:
+        return Refusal(reason)
+    return {"neox": neox, "rotary_dim": rotary_dim, "norm_offset": 1.0 if gemma else 0.0}
+
+
+def _per_token_inputs(dtype):
+    q, k = torch.randn(_S, _NQ, _D, dtype=dtype), torch.randn(_S, _NKV, _D, dtype=dtype)
+    cos, sin = (torch.randn(_S, 1, _D, dtype=dtype) for _ in range(2))
+    return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
+
+
+def _per_token_rule(name, search, gemma: bool) -> Rewrite:
+    return Rewrite(family="norm_rope_gate", name=name, search=search, replace=fused_per_token_norm_rope,
+                   example_inputs=_per_token_inputs, constants={"eps": EPS},
+                   guard=lambda b: _per_token_guard(b, gemma), free_arguments=_FREE,
+                   needs=(ROTARY, aten.rsqrt.default))
+
+
 def _example_inputs(dtype, norm: bool):
     q = torch.randn(_B, _S, _NQ, _D, dtype=dtype)
     k = torch.randn(_B, _S, _NKV, _D, dtype=dtype)
@@ -155,4 +213,6 @@ RULES = [
     _rule("hf_transposed_qknorm_rope", transposed_norm_rope, norm=True),
     _rule("hf_upcast_rope", upcast_rope, norm=False, upcast=True),
     _rule("hf_rope", plain_rope, norm=False),
+    _per_token_rule("per_token_gemma_qknorm_rope", gemma_per_token_norm_rope, gemma=True),
+    _per_token_rule("per_token_qknorm_rope", per_token_norm_rope, gemma=False),
 ]

@@ -6,14 +6,15 @@ The search functions are the norms as model code writes them:
 - HF transformers Llama/Qwen3 (`weight * x.to(dtype)`; the residual is added
   outside the norm, in the dtype: the op normalises that rounded sum
   (`sum_in_dtype`), where vLLM's form normalises the unrounded fp32 sum),
-- HF Olmo2 and kin (`(weight * x).to(dtype)`: the weight multiplies in fp32 and
-  the product is rounded once; the op rounds the normalised x, then the product,
-  i.e. at most one more bf16 rounding -- within the dtype's error, not equal bits).
+- HF Olmo2 and kin (`(weight * x).to(dtype)`) and torch's own `F.rms_norm` / `nn.RMSNorm` (its
+  decomposition: `(x.float() * rsqrt(..) * weight).to(dtype)`): the weight multiplies in fp32 and the
+  product is rounded once (the op's `weight_in_float`).
 Rules with a residual come first, so a lone-norm rule never splits one.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
@@ -112,19 +113,35 @@ def hf_weightless_lone(x, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def torch_lone(x, weight, eps):
+    """torch's own RMSNorm, `F.rms_norm` (and `nn.RMSNorm`), traced through its decomposition."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def torch_residual(x, residual, weight, eps):
+    x = x + residual
+    return torch_lone(x, weight, eps), x
+
+
+def torch_residual_unused(x, residual, weight, eps):
+    return torch_residual(x, residual, weight, eps)[0]
+
+
 # ---- replacements -------------------------------------------------------------------------------------
 
-def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
-    out, new_residual = torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype)
+def fused_residual(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False, weight_in_float=False):
+    out, new_residual = torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype,
+                                                           weight_in_float)
     return out, new_residual
 
 
-def fused_residual_unused(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False):
-    return torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype)[0]
+def fused_residual_unused(x, residual, weight, *, eps, norm_offset, sum_in_dtype=False, weight_in_float=False):
+    return torch.ops.kunlun.fused_add_rmsnorm(x, residual, weight, eps, norm_offset, sum_in_dtype,
+                                              weight_in_float)[0]
 
 
-def fused_lone(x, weight, *, eps, norm_offset):
-    return torch.ops.kunlun.rms_norm(x, weight, eps, norm_offset)
+def fused_lone(x, weight, *, eps, norm_offset, weight_in_float=False):
+    return torch.ops.kunlun.rms_norm(x, weight, eps, norm_offset, weight_in_float)
 
 
 def fused_weightless(x, *, eps, norm_offset):
@@ -139,13 +156,14 @@ def _weightless_guard(b: Bindings):
 
 # ---- guards -------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, gemma: bool, residual: bool, sum_in_dtype: bool = False):
+def _guard(b: Bindings, gemma: bool, residual: bool, sum_in_dtype: bool = False, weight_in_float: bool = False):
     x, w = b.val("x"), b.val("weight")
     reason = g.first(
         g.positive_eps(b.scalar("eps")),
         g.float_dtype(x, "x"),
         g.vector_of(w, x.shape[-1], "weight"),
-        None if gemma else g.same_dtype(x, w, "x and weight"),  # x.to(dtype) * w would promote
+        # x.to(dtype) * w would promote; a product formed in fp32 takes any float weight
+        None if gemma or weight_in_float else g.same_dtype(x, w, "x and weight"),
         g.float_dtype(w, "weight"),
     )
     if not reason and residual:
@@ -155,15 +173,22 @@ def _guard(b: Bindings, gemma: bool, residual: bool, sum_in_dtype: bool = False)
     if reason:
         return Refusal(reason)
     params = {"norm_offset": 1.0 if gemma else 0.0}
-    return dict(params, sum_in_dtype=True) if sum_in_dtype else params
+    if sum_in_dtype:
+        params["sum_in_dtype"] = True
+    if weight_in_float:
+        params["weight_in_float"] = True
+    return params
 
 
-def _rule(name, search, replace, gemma, residual, sum_in_dtype=False, dtypes=(torch.float32, torch.bfloat16,
-                                                                            torch.float16)):
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _rule(name, search, replace, gemma, residual, sum_in_dtype=False, weight_in_float=False,
+          dtypes=(torch.float32,) + _HALF):
     return Rewrite(
         family="add_rmsnorm", name=name, search=search, replace=replace,
         example_inputs=lambda dtype: _norm_inputs(dtype, residual), constants={"eps": EPS},
-        guard=lambda b: _guard(b, gemma, residual, sum_in_dtype), dtypes=dtypes)
+        guard=lambda b: _guard(b, gemma, residual, sum_in_dtype, weight_in_float), dtypes=dtypes)
 
 
 # Gemma rules first: in fp32 `x * (1 + w)` is also a vLLM norm whose weight is the computed `1 + w`
@@ -174,15 +199,21 @@ RESIDUAL_RULES = [
     _rule("hf_residual", hf_residual, fused_residual, gemma=False, residual=True, sum_in_dtype=True),
     _rule("hf_residual_unused", hf_residual_unused, fused_residual_unused, gemma=False, residual=True,
           sum_in_dtype=True),
+    # in fp32 torch's norm is the vLLM form above
+    _rule("torch_residual", torch_residual, fused_residual, gemma=False, residual=True, sum_in_dtype=True,
+          weight_in_float=True, dtypes=_HALF),
+    _rule("torch_residual_unused", torch_residual_unused, fused_residual_unused, gemma=False, residual=True,
+          sum_in_dtype=True, weight_in_float=True, dtypes=_HALF),
 ]
 LONE_RULES = [
     _rule("gemma_lone", gemma_lone, fused_lone, gemma=True, residual=False),
     _rule("vllm_lone", vllm_lone, fused_lone, gemma=False, residual=False),
     _rule("hf_lone", hf_lone, fused_lone, gemma=False, residual=False),
-    _rule("hf_weight_first_lone", hf_weight_first_lone, fused_lone, gemma=False, residual=False),
-    # the op rounds the normalised x, then the product: one more rounding than the model, as the rule above
+    _rule("hf_weight_first_lone", hf_weight_first_lone, fused_lone, gemma=False, residual=False,
+          weight_in_float=True),
     _rule("hf_float_weight_lone", hf_float_weight_lone, fused_lone, gemma=False, residual=False,
-          dtypes=(torch.bfloat16, torch.float16)),
+          weight_in_float=True, dtypes=_HALF),
+    _rule("torch_lone", torch_lone, fused_lone, gemma=False, residual=False, weight_in_float=True, dtypes=_HALF),
     # last: a weighted norm's core is this pattern too, and is fused with its weight by the rules above
     Rewrite(family="add_rmsnorm", name="hf_weightless_lone", search=hf_weightless_lone, replace=fused_weightless,
             example_inputs=lambda dtype: (torch.randn(5, 24, dtype=dtype),), constants={"eps": EPS},

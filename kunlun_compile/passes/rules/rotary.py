@@ -70,6 +70,14 @@ def _written_out(cut, join):
     return rotation
 
 
+def _written_out_with_rest(x, cos, sin):
+    """Partial rotary in one `cat`: the two written-out products and the passed-through rest side by side
+    (`cat([x1 cos - x2 sin, x2 cos + x1 sin, x[..., 2h:]])`, h the tables' width)."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
 def _cat(a, b):
     return torch.cat((a, b), dim=-1)
 
@@ -107,6 +115,27 @@ def _guard(b: Bindings, half_tables: bool):
         f"cos width {cos.shape[-1]} is not {'half of ' if half_tables else ''}the rotated width {d}",
         _grows(x, cos))
     return Refusal(reason) if reason else {}
+
+
+def _with_rest_guard(b: Bindings):
+    """The three slices cut the row at h and 2h, h the tables' width."""
+    x, cos = b.val("x"), b.val("cos")
+    half, d = cos.shape[-1], x.shape[-1]
+    if not (isinstance(half, int) and isinstance(d, int) and 0 < 2 * half <= d):
+        return Refusal(f"tables of width {half} do not rotate a static part of the row of {d}")
+    for s in b.nodes(aten.slice.Tensor):
+        start = s.args[2] if len(s.args) > 2 and s.args[2] is not None else 0
+        width = s.meta["val"].shape[-1]
+        if (start, width) not in ((0, half), (half, half), (2 * half, d - 2 * half)):
+            return Refusal(f"a slice [{start}:{start} + {width}] does not cut the row at {half} and {2 * half}")
+    reason = g.first(g.float_dtype(x, "x"), g.float_dtype(cos, "cos"), g.same_dtype(cos, b.val("sin"), "cos and sin"),
+                     None if g.same_shape(cos, b.val("sin")) else "cos and sin differ in shape", _grows(x, cos))
+    return Refusal(reason) if reason else {}
+
+
+def _partial_primitive(x, cos, sin):
+    cos, sin = widened_tables(cos, sin, True)
+    return torch.ops.kunlun.rotary(x, cos, sin, True, cos.shape[-1])
 
 
 def _grows(x, cos):
@@ -162,6 +191,11 @@ def _rules():
                 guard=lambda b, half_tables=half_tables: _guard(b, half_tables),
                 dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
                 needs=(needs, aten.stack.default if join is _interleave else aten.cat.default)))
+    name = "rotary_written_out_halves_with_rest"
+    SPELLINGS[name] = f"halves {_WRITTEN_OUT} and the passed-through rest in one cat"
+    rules.append(Rewrite(family="norm_rope_gate", name=name, search=_written_out_with_rest,
+                         replace=_partial_primitive, example_inputs=lambda dtype: _partial_inputs(dtype, _D // 4),
+                         guard=_with_rest_guard, needs=(aten.sub.Tensor, aten.cat.default, aten.slice.Tensor)))
     return rules
 
 

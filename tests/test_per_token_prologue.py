@@ -1,0 +1,119 @@
+"""Decode-style attention prologues written by hand (as in tests/decode_stack.py): q and k per token
+[tokens, heads, head_dim], a Q/K RMSNorm (torch's `F.rms_norm`, Gemma's `1 + w` or Llama's weight), and a
+partial neox rotation written out in one `cat` with the passed-through rest, against half-width tables
+[tokens, rotary_dim / 2] the caller looked up.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kunlun_compile as kc
+from kunlun_compile.triton_kernel import cpu_kernels
+
+from .conftest import rel_err
+
+D, HALF = 32, 8
+
+
+def rotate_with_rest(x, cos, sin):
+    half = cos.shape[-1]
+    front, back, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([front * cos - back * sin, back * cos + front * sin, rest], dim=-1)
+
+
+class Prologue(nn.Module):
+    def __init__(self, norm: str, shared_tables: bool = True):
+        super().__init__()
+        self.norm, self.shared_tables = norm, shared_tables
+        scale = 0.05 if norm == "gemma" else 0.3
+        self.q_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D))
+        self.k_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D))
+
+    def head_norm(self, x, w):
+        if self.norm == "gemma":  # torch's weightless norm in fp32, then `1 + w`, one rounding
+            return (F.rms_norm(x.float(), (D,), eps=1e-6) * (1.0 + w.float())).to(x.dtype)
+        xf = x.float()  # Llama's, written out
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def forward(self, qkv, cos, sin):
+        tokens = qkv.shape[0]
+        q, k = qkv.split([4 * D, 2 * D], dim=-1)
+        if self.shared_tables:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_tables = k_tables = (cos, sin)
+        else:  # each rotation unsqueezes the tables itself
+            q_tables = k_tables = None
+        q = self.head_norm(q.view(tokens, 4, D), self.q_weight)
+        k = self.head_norm(k.view(tokens, 2, D), self.k_weight)
+        if q_tables is None:
+            return (rotate_with_rest(q, cos.unsqueeze(1), sin.unsqueeze(1)),
+                    rotate_with_rest(k, cos.unsqueeze(1), sin.unsqueeze(1)))
+        return rotate_with_rest(q, *q_tables), rotate_with_rest(k, *k_tables)
+
+
+def _inputs(dtype, tokens=5):
+    g = torch.Generator().manual_seed(11)
+    angles = torch.rand(tokens, HALF, generator=g) * 6.0
+    return (torch.randn(tokens, 6 * D, generator=g).to(dtype), angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def _run(model, inputs):
+    torch._dynamo.reset()
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        want, got = model(*inputs), compiled(*inputs)
+    graph = compiled.kunlun_backend.report.graphs[0]
+    return got, want, graph.patterns.get("norm_rope_gate", 0), [m for p in graph.passes for m in p.near_misses]
+
+
+@pytest.mark.parametrize("kernel", ["reference", "interpreted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm", ["gemma", "llama"])
+def test_per_token_norm_and_partial_rotation_fuse_into_one_kernel(norm, dtype, kernel):
+    model = Prologue(norm).to(dtype).eval()
+    inputs = _inputs(dtype)
+    with cpu_kernels(kernel == "interpreted"):
+        got, want, fused, misses = _run(model, inputs)
+    assert fused == 1, misses
+    with torch.no_grad():
+        exact = model.double()(*(t.double() for t in inputs))
+    for g, w, e in zip(got, want, exact):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if kernel == "reference":
+            assert torch.equal(g, w)
+        elif dtype == torch.float32:
+            assert rel_err(g, w) < 1e-6
+        else:  # the interpreter's float32 -> bf16 cast truncates
+            assert rel_err(g, e) < 2.5 * rel_err(w, e) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_rotation_with_its_rest_in_one_cat_left_unfused_says_so_and_keeps_the_bits(dtype):
+    """Tables unsqueezed once per rotation (tests/decode_stack.py): q's and k's rotations read different table
+    nodes, so no prologue rule pairs them (merging `unsqueeze`s could pair one layer's q with another's k).
+    The rotation is still recognised, put back as its reference, and named in a near miss."""
+    model = Prologue("gemma", shared_tables=False).to(dtype).eval()
+    with cpu_kernels(False):
+        got, want, fused, misses = _run(model, _inputs(dtype))
+    assert fused == 0
+    assert any("passed-through rest in one cat over the first 16 dims" in m for m in misses), misses
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", ["gemma", "llama"])
+def test_per_token_prologue_on_cuda(norm):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = Prologue(norm).to("cuda", torch.bfloat16).eval()
+    inputs = tuple(t.cuda() for t in _inputs(torch.bfloat16, tokens=300))
+    got, want, fused, misses = _run(model, inputs)
+    assert fused == 1, misses
+    with torch.no_grad():
+        exact = model.double()(*(t.double() for t in inputs))
+    for g, w, e in zip(got, want, exact):
+        assert rel_err(g, e) <= max(2e-3, 1.25 * rel_err(w, e))
