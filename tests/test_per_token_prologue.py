@@ -90,18 +90,46 @@ def test_per_token_norm_and_partial_rotation_fuse_into_one_kernel(norm, dtype, k
             assert rel_err(g, e) < 2.5 * rel_err(w, e) + 1e-3
 
 
+class TwoLayers(nn.Module):
+    """Tables unsqueezed once per rotation (tests/decode_stack.py), from one pair shared by both layers:
+    each layer's q and k must be paired, never one layer's q with the next layer's k (which depends on it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Prologue("gemma", shared_tables=False), Prologue("gemma", shared_tables=False)])
+        self.mix = nn.Parameter(torch.randn(6 * D, 4 * D + 2 * D) / 12)
+
+    def forward(self, qkv, cos, sin):
+        q, k = self.layers[0](qkv, cos, sin)
+        nxt = torch.cat([q.flatten(1), k.flatten(1)], -1) @ self.mix.t()
+        q2, k2 = self.layers[1](nxt, cos, sin)
+        return q2, k2, q, k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_rotation_with_its_rest_in_one_cat_left_unfused_says_so_and_keeps_the_bits(dtype):
-    """Tables unsqueezed once per rotation (tests/decode_stack.py): q's and k's rotations read different table
-    nodes, so no prologue rule pairs them (merging `unsqueeze`s could pair one layer's q with another's k).
-    The rotation is still recognised, put back as its reference, and named in a near miss."""
-    model = Prologue("gemma", shared_tables=False).to(dtype).eval()
+def test_tables_unsqueezed_per_rotation_pair_each_layers_own_q_and_k(dtype):
+    model = TwoLayers().to(dtype).eval()
     with cpu_kernels(False):
         got, want, fused, misses = _run(model, _inputs(dtype))
-    assert fused == 0
-    assert any("passed-through rest in one cat over the first 16 dims" in m for m in misses), misses
+    assert fused == 2, misses
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+class LoneRotation(nn.Module):
+    def forward(self, x, cos, sin):
+        return rotate_with_rest(x.view(x.shape[0], -1, D), cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_rotation_with_its_rest_in_one_cat_left_unfused_says_so_and_keeps_the_bits(dtype):
+    """One rotated tensor, no Q/K pair for a prologue rule: the rotation is recognised, put back as its
+    reference (the model's bits), and named in a near miss."""
+    with cpu_kernels(False):
+        got, want, fused, misses = _run(LoneRotation().eval(), _inputs(dtype))
+    assert fused == 0
+    assert any("passed-through rest in one cat over the first 16 dims" in m for m in misses), misses
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

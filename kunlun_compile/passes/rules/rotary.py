@@ -208,24 +208,52 @@ def _feeds_rotations_only(node: fx.Node) -> bool:
 
 
 def share_tables(gm: fx.GraphModule) -> int:
-    """One table per (cos, sin) pair: each half-width rotation widened its tables itself (`cat((cos, cos))`);
-    q's and k's rotations must read the same nodes for a prologue rule to see one pair of tables.  In graph
-    order, so a merged input makes its users equal."""
+    """One table per (cos, sin) pair: each half-width rotation widened its tables itself (`cat((cos, cos))`),
+    and model code may unsqueeze them once per rotation; q's and k's rotations must read the same nodes for a
+    prologue rule to see one pair of tables.  In graph order, so a merged input makes its users equal."""
     seen, merged = {}, 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _TABLE_OPS or not _feeds_rotations_only(node):
+        if node.op != "call_function" or node.target not in _TABLE_OPS + (aten.unsqueeze.default,) \
+                or not _feeds_rotations_only(node):
             continue
-        first = seen.setdefault((node.target, repr(node.args), repr(sorted(node.kwargs.items()))), node)
-        if first is not node:
-            node.replace_all_uses_with(first)
-            gm.graph.erase_node(node)
-            merged += 1
+        key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+        first = seen.setdefault(key, node)
+        if first is node:
+            continue
+        if node.target is aten.unsqueeze.default and _rotations_after(first, node):
+            seen[key] = node  # a later layer's: the next equal unsqueeze may pair with this one
+            continue
+        node.replace_all_uses_with(first)
+        gm.graph.erase_node(node)
+        merged += 1
     return merged
 
 
-# only the widening's own ops: a model's per-layer `cos.unsqueeze(1)` of tables computed once per forward
-# (HF) is equal in every layer, and merged it would let a prologue rule pair one layer's q with another's k
+# Only the widening's own ops are merged unconditionally.  A model's `cos.unsqueeze(1)` of tables computed once
+# per forward is equal in every layer: merged, it would let a prologue rule pair one layer's q with another's
+# k, so an unsqueeze is merged only into one whose rotations do not feed its own (the same layer's q and k).
 _TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default)
+
+
+def _rotations_after(first: fx.Node, node: fx.Node) -> bool:
+    """Whether `node`'s rotations depend on a rotation that reads `first` (a later layer)."""
+    starts = [r for r in _rotations_of(first)]
+    targets = set(_rotations_of(node))
+    seen, stack = set(), list(starts)
+    while stack:
+        n = stack.pop()
+        if n in targets and n not in starts:
+            return True
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return False
+
+
+def _rotations_of(node: fx.Node) -> List[fx.Node]:
+    return [u for u in node.users if u.target is ROTARY] + [
+        r for u in node.users if u.target in _TABLE_OPS for r in _rotations_of(u)]
 
 
 # ---- partial rotary: the rotated slice and the passed-through rest -----------------------------------
