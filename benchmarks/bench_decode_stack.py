@@ -90,10 +90,11 @@ def main():
               f" | kunlun / inductor-ro x{row['kunlun_vs_inductor_reduce_overhead']:.2f}, / inductor "
               f"x{row['kunlun_ms'] / row['inductor_ms']:.2f} | err kunlun {row['kunlun_rel_err_vs_float64']:.1e} "
               f"eager {row['eager_rel_err_vs_float64']:.1e} | {row['kunlun_patterns']}", flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "decode_stack.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "config": dataclasses.asdict(cfg), "cache_len": CACHE_LEN, "rows": rows}, f, indent=1)
+        os.makedirs(out_dir, exist_ok=True)  # after every batch: a run cut short keeps what it measured
+        with open(os.path.join(out_dir, "decode_stack.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "config": dataclasses.asdict(cfg), "cache_len": CACHE_LEN,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,34 @@ def test_dense_experts_are_described():
     assert all(why in line for line in lines), lines
 
 
+@torch.library.custom_op("kunlun_test::cpu_fused_moe", mutates_args=("out",))
+def _framework_fused_moe(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """A serving framework's own experts kernel, written into a buffer (as vLLM's `_C.cpu_fused_moe`)."""
+    out.copy_(torch.ops.kunlun.fused_moe(x, w13, w2, topk_weights, topk_ids, "silu"))
+
+
+class FrameworkExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w13, self.w2 = nn.Parameter(torch.randn(4, 48, 32) / 6), nn.Parameter(torch.randn(4, 32, 24) / 5)
+
+    def forward(self, x, weights, ids):
+        out = torch.empty_like(x)
+        torch.ops.kunlun_test.cpu_fused_moe(out, x, self.w13, self.w2, weights, ids)
+        return out
+
+
+def test_a_frameworks_opaque_experts_op_is_described():
+    """vLLM's CPU experts: one opaque op, functionalized around its output buffer -- said so, not silent."""
+    model = FrameworkExperts().eval().requires_grad_(False)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(6)])
+    lines = _unfused(_compile(model, _randn(6, 32), torch.rand(6, 2), ids), "moe_ffn")
+    assert len(lines) == 1, lines
+    assert "kunlun_test::cpu_fused_moe: the routed experts as one opaque kernel) left unfused; the experts are " \
+           "already one fused kernel of the serving framework" in lines[0]
+
+
 class BmmAttention(nn.Module):
     """Attention written with bmm on 3-D inputs: a bmm against a 3-D placeholder that is no expert weight."""
 

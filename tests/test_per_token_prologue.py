@@ -28,9 +28,9 @@ class Prologue(nn.Module):
     def __init__(self, norm: str, shared_tables: bool = True):
         super().__init__()
         self.norm, self.shared_tables = norm, shared_tables
-        scale = 0.05 if norm == "gemma" else 0.3
-        self.q_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D))
-        self.k_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D))
+        scale, gen = 0.05 if norm == "gemma" else 0.3, torch.Generator().manual_seed(7)
+        self.q_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D, generator=gen))
+        self.k_weight = nn.Parameter((0.0 if norm == "gemma" else 1.0) + scale * torch.randn(D, generator=gen))
 
     def head_norm(self, x, w):
         if self.norm == "gemma":  # torch's weightless norm in fp32, then `1 + w`, one rounding
@@ -86,8 +86,8 @@ def test_per_token_norm_and_partial_rotation_fuse_into_one_kernel(norm, dtype, k
             assert torch.equal(g, w)
         elif dtype == torch.float32:
             assert rel_err(g, w) < 1e-6
-        else:  # the interpreter's float32 -> bf16 cast truncates
-            assert rel_err(g, e) < 2.5 * rel_err(w, e) + 1e-3
+        else:  # the interpreter's float32 -> bf16 cast truncates: up to an ulp per rounding, not half
+            assert rel_err(g, e) < 1.2e-2
 
 
 class TwoLayers(nn.Module):

@@ -42,6 +42,22 @@ def is_expert_gemm(node: fx.Node) -> bool:
         isinstance(a, fx.Node) and a.target is aten.index.Tensor for a in node.args[:2])
 
 
+def opaque_experts_op(node: fx.Node) -> Optional[str]:
+    """The name of a serving framework's own fused-experts op this node calls (vLLM's `_C.cpu_fused_moe`,
+    functionalized around its output buffer), else None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if "auto_functionalized" in op_name(target) and node.args:
+        target = node.args[0]
+    name = op_name(target)
+    return name if "fused_moe" in name and not name.startswith("kunlun::") else None
+
+
+def _describe_opaque_experts(node: fx.Node) -> str:
+    return f"{opaque_experts_op(node)}: the routed experts as one opaque kernel"
+
+
 def _stacked_weight(node) -> Optional[fx.Node]:
     """The 3-D parameter (placeholder or attribute, maybe cast) a bmm's second operand is, else None."""
     while isinstance(node, fx.Node) and node.target is aten._to_copy.default:
@@ -280,7 +296,7 @@ def _follow_views(node: fx.Node) -> fx.Node:
 # ---- the table explain.py reads -------------------------------------------------------------------------------
 
 ANCHORS: Dict[str, Callable[[fx.Node], bool]] = {
-    "moe_ffn": lambda n: is_expert_gemm(n) or is_dense_expert_gemm(n),
+    "moe_ffn": lambda n: is_expert_gemm(n) or is_dense_expert_gemm(n) or opaque_experts_op(n) is not None,
     "moe_gate": lambda n: n.target is aten.topk.default or is_router_without_topk(n),
     "add_rmsnorm": lambda n: n.target is aten.rsqrt.default,
     "norm_rope_gate": is_rotation,
@@ -288,7 +304,10 @@ ANCHORS: Dict[str, Callable[[fx.Node], bool]] = {
 
 # (is this kind of anchor, what it is, why no rule of the family takes it) for the spellings without a rule
 _UNCOVERED = {
-    "moe_ffn": [(lambda n: not is_expert_gemm(n), _describe_dense_experts,
+    "moe_ffn": [(lambda n: opaque_experts_op(n) is not None, _describe_opaque_experts,
+                 "the experts are already one fused kernel of the serving framework: no expert GEMM in the graph "
+                 "for a rule to take, and the op is left as it is"),
+                (lambda n: not is_expert_gemm(n), _describe_dense_experts,
                  "no pattern of the family covers dense experts (its rules take routed ones: a grouped GEMM or "
                  "weights gathered by expert id)")],
     "moe_gate": [(lambda n: n.target is not aten.topk.default, _describe_router,

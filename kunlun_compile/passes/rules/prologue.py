@@ -36,9 +36,11 @@ def _rope(positions, q, k, cache, head_dim: int, neox: bool):
     positions = positions.flatten()
     num_tokens = positions.shape[0]
     cos, sin = cache.index_select(0, positions).chunk(2, dim=-1)
+    # vLLM's `apply_rotary_emb` unsqueezes and widens the tables for each rotation; `rotary.share_tables` has
+    # made q's and k's read one pair by now
+    x_cos, x_sin = widened_tables(cos.unsqueeze(-2), sin.unsqueeze(-2), neox)
 
-    def apply(x):  # each rotation prepares its own tables, as vLLM's `apply_rotary_emb` does
-        x_cos, x_sin = widened_tables(cos.unsqueeze(-2), sin.unsqueeze(-2), neox)
+    def apply(x):
         return torch.ops.kunlun.rotary(x.view(num_tokens, -1, head_dim), x_cos, x_sin, neox, head_dim)
 
     return apply(q), apply(k)

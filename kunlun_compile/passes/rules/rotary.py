@@ -217,6 +217,9 @@ def share_tables(gm: fx.GraphModule) -> int:
                 or not _feeds_rotations_only(node):
             continue
         key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+        size = node.meta.get("val")
+        if node.target is aten.sym_size.int and isinstance(size, torch.SymInt):
+            key = (node.target, str(size.node.expr))  # q's and k's row counts: one symbol, read off two nodes
         first = seen.setdefault(key, node)
         if first is node:
             continue
@@ -232,7 +235,8 @@ def share_tables(gm: fx.GraphModule) -> int:
 # Only the widening's own ops are merged unconditionally.  A model's `cos.unsqueeze(1)` of tables computed once
 # per forward is equal in every layer: merged, it would let a prologue rule pair one layer's q with another's
 # k, so an unsqueeze is merged only into one whose rotations do not feed its own (the same layer's q and k).
-_TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default)
+# (`sym_size`: under dynamic shapes a widened table's view reads its sizes off the table it was built from)
+_TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default, aten.sym_size.int)
 
 
 def _rotations_after(first: fx.Node, node: fx.Node) -> bool:
