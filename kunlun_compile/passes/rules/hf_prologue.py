@@ -104,37 +104,53 @@ def fused_norm_rope(q, k, q_weight, k_weight, cos, sin, **params):
 
 # ---- guard ----------------------------------------------------------------------------------------------
 
-def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
-    q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
+def _rotation_of(b: Bindings, rank: int, layouts: str):
+    """(neox, rotary_dim) shared by q's and k's rotations, with q, k and cos of `rank` dims, else why not."""
+    q, k, cos = b.val("q"), b.val("k"), b.val("cos")
     rotation = shared_rotation(b)
     if isinstance(rotation, str):
-        return Refusal(rotation)
-    neox, rotary_dim = rotation
-    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 4 or not g.known_equal(cos.shape[1], 1):
-        return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need 4-D per-head views "
-                       "[batch, seq, heads, head_dim] and cos/sin [batch, 1, seq, rotary_dim]")
-    d = q.shape[3]
-    reason = g.first(
-        g.float_dtype(q, "q"),
-        g.same_dtype(q, k, "q and k"),
-        g.same_dtype(cos, sin, "cos and sin"),
+        return rotation
+    if q.dim() != rank or k.dim() != rank or cos.dim() != rank or not g.known_equal(cos.shape[1], 1):
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need {layouts}"
+    return rotation
+
+
+def _kernel_reasons(b: Bindings, rotary_dim: int, norm: bool, weights_in_q_dtype: bool):
+    """What every form checks: dtypes, a head size the kernel takes, tables as wide as the rotation, weights."""
+    q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
+    d = q.shape[-1]
+    reasons = [
+        g.float_dtype(q, "q"), g.same_dtype(q, k, "q and k"), g.same_dtype(cos, sin, "cos and sin"),
         # a norm's output is in q's dtype: the op would normalise in the tables' dtype instead
         g.same_dtype(q, cos, "q and cos") if norm else None,
         None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
-        None if all(g.known_equal(x, y) for x, y in zip(q.shape[:2], k.shape[:2])) and g.known_equal(k.shape[3], d)
+        None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
+        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
+        None if g.known_equal(cos.shape[-1], rotary_dim)
+        else f"cos width {cos.shape[-1]} is not rotary_dim {rotary_dim}"]
+    if norm:
+        qw, kw = b.val("q_weight"), b.val("k_weight")
+        reasons += [g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight")]
+        if weights_in_q_dtype:
+            reasons += [g.same_dtype(q, qw, "q and q_weight"), g.same_dtype(q, kw, "q and k_weight")]
+    return reasons
+
+
+def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
+    rotation = _rotation_of(b, 4, "4-D per-head views [batch, seq, heads, head_dim] and cos/sin "
+                                  "[batch, 1, seq, rotary_dim]")
+    if isinstance(rotation, str):
+        return Refusal(rotation)
+    neox, rotary_dim = rotation
+    q, k, cos = b.val("q"), b.val("k"), b.val("cos")
+    reason = g.first(
+        None if all(g.known_equal(x, y) for x, y in zip(q.shape[:2], k.shape[:2]))
+        and g.known_equal(k.shape[3], q.shape[3])
         else f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, sequence or head_dim",
         None if g.known_equal(cos.shape[2], q.shape[1]) and (g.known_equal(cos.shape[0], q.shape[0])
                                                              or g.known_equal(cos.shape[0], 1))
         else f"cos {tuple(cos.shape)} is not per token of q {tuple(q.shape)}",
-        None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
-        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
-        None if g.known_equal(cos.shape[3], rotary_dim) else f"cos width {cos.shape[3]} is not rotary_dim {rotary_dim}",
-    )
-    if not reason and norm:
-        qw, kw = b.val("q_weight"), b.val("k_weight")
-        reason = g.first(g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"),
-                         g.vector_of(kw, d, "k_weight"), g.same_dtype(q, qw, "q and q_weight"),
-                         g.same_dtype(q, kw, "q and k_weight"))
+        *_kernel_reasons(b, rotary_dim, norm, weights_in_q_dtype=True))
     if reason:
         return Refusal(reason)
     params = {"neox": neox, "rotary_dim": rotary_dim}
@@ -146,29 +162,17 @@ def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
 
 
 def _per_token_guard(b: Bindings, gemma: bool):
-    q, k, cos, sin = b.val("q"), b.val("k"), b.val("cos"), b.val("sin")
-    rotation = shared_rotation(b)
+    rotation = _rotation_of(b, 3, "per-token heads [tokens, heads, head_dim] and cos/sin [tokens, 1, rotary_dim]")
     if isinstance(rotation, str):
         return Refusal(rotation)
     neox, rotary_dim = rotation
-    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 3 or not g.known_equal(cos.shape[1], 1):
-        return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need per-token heads "
-                       "[tokens, heads, head_dim] and cos/sin [tokens, 1, rotary_dim]")
-    d = q.shape[2]
-    qw, kw = b.val("q_weight"), b.val("k_weight")
+    q, k, cos = b.val("q"), b.val("k"), b.val("cos")
     reason = g.first(
-        g.float_dtype(q, "q"), g.same_dtype(q, k, "q and k"), g.same_dtype(cos, sin, "cos and sin"),
-        g.same_dtype(q, cos, "q and cos"),  # the norm's output is in q's dtype, and so is the rotation
-        None if g.same_shape(cos, sin) else f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ",
-        None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(k.shape[2], d)
+        None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(k.shape[2], q.shape[2])
         and g.known_equal(cos.shape[0], q.shape[0])
         else f"q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} differ in tokens or head_dim",
-        None if isinstance(d, int) and d % 8 == 0 and d <= MAX_HEAD_DIM
-        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
-        None if g.known_equal(cos.shape[2], rotary_dim) else f"cos width {cos.shape[2]} is not rotary_dim {rotary_dim}",
-        g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight"),
-        None if gemma else g.same_dtype(q, qw, "q and q_weight"),
-        None if gemma else g.same_dtype(q, kw, "q and k_weight"))
+        # the norm's output is in q's dtype, and so is the rotation; a Gemma `1 + w` weight is widened anyway
+        *_kernel_reasons(b, rotary_dim, norm=True, weights_in_q_dtype=not gemma))
     if reason:
         return Refusal(reason)
     return {"neox": neox, "rotary_dim": rotary_dim, "norm_offset": 1.0 if gemma else 0.0}
