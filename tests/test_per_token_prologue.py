@@ -145,3 +145,64 @@ def test_per_token_prologue_on_cuda(norm):
         exact = model.double()(*(t.double() for t in inputs))
     for g, w, e in zip(got, want, exact):
         assert rel_err(g, e) <= max(2e-3, 1.25 * rel_err(w, e))
+
+
+# ---- vLLM's rotation on q and k that come from anywhere (vLLM's Olmoe: a full-width Q/K norm first) ----------
+
+class FullWidthNormThenRope(nn.Module):
+    """vLLM's Olmoe attention: qkv split, RMSNorm over all of q's (k's) heads at once, then vLLM's
+    `forward_native` rotation from `cos_sin_cache[positions]` -- neox halves or GPT-J pairs, full or partial."""
+
+    def __init__(self, neox: bool, rotary_dim: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.neox, self.rotary_dim = neox, rotary_dim
+        self.q_norm = nn.Parameter(1.0 + 0.2 * torch.randn(4 * D, generator=gen))
+        self.k_norm = nn.Parameter(1.0 + 0.2 * torch.randn(2 * D, generator=gen))
+        angles = torch.arange(64.0)[:, None] * (0.5 ** torch.arange(rotary_dim // 2.0))[None, :]
+        self.register_buffer("cos_sin_cache", torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+    @staticmethod
+    def norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    def rotate(self, x, cos, sin):
+        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        if self.neox:
+            x1, x2 = torch.chunk(x, 2, dim=-1)
+        else:
+            x1, x2 = x[..., ::2], x[..., 1::2]
+        o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return torch.cat((o1, o2), dim=-1) if self.neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+
+    def forward(self, qkv, positions):
+        q, k, v = qkv.split([4 * D, 2 * D, 2 * D], dim=-1)
+        q, k = self.norm(q, self.q_norm), self.norm(k, self.k_norm)
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        out = []
+        for x in (q, k):
+            x = x.view(positions.shape[0], -1, D)
+            rot = self.rotate(x[..., :self.rotary_dim], cos, sin)
+            out.append(torch.cat((rot, x[..., self.rotary_dim:]), dim=-1))
+        return out[0], out[1], v
+
+
+@pytest.mark.parametrize("neox, rotary_dim", [(True, D), (False, D), (True, D // 2)],
+                         ids=["neox", "gptj", "neox_partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_rotation_of_q_and_k_from_anywhere_fuses_into_one_kernel(neox, rotary_dim, dtype):
+    model = FullWidthNormThenRope(neox, rotary_dim).to(dtype).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(7, 8 * D, generator=g).to(dtype), torch.randint(0, 64, (7,), generator=g))
+    with cpu_kernels(False):
+        got, want, fused, misses = _run(model, inputs)
+    assert fused == 1, misses
+    with torch.no_grad():
+        exact = model.double()(inputs[0].double(), inputs[1])
+    for g_, w, e in zip(got, want, exact):
+        assert g_.shape == w.shape and g_.dtype == w.dtype
+        if dtype == torch.float32:
+            assert rel_err(g_, w) < 1e-6
+        else:
+            assert rel_err(g_, e) <= max(4e-3, 1.25 * rel_err(w, e))

@@ -169,4 +169,57 @@ def _rule(gated: bool, norm: str, neox: bool) -> Rewrite:
                    ((aten.clone.default,) if gated else ()) + ((aten.rsqrt.default,) if norm != "none" else ()))
 
 
+# ---- the rotation alone, on q and k from anywhere (a full-width Q/K norm before it: vLLM's Olmoe) -------------
+
+def _rope_anywhere(neox: bool):
+    def rope_anywhere(q, k, cache, positions):
+        return _rope(positions, q, k, cache, _D, neox)
+    return rope_anywhere
+
+
+def _rope_anywhere_inputs(dtype):
+    return (torch.randn(_T, _NQ * _D, dtype=dtype), torch.randn(_T, _NKV * _D, dtype=dtype),
+            torch.randn(_P, _D, dtype=dtype), torch.randint(0, _P, (_T,)))
+
+
+def _rope_anywhere_guard(b: Bindings):
+    q, k, cache, positions = b.val("q"), b.val("k"), b.val("cache"), b.val("positions")
+    rotation = shared_rotation(b)
+    if isinstance(rotation, str):
+        return Refusal(rotation)
+    neox, rotary_dim = rotation
+    views = [n.meta["val"] for n in b.nodes(aten.view.default) if n.meta["val"].dim() == 3]
+    heads = {int(v.shape[-1]) for v in views if isinstance(v.shape[-1], int)}
+    d = max(heads) if heads else None
+    reason = g.first(
+        None if d is not None and heads <= {d, rotary_dim} else f"per-head views disagree on head_dim: {heads}",
+        g.float_dtype(q, "q"), g.same_dtype(q, k, "q and k"),
+        # the op rotates in q's dtype; a float32 cache would promote the model's products
+        g.same_dtype(q, cache, "q and cos_sin_cache"),
+        None if q.dim() == 2 and k.dim() == 2 else f"q {tuple(q.shape)}, k {tuple(k.shape)}: need [tokens, columns]",
+        None if positions.dim() == 1 and positions.dtype in (torch.int32, torch.int64)
+        else f"positions {tuple(positions.shape)} {positions.dtype}: need 1-D int",
+        None if d is None or (d % 8 == 0 and d <= MAX_HEAD_DIM)
+        else f"head_dim {d} is not supported by the kernel (a multiple of 8, at most {MAX_HEAD_DIM})",
+        None if g.known_equal(cache.shape[1], rotary_dim)
+        else f"cos_sin_cache width {cache.shape[1]} is not rotary_dim {rotary_dim}")
+    if reason:
+        return Refusal(reason)
+    return {"head_dim": d, "rotary_dim": rotary_dim, "neox": neox}
+
+
+def _rope_anywhere_fused(q, k, cache, positions, *, head_dim, rotary_dim, neox):
+    num_tokens = positions.numel()
+    cos, sin = cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
+    cos, sin = widened_tables(cos, sin, neox)
+    return torch.ops.kunlun.qk_norm_rope(q.view(num_tokens, -1, head_dim), k.view(num_tokens, -1, head_dim),
+                                         None, None, cos, sin, 1e-6, 0.0, neox)
+
+
 RULES = [_rule(gated, norm, neox) for gated, norm, neox in itertools.product((True, False), NORMS, (True, False))]
+# last: where the qkv split is in the match, the rules above take it (and the norms with it)
+RULES += [Rewrite(family="norm_rope_gate", name=f"rope_anywhere_{'neox' if neox else 'gptj'}",
+                 search=_rope_anywhere(neox), replace=_rope_anywhere_fused, example_inputs=_rope_anywhere_inputs,
+                 guard=_rope_anywhere_guard, free_arguments=_FREE,
+                 needs=(ROTARY, aten.index_select.default) + (() if neox else (aten.stack.default,)))
+          for neox in (True, False)]
