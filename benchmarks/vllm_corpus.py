@@ -124,7 +124,8 @@ Qwen3, Qwen3Moe, Gemma3, Glm4Moe fuse because their Q/K norm makes fresh tensors
 getitem(split, 0)` [T, nq*d]; `pow(q, 2)`, `mean([-1], True)`, `add(1e-5)`, `rsqrt`, `mul`, `mul(w[nq*d])`;
 then `view([T, -1, d])` and the neox rotary; k alike with w[nkv*d].  No prologue rule has a full-width norm: the
 4 norms fuse as lone `kunlun::rms_norm` (add_rmsnorm 9 instead of 5); on Olmo2 the HF prologue rule takes the
-rotary without them (norm_rope_gate 2), on Olmoe nothing does (the rotation left is named).
+rotary without them (norm_rope_gate 2), on Olmoe the rule for vLLM's rotation of q and k from anywhere
+(rules/prologue.py `rope_anywhere`, -> `kunlun::qk_norm_rope`; before it, the rotation was left and named).
 
 **C. HF Glm rotary under vLLM's transformers backend** (norm_rope_gate; Glm; head_dim 32, rotary 16).  cos/sin
 are graph inputs [1, T, 16]; `unsqueeze(1)`, `slice(3, 0, 8)`, `unsqueeze(4)`, `expand([1, 1, T, 8, 2])`,
@@ -135,13 +136,14 @@ are graph inputs [1, T, 16]; `unsqueeze(1)`, `slice(3, 0, 8)`, `unsqueeze(4)`, `
 before, the rotation read q through two equal transposes, no spelling matched, and explain.py's rotation anchor
 said "left unfused; no pattern of the family covers this spelling of the prologue".
 
-**D. Experts: vLLM's CPU MoE kernel** (moe_ffn; every MoE architecture).  `empty_like(x)`,
+**D. Experts: vLLM's CPU MoE kernel** (moe_ffn; every MoE architecture; named in a near miss by
+passes/explain_anchors.py `opaque_experts_op`).  `empty_like(x)`,
 `auto_functionalized_v2(_C.cpu_fused_moe.default, input=x [T, H] f32, w13, w2, w13_bias=None, w2_bias=None,
 topk_weights [T, k] f32, topk_id [T, k] int32, skip_weighted=False, act='silu', isa='vec', _output_base_index=0,
 _all_bases=[empty_like])`, `getitem(.., 1)`.  A shared expert (Qwen2Moe, DeepSeek, Glm4Moe) is two more
 `_C.onednn_mm` around `silu(slice) * slice`, added after (Qwen2Moe: times `sigmoid(onednn_mm(x))`);
 routed_scaling_factor multiplies the kernel's output (`mul(out, 2.5)` on DeepseekV3).  No expert GEMM in the
-graph: silent.
+graph, so nothing for a rule to take; the near miss says the experts are already one opaque kernel.
 
 **E. Routers: vLLM's CPU router** (moe_gate; fused_moe/router/cpu_router.py).  Logits come from GateLinear's
 `_C.onednn_mm` [T, E] f32.  All five forms below fuse since the router primitive (`passes/rules/moe_gate.py`:

@@ -61,7 +61,8 @@ FOUND = {
     # over the chosen, or the grouped top-k; each becomes kunlun::moe_gate
     **{arch: {"norm_rope_gate": 2, "add_rmsnorm": 5, "moe_gate": 2} for arch in ("Qwen2Moe", "Qwen3Moe", "Mixtral",
                                                                                "Glm4Moe")},
-    "Olmoe": {"add_rmsnorm": 9, "moe_gate": 2},  # + the 4 full-width Q/K norms, as lone RMSNorms
+    # + the 4 full-width Q/K norms, as lone RMSNorms; the rotation of their outputs is prologue.py's rope_anywhere
+    "Olmoe": {"norm_rope_gate": 2, "add_rmsnorm": 9, "moe_gate": 2},
     "Gemma2": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Gemma3": {"norm_rope_gate": 2, "add_rmsnorm": 9},
     "Olmo2": {"norm_rope_gate": 2, "add_rmsnorm": 9},  # the prologue without its full-width norms; they fuse lone
