@@ -142,3 +142,37 @@ def test_torch_rmsnorm_on_cuda(spelling, dtype):
         exact = model.double()(*(t.double() for t in inputs))
     for g, w, e in zip(_flat(got), _flat(want), _flat(exact)):
         assert rel_err(g, e) <= max(1e-3, 1.25 * rel_err(w, e))
+
+
+class HandWritten(nn.Module):
+    """RMSNorm as other code bases write it by hand."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.weight = nn.Parameter(1.0 + 0.2 * torch.randn(H, generator=torch.Generator().manual_seed(4)))
+
+    def forward(self, x):
+        xf = x.float()
+        if self.spelling == "div_sqrt":
+            return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.weight
+        if self.spelling == "self_product_type_as":  # gpt-fast
+            return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
+        if self.spelling == "sum_over_width":
+            return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / H + 1e-6)).to(x.dtype) * self.weight
+        if self.spelling == "square_weight_first":
+            return (self.weight.float() * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6))).type_as(x)
+        return F.rms_norm(xf, (H,), self.weight.float(), 1e-6).to(x.dtype)  # torch's norm on an upcast x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spelling", ["div_sqrt", "self_product_type_as", "sum_over_width", "square_weight_first",
+                                      "torch_on_upcast"])
+def test_hand_written_norms_fuse(spelling, dtype):
+    torch._dynamo.reset()
+    model = HandWritten(spelling).to(dtype).eval()
+    with cpu_kernels(False):
+        got, want, fused, misses = _compile(model, (_inputs(dtype)[0],))
+    assert fused == 1, misses
+    # `x / sqrt` becomes `x * rsqrt`: an ulp apart in fp32, the same bf16 after the cast
+    assert torch.equal(got, want) if dtype == torch.bfloat16 else rel_err(got, want) < 1e-6
