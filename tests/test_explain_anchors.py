@@ -264,3 +264,18 @@ def test_a_model_that_fuses_gets_no_new_line(name):
         compiled(*inputs)
     lines = [line for g in compiled.kunlun_backend.report.graphs for p in g.passes for line in p.near_misses]
     assert not [line for line in lines if "left unfused" in line], lines
+
+
+def test_experts_after_a_graph_break_say_the_router_is_elsewhere():
+    """tests/decode_stack.py's experts: `bincount` breaks the graph between the router and the expert GEMMs;
+    the GEMMs' graph holds the sorted order and counts as inputs, and the near miss says so."""
+    from . import decode_stack as ds
+    model = ds.build(ds.CPU_CONFIG)
+    inputs = ds.make_inputs(ds.CPU_CONFIG, 3, torch.Generator().manual_seed(2))
+    compiled = kc.compile(model, strict=True)
+    with torch.no_grad():
+        assert rel_err(compiled(*inputs), model(*inputs)) < 1e-5
+    lines = [m for g in compiled.kunlun_backend.report.graphs for p in g.passes for m in p.near_misses]
+    moe = _unfused(lines, "moe_ffn")
+    assert len(moe) == 2, lines  # the gate/up and the down GEMM
+    assert all("the router's top-k / sort is not in this graph" in m for m in moe), moe

@@ -58,6 +58,31 @@ def _describe_opaque_experts(node: fx.Node) -> str:
     return f"{opaque_experts_op(node)}: the routed experts as one opaque kernel"
 
 
+# what picks the experts: a rule fusing the experts reads the ids these make
+_ROUTER_OPS = {aten.topk.default, aten.sort.default, aten.argsort.default, aten.argsort.stable}
+
+
+def routed_without_router(node: fx.Node, limit: int = 400) -> bool:
+    """An expert GEMM none of whose inputs comes from a top-k or sort of this graph: the router ran in an
+    earlier graph (Dynamo breaks the graph at a data-dependent op such as `bincount` or `nonzero`)."""
+    if not is_expert_gemm(node):
+        return False
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and (n.target in _ROUTER_OPS or "kunlun" in op_name(n.target)):
+            return False
+        stack.extend(n.all_input_nodes)
+    return len(seen) < limit
+
+
+def _describe_routed_without_router(node: fx.Node) -> str:
+    return f"{op_name(node.target)} of {val(node.args[0])}: expert GEMM whose expert order comes in as a graph input"
+
+
 def _stacked_weight(node) -> Optional[fx.Node]:
     """The 3-D parameter (placeholder or attribute, maybe cast) a bmm's second operand is, else None."""
     while isinstance(node, fx.Node) and node.target is aten._to_copy.default:
@@ -307,6 +332,9 @@ _UNCOVERED = {
     "moe_ffn": [(lambda n: opaque_experts_op(n) is not None, _describe_opaque_experts,
                  "the experts are already one fused kernel of the serving framework: no expert GEMM in the graph "
                  "for a rule to take, and the op is left as it is"),
+                (routed_without_router, _describe_routed_without_router,
+                 "the router's top-k / sort is not in this graph (the graph broke between them, e.g. at a "
+                 "data-dependent bincount or nonzero), and a rule needs both"),
                 (lambda n: not is_expert_gemm(n), _describe_dense_experts,
                  "no pattern of the family covers dense experts (its rules take routed ones: a grouped GEMM or "
                  "weights gathered by expert id)")],
