@@ -212,6 +212,7 @@ def share_tables(gm: fx.GraphModule) -> int:
     and model code may unsqueeze them once per rotation; q's and k's rotations must read the same nodes for a
     prologue rule to see one pair of tables.  In graph order, so a merged input makes its users equal."""
     seen, merged = {}, 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _TABLE_OPS + (aten.unsqueeze.default,) \
                 or not _feeds_rotations_only(node):
@@ -223,7 +224,7 @@ def share_tables(gm: fx.GraphModule) -> int:
         first = seen.setdefault(key, node)
         if first is node:
             continue
-        if node.target is aten.unsqueeze.default and _rotations_after(first, node):
+        if node.target is aten.unsqueeze.default and _rotations_after(first, node, order):
             seen[key] = node  # a later layer's: the next equal unsqueeze may pair with this one
             continue
         node.replace_all_uses_with(first)
@@ -239,17 +240,19 @@ def share_tables(gm: fx.GraphModule) -> int:
 _TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default, aten.sym_size.int)
 
 
-def _rotations_after(first: fx.Node, node: fx.Node) -> bool:
-    """Whether `node`'s rotations depend on a rotation that reads `first` (a later layer)."""
-    starts = [r for r in _rotations_of(first)]
-    targets = set(_rotations_of(node))
+def _rotations_after(first: fx.Node, node: fx.Node, order) -> bool:
+    """Whether `node`'s rotations depend on a rotation that reads `first` (a later layer).  The walk stops past
+    the last of them in graph order: one layer's nodes, not the rest of the model."""
+    starts = _rotations_of(first)
+    targets = set(_rotations_of(node)) - set(starts)
+    last = max((order.get(t, -1) for t in targets), default=-1)
     seen, stack = set(), list(starts)
     while stack:
         n = stack.pop()
-        if n in targets and n not in starts:
+        if n in targets:
             return True
         for u in n.users:
-            if u not in seen:
+            if u not in seen and order.get(u, last + 1) <= last:
                 seen.add(u)
                 stack.append(u)
     return False
