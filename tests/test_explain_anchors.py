@@ -77,22 +77,36 @@ def _rope_args():
     return _randn(2, 4, 5, 16), _randn(2, 2, 5, 16), _randn(2, 5, 8), _randn(2, 5, 8)
 
 
+def _q_only(model):
+    """The rotation of q alone: no pair of rotations for a prologue rule to take, so a near miss describes it."""
+    class QOnly(nn.Module):
+        def forward(self, q, k, cos, sin):
+            return model(q, q[:, :0], cos, sin)[0]
+    return QOnly()
+
+
 def test_a_chunked_rotation_without_neg_is_described():
-    lines = _unfused(_compile(ChunkRotary(), *_rope_args()), "norm_rope_gate")
-    assert len(lines) == 2, lines  # q and k
-    assert all(WHY_PROLOGUE in line for line in lines), lines
+    lines = _unfused(_compile(_q_only(ChunkRotary()), *_rope_args()), "norm_rope_gate")
+    assert len(lines) == 1, lines
     assert "(rotary rotation, halves without rotate_half (x1*cos - x2*sin, x2*cos + x1*sin, no -x2) into a cat, " \
-           "of float32 [2, 4, 5, 16] with cos float32 [2, 1, 5, 8])" in lines[0], lines
-    assert "of float32 [2, 2, 5, 16]" in lines[1], lines
+           "of float32 [2, 4, 5, 16] with cos float32 [2, 1, 5, 8]) left unfused" in lines[0], lines
 
 
 @pytest.mark.parametrize("join", ["cat", "stack", "interleave"])
 def test_an_even_odd_rotation_is_described(join):
-    lines = _unfused(_compile(EvenOddRotary(join), *_rope_args()), "norm_rope_gate")
-    assert len(lines) == 2, lines
+    lines = _unfused(_compile(_q_only(EvenOddRotary(join)), *_rope_args()), "norm_rope_gate")
+    assert len(lines) == 1, lines
     joined = "stack" if join == "stack" else "cat"
-    assert all("even/odd slices without rotate_half" in line and f"into a {joined}, of float32" in line
-               and WHY_PROLOGUE in line for line in lines), lines
+    assert "even/odd slices without rotate_half" in lines[0] and f"into a {joined}, of float32" in lines[0], lines
+    if join == "cat":  # the pairs' results de-interleaved (DeepSeek-V3): no spelling of the primitive
+        assert WHY_PROLOGUE in lines[0], lines
+
+
+@pytest.mark.parametrize("model", [ChunkRotary(), EvenOddRotary("stack")], ids=["chunk", "pairs"])
+def test_q_and_k_rotations_sharing_tables_fuse_without_a_transpose(model):
+    """The same rotations of q and k (GptOss's spelling; GPT-J pairs), their tables shared: one kernel."""
+    lines = _compile(model, *_rope_args())
+    assert _unfused(lines, "norm_rope_gate") == [], lines
 
 
 class ComplexRotary(nn.Module):
@@ -107,13 +121,18 @@ class ComplexRotary(nn.Module):
         return rotate(q), rotate(k)
 
 
-def test_a_complex_rotation_is_described():
+def test_a_complex_rotation_fuses_and_leaves_nothing_to_describe():
     q, k, freqs = _randn(2, 5, 4, 16), _randn(2, 5, 2, 16), _randn(2, 5, 8)
-    lines = _unfused(_compile(ComplexRotary(), q, k, freqs), "norm_rope_gate")
-    assert len(lines) == 2, lines  # the tables' polar and any scaling are complex products too, but no rotation
-    assert "(rotary rotation, complex multiply (view_as_complex) of float32 [2, 5, 4, 16] by complex64 " \
-           "[2, 5, 1, 8], read back with view_as_real)" in lines[0], lines
-    assert all(WHY_PROLOGUE in line for line in lines), lines
+    lines = _compile(ComplexRotary(), q, k, freqs)
+    assert _unfused(lines, "norm_rope_gate") == [], lines  # the rotation is a primitive, q's and k's fuse
+
+
+def test_a_refused_complex_rotation_says_why():
+    """A complex128 table (float64 angles): the primitive's float32 arithmetic would not be the model's."""
+    q, k, freqs = _randn(2, 5, 4, 16), _randn(2, 5, 2, 16), _randn(2, 5, 8).double()
+    lines = _compile(ComplexRotary(), q, k, freqs)
+    assert any("rotary_complex_pairs: the complex table is torch.complex128, not complex64" in m for m in lines), \
+        lines
 
 
 # ---- routers without top-k ----------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ ARCHS = [
               moe_gate=2,  # Llama4Router: topk on logits, scatter into -inf, sigmoid (top-1)
               moe_ffn=2,  # Llama4TextExperts: every token through every expert (bmm), inputs pre-scaled by the
                           # router scores; + shared_expert
-          ), found=both(norm_rope_gate=0, moe_ffn=0),
+          ), found=both(moe_ffn=0),  # the rotation is a primitive (rotary_complex_pairs), the pair fuses
           forms=("complex (view_as_complex) rotary in fp32", "weightless L2 Q/K norm after the rotary",
                  "top-k-then-sigmoid router", "dense all-expert bmm", "shared expert")),
     _arch("Starcoder2", expected=dict(
@@ -281,7 +281,7 @@ ARCHS = [
         moe_gate=2,  # DeepseekV2TopkRouter: fp32 linear, softmax, topk(sorted=False) (topk_method greedy),
                      # no renormalise, * routed_scaling_factor (1.0)
         moe_ffn=2,  # first_k_dense_replace=0; + shared_experts
-    ), found=both(norm_rope_gate=0),
+    ),  # MLA's q_pe / k_pe rotations: complex pairs (rotary_complex_pairs), fused as a pair (rope_pair)
         forms=("MLA", "complex rotary in fp32", "softmax greedy router, unsorted top-k", "shared experts")),
     _arch("Cohere2", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Cohere2Attention: as Cohere, on sliding layers (both here)

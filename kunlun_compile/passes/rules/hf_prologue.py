@@ -70,6 +70,16 @@ def _per_token_norm_rope(norm):
     return per_token_norm_rope
 
 
+def rope_pair(q, k, cos, sin):
+    """q's and k's rotations sharing one pair of tables, whatever made q and k: rotated before the head
+    transpose ([B, S, H, D], Meta's Llama, Llama4) or after it and sliced (DeepSeek-V2's MLA q_pe / k_pe)."""
+    return _rotated(q, cos, sin), _rotated(k, cos, sin)
+
+
+def upcast_rope_pair(q, k, cos, sin):
+    return _rotated(q.float(), cos, sin), _rotated(k.float(), cos, sin)
+
+
 gemma_per_token_norm_rope = _per_token_norm_rope(gemma_lone)
 per_token_norm_rope = _per_token_norm_rope(hf_lone)
 
@@ -92,6 +102,15 @@ def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upc
 
 def fused_per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps, norm_offset=0.0, neox, rotary_dim):
     return torch.ops.kunlun.qk_norm_rope(q, k, q_weight, k_weight, cos[:, 0], sin[:, 0], eps, norm_offset, neox)
+
+
+def fused_rope_pair(q, k, cos, sin, *, heads_first: bool, **params):
+    """`_fused` takes q and k before the head transpose and tables [B|1, 1, S|1, R]."""
+    if heads_first:  # [B, H, S, D]
+        q_out, k_out = _fused(q.transpose(1, 2), k.transpose(1, 2), None, None, cos, sin, **params)
+        return q_out, k_out
+    q_out, k_out = _fused(q, k, None, None, cos.transpose(1, 2), sin.transpose(1, 2), **params)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 def fused_rope(q, k, cos, sin, **params):
@@ -178,6 +197,52 @@ def _per_token_guard(b: Bindings, gemma: bool):
     return {"neox": neox, "rotary_dim": rotary_dim, "norm_offset": 1.0 if gemma else 0.0}
 
 
+def _pair_guard(b: Bindings, upcast: bool):
+    q, k, cos = b.val("q"), b.val("k"), b.val("cos")
+    rotation = shared_rotation(b)
+    if isinstance(rotation, str):
+        return Refusal(rotation)
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 4:
+        return Refusal(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}: need 4-D q, k and tables")
+    neox, rotary_dim = rotation
+
+    def along(dim):
+        return g.known_equal(cos.shape[dim], q.shape[dim]) or g.known_equal(cos.shape[dim], 1)
+
+    def fits(heads_dim, tokens_dim):  # tables broadcast over the heads' dim and run along the tokens'
+        return g.known_equal(cos.shape[heads_dim], 1) and along(tokens_dim) and along(0)
+    heads_first = fits(1, 2)  # [B, H, S, D] with tables [B|1, 1, S|1, R]
+    if not heads_first and not fits(2, 1):
+        return Refusal(f"cos {tuple(cos.shape)} runs along neither q {tuple(q.shape)}'s dim 2 (heads first) nor "
+                       "its dim 1 (tokens first)")
+    tokens = 2 if heads_first else 1
+    reason = g.first(
+        None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(q.shape[tokens], k.shape[tokens])
+        and g.known_equal(q.shape[3], k.shape[3])
+        else f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, tokens or head_dim",
+        *_kernel_reasons(b, rotary_dim, norm=False, weights_in_q_dtype=False))
+    if reason:
+        return Refusal(reason)
+    params = {"neox": neox, "rotary_dim": rotary_dim, "heads_first": heads_first}
+    if upcast:
+        params["upcast"] = True
+    return params
+
+
+def _pair_inputs(dtype):
+    q, k = torch.randn(_B, _NQ, _S, _D, dtype=dtype), torch.randn(_B, _NKV, _S, _D, dtype=dtype)
+    cos, sin = (torch.randn(_B, 1, _S, _D, dtype=dtype) for _ in range(2))
+    return q, k, cos, sin
+
+
+def _pair_rule(name, search, upcast: bool) -> Rewrite:
+    return Rewrite(family="norm_rope_gate", name=name, search=search, replace=fused_rope_pair,
+                   example_inputs=_pair_inputs,
+                   guard=lambda b: _pair_guard(b, upcast), free_arguments=_FREE,
+                   dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
+                   needs=(ROTARY,))
+
+
 def _per_token_inputs(dtype):
     q, k = torch.randn(_S, _NQ, _D, dtype=dtype), torch.randn(_S, _NKV, _D, dtype=dtype)
     cos, sin = (torch.randn(_S, 1, _D, dtype=dtype) for _ in range(2))
@@ -219,4 +284,7 @@ RULES = [
     _rule("hf_rope", plain_rope, norm=False),
     _per_token_rule("per_token_gemma_qknorm_rope", gemma_per_token_norm_rope, gemma=True),
     _per_token_rule("per_token_qknorm_rope", per_token_norm_rope, gemma=False),
+    # last: any two rotations sharing tables, once no rule with a norm or a transpose took them
+    _pair_rule("upcast_rope_pair", upcast_rope_pair, upcast=True),
+    _pair_rule("rope_pair", rope_pair, upcast=False),
 ]

@@ -78,6 +78,19 @@ def _written_out_with_rest(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
+def _complex_pairs(x, freqs):
+    """Meta's Llama reference / torchtitan / HF Llama4 and DeepseekV2: pairs as complex numbers times a complex
+    table, in float32, read back as real pairs and cast to x's dtype (a no-op in float32)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def _complex_pairs_kept_float(x, freqs):
+    """The same, the result left in float32 (half-precision x only: in float32 it is the form above)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2)
+
+
 def _cat(a, b):
     return torch.cat((a, b), dim=-1)
 
@@ -131,6 +144,49 @@ def _with_rest_guard(b: Bindings):
     reason = g.first(g.float_dtype(x, "x"), g.float_dtype(cos, "cos"), g.same_dtype(cos, b.val("sin"), "cos and sin"),
                      None if g.same_shape(cos, b.val("sin")) else "cos and sin differ in shape", _grows(x, cos))
     return Refusal(reason) if reason else {}
+
+
+def _complex_guard(b: Bindings):
+    """The row width is read off the rotation's output: in float32 (no upcast in between) canonicalisation
+    folds the model's per-head view into the pairs' view, so x may be the [.., heads * head_dim] projection."""
+    x, freqs = b.val("x"), b.val("freqs")
+    (out,) = [n.meta["val"] for n in b.match.output_nodes() if n is not None]
+    d = out.shape[-1]
+    if not (isinstance(d, int) and d % 2 == 0):
+        return Refusal(f"rotated width {d} is not a static even size")
+    heads = None if g.same_shape(out, x) else tuple(out.shape)  # x is the projection the per-head view folded into
+    if heads is not None and not all(isinstance(n, int) for n in heads):
+        return Refusal(f"x {tuple(x.shape)} is viewed per head as {heads}, not a static shape")
+    reason = g.first(
+        g.float_dtype(x, "x"),
+        None if freqs.dtype == torch.complex64 else f"the complex table is {freqs.dtype}, not complex64",
+        None if g.known_equal(freqs.shape[-1] * 2, d) else f"the complex table's width {freqs.shape[-1]} is not "
+                                                            f"half the rotated width {d}",
+        _grows(out, freqs))
+    return Refusal(reason) if reason else {"head_dim": d, "heads": heads}
+
+
+def _complex_tables(freqs):
+    """cos and sin of each pair, widened to each rotated element (GPT-J layout)."""
+    parts = torch.view_as_real(freqs)
+    return widened_tables(parts[..., 0], parts[..., 1], False)
+
+
+def _complex_primitive(x, freqs, *, head_dim, heads):
+    cos, sin = _complex_tables(freqs)
+    x_heads = x if heads is None else x.reshape(heads)
+    return torch.ops.kunlun.rotary(x_heads.float(), cos, sin, False, head_dim).to(x.dtype)
+
+
+def _complex_primitive_kept_float(x, freqs, *, head_dim, heads):
+    cos, sin = _complex_tables(freqs)
+    x_heads = x if heads is None else x.reshape(heads)
+    return torch.ops.kunlun.rotary(x_heads.float(), cos, sin, False, head_dim)
+
+
+def _complex_inputs(dtype):
+    angles = torch.rand(1, 5, 1, _D // 2)
+    return torch.randn(2, 5, 3, _D, dtype=dtype), torch.polar(torch.ones_like(angles), angles)
 
 
 def _partial_primitive(x, cos, sin):
@@ -191,6 +247,15 @@ def _rules():
                 guard=lambda b, half_tables=half_tables: _guard(b, half_tables),
                 dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
                 needs=(needs, aten.stack.default if join is _interleave else aten.cat.default)))
+    for name, search, replace, dtypes in (
+            ("rotary_complex_pairs", _complex_pairs, _complex_primitive,
+             (torch.float32, torch.bfloat16, torch.float16)),
+            ("rotary_complex_pairs_kept_float", _complex_pairs_kept_float, _complex_primitive_kept_float,
+             (torch.bfloat16, torch.float16))):
+        SPELLINGS[name] = "pairs as complex numbers (view_as_complex) times a complex table, in float32"
+        rules.append(Rewrite(family="norm_rope_gate", name=name, search=search, replace=replace,
+                             example_inputs=_complex_inputs, guard=_complex_guard, dtypes=dtypes,
+                             needs=(aten.view_as_complex.default, aten.view_as_real.default)))
     name = "rotary_written_out_halves_with_rest"
     SPELLINGS[name] = f"halves {_WRITTEN_OUT} and the passed-through rest in one cat"
     rules.append(Rewrite(family="norm_rope_gate", name=name, search=_written_out_with_rest,
@@ -237,7 +302,9 @@ def share_tables(gm: fx.GraphModule) -> int:
 # per forward is equal in every layer: merged, it would let a prologue rule pair one layer's q with another's
 # k, so an unsqueeze is merged only into one whose rotations do not feed its own (the same layer's q and k).
 # (`sym_size`: under dynamic shapes a widened table's view reads its sizes off the table it was built from)
-_TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default, aten.sym_size.int)
+# (`view_as_real`, `select`: the cos and sin parts of a complex table)
+_TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default, aten.sym_size.int, aten.view_as_real.default,
+              aten.select.int)
 
 
 def _rotations_after(first: fx.Node, node: fx.Node, order) -> bool:
