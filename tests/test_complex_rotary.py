@@ -139,3 +139,44 @@ def test_a_complex_table_in_double_precision_is_refused():
         got, want = compiled(q, k, freqs), Double()(q, k, freqs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert compiled.kunlun_backend.report.graphs[0].patterns.get("norm_rope_gate", 0) == 0
+
+
+class Layer(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.wq = nn.Parameter(torch.randn(H * D, 32, generator=gen) / 6)
+        self.wk = nn.Parameter(torch.randn(KV * D, 32, generator=gen) / 6)
+        self.wo = nn.Parameter(torch.randn(32, H * D, generator=gen) / 6)
+
+    def forward(self, x, freqs_cis):
+        q, k = (x @ self.wq.t()).view(B, S, H, D), (x @ self.wk.t()).view(B, S, KV, D)
+        freqs = freqs_cis.view(1, S, 1, D // 2)  # the same view in every layer: one node once merged
+        q, k = complex_rotation(q, freqs), complex_rotation(k, freqs)
+        a = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2),
+                                                             enable_gqa=True)
+        return x + a.transpose(1, 2).reshape(B, S, H * D) @ self.wo.t()
+
+
+class ThreeLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(1), Layer(2), Layer(3)])
+        self.register_buffer("freqs_cis", _freqs())
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, self.freqs_cis)
+        return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layers_sharing_one_table_pair_each_layers_own_q_and_k(dtype):
+    """Every layer's rotations read one table node: the next layer's k is a structural candidate for this
+    layer's q, but it depends on it -- one kernel for both would read its own output.  Each layer pairs its own
+    (the pass ran strict: a cycle would have raised)."""
+    model = _cast_weights(ThreeLayers(), dtype)
+    with cpu_kernels(False):
+        got, want, fused, misses = _run(model, _x(dtype))
+    assert fused == 3, misses
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 4e-3)

@@ -202,16 +202,36 @@ def _pattern_nodes(p) -> Iterable[pm.PatternExpr]:
             stack.extend(a for a in q.flat_args_kwargs[0] if isinstance(a, pm.PatternExpr))
 
 
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    """Whether `dst` depends on `src`; the walk stays before `dst` in graph order."""
+    if not src < dst:
+        return False
+    seen, stack = {src}, [src]
+    while stack:
+        for u in stack.pop().users:
+            if u is dst:
+                return True
+            if u not in seen and u < dst:
+                seen.add(u)
+                stack.append(u)
+    return False
+
+
 class _DistinctOutputs(pm.MultiOutputPattern):
-    """A pattern's outputs are distinct nodes.  Inductor's matcher looks for the second output among the
-    users of what the first bound, and may bind it to the first output's own node when the two chains are
-    alike (q's and k's rotations of shared tables): one replacement per tensor instead of one per pair."""
+    """A pattern's outputs are distinct, independent nodes.  Inductor's matcher looks for the second output
+    among the users of what the first bound, and may bind it to the first output's own node when the two chains
+    are alike (q's and k's rotations of shared tables): one replacement per tensor instead of one per pair.
+    And tables shared by every layer make the next layer's k a candidate for this layer's q: one replacement
+    for both would read what it produces (a cycle), so an output that depends on another is no candidate."""
 
     def _match_from_anchors(self, pattern, ctx):
         prior = dict(ctx.pattern_to_node)
         bound = [ctx.pattern_to_node.get(o) for o in self.outputs if o is not None]
+        bound_nodes = [n for n in bound if isinstance(n, fx.Node)]
         m = pm.FailedMatch("no anchor found")
         for node in pattern.find_anchor_nodes(ctx, OrderedSet(n for n in bound if n is not None)):
+            if isinstance(node, fx.Node) and any(_reaches(b, node) or _reaches(node, b) for b in bound_nodes):
+                continue
             m = ctx.match(pattern, node)
             if pm.is_match(m):
                 return m
