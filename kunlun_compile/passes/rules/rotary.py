@@ -172,16 +172,14 @@ def _complex_tables(freqs):
     return widened_tables(parts[..., 0], parts[..., 1], False)
 
 
-def _complex_primitive(x, freqs, *, head_dim, heads):
-    cos, sin = _complex_tables(freqs)
-    x_heads = x if heads is None else x.reshape(heads)
-    return torch.ops.kunlun.rotary(x_heads.float(), cos, sin, False, head_dim).to(x.dtype)
-
-
 def _complex_primitive_kept_float(x, freqs, *, head_dim, heads):
     cos, sin = _complex_tables(freqs)
     x_heads = x if heads is None else x.reshape(heads)
     return torch.ops.kunlun.rotary(x_heads.float(), cos, sin, False, head_dim)
+
+
+def _complex_primitive(x, freqs, *, head_dim, heads):
+    return _complex_primitive_kept_float(x, freqs, head_dim=head_dim, heads=heads).to(x.dtype)
 
 
 def _complex_inputs(dtype):
