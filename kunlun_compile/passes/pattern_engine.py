@@ -218,25 +218,31 @@ def _reaches(src: fx.Node, dst: fx.Node) -> bool:
 
 
 class _DistinctOutputs(pm.MultiOutputPattern):
-    """A pattern's outputs are distinct, independent nodes.  Inductor's matcher looks for the second output
-    among the users of what the first bound, and may bind it to the first output's own node when the two chains
-    are alike (q's and k's rotations of shared tables): one replacement per tensor instead of one per pair.
-    And tables shared by every layer make the next layer's k a candidate for this layer's q: one replacement
-    for both would read what it produces (a cycle), so an output that depends on another is no candidate."""
+    """A pattern's outputs are distinct nodes, and the match must not close a cycle.  Inductor's matcher looks
+    for the second output among the users of what the first bound, and may bind it to the first output's own
+    node when the two chains are alike (q's and k's rotations of shared tables): one replacement per tensor
+    instead of one per pair.  And tables shared by every layer make the next layer's k a candidate for this
+    layer's q: one replacement for both would read what it produces, so a candidate whose match has an input
+    that depends on an output is passed over for the next one."""
 
     def _match_from_anchors(self, pattern, ctx):
         prior = dict(ctx.pattern_to_node)
         bound = [ctx.pattern_to_node.get(o) for o in self.outputs if o is not None]
-        bound_nodes = [n for n in bound if isinstance(n, fx.Node)]
         m = pm.FailedMatch("no anchor found")
         for node in pattern.find_anchor_nodes(ctx, OrderedSet(n for n in bound if n is not None)):
-            if isinstance(node, fx.Node) and any(_reaches(b, node) or _reaches(node, b) for b in bound_nodes):
-                continue
             m = ctx.match(pattern, node)
-            if pm.is_match(m):
+            if pm.is_match(m) and not self._closes_a_cycle(ctx):
                 return m
+            if pm.is_match(m):
+                m = pm.FailedMatch("the outputs' match would read one of its own outputs")
             ctx.pattern_to_node = dict(prior)
         return m
+
+    def _closes_a_cycle(self, ctx) -> bool:
+        outputs = [ctx.pattern_to_node.get(o) for o in self.outputs if o is not None]
+        inputs = [n for p, n in ctx.pattern_to_node.items()
+                  if isinstance(n, fx.Node) and not isinstance(p, pm._TargetExpr)]
+        return any(_reaches(o, i) for o in outputs if isinstance(o, fx.Node) for i in inputs)
 
 
 def _outputs(p) -> List[pm.PatternExpr]:
