@@ -180,3 +180,16 @@ def test_layers_sharing_one_table_pair_each_layers_own_q_and_k(dtype):
         got, want, fused, misses = _run(model, _x(dtype))
     assert fused == 3, misses
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_cls", [MetaAttention, MlaRope, ThreeLayers],
+                         ids=["before_transpose", "mla_after_transpose", "three_layers"])
+def test_complex_rotations_on_cuda(model_cls):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _cast_weights(model_cls(), torch.bfloat16).cuda()
+    got, want, fused, misses = _run(model, _x(torch.bfloat16).cuda())
+    assert fused == (3 if model_cls is ThreeLayers else 1), misses
+    for g, w in zip(_outs(got), _outs(want)):
+        assert rel_err(g, w) < 4e-3

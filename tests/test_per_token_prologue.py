@@ -206,3 +206,21 @@ def test_a_rotation_of_q_and_k_from_anywhere_fuses_into_one_kernel(neox, rotary_
             assert rel_err(g_, w) < 1e-6
         else:
             assert rel_err(g_, e) <= max(4e-3, 1.25 * rel_err(w, e))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("neox, rotary_dim", [(True, D), (False, D), (True, D // 2)],
+                         ids=["neox", "gptj", "neox_partial"])
+def test_a_rotation_of_q_and_k_from_anywhere_on_cuda(neox, rotary_dim):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = FullWidthNormThenRope(neox, rotary_dim).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(300, 8 * D, generator=g).to("cuda", torch.bfloat16),
+              torch.randint(0, 64, (300,), generator=g).cuda())
+    got, want, fused, misses = _run(model, inputs)
+    assert fused == 1, misses
+    with torch.no_grad():
+        exact = model.double()(inputs[0].double(), inputs[1])
+    for g_, w, e in zip(got, want, exact):
+        assert rel_err(g_, e) <= max(4e-3, 1.25 * rel_err(w, e))
