@@ -298,3 +298,34 @@ def test_experts_after_a_graph_break_say_the_router_is_elsewhere():
     moe = _unfused(lines, "moe_ffn")
     assert len(moe) == 2, lines  # the gate/up and the down GEMM
     assert all("the router's top-k / sort is not in this graph" in m for m in moe), moe
+
+
+class ExpertsAfterAFusedOp(nn.Module):
+    """The experts' half of a MoE whose router ran in an earlier graph (its sorted order and per-expert counts
+    come in), fed by rotations that an earlier family fuses (a kunlun op upstream is not a router)."""
+
+    def __init__(self, experts=4, hidden=64, inter=16, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.rotary = ChunkRotary()
+        self.gate_up = nn.Parameter(torch.randn(experts, hidden, 2 * inter) / 8)
+        self.down = nn.Parameter(torch.randn(experts, inter, hidden) / 4)
+
+    def forward(self, q, k, cos, sin, order, counts):
+        q, k = self.rotary(q, k, cos, sin)
+        h = q.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[3])  # [B * S, H * D]
+        rows = h[order // self.top_k]
+        expert = torch.searchsorted(counts.cumsum(0), torch.arange(rows.shape[0]), right=True)
+        gate, up = torch.bmm(rows.unsqueeze(1), self.gate_up[expert]).squeeze(1).chunk(2, dim=-1)
+        out = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.down[expert]).squeeze(1)
+        return torch.zeros_like(h).index_add_(0, order // self.top_k, out), k
+
+
+def test_experts_behind_a_fused_op_still_say_the_router_is_elsewhere():
+    ids = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(1)).reshape(-1)
+    order, counts = ids.argsort(stable=True), torch.bincount(ids, minlength=4)
+    lines = _compile(ExpertsAfterAFusedOp().eval().requires_grad_(False), *_rope_args(), order, counts)
+    assert _unfused(lines, "norm_rope_gate") == [], lines  # the rotations fused: a kunlun op before the experts
+    moe = _unfused(lines, "moe_ffn")
+    assert len(moe) == 2, lines
+    assert all("the router's top-k / sort is not in this graph" in m for m in moe), moe

@@ -58,8 +58,9 @@ def _describe_opaque_experts(node: fx.Node) -> str:
     return f"{opaque_experts_op(node)}: the routed experts as one opaque kernel"
 
 
-# what picks the experts: a rule fusing the experts reads the ids these make
+# what picks the experts (or orders the pairs by expert): a rule fusing the experts reads the ids these make
 _ROUTER_OPS = {aten.topk.default, aten.sort.default, aten.argsort.default, aten.argsort.stable}
+_ROUTER_KERNELS = ("kunlun::moe_gate", "kunlun::router")
 
 
 def routed_without_router(node: fx.Node, limit: int = 400) -> bool:
@@ -73,7 +74,7 @@ def routed_without_router(node: fx.Node, limit: int = 400) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and (n.target in _ROUTER_OPS or "kunlun" in op_name(n.target)):
+        if n.op == "call_function" and (n.target in _ROUTER_OPS or op_name(n.target) in _ROUTER_KERNELS):
             return False
         stack.extend(n.all_input_nodes)
     return len(seen) < limit

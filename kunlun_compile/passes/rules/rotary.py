@@ -297,8 +297,10 @@ def share_tables(gm: fx.GraphModule) -> int:
 
 
 # Only the widening's own ops are merged unconditionally.  A model's `cos.unsqueeze(1)` of tables computed once
-# per forward is equal in every layer: merged, it would let a prologue rule pair one layer's q with another's
-# k, so an unsqueeze is merged only into one whose rotations do not feed its own (the same layer's q and k).
+# per forward is equal in every layer: merged, every layer's k would be a candidate for each layer's q (the
+# engine passes over the ones that would close a cycle, `pattern_engine._DistinctOutputs`, but tries them one
+# by one: layers x layers matches), so an unsqueeze is merged only into one whose rotations do not feed its own
+# (the same layer's q and k).
 # (`sym_size`: under dynamic shapes a widened table's view reads its sizes off the table it was built from)
 # (`view_as_real`, `select`: the cos and sin parts of a complex table)
 _TABLE_OPS = (aten.cat.default, aten.stack.default, aten.view.default, aten.sym_size.int, aten.view_as_real.default,
