@@ -6,7 +6,8 @@ kunlun with every fusion off.  Per batch: wall time per call (the stack reads `b
 every variant, so whole-call CUDA-graph replay is not possible), the kunlun fusions found, and each variant's
 error against a float64 copy of the model (its experts as a per-expert loop).
 
-    python benchmarks/bench_decode_stack.py [OUT_DIR]    -> decode_stack.json
+    python benchmarks/bench_decode_stack.py [OUT_DIR]    -> decode_stack.json and .png
+    python benchmarks/bench_decode_stack.py --plot JSON   -> the .png again from a JSON (no GPU needed)
 """
 from __future__ import annotations
 
@@ -50,7 +51,35 @@ def rel_err(got, want) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
+def plot(json_path: str) -> None:
+    """Each variant's time per batch as a ratio to inductor reduce-overhead, next to the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    labels = [k[: -len("_ms")] for k in rows[0] if k.endswith("_ms")]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        ax.bar([j + i * width for j in range(len(rows))],
+               [r[f"{label}_ms"] / r["inductor_reduce_overhead_ms"] for r in rows], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("time / inductor reduce-overhead")
+    ax.set_title(f"decode stack (tests/decode_stack.py), {data['device']}, bf16, wall time per call")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(json_path[: -len(".json")] + ".png", dpi=120)
+
+
 def main():
+    if sys.argv[1:2] == ["--plot"]:
+        plot(sys.argv[2])
+        return
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     cfg = ds.GPU_CONFIG
     model = ds.build(cfg, "cuda", torch.bfloat16)
@@ -95,6 +124,7 @@ def main():
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "config": dataclasses.asdict(cfg), "cache_len": CACHE_LEN,
                        "rows": rows}, f, indent=1)
+    plot(os.path.join(out_dir, "decode_stack.json"))
 
 
 if __name__ == "__main__":
