@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import kunlun_compile as kc
+from kunlun_compile.ops import qk_norm_rope
 from kunlun_compile.triton_kernel import cpu_kernels
 
 from .conftest import rel_err
@@ -114,6 +115,29 @@ def test_complex_rotations_of_q_and_k_fuse_into_one_kernel(model_cls, dtype, ker
         # last-bit flip once rounded to bf16 -- or, interpreted, the interpreter's truncating cast to bf16
         bound = 1e-6 if dtype == torch.float32 else (8e-3 if kernel == "interpreted" else 4e-3)
         assert rel_err(g, w) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_cls", [MetaAttention, MlaRope], ids=["before_transpose", "mla_after_transpose"])
+def test_the_kernel_reads_the_complex_table_in_place_and_rounds_once(model_cls, dtype, monkeypatch):
+    """No widened copy of the table (cos and sin are the complex table's parts) and, in bf16, no cast
+    kernels around the op: q and k are read in bf16 and the float32 rotation is rounded once, as the model's
+    `type_as(x)` does."""
+    model = _cast_weights(model_cls(), dtype)
+    torch._dynamo.reset()
+    compiled = kc.compile(model, strict=True)
+    x = _x(dtype)
+    calls, reference = [], qk_norm_rope.reference
+    monkeypatch.setattr(qk_norm_rope, "reference", lambda *args: calls.append(args) or reference(*args))
+    with torch.no_grad(), cpu_kernels(False):
+        want, got = model(x), compiled(x)
+    q, k, _, _, cos, sin, _, _, neox, float_math, half_width = calls[0]  # (float_math calls itself once more)
+    # one angle per pair: the complex table's parts (copied once here: shared over a batch of 2, expanded)
+    rotated = 8 if model_cls is MlaRope else D
+    assert half_width and not neox and cos.shape[-1] == sin.shape[-1] == rotated // 2
+    assert q.dtype == dtype and float_math == (dtype == torch.bfloat16)
+    for g, w in zip(_outs(got), _outs(want)):
+        assert rel_err(g, w) < (1e-6 if dtype == torch.float32 else 4e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -66,6 +66,20 @@ def test_qk_norm_rope_cuda(dtype, T):
             if dtype != torch.float32:
                 assert (g != w).float().mean().item() < 0.01
             assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]
+        # half-width tables read in place (a complex table's parts, 2 columns apart): the widened table's bits
+        parts = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(dtype)
+        got = torch.ops.kunlun.qk_norm_rope(q, k, *weights, parts[..., 0], parts[..., 1], 1e-6, 0.0, True, False,
+                                            True)
+        want = torch.ops.kunlun.qk_norm_rope(q, k, *weights, qk_norm_rope.widened(parts[..., 0], True).contiguous(),
+                                             qk_norm_rope.widened(parts[..., 1], True).contiguous(), 1e-6, 0.0, True)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        # the upcast form: float32 tables, float32 math, rounded once to q's dtype
+        args = (q, k, *weights, full.cos(), full.sin(), 1e-6, 0.0, True, True)
+        got = torch.ops.kunlun.qk_norm_rope(*args)
+        want = qk_norm_rope.reference(*args)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and (g != w).float().mean().item() < 0.01
+            assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 3e-3}[dtype]
 
 
 @pytest.mark.parametrize("n", [1, 64, 8192, 1 << 20])

@@ -66,6 +66,56 @@ def test_qk_norm_rope(path, dtype, case):
     assert_same_rounding(k, ref[1], roundings=5, magnitude=4)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_float_math_is_the_upcast_form(path, dtype, case):
+    """`float_math`: half-precision q and k (and weights), float32 tables, computed as a model that rotates
+    `x.float()` and casts back: float32 throughout, one rounding.  Compared with float64 and with the eager
+    form to the bit (the interpreter's fp32 -> half cast truncates: one rounding apart there)."""
+    q, k, qw, kw, cos, sin, eps, offset, neox = make_inputs(case, torch.float32, T=7,
+                                                           gen=seeded("qk-float-math", dtype, case))
+    q, k = q.to(dtype), k.to(dtype)
+    qw, kw = (None, None) if qw is None else (qw.to(dtype), kw.to(dtype))
+    args = (q, k, qw, kw, cos, sin, eps, offset, neox)
+    with cpu_kernels(path == "triton"):
+        got_q, got_k = torch.ops.kunlun.qk_norm_rope(*args, True)
+    assert got_q.dtype == got_k.dtype == dtype
+    eager_q, eager_k = (x.to(dtype) for x in qk_norm_rope.reference(q.float(), k.float(), *args[2:]))
+    for got, eager, want in zip((got_q, got_k), (eager_q, eager_k), float64_prologue(*args)):
+        assert rel_err(got, want) < TOL[dtype] / 4  # one rounding, not five
+        if path == "reference":
+            assert torch.equal(got, eager)
+        else:
+            assert_same_rounding(got, eager, roundings=1, magnitude=4)
+    # and not the module-rounded form, which this case tells apart
+    rounded_q, _ = qk_norm_rope.reference(q, k, qw, kw, cos.to(dtype), sin.to(dtype), eps, offset, neox)
+    assert not torch.equal(rounded_q, eager_q)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_half_width_tables_give_the_full_width_result(path, dtype, case):
+    """One angle per pair, read 2 columns apart (a complex table's real and imaginary parts): the same bits
+    as the widened table the model would have built (`cat((c, c))` neox, pairs interleaved)."""
+    nq, nkv, D, rot, neox, norm = case
+    gen = seeded("qk-half", path, dtype, case)
+    q, k, qw, kw, _, _, eps, offset, _ = make_inputs(case, dtype, T=6, gen=gen)
+    angles = torch.rand(6, rot // 2, generator=gen) * 2 * math.pi
+    parts = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(dtype)  # [T, R/2, 2]
+    cos, sin = parts[..., 0], parts[..., 1]
+    assert cos.stride(1) == 2
+    with cpu_kernels(path == "triton"):
+        got = torch.ops.kunlun.qk_norm_rope(q, k, qw, kw, cos, sin, eps, offset, neox, False, True)
+        want = torch.ops.kunlun.qk_norm_rope(q, k, qw, kw, qk_norm_rope.widened(cos, neox).contiguous(),
+                                             qk_norm_rope.widened(sin, neox).contiguous(), eps, offset, neox)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="rotary_dim / 2"):
+        torch.ops.kunlun.qk_norm_rope(q, k, qw, kw, cos[:-1], sin[:-1], eps, offset, neox, False, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("norm", [True, False])
 def test_matches_hf_modules(dtype, norm):

@@ -114,20 +114,24 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: in
 
 @kernel
 def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, gate_ptr,
-                      T, q_in_stride, k_in_stride, cs_stride, cs_rows, pos_stride, eps, norm_offset,
+                      T, q_in_stride, k_in_stride, cs_stride, cs_col_stride, cs_rows, pos_stride, eps, norm_offset,
                       NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       Q_HEAD_STRIDE: tl.constexpr, HAS_GATE: tl.constexpr, IS_NEOX: tl.constexpr,
                       HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-                      FULL_WIDTH_COS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
-                      PDL: tl.constexpr):
+                      FULL_WIDTH_COS: tl.constexpr, FLOAT_MATH: tl.constexpr, BT: tl.constexpr,
+                      BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """One program: BT tokens x BH heads (q heads first, then k heads); each row is one head of one token.
 
     q heads are read at `q_in + t*q_in_stride + h*Q_HEAD_STRIDE`, k heads at `k_in + t*k_in_stride + kh*D`
     (both views of one fused qkv row, or two separate projections).  cos/sin rows are `positions[t]`
     (HAS_POSITIONS, read `pos_stride` apart) or `t`; a half-width table (vLLM's cache: column c of the
-    pair) or a full-width one (HF: cos[d] per column d).  A position outside [0, cs_rows) reads no
+    pair) or a full-width one (HF: cos[d] per column d), its columns `cs_col_stride` apart (the real parts
+    of a complex table are 2 apart; 1 is specialised by Triton).  A position outside [0, cs_rows) reads no
     table row: its token's q and k rows come out NaN (the op wrapper can raise instead, see
     index_checks.py).
+
+    Rounding: as the modules do in the input dtype (every product and sum rounded to it), or, FLOAT_MATH,
+    in float32 throughout and rounded once on the store (eager's `rotate(x.float()).to(x.dtype)`).
 
     The gate (a pure copy) is loaded first so its latency overlaps the arithmetic, and q and k rows
     share one store through a selected row pointer: together 79% -> 86% of copy bandwidth at the
@@ -151,6 +155,7 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
         g = tl.load(g_in_ptr + g_off, mask=m & is_q[:, None], other=0.0)
     x = tl.load(row_ptr + d[None, :], mask=m, other=0.0)
     out_ty = x.dtype
+    round_ty = tl.float32 if FLOAT_MATH else out_ty  # where the modules round between steps
     x = x.to(tl.float32)
     if HAS_NORM:
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
@@ -177,17 +182,17 @@ def _norm_rope_kernel(q_in_ptr, k_in_ptr, g_in_ptr, qw_ptr, kw_ptr, cos_ptr, sin
     mr = m & in_rot[None, :]
     xp = tl.load(row_ptr + partner[None, :], mask=mr, other=0.0).to(tl.float32)
     if HAS_NORM:
-        x = _normed(x, inv, _head_weight(qw_ptr, kw_ptr, is_q, d, cols), norm_offset, out_ty, GEMMA)
-        xp = _normed(xp, inv, _head_weight(qw_ptr, kw_ptr, is_q, partner, cols & in_rot), norm_offset, out_ty,
+        x = _normed(x, inv, _head_weight(qw_ptr, kw_ptr, is_q, d, cols), norm_offset, round_ty, GEMMA)
+        xp = _normed(xp, inv, _head_weight(qw_ptr, kw_ptr, is_q, partner, cols & in_rot), norm_offset, round_ty,
                      GEMMA)
     if ROT > 0:
         cs_col = d if FULL_WIDTH_COS else c
-        cs_off = cs_row[:, None] * cs_stride + cs_col[None, :]
+        cs_off = cs_row[:, None] * cs_stride + cs_col[None, :] * cs_col_stride
         mcs = mr & pos_ok[:, None]
-        cos = tl.load(cos_ptr + cs_off, mask=mcs, other=0.0).to(out_ty).to(tl.float32)
-        sin = tl.load(sin_ptr + cs_off, mask=mcs, other=0.0).to(out_ty).to(tl.float32)
-        a = (x * cos).to(out_ty).to(tl.float32)
-        b = (xp * sin).to(out_ty).to(tl.float32)
+        cos = tl.load(cos_ptr + cs_off, mask=mcs, other=0.0).to(round_ty).to(tl.float32)
+        sin = tl.load(sin_ptr + cs_off, mask=mcs, other=0.0).to(round_ty).to(tl.float32)
+        a = (x * cos).to(round_ty).to(tl.float32)
+        b = (xp * sin).to(round_ty).to(tl.float32)
         rotated = tl.where(first[None, :], a - b, a + b)
         x = tl.where(in_rot[None, :], rotated, x)
         x = tl.where(pos_ok[:, None], x, float("nan"))
@@ -219,9 +224,9 @@ def _normed(x, inv, w, norm_offset, out_ty: tl.constexpr, GEMMA: tl.constexpr):
 
 def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, positions, q, k, gate, *,
                      num_tokens, q_head_stride, head_dim, rotary_dim, eps, norm_offset, is_neox,
-                     full_width_cos):
+                     full_width_cos, float_math=False):
     """Launch the kernel.  q_in/k_in/gate_in: 2-D views [T, >= heads*stride] with unit column stride;
-    cos/sin: [rows, width] sharing one row stride; positions: 1-D, any stride (None: row t of cos/sin);
+    cos/sin: [rows, width] sharing their strides; positions: 1-D, any stride (None: row t of cos/sin);
     q/k/gate: contiguous outputs."""
     nq, nkv, D = q.shape[1] // head_dim, k.shape[1] // head_dim, head_dim
     if not num_tokens:
@@ -233,11 +238,12 @@ def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, position
         q_in, k_in, gate_in, q_weight if has_norm else q, k_weight if has_norm else q,
         cos if rotary_dim else q, sin if rotary_dim else q, q if positions is None else positions,
         q, k, gate, num_tokens, q_in.stride(0), k_in.stride(0), cos.stride(0) if rotary_dim else 0,
-        cos.shape[0], 0 if positions is None else positions.stride(0), eps, norm_offset,
+        cos.stride(1) if rotary_dim else 1, cos.shape[0], 0 if positions is None else positions.stride(0), eps,
+        norm_offset,
         NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, Q_HEAD_STRIDE=q_head_stride,
         HAS_GATE=gate.numel() > 0, IS_NEOX=is_neox, HAS_NORM=has_norm, GEMMA=norm_offset != 0.0,
-        HAS_POSITIONS=positions is not None, FULL_WIDTH_COS=full_width_cos, BT=bt, BH=bh, BD=bd,
-        num_warps=warps)
+        HAS_POSITIONS=positions is not None, FULL_WIDTH_COS=full_width_cos, FLOAT_MATH=float_math, BT=bt, BH=bh,
+        BD=bd, num_warps=warps)
 
 
 # (tokens, heads, warps) per program; None: chosen by launch_shape.  The benchmark sets it to compare tilings.

@@ -68,7 +68,7 @@ FAMILIES = (
            (Stage(rotary.RECOGNISE, fuses=False, then=rotary.share_tables),
             Stage(rotary.WIDEN, fuses=False),
             Stage(prologue.RULES),
-            Stage(hf_prologue.RULES),
+            Stage(hf_prologue.RULES, then=hf_prologue.tidy),
             Stage(rotary.LOWER, fuses=False, relays=True, notes=rotary.unfused))),
     Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise + scale -> kunlun::router primitive "
            "-> kunlun::moe_gate",

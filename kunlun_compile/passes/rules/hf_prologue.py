@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..cleanup import fold_cast_round_trips
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
+from .half_tables import read_half_tables
 from .norms import EPS, gemma_lone, hf_lone
 from .prologue import MAX_HEAD_DIM
 from .rotary import ROTARY, shared_rotation
@@ -86,18 +88,31 @@ per_token_norm_rope = _per_token_norm_rope(hf_lone)
 
 # ---- replacement ----------------------------------------------------------------------------------------
 
-def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upcast=False, neox, rotary_dim):
-    """The op in the rotation's dtype (the promotion of q's and the tables'; float32 for an upcast q)."""
-    dtype = torch.float32 if upcast else torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
-    q, k = q.to(dtype), k.to(dtype)
+def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upcast=False, rounded=False, neox,
+           rotary_dim):
+    """The op in the rotation's dtype (the promotion of q's and the tables'; float32 for an upcast q).
+    `rounded`: an upcast rotation whose every use casts it back to q's dtype -- the op reads q and k in their
+    dtype and rounds once (`float_math`); its result widened again is what the model's cast back folds with
+    (`fold_cast_round_trips`), so neither cast is left."""
+    if rounded:
+        dtype = cos.dtype  # the kernel widens q, k and the tables itself
+    else:
+        dtype = torch.float32 if upcast else torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+        q, k = q.to(dtype), k.to(dtype)
     batch, seq, nq, d = q.shape
     nkv = k.shape[2]
     # [B or 1, 1, S, R] -> [B * S, R]: a view unless the tables are shared over the batch
     cos = cos.to(dtype)[:, 0].expand(batch, seq, rotary_dim).reshape(batch * seq, rotary_dim)
     sin = sin.to(dtype)[:, 0].expand(batch, seq, rotary_dim).reshape(batch * seq, rotary_dim)
     q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
-                                                 q_weight, k_weight, cos, sin, eps, norm_offset, neox)
+                                                 q_weight, k_weight, cos, sin, eps, norm_offset, neox, rounded)
     return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
+
+
+def _as_rotated(q_out, k_out, rounded: bool):
+    """The rotations' dtype: a `rounded` op's results widened back, last, so that each widening sits right
+    before the model's cast back and folds with it."""
+    return (q_out.float(), k_out.float()) if rounded else (q_out, k_out)
 
 
 def fused_per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps, norm_offset=0.0, neox, rotary_dim):
@@ -108,13 +123,13 @@ def fused_rope_pair(q, k, cos, sin, *, heads_first: bool, **params):
     """`_fused` takes q and k before the head transpose and tables [B|1, 1, S|1, R]."""
     if heads_first:  # [B, H, S, D]
         q_out, k_out = _fused(q.transpose(1, 2), k.transpose(1, 2), None, None, cos, sin, **params)
-        return q_out, k_out
+        return _as_rotated(q_out, k_out, params.get("rounded", False))
     q_out, k_out = _fused(q, k, None, None, cos.transpose(1, 2), sin.transpose(1, 2), **params)
-    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return _as_rotated(q_out.transpose(1, 2), k_out.transpose(1, 2), params.get("rounded", False))
 
 
 def fused_rope(q, k, cos, sin, **params):
-    return _fused(q, k, None, None, cos, sin, **params)
+    return _as_rotated(*_fused(q, k, None, None, cos, sin, **params), params.get("rounded", False))
 
 
 def fused_norm_rope(q, k, q_weight, k_weight, cos, sin, **params):
@@ -155,6 +170,19 @@ def _kernel_reasons(b: Bindings, rotary_dim: int, norm: bool, weights_in_q_dtype
     return reasons
 
 
+def _cast_back_only(b: Bindings) -> bool:
+    """Every use of each rotation (float32, from an upcast q or k) is a cast back to q's dtype."""
+    dtype = b.val("q").dtype
+    return all(u.target is aten._to_copy.default and set(u.kwargs) == {"dtype"} and u.kwargs["dtype"] == dtype
+               for n in b.nodes(ROTARY) for u in n.users)
+
+
+def _upcast_params(b: Bindings) -> dict:
+    cos = b.val("cos")
+    # the kernel's float math is float32: a float64 table would have made eager's rotation float64
+    return {"upcast": True, "rounded": cos.dtype != torch.float64 and _cast_back_only(b)}
+
+
 def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
     rotation = _rotation_of(b, 4, "4-D per-head views [batch, seq, heads, head_dim] and cos/sin "
                                   "[batch, 1, seq, rotary_dim]")
@@ -174,7 +202,7 @@ def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
         return Refusal(reason)
     params = {"neox": neox, "rotary_dim": rotary_dim}
     if upcast:
-        params["upcast"] = True
+        params.update(_upcast_params(b))
     if gemma:
         params["norm_offset"] = 1.0
     return params
@@ -225,7 +253,7 @@ def _pair_guard(b: Bindings, upcast: bool):
         return Refusal(reason)
     params = {"neox": neox, "rotary_dim": rotary_dim, "heads_first": heads_first}
     if upcast:
-        params["upcast"] = True
+        params.update(_upcast_params(b))
     return params
 
 
@@ -273,6 +301,11 @@ def _rule(name, search, norm: bool, upcast: bool = False, gemma: bool = False) -
                    guard=lambda b: _guard(b, norm, upcast, gemma), free_arguments=_FREE,
                    dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
                    needs=(ROTARY, aten.transpose.int) + ((aten.rsqrt.default,) if norm else ()))
+
+
+def tidy(gm) -> int:
+    """After the rules: the casts a `rounded` op made fold with the model's, the op reads half-width tables."""
+    return fold_cast_round_trips(gm) + read_half_tables(gm)
 
 
 # with the norms first (the plain rule would split them off)

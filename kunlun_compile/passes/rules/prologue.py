@@ -210,10 +210,9 @@ def _rope_anywhere_guard(b: Bindings):
 
 def _rope_anywhere_fused(q, k, cache, positions, *, head_dim, rotary_dim, neox):
     num_tokens = positions.numel()
-    cos, sin = cache.index_select(0, positions.flatten()).chunk(2, dim=-1)
-    cos, sin = widened_tables(cos, sin, neox)
+    cos, sin = cache.index_select(0, positions.flatten()).chunk(2, dim=-1)  # half-width, read in place
     return torch.ops.kunlun.qk_norm_rope(q.view(num_tokens, -1, head_dim), k.view(num_tokens, -1, head_dim),
-                                         None, None, cos, sin, 1e-6, 0.0, neox)
+                                         None, None, cos, sin, 1e-6, 0.0, neox, False, True)
 
 
 RULES = [_rule(gated, norm, neox) for gated, norm, neox in itertools.product((True, False), NORMS, (True, False))]
