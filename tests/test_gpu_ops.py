@@ -66,7 +66,8 @@ def test_qk_norm_rope_cuda(dtype, T):
             if dtype != torch.float32:
                 assert (g != w).float().mean().item() < 0.01
             assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]
-        # half-width tables read in place (a complex table's parts, 2 columns apart): the widened table's bits
+        # half-width tables (a complex table's parts, 2 columns apart: read in place in fp32, copied in bf16):
+        # the widened table's bits
         parts = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(dtype)
         got = torch.ops.kunlun.qk_norm_rope(q, k, *weights, parts[..., 0], parts[..., 1], 1e-6, 0.0, True, False,
                                             True)
@@ -77,9 +78,9 @@ def test_qk_norm_rope_cuda(dtype, T):
         args = (q, k, *weights, full.cos(), full.sin(), 1e-6, 0.0, True, True)
         got = torch.ops.kunlun.qk_norm_rope(*args)
         want = qk_norm_rope.reference(*args)
-        for g, w in zip(got, want):
-            assert g.dtype == dtype and (g != w).float().mean().item() < 0.01
-            assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 3e-3}[dtype]
+        for g, w in zip(got, want):  # one rounding of float32 math that may contract into FMAs
+            assert g.dtype == dtype and (dtype == torch.float32 or (g != w).float().mean().item() < 0.001)
+            assert rel_err(g, w) < {torch.float32: 1e-6, torch.bfloat16: 1e-4}[dtype]
 
 
 @pytest.mark.parametrize("n", [1, 64, 8192, 1 << 20])

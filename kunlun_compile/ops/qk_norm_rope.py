@@ -97,7 +97,10 @@ def triton_impl(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: flo
     nkv = k.shape[1]
     q_out, k_out = q.new_empty(T, nq * D), q.new_empty(T, nkv * D)
     rot = cos.shape[1] * (2 if half_width else 1)
-    if rot and cos.stride() != sin.stride():  # the kernel reads both at one offset
+    # The kernel reads both at one offset.  Columns apart (a complex table's parts) only in float32: 16-bit
+    # tables read 2 apart came out up to one ulp off on the H200 (600 of 640 elements; fp32 bit-exact, cause
+    # not found, benchmarks/NOTES.md v28), so they are copied as before.
+    if rot and (cos.stride() != sin.stride() or (cos.stride(1) != 1 and cos.dtype != torch.float32)):
         cos, sin = cos.contiguous(), sin.contiguous()
     launch_norm_rope(_rows(q), _rows(k), q, None if q_weight is None else q_weight.contiguous(),
                      None if k_weight is None else k_weight.contiguous(), cos, sin, None, q_out, k_out,
