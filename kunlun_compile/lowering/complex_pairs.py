@@ -28,7 +28,7 @@ aten = torch.ops.aten
 PART_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 VIEWS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
          aten.expand.default, aten.slice.Tensor, aten.select.int, aten.transpose.int, aten.permute.default,
-         aten.alias.default, aten.clone.default}
+         aten.t.default, aten.alias.default, aten.clone.default}
 Parts = Tuple[fx.Node, fx.Node]
 
 

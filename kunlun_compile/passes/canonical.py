@@ -4,7 +4,8 @@ The same function runs over the target graph and over every traced pattern,
 so a pattern matches whatever spelling the model's code produced:
 - `_unsafe_view` becomes `view` (after functionalization they mean the same),
 - `_to_copy` loses `layout`/`device` keywords that restate the input's,
-- chains of permutes are composed, and dropped when they cancel,
+- chains of permutes are composed, and dropped when they cancel; a 2-D tensor's transpose in any spelling is
+  `t` (`x @ w.T` is then the linear layer `F.linear(x, w)` decomposes to),
 - chains of views of a contiguous tensor collapse to one view,
 - a scalar overload is its `.Tensor` overload (`x.add_(eps)` in torch's own decompositions, functionalized,
   is `add.Scalar`; `x + eps` in model code is `add.Tensor` with a number), and an in-place op on a value
@@ -63,6 +64,22 @@ def _drop_restated_copy_kwargs(node: fx.Node) -> bool:
     if changed:
         node.kwargs = kw
     return changed
+
+
+def _as_t(node: fx.Node) -> bool:
+    """A 2-D tensor's transpose in any spelling (`w.T` is `permute(w, [1, 0])`, `w.transpose(0, 1)`, `w.mT`) is
+    `t(w)`, as `F.linear` decomposes: the linear rules then see `x @ w.T` as the linear layer it is."""
+    src = _val(node.args[0]) if node.args else None
+    if not isinstance(src, torch.Tensor) or src.dim() != 2:
+        return False
+    if node.target is aten.permute.default:
+        swaps = list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+    else:
+        swaps = len(node.args) == 3 and {d % 2 for d in node.args[1:3] if isinstance(d, int)} == {0, 1}
+    if not swaps:
+        return False
+    node.target, node.args, node.kwargs = aten.t.default, (node.args[0],), {}
+    return True
 
 
 def _compose_permutes(node: fx.Node) -> bool:
@@ -197,6 +214,8 @@ def canonicalize(gm: fx.GraphModule) -> int:
             edits += _drop_restated_copy_kwargs(node)
         elif node.target is aten.permute.default:
             edits += _compose_permutes(node)
+        if node.target in (aten.permute.default, aten.transpose.int):
+            edits += _as_t(node)
         elif node.target is aten.view.default:
             inner = node.args[0]
             # collapsing is only safe from a contiguous source: any view of it is valid

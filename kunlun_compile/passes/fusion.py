@@ -5,10 +5,11 @@ before the norms (its Q/K norms would otherwise be taken as lone RMSNorms), and
 the MoE router before the experts (the experts' rule reads the router's ids), and
 linear layers last (other patterns may start at a projection's output).
 
-A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue
-and the router have the two-stage form: every spelling becomes a primitive (`kunlun::rotary`,
-`kunlun::router`: rules that fuse nothing by themselves), fusing rules take primitives (chains of them into
-the prologue kernels; a router into its kernel), and the primitives left are put back as their reference.
+A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue,
+the router and the gated linears have the two-stage form: every spelling becomes a primitive
+(`kunlun::rotary`, `kunlun::router`, `kunlun::act_and_mul`: rules that fuse nothing by themselves), fusing
+rules take primitives (chains of them into the prologue kernels; a router into its kernel; a gated product
+into the projection it feeds), and the primitives left are put back as their reference.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .explain import unfused_anchors
 from .layouts import RELAID
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
-from .rules import hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue, rotary
+from .rules import activations, hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue, rotary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,11 @@ FAMILIES = (
     Family("add_rmsnorm", "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
            _fusing(norms.RULES)),
     Family("decode_linear", "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above); "
-           "with a gated input (SwiGLU, attention gate) and gated residual -> kunlun::gated_linear",
-           _fusing(linears.RULES)),
+           "act(gate) * up in any spelling -> kunlun::act_and_mul primitive; with it as the input (SwiGLU, "
+           "attention gate) and a gated residual -> kunlun::gated_linear",
+           (Stage(activations.RECOGNISE, fuses=False),
+            Stage(linears.RULES),
+            Stage(activations.LOWER, fuses=False, relays=True, notes=activations.unfused))),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 # each family's stages, read when the passes are built (tests swap a family's stages here to plant faults)

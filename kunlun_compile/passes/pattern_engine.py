@@ -28,6 +28,7 @@ What is ours:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -536,9 +537,25 @@ _REPLACEMENTS_KEPT = 256
 _replacements: "collections.OrderedDict[tuple, fx.GraphModule]" = collections.OrderedDict()
 
 
+def _distinct(example_vals: Sequence[Any]) -> List[Any]:
+    """One tensor object per input.  Nodes a replacement inserted from one cached trace share its value
+    objects (two `kunlun::linear` outputs of equal shape hold the same fake tensor); traced as one object, two
+    such inputs would become one placeholder -- a replacement reading `gate` where the model read `up`."""
+    seen, out = set(), []
+    for v in example_vals:
+        if isinstance(v, torch.Tensor) and id(v) in seen:
+            mode = getattr(v, "fake_mode", None)
+            with mode if mode is not None else contextlib.nullcontext():
+                v = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+        seen.add(id(v))
+        out.append(v)
+    return out
+
+
 def _trace_replacement(rule_key: str, fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
     """The replacement traced for these inputs; every layer of a graph has the same static shapes, so one
     trace serves them all (inserting a replacement only reads its graph).  Symbolic sizes: traced each time."""
+    example_vals = _distinct(example_vals)
     metas = []
     for v in example_vals:
         if not isinstance(v, torch.Tensor):

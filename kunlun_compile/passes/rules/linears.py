@@ -1,6 +1,6 @@
 """decode_linear: a linear layer's `x @ w.T (+ b)` -> kunlun::linear, and a linear whose input is a
-gated product (SwiGLU, an attention output gate), with or without a gated residual after it
-(Qwen3-Next's shared expert) -> kunlun::gated_linear.
+gated product (SwiGLU, an attention output gate: a `kunlun::act_and_mul` primitive by then, whatever its
+spelling), with or without a gated residual after it (Qwen3-Next's shared expert) -> kunlun::gated_linear.
 
 Both ops run a GEMV at decode row counts and cuBLAS otherwise (`ops.linear.plan_linear`), so the
 rewrites only refuse where the sizes are static and the plan is cuBLAS anyway.  Within the family
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from ...ops.linear import plan_linear
 from ..pattern_engine import Bindings, Refusal, Rewrite
+from . import activations
 from . import guards as g
+from .activations import ACT_AND_MUL
 
 aten = torch.ops.aten
 
@@ -33,32 +35,56 @@ def linear_replace(x, weight, bias=None):
     return torch.ops.kunlun.linear(x, weight, bias)
 
 
-def silu_gated_search(x, gate, weight):  # SwiGLU before a down projection
-    return F.linear(F.silu(gate) * x, weight)
+def _gated(gate, x):  # any activation: the guard reads it (`_activation`)
+    return torch.ops.kunlun.act_and_mul(gate, x, "silu")
 
 
-def sigmoid_gated_search(x, gate, weight):  # an attention output gate before o_proj
-    return F.linear(x * torch.sigmoid(gate), weight)
+def gated_search(x, gate, weight):
+    """A gated product before a projection: SwiGLU before the down projection, an attention output gate before
+    o_proj -- in any spelling, once it is a `kunlun::act_and_mul` primitive (`activations.py`)."""
+    return F.linear(_gated(gate, x), weight)
 
 
 def shared_expert_search(x, gate, weight, row_gate, addend):  # Qwen3-Next: experts + sigmoid(g) * shared
-    return addend + torch.sigmoid(row_gate) * F.linear(F.silu(gate) * x, weight)
+    return addend + torch.ops.kunlun.act_and_mul(row_gate, F.linear(_gated(gate, x), weight), "sigmoid")
 
 
 def shared_expert_plain_search(x, gate, weight, addend):  # DeepSeek: experts + shared, no gate on it
-    return addend + F.linear(F.silu(gate) * x, weight)
+    return addend + F.linear(_gated(gate, x), weight)
 
 
-def silu_gated_replace(x, gate, weight, row_gate=None, addend=None):
-    return torch.ops.kunlun.gated_linear(x, gate, weight, "silu", row_gate, addend)
+def gated_replace(x, gate, weight, row_gate=None, addend=None, *, activation):
+    if row_gate is None and addend is None:
+        return torch.ops.kunlun.gated_linear(x, gate, weight, activation)
+    return torch.ops.kunlun.gated_linear(x, gate, weight, activation, row_gate, addend)
 
 
-def silu_gated_add_replace(x, gate, weight, addend):
-    return torch.ops.kunlun.gated_linear(x, gate, weight, "silu", None, addend)
+def gated_add_replace(x, gate, weight, addend, *, activation):
+    return torch.ops.kunlun.gated_linear(x, gate, weight, activation, None, addend)
 
 
-def sigmoid_gated_replace(x, gate, weight):
-    return torch.ops.kunlun.gated_linear(x, gate, weight, "sigmoid")
+# the primitive's activation -> the kernel's: silu written out is silu (one rounding fewer)
+_KERNEL_ACTIVATIONS = {"silu": "silu", "silu_written": "silu", "sigmoid": "sigmoid"}
+
+
+def _activation(b: Bindings, row_gated: bool):
+    """(the kernel's activation, or why not) of the product the projection reads; a shared expert's row gate,
+    the later primitive in graph order, must be a sigmoid."""
+    products = b.nodes(ACT_AND_MUL)
+    written = products[0].args[2]
+    if row_gated and products[-1].args[2] != "sigmoid":
+        return None, f"the shared expert's row gate is {products[-1].args[2]}, not sigmoid"
+    if written not in _KERNEL_ACTIVATIONS:
+        return None, f"{written}(gate) * x: kunlun::gated_linear's activations are silu and sigmoid"
+    return _KERNEL_ACTIVATIONS[written], None
+
+
+def _gated_guard(b: Bindings):
+    activation, reason = _activation(b, "row_gate" in b.tensor_names)
+    if reason:
+        return Refusal(reason)
+    verdict = _guard(b)
+    return verdict if isinstance(verdict, Refusal) else {**verdict, "activation": activation}
 
 
 def _guard(b: Bindings):
@@ -105,19 +131,16 @@ def _gated_inputs(dtype, row_gate: bool = False, addend: bool = False):
         ((torch.randn(3, 5, dtype=dtype),) if addend else ())
 
 
+def _gated_rule(name, search, replace, **inputs) -> Rewrite:
+    return Rewrite(family="decode_linear", name=name, search=search, replace=replace,
+                   example_inputs=lambda dtype: _gated_inputs(dtype, **inputs), guard=_gated_guard,
+                   free_arguments=activations.FREE, needs=(aten.mm.default, ACT_AND_MUL))
+
+
 RULES = [
-    Rewrite(family="decode_linear", name="shared_expert", search=shared_expert_search, replace=silu_gated_replace,
-            example_inputs=lambda dtype: _gated_inputs(dtype, True, True), guard=_guard,
-            needs=(aten.mm.default, aten.silu.default, aten.sigmoid.default)),
-    Rewrite(family="decode_linear", name="shared_expert_plain", search=shared_expert_plain_search,
-            replace=silu_gated_add_replace, example_inputs=lambda dtype: _gated_inputs(dtype, addend=True),
-            guard=_guard, needs=(aten.mm.default, aten.silu.default)),
-    Rewrite(family="decode_linear", name="silu_gated", search=silu_gated_search, replace=silu_gated_replace,
-            example_inputs=lambda dtype: _gated_inputs(dtype), guard=_guard,
-            needs=(aten.mm.default, aten.silu.default)),
-    Rewrite(family="decode_linear", name="sigmoid_gated", search=sigmoid_gated_search,
-            replace=sigmoid_gated_replace, example_inputs=lambda dtype: _gated_inputs(dtype), guard=_guard,
-            needs=(aten.mm.default, aten.sigmoid.default)),
+    _gated_rule("shared_expert", shared_expert_search, gated_replace, row_gate=True, addend=True),
+    _gated_rule("shared_expert_plain", shared_expert_plain_search, gated_add_replace, addend=True),
+    _gated_rule("gated", gated_search, gated_replace),
     Rewrite(family="decode_linear", name="linear_bias", search=linear_bias_search, replace=linear_replace,
             example_inputs=lambda dtype: _inputs(dtype, True), guard=_guard, needs=(aten.addmm.default,)),
     Rewrite(family="decode_linear", name="linear", search=linear_search, replace=linear_replace,
