@@ -512,6 +512,10 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome, fuse
                 _note(result, f"{label}: an intermediate value{where} is used outside the pattern; "
                               f"fusing would compute it twice")
             continue
+        unspelled = _unspelled_keyword(m)
+        if unspelled:
+            _note(result, f"{label}: {unspelled}")
+            continue
         bindings = Bindings(m, c.tensor_names)
         verdict = rule.guard(bindings)
         if isinstance(verdict, Refusal):
@@ -531,6 +535,35 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome, fuse
         _mark_replacements(uses, next((n.meta[MADE_BY] for n in m.nodes if MADE_BY in n.meta), rule.name))
         result.patterns[rule.family] = result.patterns.get(rule.family, 0) + 1
         result.matches += 1
+
+
+# keywords that change where or how a result is laid out, never its values
+_LAYOUT_KEYWORDS = frozenset({"memory_format", "layout", "device", "pin_memory", "non_blocking"})
+
+
+def _unspelled_keyword(m: pm.Match) -> Optional[str]:
+    """Why a match computes something else, or None.  Inductor's matcher ignores a node's keywords that the
+    pattern's node does not spell: `F.gelu(x)`'s pattern matches `F.gelu(x, approximate="tanh")`,
+    `a + b` matches `torch.add(a, b, alpha=2)`, `x.sum(-1)` matches `x.sum(-1, dtype=torch.float32)`.  A
+    keyword the pattern leaves out must hold its default (or, `dtype`, be the input's own dtype)."""
+    for pattern, node in m.ctx.pattern_to_node.items():
+        if not isinstance(pattern, pm._TargetArgsExpr) or not isinstance(node, fx.Node) \
+                or node not in m.nodes or not node.kwargs:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()} if schema else {}
+        for key, value in node.kwargs.items():
+            if key in pattern.kwargs or key in _LAYOUT_KEYWORDS or (key in defaults and defaults[key] == value):
+                continue
+            if key == "dtype" and _input_dtypes(node) <= {value}:  # factories (no input), or a no-op dtype
+                continue
+            return f"{node.name} ({node.target}) has {key}={value!r}, which the pattern leaves at its default"
+    return None
+
+
+def _input_dtypes(node: fx.Node) -> set:
+    return {a.meta["val"].dtype for a in node.all_input_nodes
+            if isinstance(a.meta.get("val"), torch.Tensor)}
 
 
 _REPLACEMENTS_KEPT = 256
