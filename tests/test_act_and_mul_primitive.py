@@ -178,3 +178,21 @@ def test_every_spelling_on_cuda(spelling):
     got, want, code, misses = _compile_and_run(model, x)
     assert "kunlun.gated_linear" in code, misses
     assert rel_err(got.cpu(), _forward64(model.cpu(), x.cpu())) < 8e-3
+
+
+def test_a_number_times_an_activation_is_not_a_product_of_tensors():
+    """`sigmoid(x) * 2.0` has the shape of `sigmoid(g) * up`: the pattern's `up` binds the number.  It used to
+    crash the pass (a guard read the number's metadata); the engine refuses it, saying so."""
+    class Scaled(nn.Module):
+        def forward(self, x, w):
+            return F.linear(torch.sigmoid(x) * 2.0, w) + F.linear(3.0 * F.silu(x), w)
+
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    torch._dynamo.reset()
+    compiled = kc.compile(Scaled(), strict=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x, w), Scaled()(x, w)) < 1e-6
+    graph = compiled.kunlun_backend.report.graphs[0]
+    misses = [m for p in graph.passes for m in p.near_misses]
+    assert any("is the number 2.0, not a tensor" in m for m in misses), misses
+    assert graph.patterns["decode_linear"] == 2  # the two projections, as plain linears

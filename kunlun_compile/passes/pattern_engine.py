@@ -512,7 +512,7 @@ def _apply_one(gm: fx.GraphModule, c: CompiledRewrite, result: PassOutcome, fuse
                 _note(result, f"{label}: an intermediate value{where} is used outside the pattern; "
                               f"fusing would compute it twice")
             continue
-        unspelled = _unspelled_keyword(m)
+        unspelled = _unspelled_keyword(m) or _constant_input(m, c.tensor_names)
         if unspelled:
             _note(result, f"{label}: {unspelled}")
             continue
@@ -558,6 +558,16 @@ def _unspelled_keyword(m: pm.Match) -> Optional[str]:
             if key == "dtype" and _input_dtypes(node) <= {value}:  # factories (no input), or a no-op dtype
                 continue
             return f"{node.name} ({node.target}) has {key}={value!r}, which the pattern leaves at its default"
+    return None
+
+
+def _constant_input(m: pm.Match, tensor_names: Sequence[str]) -> Optional[str]:
+    """A search function's tensor input bound to a number (`torch.sigmoid(x) * 2.0` against `sigmoid(g) * up`):
+    the pattern's variable matches any argument, the rule is written for a tensor."""
+    for name in tensor_names:
+        value = m.kwargs.get(name)
+        if not isinstance(value, fx.Node):
+            return f"{name} is the number {value!r}, not a tensor"
     return None
 
 
