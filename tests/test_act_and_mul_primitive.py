@@ -63,6 +63,15 @@ def _compile_and_run(model, x, interpreted=False):
     return got, want, code, misses
 
 
+def _run_module(module, *inputs):
+    """(compiled result, eager result, the compiled graph's report)."""
+    torch._dynamo.reset()
+    compiled = kc.compile(module, strict=True)
+    with torch.no_grad():
+        got, want = compiled(*inputs), module(*inputs)
+    return got, want, compiled.kunlun_backend.report.graphs[0]
+
+
 def _forward64(model, x):
     m64 = Mlp(model.product, model.layout, torch.float64)
     m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
@@ -145,12 +154,8 @@ def test_a_product_that_feeds_no_linear_goes_back_without_a_near_miss():
         def forward(self, g, u):
             return u * F.silu(g) + torch.sigmoid(g) * u
 
-    g, u = torch.randn(3, 8), torch.randn(3, 8)
-    torch._dynamo.reset()
-    compiled = kc.compile(Lone(), strict=True)
-    with torch.no_grad():
-        assert rel_err(compiled(g, u), Lone()(g, u)) < 1e-6
-    graph = compiled.kunlun_backend.report.graphs[0]
+    got, want, graph = _run_module(Lone(), torch.randn(3, 8), torch.randn(3, 8))
+    assert rel_err(got, want) < 1e-6
     (code,) = [p.code_after for p in graph.passes if p.name == "decode_linear"]
     assert "act_and_mul" not in code and "aten.silu" in code and "aten.sigmoid" in code
     assert not [m for p in graph.passes for m in p.near_misses if "act_and_mul" in m or "gelu" in m]
@@ -187,12 +192,8 @@ def test_a_number_times_an_activation_is_not_a_product_of_tensors():
         def forward(self, x, w):
             return F.linear(torch.sigmoid(x) * 2.0, w) + F.linear(3.0 * F.silu(x), w)
 
-    x, w = torch.randn(1, 8), torch.randn(4, 8)
-    torch._dynamo.reset()
-    compiled = kc.compile(Scaled(), strict=True)
-    with torch.no_grad():
-        assert rel_err(compiled(x, w), Scaled()(x, w)) < 1e-6
-    graph = compiled.kunlun_backend.report.graphs[0]
+    got, want, graph = _run_module(Scaled(), torch.randn(1, 8), torch.randn(4, 8))
+    assert rel_err(got, want) < 1e-6
     misses = [m for p in graph.passes for m in p.near_misses]
     assert any("is the number 2.0, not a tensor" in m for m in misses), misses
     assert graph.patterns["decode_linear"] == 2  # the two projections, as plain linears
