@@ -213,8 +213,8 @@ def canonicalize(gm: fx.GraphModule) -> int:
         if node.target is aten._to_copy.default:
             edits += _drop_restated_copy_kwargs(node)
         elif node.target is aten.permute.default:
-            edits += _compose_permutes(node)
-        if node.target in (aten.permute.default, aten.transpose.int):
+            edits += _compose_permutes(node) + _as_t(node)
+        elif node.target is aten.transpose.int:
             edits += _as_t(node)
         elif node.target is aten.view.default:
             inner = node.args[0]

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 QK_NORM_ROPE = torch.ops.kunlun.qk_norm_rope.default
-_NEOX, _FLOAT_MATH, _HALF_WIDTH = 8, 9, 10  # argument positions
+_NEOX, _HALF_WIDTH = 8, 10  # argument positions
 
 # ops that move, broadcast or cast rows without touching the last dim (checked per node)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
