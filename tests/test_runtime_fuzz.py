@@ -216,6 +216,46 @@ def test_rounding_spread_is_large_only_where_a_router_is_near_a_tie():
     assert 0 < plain < rf.BF16_TOL and tied > 4 * plain, (plain, tied)
 
 
+def _tie_every_router(model):
+    """Every expert a whisker from expert 0: each top-k boundary is a near-tie."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for moe in (m for m in model.modules() if isinstance(m, rf.MoE)):
+            r = moe.router
+            noise = torch.randn(r.shape, generator=gen)
+            r.copy_(r[0] + 1e-3 * r[0].float().abs().mean() * noise.to(r.dtype))
+
+
+def test_flipped_ties_route_a_near_tie_to_the_runner_up_and_nothing_else():
+    case = _bf16_moe_case()
+    moe = next(m for m in case.build().modules() if isinstance(m, rf.MoE))
+    x = torch.randn(16, moe.router.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad(), rf.FlippedTies(moe) as flips:
+        w, ids = moe.route(x)
+    plain_w, plain_ids = moe.route(x)  # the context is left: the module routes as written again
+    logits = torch.nn.functional.linear(x, moe.router).float().sort(-1, descending=True).values
+    kth, runner_up = logits[:, moe.k - 1], logits[:, moe.k]
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(kth.abs())))
+    tied = (kth - runner_up) <= rf.TIE_ULPS * ulp
+    assert flips.flipped == int(tied.sum())
+    assert torch.equal(ids[~tied], plain_ids[~tied]) and torch.equal(w[~tied], plain_w[~tied])
+    assert (ids[tied, moe.k - 1] != plain_ids[tied, moe.k - 1]).all()
+    _tie_every_router(moe)
+    with torch.no_grad(), rf.FlippedTies(moe) as flips:
+        _, ids = moe.route(x)
+    assert flips.flipped == x.shape[0] and not torch.equal(ids, moe.route(x)[1])
+
+
+def test_rounding_spread_counts_a_tie_no_random_sample_reaches():
+    """With the perturbation off (levels 0) the samples reproduce eager exactly: the spread of a model whose
+    routers are all near ties is the flipped run's distance alone."""
+    case = _bf16_moe_case()
+    model = case.build()
+    layers = len([m for m in model.modules() if isinstance(m, rf.MoE)])
+    _tie_every_router(model)
+    assert _spread(model, case, [0.0] * layers) > 1e-2
+
+
 def test_bf16_reference_records_eagers_error_and_spread_for_every_call():
     case = _bf16_moe_case()
     ref = rf.Reference(case)
