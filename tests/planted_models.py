@@ -35,17 +35,20 @@ def two_norms():
 
 def _plant_broken_add_rmsnorm() -> None:
     """The residual add+RMSNorm rule's replacement scales the normalised output by 1.5 when eps is
-    BROKEN_EPS: a wrong rewrite of one match out of three."""
-    index = next(i for i, r in enumerate(norms.RULES) if r.name == "vllm_residual")
-    rule = norms.RULES[index]
+    BROKEN_EPS: a wrong rewrite of one match out of three (in float32 the norm is a primitive by then)."""
+    from kunlun_compile.passes import fusion
+
+    index = next(i for i, r in enumerate(norms.FUSE) if r.name == "add_rmsnorm")
+    rule = norms.FUSE[index]
 
     def broken(*tensors, **params):
         out, residual = rule.replace(*tensors, **params)
         return (out * 1.5 if abs(params.get("eps", 0) - BROKEN_EPS) < 1e-9 else out), residual
 
-    norms.RULES[index] = dataclasses.replace(rule, replace=broken)
-    from kunlun_compile.passes import fusion
-    fusion.FAMILY_STAGES["add_rmsnorm"] = (fusion.Stage(norms.RULES),)
+    fuse = list(norms.FUSE)
+    fuse[index] = dataclasses.replace(rule, replace=broken)
+    fusion.FAMILY_STAGES["add_rmsnorm"] = tuple(dataclasses.replace(s, rules=fuse) if s.rules is norms.FUSE else s
+                                                for s in fusion.FAMILY_STAGES["add_rmsnorm"])
 
 
 def two_norms_broken():

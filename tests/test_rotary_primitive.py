@@ -17,7 +17,7 @@ from kunlun_compile.ops import rotary as rotary_op
 from kunlun_compile.passes.fusion import FAMILY_STAGES
 from kunlun_compile.passes.pattern_engine import apply_rewrites, trace_aten
 from kunlun_compile.passes.rewrites import limit_rewrites
-from kunlun_compile.passes.rules import rotary as rules
+from kunlun_compile.passes.rules import norms, rotary as rules
 from kunlun_compile.triton_kernel import cpu_kernels
 
 from .conftest import rel_err
@@ -294,9 +294,12 @@ def test_primitive_rewrites_are_not_counted_by_a_bisect():
 
 
 def test_the_prologue_family_runs_its_stages_in_order():
+    """Norms, then rotations, become primitives; the fusing rules take them; the rotations left go back (and
+    the norms, where the norm family that fuses them is off)."""
     stages = FAMILY_STAGES["norm_rope_gate"]
-    assert [s.fuses for s in stages] == [False, False, True, True, False]
-    assert stages[0].rules is rules.RECOGNISE and stages[-1].rules is rules.LOWER
+    assert [s.fuses for s in stages] == [False, False, False, True, True, False, False]
+    assert stages[0].rules is norms.RECOGNISE and stages[0].quiet and stages[1].rules is rules.RECOGNISE
+    assert stages[-2].rules is rules.LOWER and stages[-1].rules is norms.LOWER and stages[-1].when is not None
 
 
 @pytest.mark.gpu

@@ -27,5 +27,5 @@ def test_variants_are_told_apart_by_their_needs():
     searched = [r.name for r in FAMILY_RULES["moe_gate"] if all(op in softmax_graph for op in r.needs)]
     assert sorted(searched) == sorted(["router_softmax_top", "router_top_then_softmax",
                                        "router_top_then_softmax_in_dtype"])
-    assert torch.ops.aten.stack.default in by_name["plain_vllmnorm_gptj"].needs
-    assert torch.ops.aten.stack.default not in by_name["plain_vllmnorm_neox"].needs
+    assert torch.ops.aten.stack.default in by_name["plain_qknorm_gptj"].needs
+    assert torch.ops.aten.stack.default not in by_name["plain_qknorm_neox"].needs

@@ -79,14 +79,27 @@ def linear_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[
              "plans": {m: describe(m, ns, K, gated) for m in sizes}} for (ns, K, gated), names in groups.items()]
 
 
+def _guard_sources(fn, module, depth: int = 3) -> List[str]:
+    """The source of a guard and of the functions of its module it calls (a lambda calling `_guard(b, ...)`,
+    a guard calling its helpers), `depth` calls deep."""
+    try:
+        sources = [inspect.getsource(fn)]
+    except (OSError, TypeError):
+        return []
+    for name in fn.__code__.co_names if depth else ():
+        called = getattr(module, name, None)
+        if inspect.isfunction(called) and called.__module__ == module.__name__ and called is not fn:
+            sources += _guard_sources(called, module, depth - 1)
+    return sources
+
+
 def _guard_checks(rule) -> Dict[str, List[str]]:
-    """The checks a rule's guard makes, read from its module's `_guard` source: the shared guard
-    helpers it calls and the refusals it writes itself."""
+    """The checks a rule's guard makes, read from its source and its module's functions it calls: the
+    shared guard helpers it calls and the refusals it writes itself."""
     module = inspect.getmodule(rule.guard)  # the rule's module (its search may live in model code)
-    guard = getattr(module, "_guard", None)
-    if guard is None:
+    if module is None or not inspect.isfunction(rule.guard):
         return {"checks": [], "refusals": []}
-    src = inspect.getsource(guard)
+    src = "\n".join(dict.fromkeys(_guard_sources(rule.guard, module)))
     return {"checks": sorted(set(re.findall(r"\bg\.(\w+)\(", src)) - {"first"}),
             "refusals": [s.split("{")[0].strip(" :,") for s in re.findall(r'Refusal\(f?"([^"]+)"', src)]}
 

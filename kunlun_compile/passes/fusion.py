@@ -6,10 +6,12 @@ the MoE router before the experts (the experts' rule reads the router's ids), an
 linear layers last (other patterns may start at a projection's output).
 
 A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue,
-the router and the gated linears have the two-stage form: every spelling becomes a primitive
-(`kunlun::rotary`, `kunlun::router`, `kunlun::act_and_mul`: rules that fuse nothing by themselves), fusing
-rules take primitives (chains of them into the prologue kernels; a router into its kernel; a gated product
-into the projection it feeds), and the primitives left are put back as their reference.
+the norms, the router and the gated linears have the two-stage form: every spelling becomes a primitive
+(`kunlun::rotary`, `kunlun::rmsnorm_primitive`, `kunlun::router`, `kunlun::act_and_mul`: rules that fuse
+nothing by themselves), fusing rules take primitives (chains of them into the prologue kernels; an add and a
+norm into one kernel; a router into its kernel; a gated product into the projection it feeds), and the
+primitives left are put back as their reference.  The norms are recognised first in the prologue's family
+(its Q/K norms are primitives to its rules) and fused or put back in their own.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ class Stage:
     # whose rules `explain` compares an anchor left in the graph with (None: the fusing stages'); a family whose
     # fusing rules match primitives only explains with the rules that make them
     explains: Optional[bool] = None
+    quiet: bool = False  # its near misses are left to the family whose rules these are (it runs them again)
+    # runs only where this says so (None: always); e.g. put back another family's primitives when it is off
+    when: Optional[Callable[[PassContext], bool]] = None
 
     @property
     def explaining(self) -> bool:
@@ -52,7 +57,8 @@ class Family:
 
     @property
     def rules(self) -> List[Rewrite]:
-        return [r for s in self.stages for r in s.rules]
+        """Its own rules (a stage may run another family's: the prologue recognises norms first)."""
+        return [r for s in self.stages for r in s.rules if r.family == self.name]
 
 
 def _fusing(rules: Sequence[Rewrite]) -> Sequence[Stage]:
@@ -66,11 +72,13 @@ FAMILIES = (
            _fusing(masks.ATTENTION_MASK_RULES)),
     Family("norm_rope_gate", "qkv(+gate) split + Q/K RMSNorm + rotary -> kunlun::split_norm_rope_gate; "
            "separate q/k projections (HF) + Q/K RMSNorm + rotary primitives -> kunlun::qk_norm_rope",
-           (Stage(rotary.RECOGNISE, fuses=False, then=rotary.share_tables),
+           (Stage(norms.RECOGNISE, fuses=False, relays=True, quiet=True),
+            Stage(rotary.RECOGNISE, fuses=False, then=rotary.share_tables),
             Stage(rotary.WIDEN, fuses=False),
             Stage(prologue.RULES),
             Stage(hf_prologue.RULES, then=hf_prologue.tidy),
-            Stage(rotary.LOWER, fuses=False, relays=True, notes=rotary.unfused))),
+            Stage(rotary.LOWER, fuses=False, relays=True, notes=rotary.unfused),
+            Stage(norms.LOWER, fuses=False, relays=True, when=lambda ctx: not ctx.config.is_enabled("add_rmsnorm")))),
     Family("moe_gate", "router softmax/sigmoid + (grouped) top-k + renormalise + scale -> kunlun::router primitive "
            "-> kunlun::moe_gate",
            (Stage(moe_gate.RECOGNISE, fuses=False, explains=True),
@@ -78,8 +86,11 @@ FAMILIES = (
             Stage(moe_gate.FUSE, explains=False, then=fold_cast_round_trips),
             Stage(moe_gate.LOWER, fuses=False, relays=True, notes=moe_gate.unfused))),
     Family("moe_ffn", "routed expert FFN -> kunlun::fused_moe", _fusing(moe_experts.RULES)),
-    Family("add_rmsnorm", "residual add + RMSNorm -> kunlun::fused_add_rmsnorm; lone RMSNorm -> kunlun::rms_norm",
-           _fusing(norms.RULES)),
+    Family("add_rmsnorm", "RMSNorm in any spelling -> kunlun::rmsnorm_primitive; with the residual add before it "
+           "-> kunlun::fused_add_rmsnorm; alone -> kunlun::rms_norm",
+           (Stage(norms.RECOGNISE, fuses=False, relays=True, explains=True),
+            Stage(norms.FUSE),
+            Stage(norms.LOWER, fuses=False, relays=True, notes=norms.unfused))),
     Family("decode_linear", "linear layer x @ w.T (+ b) -> kunlun::linear (a GEMV at decode rows, cuBLAS above); "
            "act(gate) * up in any spelling -> kunlun::act_and_mul primitive; with it as the input (SwiGLU, "
            "attention gate) and a gated residual -> kunlun::gated_linear",
@@ -97,6 +108,8 @@ def _family_pass(family: str, stages: Sequence[Stage]):
     def run(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         outcome = PassOutcome()
         for stage in stages:
+            if stage.when is not None and not stage.when(ctx):
+                continue
             # by name: a rewrite that breaks the graph's order has it rebuilt (`legalize_graph`), new node objects
             before = {n.name for n in gm.graph.nodes} if stage.relays else None
             noted = stage.notes(gm) if stage.notes is not None else []
@@ -110,7 +123,8 @@ def _family_pass(family: str, stages: Sequence[Stage]):
                 outcome.matches += done.matches
                 for name, n in done.patterns.items():
                     outcome.patterns[name] = outcome.patterns.get(name, 0) + n
-            outcome.near_misses += [line for line in done.near_misses + noted if line not in outcome.near_misses]
+            found = ([] if stage.quiet else done.near_misses) + noted
+            outcome.near_misses += [line for line in found if line not in outcome.near_misses]
         rules = [r for s in stages if s.explaining for r in s.rules]
         outcome.near_misses += [line for line in unfused_anchors(gm, family, rules) if line not in outcome.near_misses]
         return outcome

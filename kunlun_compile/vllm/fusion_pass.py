@@ -61,7 +61,18 @@ class KunlunFusionPass(InductorPass):
         result = self.manager.run(copy_graph_module(gm), PassContext(self.config, name, self.warned), report)
         self.report.graphs.append(report)
         if sum(p.matches for p in report.passes):
+            _forget_traced_inputs(result.graph)
             _replace_nodes(graph, result.graph)
+
+
+def _forget_traced_inputs(graph: fx.Graph) -> None:
+    """Drop the `eager_input_vals` a `kunlun::` call carries from the trace of its replacement.  Inductor lowers a
+    custom op with such a record by matching the call's arguments to it one by one (`constrain_to_fake_tensors`),
+    and a call a later rewrite changed (`read_half_tables` adds `half_width`) no longer fits it: the lowering
+    fails.  Without the record inductor takes the call as a custom pass made it; the ops take any strides."""
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "kunlun":
+            node.meta.pop("eager_input_vals", None)
 
 
 def _replace_nodes(graph: fx.Graph, new: fx.Graph) -> None:

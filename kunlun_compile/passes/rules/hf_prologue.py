@@ -4,7 +4,8 @@ HF attention projects q, k, v separately, views them per head, (Qwen3, Gemma3, .
 per head before or after the transpose to [B, H, S, D], and rotates them against cos/sin tables the rotary
 module computed once per forward.  By the time these rules run, every spelling of the rotation is one
 `kunlun::rotary` node (`rotary.py`: rotate_half or pairs, written-out halves, partial widths, upcasts), so
-a rule here is only "per-head view -> (norm) -> transpose -> rotary" for q and for k, sharing their tables.
+a rule here is only "per-head view -> (norm) -> transpose -> rotary" for q and for k, sharing their tables;
+the Q/K norms are `kunlun::rmsnorm_primitive` nodes by then (`norms.py`), their kind read off the match.
 The q/k work from the per-head views to the rotated tensors becomes one kernel; the tables stay as they
 are.  The result keeps the primitive's dtype (a float32 table or an upcast x rotates in float32); a cast
 back that the model wrote follows as it was.
@@ -17,13 +18,13 @@ from ..cleanup import fold_cast_round_trips
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
 from .half_tables import read_half_tables
-from .norms import EPS, gemma_lone, hf_lone
-from .prologue import MAX_HEAD_DIM
+from .norms import FREE as NORM_FREE, RMSNORM
+from .prologue import MAX_HEAD_DIM, _qk_norm, shared_norm
 from .rotary import ROTARY, shared_rotation
 
 aten = torch.ops.aten
 _B, _S, _NQ, _NKV, _D = 2, 5, 4, 2, 16  # example sizes, all different
-_FREE = ((ROTARY, 3), (ROTARY, 4))  # neox and rotary_dim: read by the guard
+_FREE = ((ROTARY, 3), (ROTARY, 4)) + NORM_FREE  # neox and rotary_dim, the norms' parameters: read by the guards
 
 
 # ---- search functions (the model's code, its rotations already primitives) -------------------------------
@@ -42,34 +43,25 @@ def upcast_rope(q, k, cos, sin):
     return _rotated(q.transpose(1, 2).float(), cos, sin), _rotated(k.transpose(1, 2).float(), cos, sin)
 
 
-def norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+def norm_rope(q, k, q_weight, k_weight, cos, sin):
     """Qwen3: q/k per-head views -> q_norm/k_norm -> transpose -> rotary."""
-    q = hf_lone(q, q_weight, eps).transpose(1, 2)
-    k = hf_lone(k, k_weight, eps).transpose(1, 2)
+    q = _qk_norm(q, q_weight).transpose(1, 2)
+    k = _qk_norm(k, k_weight).transpose(1, 2)
     return _rotated(q, cos, sin), _rotated(k, cos, sin)
 
 
-def _norm_after_transpose_rope(norm):
-    def transposed_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-        q = norm(q.transpose(1, 2), q_weight, eps)
-        k = norm(k.transpose(1, 2), k_weight, eps)
-        return _rotated(q, cos, sin), _rotated(k, cos, sin)
-    return transposed_norm_rope
+def transposed_norm_rope(q, k, q_weight, k_weight, cos, sin):
+    """q/k per-head views transposed first, then the Q/K norms, then rotary (a norm over the last dim commutes
+    with the transpose: the op normalises the same rows): Gemma3 (`1 + w`), Exaone4, Apertus."""
+    q = _qk_norm(q.transpose(1, 2), q_weight)
+    k = _qk_norm(k.transpose(1, 2), k_weight)
+    return _rotated(q, cos, sin), _rotated(k, cos, sin)
 
 
-# q/k per-head views transposed first, then the Q/K norms, then rotary (a norm over the last dim commutes with
-# the transpose: the op normalises the same rows).  Gemma3: `1 + w` norms in fp32, one rounding; Exaone4 and
-# Apertus: Llama-style norms.
-gemma_norm_rope = _norm_after_transpose_rope(gemma_lone)
-transposed_norm_rope = _norm_after_transpose_rope(hf_lone)
-
-
-def _per_token_norm_rope(norm):
-    def per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-        """Decode-style code: q and k per token [tokens, heads, head_dim], normed, rotated against tables
-        [tokens, 1, R] -- no sequence dim, no transpose."""
-        return _rotated(norm(q, q_weight, eps), cos, sin), _rotated(norm(k, k_weight, eps), cos, sin)
-    return per_token_norm_rope
+def per_token_norm_rope(q, k, q_weight, k_weight, cos, sin):
+    """Decode-style code: q and k per token [tokens, heads, head_dim], normed, rotated against tables
+    [tokens, 1, R] -- no sequence dim, no transpose."""
+    return _rotated(_qk_norm(q, q_weight), cos, sin), _rotated(_qk_norm(k, k_weight), cos, sin)
 
 
 def rope_pair(q, k, cos, sin):
@@ -81,9 +73,6 @@ def rope_pair(q, k, cos, sin):
 def upcast_rope_pair(q, k, cos, sin):
     return _rotated(q.float(), cos, sin), _rotated(k.float(), cos, sin)
 
-
-gemma_per_token_norm_rope = _per_token_norm_rope(gemma_lone)
-per_token_norm_rope = _per_token_norm_rope(hf_lone)
 
 
 # ---- replacement ----------------------------------------------------------------------------------------
@@ -164,7 +153,7 @@ def _kernel_reasons(b: Bindings, rotary_dim: int, norm: bool, weights_in_q_dtype
         else f"cos width {cos.shape[-1]} is not rotary_dim {rotary_dim}"]
     if norm:
         qw, kw = b.val("q_weight"), b.val("k_weight")
-        reasons += [g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight")]
+        reasons += [g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight")]
         if weights_in_q_dtype:
             reasons += [g.same_dtype(q, qw, "q and q_weight"), g.same_dtype(q, kw, "q and k_weight")]
     return reasons
@@ -183,12 +172,24 @@ def _upcast_params(b: Bindings) -> dict:
     return {"upcast": True, "rounded": cos.dtype != torch.float64 and _cast_back_only(b)}
 
 
-def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
+def _norm_params(b: Bindings):
+    """eps and norm_offset of the match's Q/K norm primitives, or why the kernel cannot take them."""
+    norm = shared_norm(b)
+    return norm if isinstance(norm, str) else {"eps": norm[0], "norm_offset": norm[1]}
+
+
+def _guard(b: Bindings, norm: bool, upcast: bool = False):
     rotation = _rotation_of(b, 4, "4-D per-head views [batch, seq, heads, head_dim] and cos/sin "
                                   "[batch, 1, seq, rotary_dim]")
     if isinstance(rotation, str):
         return Refusal(rotation)
     neox, rotary_dim = rotation
+    params = {"neox": neox, "rotary_dim": rotary_dim}
+    if norm:
+        found = _norm_params(b)
+        if isinstance(found, str):
+            return Refusal(found)
+        params.update(found)
     q, k, cos = b.val("q"), b.val("k"), b.val("cos")
     reason = g.first(
         None if all(g.known_equal(x, y) for x, y in zip(q.shape[:2], k.shape[:2]))
@@ -200,29 +201,30 @@ def _guard(b: Bindings, norm: bool, upcast: bool = False, gemma: bool = False):
         *_kernel_reasons(b, rotary_dim, norm, weights_in_q_dtype=True))
     if reason:
         return Refusal(reason)
-    params = {"neox": neox, "rotary_dim": rotary_dim}
     if upcast:
         params.update(_upcast_params(b))
-    if gemma:
-        params["norm_offset"] = 1.0
     return params
 
 
-def _per_token_guard(b: Bindings, gemma: bool):
+def _per_token_guard(b: Bindings):
     rotation = _rotation_of(b, 3, "per-token heads [tokens, heads, head_dim] and cos/sin [tokens, 1, rotary_dim]")
     if isinstance(rotation, str):
         return Refusal(rotation)
     neox, rotary_dim = rotation
+    params = _norm_params(b)
+    if isinstance(params, str):
+        return Refusal(params)
+    params.update(neox=neox, rotary_dim=rotary_dim)
     q, k, cos = b.val("q"), b.val("k"), b.val("cos")
     reason = g.first(
         None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(k.shape[2], q.shape[2])
         and g.known_equal(cos.shape[0], q.shape[0])
         else f"q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} differ in tokens or head_dim",
         # the norm's output is in q's dtype, and so is the rotation; a Gemma `1 + w` weight is widened anyway
-        *_kernel_reasons(b, rotary_dim, norm=True, weights_in_q_dtype=not gemma))
+        *_kernel_reasons(b, rotary_dim, norm=True, weights_in_q_dtype=params["norm_offset"] == 0.0))
     if reason:
         return Refusal(reason)
-    return {"neox": neox, "rotary_dim": rotary_dim, "norm_offset": 1.0 if gemma else 0.0}
+    return params
 
 
 def _pair_guard(b: Bindings, upcast: bool):
@@ -277,11 +279,10 @@ def _per_token_inputs(dtype):
     return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
 
 
-def _per_token_rule(name, search, gemma: bool) -> Rewrite:
+def _per_token_rule(name, search) -> Rewrite:
     return Rewrite(family="norm_rope_gate", name=name, search=search, replace=fused_per_token_norm_rope,
-                   example_inputs=_per_token_inputs, constants={"eps": EPS},
-                   guard=lambda b: _per_token_guard(b, gemma), free_arguments=_FREE,
-                   needs=(ROTARY, aten.rsqrt.default))
+                   example_inputs=_per_token_inputs, guard=_per_token_guard, free_arguments=_FREE,
+                   needs=(ROTARY, RMSNORM))
 
 
 def _example_inputs(dtype, norm: bool):
@@ -293,14 +294,13 @@ def _example_inputs(dtype, norm: bool):
     return q, k, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cos, sin
 
 
-def _rule(name, search, norm: bool, upcast: bool = False, gemma: bool = False) -> Rewrite:
+def _rule(name, search, norm: bool, upcast: bool = False) -> Rewrite:
     return Rewrite(family="norm_rope_gate", name=name, search=search,
                    replace=fused_norm_rope if norm else fused_rope,
                    example_inputs=lambda dtype: _example_inputs(dtype, norm),
-                   constants={"eps": EPS} if norm else {},
-                   guard=lambda b: _guard(b, norm, upcast, gemma), free_arguments=_FREE,
+                   guard=lambda b: _guard(b, norm, upcast), free_arguments=_FREE,
                    dtypes=(torch.bfloat16, torch.float16) if upcast else (torch.float32, torch.bfloat16, torch.float16),
-                   needs=(ROTARY, aten.transpose.int) + ((aten.rsqrt.default,) if norm else ()))
+                   needs=(ROTARY, aten.transpose.int) + ((RMSNORM,) if norm else ()))
 
 
 def tidy(gm) -> int:
@@ -311,12 +311,10 @@ def tidy(gm) -> int:
 # with the norms first (the plain rule would split them off)
 RULES = [
     _rule("hf_qknorm_rope", norm_rope, norm=True),
-    _rule("hf_gemma_qknorm_rope", gemma_norm_rope, norm=True, gemma=True),
     _rule("hf_transposed_qknorm_rope", transposed_norm_rope, norm=True),
     _rule("hf_upcast_rope", upcast_rope, norm=False, upcast=True),
     _rule("hf_rope", plain_rope, norm=False),
-    _per_token_rule("per_token_gemma_qknorm_rope", gemma_per_token_norm_rope, gemma=True),
-    _per_token_rule("per_token_qknorm_rope", per_token_norm_rope, gemma=False),
+    _per_token_rule("per_token_qknorm_rope", per_token_norm_rope),
     # last: any two rotations sharing tables, once no rule with a norm or a transpose took them
     _pair_rule("upcast_rope_pair", upcast_rope_pair, upcast=True),
     _pair_rule("rope_pair", rope_pair, upcast=False),

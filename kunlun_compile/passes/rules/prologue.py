@@ -2,10 +2,11 @@
 
 The search function is the prologue of a vLLM attention layer as the model code writes it: split the fused
 qkv(+gate) projection, optional per-head Q/K RMSNorm (vLLM or Gemma style), and the rotation against
-`cos_sin_cache[positions]`.  By the time these rules run, the rotation -- neox halves or GPT-J pairs, over
-the whole head or its first `rotary_dim` dims -- is one `kunlun::rotary` node (`rotary.py`) whose tables
-are the cache's halves widened to the rotated width; so a rule is only (gated or not) x (norm kind) x (how
-the halves were widened), and head counts and sizes are read back from the match.
+`cos_sin_cache[positions]`.  By the time these rules run, each Q/K norm is one `kunlun::rmsnorm_primitive`
+node (`norms.py`, any spelling, its rounding in its arguments) and the rotation -- neox halves or GPT-J pairs,
+over the whole head or its first `rotary_dim` dims -- one `kunlun::rotary` node (`rotary.py`) whose tables
+are the cache's halves widened to the rotated width; so a rule is only (gated or not) x (normed or not) x
+(how the halves were widened), and head counts, sizes and the norms' kind are read back from the match.
 """
 from __future__ import annotations
 
@@ -15,17 +16,32 @@ import torch
 
 from ..pattern_engine import Bindings, Refusal, Rewrite
 from . import guards as g
-from .norms import EPS, gemma_lone, vllm_lone
+from .norms import EPS, FREE as NORM_FREE, RMSNORM
 from .rotary import ROTARY, shared_rotation, widened_tables
 
 aten = torch.ops.aten
-# Gemma first: in fp32 its `x * (1 + w)` is also a vLLM norm whose weight is `1 + w`
-NORMS = {"gemma": gemma_lone, "vllm": vllm_lone, "none": None}
 # The kernel keeps one head per tile row in registers and loads 16-byte vectors: head_dim a multiple of 8, <= 512.
 MAX_HEAD_DIM = 512
 # example sizes for tracing; all different so no view or slice of them is a no-op by accident
 _T, _NQ, _NKV, _D, _P = 5, 4, 2, 16, 32
-_FREE = ((ROTARY, 3), (ROTARY, 4))  # neox and rotary_dim: read by the guard
+_FREE = ((ROTARY, 3), (ROTARY, 4)) + NORM_FREE  # neox and rotary_dim, the norms' parameters: read by the guards
+
+
+def _qk_norm(x, weight):
+    return torch.ops.kunlun.rmsnorm_primitive(x, weight, EPS, 0.0, False)
+
+
+def shared_norm(b: Bindings):
+    """(eps, norm_offset) of the Q and K norm primitives in a match, in the rounding the prologue kernels have
+    (vLLM's: cast, then the weight in the dtype; Gemma's: `1 + w` in fp32, one rounding), else why not."""
+    found = {tuple(n.args[2:5]) for n in b.nodes(RMSNORM)}
+    if len(found) != 1:
+        return f"q and k are normed differently: {sorted(found)}"
+    eps, offset, weight_in_float = found.pop()
+    if weight_in_float != (offset != 0.0):
+        return ("the Q/K norms multiply their weight in float32 and round once (torch's RMSNorm, `(w * x).to(dtype)`)"
+                "; the prologue kernels round before the weight unless it is Gemma's `1 + w`")
+    return eps, offset
 
 
 def _rope(positions, q, k, cache, head_dim: int, neox: bool):
@@ -46,10 +62,8 @@ def _rope(positions, q, k, cache, head_dim: int, neox: bool):
     return apply(q), apply(k)
 
 
-def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int):
-    norm_fn = NORMS[norm]
-
-    def prologue(qkv, q_weight, k_weight, cache, positions, eps):
+def _make_search(gated: bool, normed: bool, neox: bool, nq: int, nkv: int, d: int):
+    def prologue(qkv, q_weight, k_weight, cache, positions):
         q_size, kv_size = nq * d, nkv * d
         if gated:
             q_gate, k, v = qkv.split([q_size * 2, kv_size, kv_size], dim=-1)
@@ -58,41 +72,41 @@ def _make_search(gated: bool, norm: str, neox: bool, nq: int, nkv: int, d: int):
             q, gate = q.reshape(*lead, -1), gate.reshape(*lead, -1)
         else:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        if norm_fn is not None:
-            q = norm_fn(q.view(-1, nq, d), q_weight, eps).view(-1, q_size)
-            k = norm_fn(k.view(-1, nkv, d), k_weight, eps).view(-1, kv_size)
+        if normed:
+            q = _qk_norm(q.view(-1, nq, d), q_weight).view(-1, q_size)
+            k = _qk_norm(k.view(-1, nkv, d), k_weight).view(-1, kv_size)
         q, k = _rope(positions, q, k, cache, d, neox)
         return (q, k, v, gate) if gated else (q, k, v)
 
-    if norm_fn is not None:
+    if normed:
         return prologue
 
     def prologue_without_norm(qkv, cache, positions):
-        return prologue(qkv, None, None, cache, positions, None)
+        return prologue(qkv, None, None, cache, positions)
     return prologue_without_norm
 
 
-def _replace(*tensors, norm: str, gated: bool, neox: bool, eps=None, nq, nkv, head_dim, rotary_dim):
-    if norm == "none":
-        (qkv, cache, positions), q_weight, k_weight = tensors, None, None
-    else:
+def _replace(*tensors, normed: bool, gated: bool, neox: bool, eps=1e-6, norm_offset=0.0, nq, nkv, head_dim,
+             rotary_dim):
+    if normed:
         qkv, q_weight, k_weight, cache, positions = tensors
+    else:
+        (qkv, cache, positions), q_weight, k_weight = tensors, None, None
     q, k, gate = torch.ops.kunlun.split_norm_rope_gate(
-        qkv, q_weight, k_weight, cache, positions, nq, nkv, head_dim, rotary_dim,
-        1e-6 if eps is None else eps, 1.0 if norm == "gemma" else 0.0, gated, neox)
+        qkv, q_weight, k_weight, cache, positions, nq, nkv, head_dim, rotary_dim, eps, norm_offset, gated, neox)
     kv_size = nkv * head_dim
     v = qkv[:, qkv.shape[1] - kv_size:]
     q, k = q.view(-1, nq, head_dim), k.view(-1, nkv, head_dim)
     return (q, k, v, gate) if gated else (q, k, v)
 
 
-def _example_inputs(dtype, norm: str, gated: bool):
+def _example_inputs(dtype, normed: bool, gated: bool):
     rotary = _D
     cols = (_NQ * (2 if gated else 1) + 2 * _NKV) * _D
     qkv = torch.randn(_T, cols, dtype=dtype)
     cache = torch.randn(_P, rotary, dtype=dtype)
     positions = torch.randint(0, _P, (_T,))
-    if norm == "none":
+    if not normed:
         return qkv, cache, positions
     return qkv, torch.randn(_D, dtype=dtype), torch.randn(_D, dtype=dtype), cache, positions
 
@@ -119,7 +133,7 @@ def _head_sizes(b: Bindings, gated: bool, rotary_dim: int):
     return q_cols // d, sizes[1] // d, d
 
 
-def _guard(b: Bindings, norm: str, gated: bool, neox: bool):
+def _guard(b: Bindings, normed: bool, gated: bool, neox: bool):
     qkv, cache, positions = b.val("qkv"), b.val("cache"), b.val("positions")
     rotation = shared_rotation(b)
     if isinstance(rotation, str) or rotation[0] != neox:
@@ -141,32 +155,36 @@ def _guard(b: Bindings, norm: str, gated: bool, neox: bool):
         None if g.known_equal(cache.shape[1], rotary_dim)
         else f"cos_sin_cache width {cache.shape[1]} is not rotary_dim {rotary_dim}",
     )
-    if not reason and norm != "none":
+    params = {"nq": nq, "nkv": nkv, "head_dim": d, "rotary_dim": rotary_dim}
+    if not reason and normed:
+        norm = shared_norm(b)
+        if isinstance(norm, str):
+            return Refusal(norm)
+        params["eps"], params["norm_offset"] = norm
         qw, kw = b.val("q_weight"), b.val("k_weight")
-        reason = g.first(g.positive_eps(b.scalar("eps")), g.vector_of(qw, d, "q_weight"),
-                         g.vector_of(kw, d, "k_weight"),
-                         None if norm == "gemma" else g.same_dtype(qkv, qw, "qkv and q_weight"),
-                         None if norm == "gemma" else g.same_dtype(qkv, kw, "qkv and k_weight"))
+        gemma = params["norm_offset"] != 0.0
+        reason = g.first(g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight"),
+                         None if gemma else g.same_dtype(qkv, qw, "qkv and q_weight"),
+                         None if gemma else g.same_dtype(qkv, kw, "qkv and k_weight"))
     if reason:
         return Refusal(reason)
-    return {"nq": nq, "nkv": nkv, "head_dim": d, "rotary_dim": rotary_dim}
+    return params
 
 
-def _rule(gated: bool, norm: str, neox: bool) -> Rewrite:
-    name = "_".join([("gated" if gated else "plain"), f"{norm}norm", ("neox" if neox else "gptj")])
-    search = _make_search(gated, norm, neox, _NQ, _NKV, _D)
+def _rule(gated: bool, normed: bool, neox: bool) -> Rewrite:
+    name = "_".join([("gated" if gated else "plain"), ("qknorm" if normed else "nonorm"), ("neox" if neox else "gptj")])
+    search = _make_search(gated, normed, neox, _NQ, _NKV, _D)
 
     def replace(*tensors, **params):
-        return _replace(*tensors, norm=norm, gated=gated, neox=neox, **params)
+        return _replace(*tensors, normed=normed, gated=gated, neox=neox, **params)
 
     return Rewrite(family="norm_rope_gate", name=name, search=search, replace=replace,
-                   example_inputs=lambda dtype: _example_inputs(dtype, norm, gated),
-                   constants={"eps": EPS} if norm != "none" else {},
-                   guard=lambda b: _guard(b, norm, gated, neox), free_arguments=_FREE,
-                   # GPT-J tables are interleaved by a stack, a gate's chunk copied, a norm has rsqrt (tested)
+                   example_inputs=lambda dtype: _example_inputs(dtype, normed, gated),
+                   guard=lambda b: _guard(b, normed, gated, neox), free_arguments=_FREE,
+                   # GPT-J tables are interleaved by a stack, a gate's chunk copied, a norm is a primitive (tested)
                    needs=(ROTARY, aten.split_with_sizes.default, aten.index_select.default) +
                    (() if neox else (aten.stack.default,)) +
-                   ((aten.clone.default,) if gated else ()) + ((aten.rsqrt.default,) if norm != "none" else ()))
+                   ((aten.clone.default,) if gated else ()) + ((RMSNORM,) if normed else ()))
 
 
 # ---- the rotation alone, on q and k from anywhere (a full-width Q/K norm before it: vLLM's Olmoe) -------------
@@ -215,7 +233,8 @@ def _rope_anywhere_fused(q, k, cache, positions, *, head_dim, rotary_dim, neox):
                                          None, None, cos, sin, 1e-6, 0.0, neox, False, True)
 
 
-RULES = [_rule(gated, norm, neox) for gated, norm, neox in itertools.product((True, False), NORMS, (True, False))]
+RULES = [_rule(gated, normed, neox) for gated, normed, neox in itertools.product((True, False), (True, False),
+                                                                                  (True, False))]
 # last: where the qkv split is in the match, the rules above take it (and the norms with it)
 RULES += [Rewrite(family="norm_rope_gate", name=f"rope_anywhere_{'neox' if neox else 'gptj'}",
                  search=_rope_anywhere(neox), replace=_rope_anywhere_fused, example_inputs=_rope_anywhere_inputs,
