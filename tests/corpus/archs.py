@@ -272,7 +272,7 @@ ARCHS = [
                         # torch_chunk_gated_delta_rule (x * rsqrt(sum(x^2) + eps)) is not an RMSNorm
         moe_gate=2,  # Qwen3NextTopKRouter (Qwen3-MoE's)
         moe_ffn=2,  # + shared_expert with sigmoid gate
-    ), found=both(add_rmsnorm=8),
+    ),
         forms=("hybrid linear attention (gated delta rule)", "gated q", "1 + w Q/K norm before the transpose",
                "partial rotary 0.25", "gated RMSNorm")),
     _arch("DeepseekV2", dict(MOE, **MLA), expected=dict(
