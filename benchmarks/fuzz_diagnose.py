@@ -50,7 +50,7 @@ def diagnose(seed: int, device: str, modes: List[str]) -> None:
     case = rf.generate(seed, device=device, dtype=torch.bfloat16)
     print(f"seed {seed}: {case.spec.short()}; sizes {case.schedule}")
     torch._dynamo.reset()
-    with rf._op_references(device), rf._dynamo_settings(case):
+    with rf._op_references(device), rf._dynamo_settings(case), rf.deterministic_torch(device):
         eager = case.build()
         model64 = rf.Reference._float64_copy(case)
         switch = rf.ModeSwitch(modes, rf.CAPTURE_SIZES)
@@ -64,10 +64,18 @@ def diagnose(seed: int, device: str, modes: List[str]) -> None:
             for call in range(len(case.schedule)):
                 with torch.no_grad():
                     outs[mode].append(torch.utils._pytree.tree_leaves(compiled(*case.inputs(call)))[0])
+        # the first mode once more: a distance from its own first run is nondeterminism (atomics), not a mode
+        switch.mode = modes[0]
+        rf._reset_buffers(model, case.build())
+        again = []
+        for call in range(len(case.schedule)):
+            with torch.no_grad():
+                again.append(torch.utils._pytree.tree_leaves(compiled(*case.inputs(call)))[0])
         rf._reset_buffers(model, case.build())
         moes = [m for m in eager.modules() if isinstance(m, rf.MoE)]
         print(f"{'call':>4} {'size':>4} {'eager~f64':>9} " +
-              " ".join(f"{m[:6] + '~eager':>12} {m[:6] + '~f64':>10} {m[:6] + '~none':>11}" for m in modes))
+              " ".join(f"{m[:6] + '~eager':>12} {m[:6] + '~f64':>10} {m[:6] + '~none':>11}" for m in modes) +
+              f" {modes[0][:6] + ' again':>12}")
         for call in range(len(case.schedule)):
             args = case.inputs(call)
             with torch.no_grad():
@@ -84,6 +92,7 @@ def diagnose(seed: int, device: str, modes: List[str]) -> None:
                              f"{rf.rel_error(got, outs[modes[0]][call]):11.2e}")
                 if e_eager > worst:
                     worst_mode, worst = m, e_eager
+            cells.append(f"{rf.rel_error(again[call], outs[modes[0]][call]):12.2e}")
             print(" ".join(cells))
             if moes and max(worst, rf.rel_error(want.double(), truth)) > rf.BF16_TOL * 0.5:
                 _explain_rows(outs[worst_mode or modes[0]][call], want, truth, moes,

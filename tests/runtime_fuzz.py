@@ -13,10 +13,12 @@ updates.  Everything is deterministic by seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import math
+import os
 import random
 import sys
 import time
@@ -30,6 +32,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from kunlun_compile.runtime.executor import SizeAssumptionBroken
+
+# cuBLAS picks one reduction order only with a fixed workspace (read when its handle is made): see
+# `deterministic_torch`
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 MODES = ("none", "piecewise", "full", "full_and_piecewise")
 CAPTURE_SIZES = (1, 2, 4, 8)
@@ -1135,7 +1141,7 @@ def run_case(case: Case, modes: Sequence[str] = MODES, capture_sizes: Sequence[i
     found: List[Divergence] = []
     counters, graphs, untraced = {}, {}, [0]
     torch._dynamo.reset()
-    with _op_references(case.device), _dynamo_settings(case):
+    with _op_references(case.device), _dynamo_settings(case), deterministic_torch(case.device):
         ref = Reference(case)
         if compile_fn is None:
             switch = ModeSwitch(modes, capture_sizes, **options)
@@ -1168,10 +1174,33 @@ def _run_mode(case: Case, ref: Reference, mode: str, compiled: Callable, model: 
         return [Divergence(case.spec.seed, mode, case.schedule[0], 0, "-", "error", math.inf, _one_line(e))]
 
 
+@contextlib.contextmanager
+def deterministic_torch(device: str):
+    """On the GPU, torch's deterministic algorithms for eager and compiled alike.  The MoE spellings
+    scatter back with `index_add_`, which on CUDA adds in bf16 by atomics in no fixed order: the same
+    call run twice then differs by a rounding, and a router near a tie several layers on can pick other
+    experts (seed 165: mode `none` against its own re-run, 2.8e-2 at one call).  With it on, a divergence
+    is the runtime's, never the order of two atomics.  Uninitialised memory is left as it is: filling it
+    would add kernels to the graphs under test."""
+    if device == "cpu":
+        yield
+        return
+    from torch.utils import deterministic
+
+    was, was_warn, was_fill = (torch.are_deterministic_algorithms_enabled(),
+                               torch.is_deterministic_algorithms_warn_only_enabled(),
+                               deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such path warns, and runs
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        deterministic.fill_uninitialized_memory = was_fill
+
+
 def _op_references(device: str):
     """On the CPU the kunlun:: ops run their torch references: the runtime is under test, not the kernels."""
-    import contextlib
-
     if device != "cpu":
         return contextlib.nullcontext()
     from kunlun_compile.ops import cpu_kernels

@@ -273,3 +273,18 @@ def test_bf16_harness_still_reports_a_drift():
     result = rf.run_case(case, modes=["piecewise"], compile_fn=_planted("drift"))
     assert [(d.kind, d.call) for d in result.divergences if d.output == "0"] == [("value", 1)], \
         [d.line() for d in result.divergences]
+
+
+def test_deterministic_torch_on_the_gpu_only_and_restored():
+    """The GPU fuzz runs torch's deterministic algorithms (index_add_'s atomics made one seed's own
+    re-run differ by 2.8e-2); the CPU run is left as it is, and the flags come back afterwards."""
+    from torch.utils import deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory)
+    with rf.deterministic_torch("cpu"):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]
+    with rf.deterministic_torch("cuda"):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert deterministic.fill_uninitialized_memory is False
+    assert (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory) == before
