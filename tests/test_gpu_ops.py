@@ -158,6 +158,50 @@ def test_fused_moe_cuda(M):
     assert rel_err(got, want) < 8e-3  # same roundings; GEMM accumulation order differs
 
 
+@pytest.mark.parametrize("M", [1, 16, 200, 4096])  # per-pair GEMVs, scan, sorted, large (TMA on row-major)
+def test_fused_moe_reads_k_major_weights_cuda(M):
+    """Weights stored [E, K, N] (`torch._grouped_mm`'s layout) seen through a transpose: read in place by
+    pointer loads, as close to float64 as the row-major run."""
+    from kunlun_compile.ops import fused_moe
+
+    E, H, I, k = 64, 2048, 768, 4
+    dtype = torch.bfloat16
+    x = torch.randn(M, H, device="cuda", dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
+    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
+    k_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (w13, w2)]
+    got = torch.ops.kunlun.fused_moe(x, *k_major, w, ids, "silu")
+    row_major = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
+    exact = fused_moe.reference(x.double(), w13.double(), w2.double(), w.double(), ids)
+    assert not got.isnan().any()
+    assert rel_err(got, exact) < 1e-2 and rel_err(got, row_major) < 8e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 4096])
+def test_prologues_with_torch_rmsnorm_rounding_cuda(dtype, T):
+    """`weight_in_float` (the norm's weight multiplied in fp32, one rounding) through both prologue ops."""
+    from kunlun_compile.ops import norm_rope_gate, qk_norm_rope
+
+    nq, nkv, D = 16, 4, 128
+    qkv = torch.randn(T, norm_rope_gate.qkv_columns(nq, nkv, D, True), device="cuda").to(dtype)
+    qw, kw = [(1 + 0.3 * torch.randn(D, device="cuda")).to(dtype) for _ in range(2)]
+    angles = torch.rand(4096, 32, device="cuda") * 6.28
+    cache = torch.cat([angles.cos(), angles.sin()], -1)
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    args = (qkv, qw, kw, cache, pos, nq, nkv, D, 64, 1e-6, 0.0, True, True, True)
+    q = torch.randn(T, nq, D, device="cuda").to(dtype)
+    k = torch.randn(T, nkv, D, device="cuda").to(dtype)
+    full = torch.cat([angles[pos], angles[pos]], -1)
+    qk_args = (q, k, qw, kw, full.cos().to(dtype), full.sin().to(dtype), 1e-6, 0.0, True, False, False, True)
+    for got, want in ((torch.ops.kunlun.split_norm_rope_gate(*args)[:2], norm_rope_gate.reference(*args)[:2]),
+                      (torch.ops.kunlun.qk_norm_rope(*qk_args), qk_norm_rope.reference(*qk_args))):
+        for g, w in zip(got, want):
+            assert (g != w).float().mean().item() < 0.01  # the fp32 rsqrt / sum order: rarely one unit
+            assert rel_err(g, w) < {torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.bfloat16, torch.float32])
 def test_attention_mask_cuda(dtype):
     from kunlun_compile.ops import attention_mask

@@ -250,6 +250,25 @@ def test_fused_moe_every_kernel_path(dtype, plan, H, I):
     assert_moe_close(out, args, INTERPRETED_TOL[dtype])
 
 
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [E, N, K] weights, stored [E, K, N] (`torch._grouped_mm`'s layout) and seen through a transpose."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("plan", FORCED_PLANS, ids=plan_id)
+def test_fused_moe_reads_k_major_weights_in_place(plan):
+    """Weights stored [E, K, N] are read through their strides, not copied: the result is the one the same
+    plan gives on row-major weights, bit for bit (descriptors, which need row-major tiles, are not used)."""
+    M, E, k, H, I, dtype = 37, 8, 3, 64, 32, torch.bfloat16  # bf16: the dtype torch._grouped_mm models use
+    x, w13, w2, weights, ids = moe_inputs(M, E, H, I, k, dtype, seeded("k-major", plan))
+    with cpu_kernels(True):
+        want = fused_moe.triton_impl(x, w13, w2, weights, ids, plan=plan)
+        got = fused_moe.triton_impl(x, k_major(w13), k_major(w2), weights, ids, plan=plan)
+    assert not torch.isnan(want).any()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("M,k", [(3, 2), (250, 2), (800, 1)])  # small, medium, large by the plan
 def test_fused_moe_op_chooses_its_path(path, M, k):

@@ -142,3 +142,19 @@ def test_opcheck(path):
     args = make_inputs(CASES[0], torch.float32, T=5, gen=seeded("opcheck"))
     with cpu_kernels(path == "triton"):
         torch.library.opcheck(torch.ops.kunlun.split_norm_rope_gate.default, args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_in_float_rounds_once_as_torch_rmsnorm_does(path, dtype):
+    """`weight_in_float` (torch's RMSNorm as the Q/K norm): the kernel's one-rounding norm path at offset 0."""
+    args = make_inputs((4, 2, 32, 8, True, True, "plain"), dtype, T=7, gen=seeded("weight_in_float", path, dtype))
+    with cpu_kernels(path == "triton"):
+        q, k, gate = torch.ops.kunlun.split_norm_rope_gate(*args, weight_in_float=True)
+    want_q, want_k, _ = float64_prologue(*args)
+    assert rel_err(q, want_q) < TOL[dtype] and rel_err(k, want_k) < TOL[dtype]
+    ref = norm_rope_gate.reference(*args, weight_in_float=True)  # norm (1 rounding), rotary (3)
+    assert_same_rounding(q, ref[0], roundings=4, magnitude=4)
+    assert_same_rounding(k, ref[1], roundings=4, magnitude=4)
+    if dtype != torch.float32:  # the one rounding is not the two of the default path
+        assert not torch.equal(ref[0], norm_rope_gate.reference(*args)[0])

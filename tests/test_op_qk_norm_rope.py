@@ -186,3 +186,23 @@ def test_strided_inputs_are_read_in_place():
     want = qk_norm_rope.reference(q, k, w, w, cos, sin, 1e-6, 0.0, True)
     for g, x in zip(got, want):
         torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_in_float_rounds_once_as_torch_rmsnorm_does(path, dtype):
+    """`weight_in_float`: the normalised value times the weight in float32, rounded once -- torch's `F.rms_norm`
+    in a half dtype, which the reference's norm reproduces to the bit."""
+    q, k, qw, kw, cos, sin, eps, _, neox = make_inputs((4, 2, 32, 32, True, "plain"), dtype, T=7,
+                                                       gen=seeded("weight_in_float", path, dtype))
+    args = (q, k, qw, kw, cos, sin, eps, 0.0, neox)
+    with cpu_kernels(path == "triton"):
+        got_q, got_k = torch.ops.kunlun.qk_norm_rope(*args, weight_in_float=True)
+    want_q, want_k = float64_prologue(*args)
+    assert rel_err(got_q, want_q) < TOL[dtype] and rel_err(got_k, want_k) < TOL[dtype]
+    ref_q, ref_k = qk_norm_rope.reference(*args, weight_in_float=True)  # norm (1 rounding), rotary (3)
+    assert_same_rounding(got_q, ref_q, roundings=4, magnitude=4)
+    assert_same_rounding(got_k, ref_k, roundings=4, magnitude=4)
+    no_rotation = (q, k, qw, kw, cos[:, :0], sin[:, :0], eps, 0.0, neox)
+    normed_q, _ = qk_norm_rope.reference(*no_rotation, weight_in_float=True)
+    assert torch.equal(normed_q, torch.nn.functional.rms_norm(q, (q.shape[-1],), qw, eps))

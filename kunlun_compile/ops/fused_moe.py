@@ -91,7 +91,7 @@ def _swizzled_tile(pid, num_blocks, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
-              N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride,
+              N, K, w_rows, a_stride, w_stride_e, w_stride_n, w_stride_k, out_stride,
               TOP_K: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
               IEEE: tl.constexpr, UPCAST: tl.constexpr, A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr,
               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, TMA_A: tl.constexpr, TMA_W: tl.constexpr,
@@ -121,9 +121,9 @@ def _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, sl
         if TMA_W:
             b = w_desc.load([e * w_rows + pid_n * BN, k0]).T
         elif EVEN_K and EVEN_N:
-            b = tl.load(w_base + (k0 + kc)[:, None])
+            b = tl.load(w_base + ((k0 + kc) * w_stride_k)[:, None])
         else:
-            b = tl.load(w_base + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(w_base + ((k0 + kc) * w_stride_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16/fp16 dot is wrong; the fp32 products of them are exact
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -135,10 +135,10 @@ def _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, sl
             if TMA_W:
                 bu = w_desc.load([e * w_rows + N + pid_n * BN, k0]).T
             elif EVEN_K and EVEN_N:
-                bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None])
+                bu = tl.load(w_base + N * w_stride_n + ((k0 + kc) * w_stride_k)[:, None])
             else:
-                bu = tl.load(w_base + N * w_stride_n + (k0 + kc)[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                             other=0.0)
+                bu = tl.load(w_base + N * w_stride_n + ((k0 + kc) * w_stride_k)[:, None],
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 bu = bu.to(tl.float32)
             if IEEE:
@@ -161,7 +161,7 @@ def _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, sl
 @kernel
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, unit_expert_ptr, unit_start_ptr,
                      unit_rows_ptr, a_desc, a_tail_desc, w_desc, M, N, K, num_blocks, w_rows, a_stride, w_stride_e,
-                     w_stride_n, out_stride,
+                     w_stride_n, w_stride_k, out_stride,
                      TOP_K: tl.constexpr, SCAN: tl.constexpr, A_BY_PAIR: tl.constexpr, SWIGLU: tl.constexpr,
                      SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                      A_SORTED: tl.constexpr, OUT_SORTED: tl.constexpr, GROUP_M: tl.constexpr,
@@ -219,20 +219,22 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, sorted_ptr, unit_ex
             slot_t = start + tl.arange(0, TM)
             pair_t = tl.load(sorted_ptr + slot_t)
             _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_tail_desc, w_desc, e, start, pid_n, slot_t, pair_t,
-                      pair_t < P, N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR,
-                      SWIGLU, SCALE, IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, TM, BN, BK)
+                      pair_t < P, N, K, w_rows, a_stride, w_stride_e, w_stride_n, w_stride_k, out_stride, TOP_K,
+                      A_BY_PAIR, SWIGLU, SCALE, IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, TM,
+                      BN, BK)
         elif active:
             _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
-                      N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR, SWIGLU, SCALE,
-                      IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
+                      N, K, w_rows, a_stride, w_stride_e, w_stride_n, w_stride_k, out_stride, TOP_K, A_BY_PAIR,
+                      SWIGLU, SCALE, IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
     elif active:
         _moe_tile(a_ptr, w_ptr, out_ptr, tw_ptr, a_desc, w_desc, e, start, pid_n, slot, pair, row_ok,
-                  N, K, w_rows, a_stride, w_stride_e, w_stride_n, out_stride, TOP_K, A_BY_PAIR, SWIGLU, SCALE,
-                  IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
+                  N, K, w_rows, a_stride, w_stride_e, w_stride_n, w_stride_k, out_stride, TOP_K, A_BY_PAIR, SWIGLU,
+                  SCALE, IEEE, UPCAST, A_SORTED, OUT_SORTED, EVEN_K, EVEN_N, TMA_A, TMA_W, BM, BN, BK)
 
 
 @kernel
-def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride_e, w_stride_n, out_stride,
+def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride_e, w_stride_n, w_stride_k,
+                     out_stride,
                      TOP_K: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """GEMM1 of the per-pair routing (decode sizes): out[pair, n-block] = W[e, n-block, :] @ x[token].
 
@@ -256,9 +258,9 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride
         k_ok = (k0 + kc) < K
         a = tl.load(a_ptr + (pair // TOP_K) * a_stride + k0 + kc, mask=k_ok, other=0.0).to(tl.float32)
         w_ok = n_ok[:, None] & k_ok[None, :]
-        acc += tl.load(w_rows + (k0 + kc)[None, :], mask=w_ok, other=0.0).to(tl.float32) * a[None, :]
+        acc += tl.load(w_rows + ((k0 + kc) * w_stride_k)[None, :], mask=w_ok, other=0.0).to(tl.float32) * a[None, :]
         if SWIGLU:
-            up = tl.load(w_rows + N * w_stride_n + (k0 + kc)[None, :], mask=w_ok, other=0.0)
+            up = tl.load(w_rows + N * w_stride_n + ((k0 + kc) * w_stride_k)[None, :], mask=w_ok, other=0.0)
             acc_up += up.to(tl.float32) * a[None, :]
     out_ty = out_ptr.dtype.element_ty
     y = tl.sum(acc, axis=1).to(out_ty).to(tl.float32)
@@ -270,8 +272,8 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, N, K, E, a_stride, w_stride
 
 @kernel
 def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stride, w_stride_e, w_stride_n,
-                         out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PDL: tl.constexpr):
+                         w_stride_k, out_stride, TOP_K: tl.constexpr, BKK: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, PDL: tl.constexpr):
     """GEMM2 of the per-pair routing: out[token, n-block] = Σ_j tw_j · W[e_j, n-block, :] @ act[pair_j].
 
     One program holds a [k, BN, BK] tile: all k experts of its token at once (k loads in flight
@@ -297,7 +299,7 @@ def _moe_gemv_sum_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, tw_ptr, N, K, E, a_stri
         k_ok = (k0 + kc) < K
         a = tl.load(a_rows + (k0 + kc)[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w_ok = j_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
-        w = tl.load(w_rows + (k0 + kc)[None, None, :], mask=w_ok, other=0.0)
+        w = tl.load(w_rows + ((k0 + kc) * w_stride_k)[None, None, :], mask=w_ok, other=0.0)
         acc += w.to(tl.float32) * a[:, None, :]
     out_ty = out_ptr.dtype.element_ty
     y = tl.sum(acc, axis=2).to(out_ty).to(tl.float32)
@@ -357,8 +359,8 @@ def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: 
     on_cpu = a.device.type == "cpu"
     even_k, even_n = K % block_k == 0, N % block_n == 0
     # descriptors need whole tiles (a W tile past N would read the next expert's rows) and aligned rows
-    tma = (plan.tma and even_k and even_n and (K * a.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-           and a.data_ptr() % 16 == 0)
+    tma = (plan.tma and even_k and even_n and w.is_contiguous() and (K * a.element_size()) % 16 == 0
+           and w.data_ptr() % 16 == 0 and a.data_ptr() % 16 == 0)
     a_desc = a_tail_desc = w_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -369,7 +371,7 @@ def _gemm(a, w, out, topk_ids, topk_weights, routing, plan: MoePlan, M: int, N: 
             a_tail_desc = TensorDescriptor.from_tensor(a, [tail_m, block_k]) if tail_m else a_desc
     _moe_gemm_kernel.on(a.device)[grid](
         a, w, out, topk_ids, topk_weights, sorted_pairs, unit_expert, unit_start, unit_rows, a_desc, a_tail_desc,
-        w_desc, M, N, K, num_units, w.shape[1], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        w_desc, M, N, K, num_units, w.shape[1], a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         TOP_K=top_k, SCAN=plan.routing == "scan", A_BY_PAIR=a_by_pair, SWIGLU=swiglu, SCALE=scale,
         IEEE=a.dtype == torch.float32 or on_cpu, UPCAST=on_cpu, A_SORTED=a_sorted, OUT_SORTED=out_sorted,
         GROUP_M=group_m, EVEN_K=even_k, EVEN_N=even_n, TMA_A=a_desc is not None, TMA_W=w_desc is not None,
@@ -387,13 +389,13 @@ def _per_pair_impl(x, w13, w2, tw, ids, plan: MoePlan, out):
     n1 = I if plan.swiglu_fused else 2 * I
     h = act if plan.swiglu_fused else x.new_empty(P, n1)
     _moe_gemv_kernel.on(x.device)[(P, triton.cdiv(n1, plan.block_n))](
-        x, w13, h, ids, n1, H, E, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        x, w13, h, ids, n1, H, E, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         TOP_K=top_k, SWIGLU=plan.swiglu_fused, BN=plan.block_n, BK=plan.block_k, num_warps=plan.num_warps)
     if not plan.swiglu_fused:
         _silu_mul_kernel.on(x.device)[(P, triton.cdiv(I, 1024))](h, act, I, BLOCK=1024)
     bn, bk, warps = plan.gemm2_tiles()
     _moe_gemv_sum_kernel.on(x.device)[(M, triton.cdiv(H, bn))](
-        act, w2, out, ids, tw, H, I, E, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        act, w2, out, ids, tw, H, I, E, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
         TOP_K=top_k, BKK=triton.next_power_of_2(top_k), BN=bn, BK=bk, num_warps=warps)
     return out
 
@@ -411,7 +413,8 @@ def triton_impl(x, w13, w2, topk_weights, topk_ids, activation: str = "silu", pl
     if M == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
-    w13, w2 = w13.contiguous(), w2.contiguous()
+    # weights are read through their strides: an [E, K, N] tensor transposed (`torch._grouped_mm`'s layout)
+    # is used in place, not copied every call
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
     P = M * top_k

@@ -14,7 +14,8 @@ Layout of a row of `qkv`: with a gate, the first 2·nq·D columns hold per head
 Rounding reproduces the modules being replaced, step by step (bf16/fp16):
 - norm_offset == 0 (vLLM RMSNorm): normalise in fp32, cast to the dtype, then
   multiply by the weight in the dtype (one more rounding).
-- norm_offset != 0 (Gemma style): `x * rsqrt(..) * (w + offset)` in fp32, cast once.
+- norm_offset != 0 (Gemma style): `x * rsqrt(..) * (w + offset)` in fp32, cast once; with
+  `weight_in_float` the same at offset 0 (torch's `F.rms_norm` / `nn.RMSNorm`: `(w * x).to(dtype)`).
 - rotary (vLLM `apply_rotary_emb_torch`): cos/sin cast to the dtype; each of the
   two products and the sum rounded to the dtype.
 
@@ -69,11 +70,11 @@ def check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, n
                          f"{tuple(cos_sin_cache.shape)}")
 
 
-def _rms_norm_head(x, w, eps: float, norm_offset: float):
+def _rms_norm_head(x, w, eps: float, norm_offset: float, weight_in_float: bool = False):
     dtype = x.dtype
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if norm_offset == 0.0:
+    if norm_offset == 0.0 and not weight_in_float:
         return normed.to(dtype) * w.to(dtype)
     return (normed * (w.float() + norm_offset)).to(dtype)
 
@@ -92,7 +93,7 @@ def _rotate(x, cos, sin, rotary_dim: int, is_neox: bool):
 
 def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: int, num_kv_heads: int,
               head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool,
-              is_neox: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              is_neox: bool, weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The definition of correct, in plain torch (the modules' own formulation)."""
     T, nq, nkv, D = qkv.shape[0], num_q_heads, num_kv_heads, head_dim
     q_cols = nq * D * (2 if has_gate else 1)
@@ -104,7 +105,8 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: in
         q, gate = q_part.reshape(T, nq, D), qkv.new_empty(T, 0)
     k = k.reshape(T, nkv, D)
     if q_weight is not None:
-        q, k = _rms_norm_head(q, q_weight, eps, norm_offset), _rms_norm_head(k, k_weight, eps, norm_offset)
+        q = _rms_norm_head(q, q_weight, eps, norm_offset, weight_in_float)
+        k = _rms_norm_head(k, k_weight, eps, norm_offset, weight_in_float)
     if rotary_dim:
         cos, sin = cos_sin_cache.index_select(0, positions.long()).chunk(2, dim=-1)
         cos, sin = cos.unsqueeze(1).to(qkv.dtype), sin.unsqueeze(1).to(qkv.dtype)
@@ -224,7 +226,7 @@ def _normed(x, inv, w, norm_offset, out_ty: tl.constexpr, GEMMA: tl.constexpr):
 
 def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, positions, q, k, gate, *,
                      num_tokens, q_head_stride, head_dim, rotary_dim, eps, norm_offset, is_neox,
-                     full_width_cos, float_math=False):
+                     full_width_cos, float_math=False, weight_in_float=False):
     """Launch the kernel.  q_in/k_in/gate_in: 2-D views [T, >= heads*stride] with unit column stride;
     cos/sin: [rows, width] sharing their strides; positions: 1-D, any stride (None: row t of cos/sin);
     q/k/gate: contiguous outputs."""
@@ -241,7 +243,7 @@ def launch_norm_rope(q_in, k_in, gate_in, q_weight, k_weight, cos, sin, position
         cos.stride(1) if rotary_dim else 1, cos.shape[0], 0 if positions is None else positions.stride(0), eps,
         norm_offset,
         NQ=nq, NKV=nkv, D=D, ROT=rotary_dim, Q_HEAD_STRIDE=q_head_stride,
-        HAS_GATE=gate.numel() > 0, IS_NEOX=is_neox, HAS_NORM=has_norm, GEMMA=norm_offset != 0.0,
+        HAS_GATE=gate.numel() > 0, IS_NEOX=is_neox, HAS_NORM=has_norm, GEMMA=norm_offset != 0.0 or weight_in_float,
         HAS_POSITIONS=positions is not None, FULL_WIDTH_COS=full_width_cos, FLOAT_MATH=float_math, BT=bt, BH=bh,
         BD=bd, num_warps=warps)
 
@@ -269,7 +271,8 @@ def launch_shape(num_tokens: int, num_heads: int, head_dim: int) -> Tuple[int, i
 
 
 def triton_impl(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: int, num_kv_heads: int,
-                head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool, is_neox: bool):
+                head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool, is_neox: bool,
+                weight_in_float: bool = False):
     T, nq, nkv, D = qkv.shape[0], num_q_heads, num_kv_heads, head_dim
     if qkv.stride(1) != 1:
         qkv = qkv.contiguous()
@@ -286,7 +289,7 @@ def triton_impl(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: 
                      None if k_weight is None else k_weight.contiguous(),
                      cache, cache[:, half:] if rotary_dim else cache, positions, q, k, gate, num_tokens=T,
                      q_head_stride=2 * D if has_gate else D, head_dim=D, rotary_dim=rotary_dim, eps=eps,
-                     norm_offset=norm_offset, is_neox=is_neox, full_width_cos=False)
+                     norm_offset=norm_offset, is_neox=is_neox, full_width_cos=False, weight_in_float=weight_in_float)
     return q, k, gate
 
 
@@ -294,9 +297,10 @@ def triton_impl(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: 
 def split_norm_rope_gate(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
                          cos_sin_cache: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
                          head_dim: int, rotary_dim: int, eps: float, norm_offset: float, has_gate: bool,
-                         is_neox: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         is_neox: bool,
+                         weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, rotary_dim,
-            eps, norm_offset, has_gate, is_neox)
+            eps, norm_offset, has_gate, is_neox, weight_in_float)
     check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
                rotary_dim, eps, has_gate)
     if rotary_dim:  # positions index the table only with rotary
@@ -308,7 +312,7 @@ def split_norm_rope_gate(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], k_
 
 @split_norm_rope_gate.register_fake
 def _(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, rotary_dim, eps,
-      norm_offset, has_gate, is_neox):
+      norm_offset, has_gate, is_neox, weight_in_float=False):
     check_args(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
                rotary_dim, eps, has_gate)
     T = qkv.shape[0]

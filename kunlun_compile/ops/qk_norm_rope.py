@@ -15,7 +15,8 @@ cos/sin from row t at column d instead of `cache[positions[t]]` at the pair's co
 
 Rounding reproduces the HF modules in bf16/fp16: normalised value cast to the dtype,
 then the weight multiply in the dtype; cos/sin in the dtype; each product and the sum
-rounded (`norm_offset != 0` is the Gemma form, as in kunlun::split_norm_rope_gate).
+rounded (`norm_offset != 0` is the Gemma form, `weight_in_float` torch's RMSNorm, as in
+kunlun::split_norm_rope_gate).
 `float_math` is the upcast form instead, `reference(q.float(), k.float(), ...)` rounded once to q's
 dtype: what a model computes when it rotates `x.float()` and casts the result back, without the two
 casts' kernels and the float32 round trip through memory.
@@ -71,16 +72,19 @@ def widened(table: torch.Tensor, is_neox: bool) -> torch.Tensor:
     return torch.cat((table, table), -1) if is_neox else table.repeat_interleave(2, -1)
 
 
-def reference(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: float,
-              is_neox: bool, float_math: bool = False, half_width: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def reference(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: float, is_neox: bool,
+              float_math: bool = False, half_width: bool = False,
+              weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The definition of correct, in plain torch (the HF modules' formulation)."""
     if half_width:
         cos, sin = widened(cos, is_neox), widened(sin, is_neox)
     if float_math:
-        q_out, k_out = reference(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm_offset, is_neox)
+        q_out, k_out = reference(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm_offset, is_neox,
+                                 weight_in_float=weight_in_float)
         return q_out.to(q.dtype), k_out.to(k.dtype)
     if q_weight is not None:
-        q, k = _rms_norm_head(q, q_weight, eps, norm_offset), _rms_norm_head(k, k_weight, eps, norm_offset)
+        q = _rms_norm_head(q, q_weight, eps, norm_offset, weight_in_float)
+        k = _rms_norm_head(k, k_weight, eps, norm_offset, weight_in_float)
     return _rotate(q, cos, sin, is_neox).contiguous(), _rotate(k, cos, sin, is_neox).contiguous()
 
 
@@ -92,7 +96,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def triton_impl(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: float, is_neox: bool,
-                float_math: bool = False, half_width: bool = False):
+                float_math: bool = False, half_width: bool = False, weight_in_float: bool = False):
     T, nq, D = q.shape
     nkv = k.shape[1]
     q_out, k_out = q.new_empty(T, nq * D), q.new_empty(T, nkv * D)
@@ -105,7 +109,8 @@ def triton_impl(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: flo
     launch_norm_rope(_rows(q), _rows(k), q, None if q_weight is None else q_weight.contiguous(),
                      None if k_weight is None else k_weight.contiguous(), cos, sin, None, q_out, k_out,
                      q.new_empty(T, 0), num_tokens=T, q_head_stride=D, head_dim=D, rotary_dim=rot, eps=eps,
-                     norm_offset=norm_offset, is_neox=is_neox, full_width_cos=not half_width, float_math=float_math)
+                     norm_offset=norm_offset, is_neox=is_neox, full_width_cos=not half_width, float_math=float_math,
+                     weight_in_float=weight_in_float)
     return q_out.view(T, nq, D), k_out.view(T, nkv, D)
 
 
@@ -113,14 +118,14 @@ def triton_impl(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: flo
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor],
                  k_weight: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
                  norm_offset: float, is_neox: bool, float_math: bool = False,
-                 half_width: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 half_width: bool = False, weight_in_float: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     check_args(q, k, q_weight, k_weight, cos, sin, eps, half_width)
-    if use_triton(q):
-        return triton_impl(q, k, q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, float_math, half_width)
-    return reference(q, k, q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, float_math, half_width)
+    args = (q, k, q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, float_math, half_width, weight_in_float)
+    return triton_impl(*args) if use_triton(q) else reference(*args)
 
 
 @qk_norm_rope.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, float_math=False, half_width=False):
+def _(q, k, q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, float_math=False, half_width=False,
+      weight_in_float=False):
     check_args(q, k, q_weight, k_weight, cos, sin, eps, half_width)
     return q.new_empty(q.shape), k.new_empty(k.shape)

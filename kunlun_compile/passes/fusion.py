@@ -6,11 +6,12 @@ the MoE router before the experts (the experts' rule reads the router's ids), an
 linear layers last (other patterns may start at a projection's output).
 
 A family runs its stages in order.  Most have one: whole-subgraph rules that fuse.  The attention prologue,
-the norms, the router and the gated linears have the two-stage form: every spelling becomes a primitive
-(`kunlun::rotary`, `kunlun::rmsnorm_primitive`, `kunlun::router`, `kunlun::act_and_mul`: rules that fuse
-nothing by themselves), fusing rules take primitives (chains of them into the prologue kernels; an add and a
-norm into one kernel; a router into its kernel; a gated product into the projection it feeds), and the
-primitives left are put back as their reference.  The norms are recognised first in the prologue's family
+the norms, the router, the experts and the gated linears have the two-stage form: every spelling becomes a
+primitive (`kunlun::rotary`, `kunlun::rmsnorm_primitive`, `kunlun::router`, `kunlun::experts`,
+`kunlun::act_and_mul`: rules that fuse nothing by themselves), fusing rules take primitives (chains of them into
+the prologue kernels; an add and a norm into one kernel; a router or the experts into their kernels; a gated
+product into the projection it feeds), and the primitives left are put back as their reference.  The norms are
+recognised first in the prologue's family
 (its Q/K norms are primitives to its rules) and fused or put back in their own.
 """
 from __future__ import annotations
@@ -85,7 +86,11 @@ FAMILIES = (
             Stage(moe_gate.WIDEN, fuses=False),
             Stage(moe_gate.FUSE, explains=False, then=fold_cast_round_trips),
             Stage(moe_gate.LOWER, fuses=False, relays=True, notes=moe_gate.unfused))),
-    Family("moe_ffn", "routed expert FFN -> kunlun::fused_moe", _fusing(moe_experts.RULES)),
+    Family("moe_ffn", "routed experts in any spelling (gather, HF batched_mm / grouped_mm, sorted dispatch over "
+           "torch._grouped_mm) -> kunlun::experts primitive -> kunlun::fused_moe",
+           (Stage(moe_experts.RECOGNISE, fuses=False, explains=True),
+            Stage(moe_experts.FUSE, explains=False),
+            Stage(moe_experts.LOWER, fuses=False, relays=True, notes=moe_experts.unfused))),
     Family("add_rmsnorm", "RMSNorm in any spelling -> kunlun::rmsnorm_primitive; with the residual add before it "
            "-> kunlun::fused_add_rmsnorm; alone -> kunlun::rms_norm",
            (Stage(norms.RECOGNISE, fuses=False, relays=True, explains=True),

@@ -77,8 +77,8 @@ def upcast_rope_pair(q, k, cos, sin):
 
 # ---- replacement ----------------------------------------------------------------------------------------
 
-def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upcast=False, rounded=False, neox,
-           rotary_dim):
+def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, weight_in_float=False, upcast=False,
+           rounded=False, neox, rotary_dim):
     """The op in the rotation's dtype (the promotion of q's and the tables'; float32 for an upcast q).
     `rounded`: an upcast rotation whose every use casts it back to q's dtype -- the op reads q and k in their
     dtype and rounds once (`float_math`); its result widened again is what the model's cast back folds with
@@ -94,7 +94,8 @@ def _fused(q, k, q_weight, k_weight, cos, sin, *, eps=1e-6, norm_offset=0.0, upc
     cos = cos.to(dtype)[:, 0].expand(batch, seq, rotary_dim).reshape(batch * seq, rotary_dim)
     sin = sin.to(dtype)[:, 0].expand(batch, seq, rotary_dim).reshape(batch * seq, rotary_dim)
     q_out, k_out = torch.ops.kunlun.qk_norm_rope(q.reshape(batch * seq, nq, d), k.reshape(batch * seq, nkv, d),
-                                                 q_weight, k_weight, cos, sin, eps, norm_offset, neox, rounded)
+                                                 q_weight, k_weight, cos, sin, eps, norm_offset, neox, rounded,
+                                                 weight_in_float=weight_in_float)
     return q_out.view(batch, seq, nq, d).transpose(1, 2), k_out.view(batch, seq, nkv, d).transpose(1, 2)
 
 
@@ -104,8 +105,10 @@ def _as_rotated(q_out, k_out, rounded: bool):
     return (q_out.float(), k_out.float()) if rounded else (q_out, k_out)
 
 
-def fused_per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps, norm_offset=0.0, neox, rotary_dim):
-    return torch.ops.kunlun.qk_norm_rope(q, k, q_weight, k_weight, cos[:, 0], sin[:, 0], eps, norm_offset, neox)
+def fused_per_token_norm_rope(q, k, q_weight, k_weight, cos, sin, *, eps, norm_offset=0.0, weight_in_float=False,
+                              neox, rotary_dim):
+    return torch.ops.kunlun.qk_norm_rope(q, k, q_weight, k_weight, cos[:, 0], sin[:, 0], eps, norm_offset, neox,
+                                         weight_in_float=weight_in_float)
 
 
 def fused_rope_pair(q, k, cos, sin, *, heads_first: bool, **params):
@@ -173,9 +176,9 @@ def _upcast_params(b: Bindings) -> dict:
 
 
 def _norm_params(b: Bindings):
-    """eps and norm_offset of the match's Q/K norm primitives, or why the kernel cannot take them."""
+    """eps, norm_offset and weight_in_float of the match's Q/K norm primitives, or why the kernel cannot take them."""
     norm = shared_norm(b)
-    return norm if isinstance(norm, str) else {"eps": norm[0], "norm_offset": norm[1]}
+    return norm if isinstance(norm, str) else dict(zip(("eps", "norm_offset", "weight_in_float"), norm))
 
 
 def _guard(b: Bindings, norm: bool, upcast: bool = False):
@@ -198,7 +201,7 @@ def _guard(b: Bindings, norm: bool, upcast: bool = False):
         None if g.known_equal(cos.shape[2], q.shape[1]) and (g.known_equal(cos.shape[0], q.shape[0])
                                                              or g.known_equal(cos.shape[0], 1))
         else f"cos {tuple(cos.shape)} is not per token of q {tuple(q.shape)}",
-        *_kernel_reasons(b, rotary_dim, norm, weights_in_q_dtype=True))
+        *_kernel_reasons(b, rotary_dim, norm, weights_in_q_dtype=not params.get("weight_in_float")))
     if reason:
         return Refusal(reason)
     if upcast:
@@ -220,8 +223,8 @@ def _per_token_guard(b: Bindings):
         None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(k.shape[2], q.shape[2])
         and g.known_equal(cos.shape[0], q.shape[0])
         else f"q {tuple(q.shape)}, k {tuple(k.shape)} and cos {tuple(cos.shape)} differ in tokens or head_dim",
-        # the norm's output is in q's dtype, and so is the rotation; a Gemma `1 + w` weight is widened anyway
-        *_kernel_reasons(b, rotary_dim, norm=True, weights_in_q_dtype=params["norm_offset"] == 0.0))
+        # the norm's output is in q's dtype, and so is the rotation; a weight multiplied in fp32 is widened anyway
+        *_kernel_reasons(b, rotary_dim, norm=True, weights_in_q_dtype=not params["weight_in_float"]))
     if reason:
         return Refusal(reason)
     return params

@@ -1,6 +1,7 @@
-"""moe_ffn: the routed experts' computation -> kunlun::fused_moe.
+"""moe_ffn: every spelling of the routed experts -> the `kunlun::experts` primitive -> kunlun::fused_moe.
 
-Forms matched (each the way the model code writes it):
+Stage one (`RECOGNISE`) has one rule per way model code dispatches tokens to experts, each replacing it with
+the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I, H] / [E, H, I] views):
 - gather form (vLLM-style reference experts; the built-in models): each token's
   k experts' weights are gathered and applied with einsum;
 - HF transformers `batched_mm` experts (tokens repeated k times, per-pair bmm
@@ -9,21 +10,33 @@ Forms matched (each the way the model code writes it):
   expert, `histc(...).cumsum` offsets, two grouped GEMMs (`torch._grouped_mm`,
   or transformers' fallback op in fp32), weights applied in sorted order, pairs
   put back by the inverse permutation and summed over k; also with the expert-parallel sentinel masks
-  (`masked_fill` of rows whose id >= E around each GEMM), fused only where the ids are a top-k over the
-  E router scores, so no sentinel can occur.
-HF's `eager` experts implementation loops over `nonzero()` results: Dynamo breaks
-the graph there, so that form never reaches a pass.
+  (`masked_fill` of rows whose id >= E around each GEMM), recognised only where the ids are a top-k over the
+  E router scores, so no sentinel can occur;
+- sorted dispatch as hand-written decode stacks spell it: `argsort` of the flat ids, counts by `histc` or
+  `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], weights
+  applied in sorted order, `index_add_` back onto the tokens.
+`FUSE` makes every primitive `kunlun::fused_moe` (the kernel reads [E, K, N] weights through their strides);
+`LOWER` puts back what nothing fused (a bisect's limit) in the gather form, with a near miss.
+HF's `eager` experts implementation loops over `nonzero()` results, and `torch.bincount` counts have a
+data-dependent size: Dynamo breaks the graph at both, so those forms never reach a pass whole
+(`explain_anchors.routed_without_router` says so).
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from ...ops import grouped_mm as grouped_mm_op
+from ..explain_anchors import val
 from ..pattern_engine import Bindings, Refusal, Rewrite
+from ..rewrites import MADE_BY, REFUSED, REPLACES
 from . import guards as g
 
 aten = torch.ops.aten
+EXPERTS = torch.ops.kunlun.experts.default
 _T, _H, _I, _E, _K = 5, 24, 12, 7, 3
 
 
@@ -97,32 +110,66 @@ def hf_grouped_mm_sentinel_experts(hidden_states, gate_up_proj, down_proj, top_k
     return _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels=True)
 
 
+def _sorted_dispatch(count: str):
+    """Sorted dispatch as a hand-written decode stack spells it, its counts by `count` (histc / one_hot):
+    weights stored [E, K, N], the layout `torch._grouped_mm` multiplies by."""
+    def search(x, w_up, w_down, ids, weights):
+        k, experts = ids.shape[-1], w_up.shape[0]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        if count == "histc":
+            counts = torch.histc(flat.float(), bins=experts, min=0, max=experts - 1)
+        else:
+            counts = F.one_hot(flat, experts).sum(0)
+        offs = counts.cumsum(0).to(torch.int32)
+        rows = order // k
+        gate, up = torch.ops.kunlun.grouped_mm(x[rows], w_up, offs).chunk(2, dim=-1)
+        y = torch.ops.kunlun.grouped_mm(F.silu(gate) * up, w_down, offs)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, rows, y)
+    search.__doc__ = (f"Sorted dispatch: argsort of the ids, {count} counts, torch._grouped_mm against [E, K, N] "
+                      "weights, index_add_ back")
+    return search
+
+
 _EXACT_FOR_EXPERT_IDS = (torch.float32, torch.float64, torch.int32, torch.int64)
 
 
+def _counts_guard(b: Bindings, experts, k, dtype: torch.dtype):
+    """What the wildcards of a sorted form leave free must be what the fused op assumes: counts over exactly
+    the experts, pairs mapped back to tokens by top-k, casts that count ids exactly, offsets in an integer
+    type, and the result in the hidden states' dtype."""
+    for histc in b.nodes(aten.histc.default):
+        params = dict(zip(("bins", "min", "max"), histc.args[1:]), **histc.kwargs)
+        bins, low, high = params.get("bins", 100), params.get("min", 0), params.get("max", 0)
+        if not (g.known_equal(bins, experts) and low == 0 and g.known_equal(high, experts - 1)):
+            return Refusal(f"expert offsets count {bins} bins over [{low}, {high}], not the {experts} experts")
+    counted = {h.args[0] for h in b.nodes(aten.histc.default)}
+    for cast in b.nodes(aten._to_copy.default):
+        to = cast.kwargs.get("dtype")
+        if cast in counted or cast.args[0].meta["val"].dtype is torch.bool:  # ids before histc, a one-hot
+            if to not in _EXACT_FOR_EXPERT_IDS:
+                return Refusal(f"expert ids are cast to {to} before counting them")
+        elif any("grouped_mm" in str(u.target) for u in cast.users):
+            if to not in (torch.int32, torch.int64):
+                return Refusal(f"expert offsets are cast to {to}, not to an integer type")
+        elif to != dtype:
+            return Refusal(f"the experts' sum is cast to {to}, not to the hidden states' dtype")
+    (divide,) = b.nodes(aten.floor_divide.default)
+    if not g.known_equal(divide.args[1], k):
+        return Refusal(f"sorted pairs map to tokens by // {divide.args[1]}, not by top-k {k}")
+    return {}
+
+
 def _grouped_guard(b: Bindings):
-    """The wildcard sizes must be the ones the fused op assumes: histc over exactly the experts, pairs
-    mapped back to tokens by top-k."""
+    """HF's grouped form: the shared checks, the sorted form's, and the sentinels' (where it has them)."""
     verdict = _guard(b, "hidden_states", "gate_up_proj", "down_proj", "top_k_weights", "top_k_index")
     if isinstance(verdict, Refusal):
         return verdict
     experts, k = b.val("gate_up_proj").shape[0], b.val("top_k_index").shape[1]
-    (histc,) = b.nodes(aten.histc.default)
-    params = dict(zip(("bins", "min", "max"), histc.args[1:]), **histc.kwargs)
-    bins, low, high = params.get("bins", 100), params.get("min", 0), params.get("max", 0)
-    if not (g.known_equal(bins, experts) and low == 0 and g.known_equal(high, experts - 1)):
-        return Refusal(f"expert offsets count {bins} bins over [{low}, {high}], not the {experts} experts")
-    # the rule leaves every cast's dtype free: the one before histc must count ids exactly, any other
-    # (the weighted sum's cast back) must give the hidden states' dtype, which the fused op returns
-    for cast in b.nodes(aten._to_copy.default):
-        dtype = cast.kwargs.get("dtype")
-        if cast is histc.args[0] and dtype not in _EXACT_FOR_EXPERT_IDS:
-            return Refusal(f"expert ids are cast to {dtype} before counting them")
-        if cast is not histc.args[0] and dtype != b.val("hidden_states").dtype:
-            return Refusal(f"the experts' sum is cast to {dtype}, not to the hidden states' dtype")
-    (divide,) = b.nodes(aten.floor_divide.default)
-    if not g.known_equal(divide.args[1], k):
-        return Refusal(f"sorted pairs map to tokens by // {divide.args[1]}, not by top-k {k}")
+    verdict = _counts_guard(b, experts, k, b.val("hidden_states").dtype)
+    if isinstance(verdict, Refusal):
+        return verdict
     for compare in b.nodes(aten.ge.Scalar):  # the sentinel form: masks must provably select nothing
         if not g.known_equal(compare.args[1], experts):
             return Refusal(f"sentinel mask tests ids >= {compare.args[1]}, not >= the {experts} experts")
@@ -132,8 +179,22 @@ def _grouped_guard(b: Bindings):
     return {}
 
 
+def _sorted_guard(b: Bindings):
+    """The [E, K, N] weights seen as the primitive's [E, N, K] (a transpose, no copy), then the shared checks."""
+    x, w_up, w_down = b.val("x"), b.val("w_up"), b.val("w_down")
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
+    verdict = _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("weights"), b.val("ids"))
+    if isinstance(verdict, Refusal):
+        return verdict
+    return _counts_guard(b, w_up.shape[0], b.val("ids").shape[1], x.dtype)
+
+
 def _guard(b: Bindings, x: str, w13: str, w2: str, weights: str, ids: str):
-    xv, w13v, w2v, wv, iv = (b.val(n) for n in (x, w13, w2, weights, ids))
+    return _check(*(b.val(n) for n in (x, w13, w2, weights, ids)))
+
+
+def _check(xv, w13v, w2v, wv, iv):
     reason = g.first(
         g.float_dtype(xv, "hidden states"),
         None if xv.dim() == 2 else f"hidden states are {xv.dim()}-D, the op takes [M, H]",
@@ -149,13 +210,16 @@ def _guard(b: Bindings, x: str, w13: str, w2: str, weights: str, ids: str):
     return Refusal(reason) if reason else {}
 
 
-def _gather_replace(x, w13, w2, topk_weights, topk_ids):
-    return torch.ops.kunlun.fused_moe(x, w13, w2, topk_weights.float(), topk_ids, "silu")
+def _as_primitive(x, w13, w2, topk_weights, topk_ids):
+    return torch.ops.kunlun.experts(x, w13, w2, topk_weights, topk_ids, "silu")
 
 
-def _hf_replace(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
-    return torch.ops.kunlun.fused_moe(hidden_states, gate_up_proj, down_proj, top_k_weights.float(), top_k_index,
-                                      "silu")
+def _hf_as_primitive(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    return torch.ops.kunlun.experts(hidden_states, gate_up_proj, down_proj, top_k_weights, top_k_index, "silu")
+
+
+def _sorted_as_primitive(x, w_up, w_down, ids, weights):
+    return torch.ops.kunlun.experts(x, w_up.transpose(1, 2), w_down.transpose(1, 2), weights, ids, "silu")
 
 
 def _inputs(dtype, hf: bool, float_weights: bool = False):
@@ -166,16 +230,39 @@ def _inputs(dtype, hf: bool, float_weights: bool = False):
     return (x, w13, w2, ids, weights) if hf else (x, w13, w2, weights, ids)
 
 
-_GROUPED = dict(replace=_hf_replace, guard=_grouped_guard, needs=(aten.sort.default, aten.histc.default),
-                aliases={torch.ops.kunlun.grouped_mm.default: grouped_mm_op.ALIASES},
-                free_arguments=((aten._to_copy.default, "dtype"), (aten.ge.Scalar, 1)))
+def _sorted_inputs(dtype, float_weights: bool):
+    x = torch.randn(_T, _H, dtype=dtype)
+    w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
+    ids = torch.randint(0, _E, (_T, _K))
+    return x, w_up, w_down, ids, torch.rand(_T, _K, dtype=torch.float32 if float_weights else dtype)
 
-RULES = [
-    Rewrite(family="moe_ffn", name="gather_einsum", search=gather_experts, replace=_gather_replace,
+
+_GROUPED_ALIASES = {torch.ops.kunlun.grouped_mm.default: grouped_mm_op.ALIASES}
+_GROUPED = dict(replace=_hf_as_primitive, guard=_grouped_guard, needs=(aten.sort.default, aten.histc.default),
+                aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"), (aten.ge.Scalar, 1)))
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _sorted_rules() -> List[Rewrite]:
+    rules = []
+    for count, needs in (("histc", aten.histc.default), ("one_hot", aten.sum.dim_IntList)):
+        for float_weights in (False, True):
+            rules.append(Rewrite(
+                family="moe_ffn", name=f"sorted_{count}_grouped_mm" + ("_float_weights" if float_weights else ""),
+                search=_sorted_dispatch(count), replace=_sorted_as_primitive,
+                example_inputs=lambda dtype, fw=float_weights: _sorted_inputs(dtype, fw),
+                dtypes=_HALF if float_weights else (torch.float32,) + _HALF, guard=_sorted_guard,
+                aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
+                needs=(aten.sort.stable, aten.index_add.default, needs)))
+    return rules
+
+
+RECOGNISE = [
+    Rewrite(family="moe_ffn", name="gather_einsum", search=gather_experts, replace=_as_primitive,
             example_inputs=lambda dtype: _inputs(dtype, hf=False),
             guard=lambda b: _guard(b, "x", "w13", "w2", "topk_weights", "topk_ids"),
             needs=(aten.bmm.default, aten.index.Tensor)),
-    Rewrite(family="moe_ffn", name="hf_batched_mm", search=hf_batched_mm_experts, replace=_hf_replace,
+    Rewrite(family="moe_ffn", name="hf_batched_mm", search=hf_batched_mm_experts, replace=_hf_as_primitive,
             example_inputs=lambda dtype: _inputs(dtype, hf=True),
             guard=lambda b: _guard(b, "hidden_states", "gate_up_proj", "down_proj", "top_k_weights", "top_k_index"),
             needs=(aten.bmm.default, aten.index.Tensor)),
@@ -183,13 +270,43 @@ RULES = [
             example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
     # Mixtral's router leaves its weights in float32: the weighted sum promotes and casts back once
     Rewrite(family="moe_ffn", name="hf_grouped_mm_float_weights", search=hf_grouped_mm_experts,
-            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=(torch.bfloat16,
-                                                                                              torch.float16),
-            **_GROUPED),
+            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=_HALF, **_GROUPED),
     Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels", search=hf_grouped_mm_sentinel_experts,
             example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
     Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels_float_weights", search=hf_grouped_mm_sentinel_experts,
-            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=(torch.bfloat16,
-                                                                                              torch.float16),
-            **_GROUPED),
+            example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=_HALF, **_GROUPED),
+    *_sorted_rules(),
 ]
+
+
+# ---- fuse: the primitive as the kernel; lower: what nothing fused, in a form a CUDA graph can hold ----------
+
+def _primitive(x, w13, w2, topk_weights, topk_ids):
+    return torch.ops.kunlun.experts(x, w13, w2, topk_weights, topk_ids, "silu")
+
+
+def _fused(x, w13, w2, topk_weights, topk_ids):
+    return torch.ops.kunlun.fused_moe(x, w13, w2, topk_weights.float(), topk_ids, "silu")
+
+
+def _at_rule(name: str, replace) -> Rewrite:
+    return Rewrite(family="moe_ffn", name=name, search=_primitive, replace=replace,
+                   example_inputs=lambda dtype: _inputs(torch.float32, hf=False), dtypes=(),
+                   guard=lambda b: _guard(b, "x", "w13", "w2", "topk_weights", "topk_ids"), needs=(EXPERTS,))
+
+
+FUSE = [_at_rule("experts", _fused)]
+LOWER = [_at_rule("experts_reference", gather_experts)]
+
+
+def unfused(gm: fx.GraphModule) -> List[str]:
+    """A near miss for every primitive the fuse stage did not take (a bisect's limit): its spelling."""
+    lines = []
+    for node in gm.graph.find_nodes(op="call_function", target=EXPERTS):
+        if node.meta.get(REFUSED):
+            continue
+        spelling = node.meta.get(MADE_BY, "an expert dispatch")
+        lines.append(f"moe_ffn: {node.meta.get(REPLACES, node.name)} (experts, {spelling}, over "
+                     f"{val(node.args[1])} weights) left unfused; the experts were recognised but not fused "
+                     "(a bisect's limit stops it)")
+    return lines

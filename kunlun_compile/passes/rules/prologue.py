@@ -32,16 +32,14 @@ def _qk_norm(x, weight):
 
 
 def shared_norm(b: Bindings):
-    """(eps, norm_offset) of the Q and K norm primitives in a match, in the rounding the prologue kernels have
-    (vLLM's: cast, then the weight in the dtype; Gemma's: `1 + w` in fp32, one rounding), else why not."""
+    """(eps, norm_offset, weight_in_float) of the Q and K norm primitives in a match, else why not.  The prologue
+    kernels round as each of the norms' kinds does: vLLM's (cast, then the weight in the dtype), Gemma's (`1 + w`
+    in fp32, one rounding) and torch's RMSNorm (`(w * x).to(dtype)`: the weight in fp32, one rounding)."""
     found = {tuple(n.args[2:5]) for n in b.nodes(RMSNORM)}
     if len(found) != 1:
         return f"q and k are normed differently: {sorted(found)}"
     eps, offset, weight_in_float = found.pop()
-    if weight_in_float != (offset != 0.0):
-        return ("the Q/K norms multiply their weight in float32 and round once (torch's RMSNorm, `(w * x).to(dtype)`)"
-                "; the prologue kernels round before the weight unless it is Gemma's `1 + w`")
-    return eps, offset
+    return eps, offset, weight_in_float or offset != 0.0
 
 
 def _rope(positions, q, k, cache, head_dim: int, neox: bool):
@@ -86,14 +84,15 @@ def _make_search(gated: bool, normed: bool, neox: bool, nq: int, nkv: int, d: in
     return prologue_without_norm
 
 
-def _replace(*tensors, normed: bool, gated: bool, neox: bool, eps=1e-6, norm_offset=0.0, nq, nkv, head_dim,
-             rotary_dim):
+def _replace(*tensors, normed: bool, gated: bool, neox: bool, eps=1e-6, norm_offset=0.0, weight_in_float=False, nq,
+             nkv, head_dim, rotary_dim):
     if normed:
         qkv, q_weight, k_weight, cache, positions = tensors
     else:
         (qkv, cache, positions), q_weight, k_weight = tensors, None, None
     q, k, gate = torch.ops.kunlun.split_norm_rope_gate(
-        qkv, q_weight, k_weight, cache, positions, nq, nkv, head_dim, rotary_dim, eps, norm_offset, gated, neox)
+        qkv, q_weight, k_weight, cache, positions, nq, nkv, head_dim, rotary_dim, eps, norm_offset, gated, neox,
+        weight_in_float)
     kv_size = nkv * head_dim
     v = qkv[:, qkv.shape[1] - kv_size:]
     q, k = q.view(-1, nq, head_dim), k.view(-1, nkv, head_dim)
@@ -160,12 +159,12 @@ def _guard(b: Bindings, normed: bool, gated: bool, neox: bool):
         norm = shared_norm(b)
         if isinstance(norm, str):
             return Refusal(norm)
-        params["eps"], params["norm_offset"] = norm
+        params["eps"], params["norm_offset"], params["weight_in_float"] = norm
         qw, kw = b.val("q_weight"), b.val("k_weight")
-        gemma = params["norm_offset"] != 0.0
+        in_float = params["weight_in_float"]  # the weight is widened to fp32 anyway
         reason = g.first(g.vector_of(qw, d, "q_weight"), g.vector_of(kw, d, "k_weight"),
-                         None if gemma else g.same_dtype(qkv, qw, "qkv and q_weight"),
-                         None if gemma else g.same_dtype(qkv, kw, "qkv and k_weight"))
+                         None if in_float else g.same_dtype(qkv, qw, "qkv and q_weight"),
+                         None if in_float else g.same_dtype(qkv, kw, "qkv and k_weight"))
     if reason:
         return Refusal(reason)
     return params
