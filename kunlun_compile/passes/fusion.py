@@ -26,7 +26,8 @@ from .explain import unfused_anchors
 from .layouts import RELAID
 from .manager import GraphPass, PassContext, PassOutcome
 from .pattern_engine import Rewrite, apply_rewrites
-from .rules import activations, hf_prologue, linears, masks, moe_experts, moe_gate, norms, prologue, rotary
+from .rules import (activations, hf_prologue, linears, mask_terms, masks, moe_experts, moe_gate, norms, prologue,
+                    rotary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Stage:
     quiet: bool = False  # its near misses are left to the family whose rules these are (it runs them again)
     # runs only where this says so (None: always); e.g. put back another family's primitives when it is off
     when: Optional[Callable[[PassContext], bool]] = None
+    # a recogniser that reads the graph instead of matching traced patterns (its rules are then empty)
+    reads: Optional[Callable[[fx.GraphModule], PassOutcome]] = None
 
     @property
     def explaining(self) -> bool:
@@ -69,8 +72,9 @@ def _fusing(rules: Sequence[Rewrite]) -> Sequence[Stage]:
 # The one list of pattern families, in pass order.
 FAMILIES = (
     Family("masked_input", "vocab-shard id masking -> kunlun::masked_input", _fusing(masks.MASKED_INPUT_RULES)),
-    Family("attention_mask", "causal / sliding-window / padding mask construction -> kunlun::attention_mask",
-           _fusing(masks.ATTENTION_MASK_RULES)),
+    Family("attention_mask", "causal / sliding-window / padding mask construction -> kunlun::attention_mask; "
+           "any conjunction of causal, window and padding terms over index grids (HF's masking_utils) -> the same",
+           (Stage(masks.ATTENTION_MASK_RULES), Stage((), reads=mask_terms.recognise))),
     Family("norm_rope_gate", "qkv(+gate) split + Q/K RMSNorm + rotary -> kunlun::split_norm_rope_gate; "
            "separate q/k projections (HF) + Q/K RMSNorm + rotary primitives -> kunlun::qk_norm_rope",
            (Stage(norms.RECOGNISE, fuses=False, relays=True, quiet=True),
@@ -118,7 +122,7 @@ def _family_pass(family: str, stages: Sequence[Stage]):
             # by name: a rewrite that breaks the graph's order has it rebuilt (`legalize_graph`), new node objects
             before = {n.name for n in gm.graph.nodes} if stage.relays else None
             noted = stage.notes(gm) if stage.notes is not None else []
-            done = apply_rewrites(gm, stage.rules, fuses=stage.fuses)
+            done = stage.reads(gm) if stage.reads is not None else apply_rewrites(gm, stage.rules, fuses=stage.fuses)
             if stage.then is not None and done.matches:
                 stage.then(gm)
             for node in gm.graph.nodes if before is not None else ():
