@@ -25,10 +25,11 @@ E, K, H, I = 8, 2, 32, 16
 class SortedMoE(nn.Module):
     """Softmax top-k router, renormalised in float32 and cast back; sorted dispatch over torch._grouped_mm."""
 
-    def __init__(self, count: str = "histc", float_weights: bool = False, bins: int = E, dtype=torch.bfloat16):
+    def __init__(self, count: str = "histc", float_weights: bool = False, bins: int = E, dtype=torch.bfloat16,
+                 back: str = "index_add"):
         super().__init__()
         gen = torch.Generator().manual_seed(11)
-        self.count, self.float_weights, self.bins = count, float_weights, bins
+        self.count, self.float_weights, self.bins, self.back = count, float_weights, bins, back
         self.router = nn.Parameter(torch.randn(E, H, generator=gen).to(dtype))
         self.gate_up = nn.Parameter((torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5).to(dtype))  # [E, K, N]
         self.down = nn.Parameter((torch.randn(E, I, H, generator=gen) / I ** 0.5).to(dtype))
@@ -51,6 +52,9 @@ class SortedMoE(nn.Module):
         source = order // K
         gate, up = torch._grouped_mm(x[source], self.gate_up, offs=offs).chunk(2, dim=-1)
         out = torch._grouped_mm(F.silu(gate) * up, self.down, offs=offs)
+        if self.back == "unsort":  # rows back in (token, k) order, then weighted and summed over k
+            unsorted = torch.empty_like(out).index_copy_(0, order, out).view(x.shape[0], K, H)
+            return (unsorted * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, source, out)
 
@@ -92,8 +96,9 @@ def _assert_as_close_as_eager(got, want, model, x, floor=0.0):
 
 @pytest.mark.parametrize("count", ["histc", "one_hot"])
 @pytest.mark.parametrize("float_weights", [False, True])
-def test_sorted_dispatch_over_grouped_mm_fuses(count, float_weights):
-    model = SortedMoE(count, float_weights).eval()
+@pytest.mark.parametrize("back", ["index_add", "unsort"])
+def test_sorted_dispatch_over_grouped_mm_fuses(count, float_weights, back):
+    model = SortedMoE(count, float_weights, back=back).eval()
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     with cpu_kernels(False):
         got, want, patterns, misses, report = _compile(model, x)
@@ -118,11 +123,11 @@ def test_sorted_dispatch_runs_the_kernel_on_the_k_major_weights(tokens):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 16, 300])
-@pytest.mark.parametrize("count", ["histc", "one_hot"])
-def test_sorted_dispatch_on_the_gpu(tokens, count):
+@pytest.mark.parametrize("count, back", [("histc", "index_add"), ("one_hot", "unsort")])
+def test_sorted_dispatch_on_the_gpu(tokens, count, back):
     """The real kernel on [E, K, N] weights (pointer loads; the descriptor path needs row-major weights), every
     size path, as close to float64 as eager's own `_grouped_mm` + `index_add_`."""
-    model = SortedMoE(count).eval().cuda()
+    model = SortedMoE(count, back=back).eval().cuda()
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16).cuda()
     got, want, patterns, misses, _ = _compile(model, x)
     assert patterns["moe_ffn"] == 1 and patterns["moe_gate"] == 1, misses

@@ -13,6 +13,7 @@ so a pattern matches whatever spelling the model's code produced:
   traced, so `F.rms_norm`'s `add_` stays in place there),
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`), and written out
   where it defaults to the last (`topk(x, k)` is `topk(x, k, -1, True, True)`),
+- `x.new_empty(x.shape)` of a contiguous x is `empty_like(x)`,
 - symbolic sizes are read off the graph's inputs,
 - arithmetic in the patterns' spelling (`algebra.py`: `x * x` is `x.pow(2)`, `1 / sqrt` is `rsqrt`, ...;
   put back after the fusion passes wherever nothing fused it),
@@ -177,6 +178,20 @@ def _negative_dims(node: fx.Node) -> bool:
     return True
 
 
+def _as_empty_like(node: fx.Node) -> bool:
+    """`x.new_empty(x.shape)` of a contiguous x is `empty_like(x)`: the same uninitialised buffer, one spelling."""
+    src = node.args[0]
+    v, out = _val(src), _val(node)
+    if not (isinstance(v, torch.Tensor) and isinstance(out, torch.Tensor) and known_contiguous(v)):
+        return False
+    same = out.dtype == v.dtype and out.device == v.device and out.dim() == v.dim() and all(
+        statically_known_true(a == b) for a, b in zip(out.shape, v.shape))
+    if not same or set(node.kwargs) - {"dtype", "layout", "device", "pin_memory"}:
+        return False
+    node.target, node.args, node.kwargs = aten.empty_like.default, (src,), {}
+    return True
+
+
 def _sizes_read_from_inputs(gm: fx.GraphModule) -> int:
     """`sym_size(t, d)` reads its symbol off the first graph input that has it as a dim.  A replacement traced
     under dynamic shapes reads sizes off whatever value it had (a table's `unsqueeze`): that extra user of a
@@ -216,6 +231,8 @@ def canonicalize(gm: fx.GraphModule) -> int:
             edits += _compose_permutes(node) + _as_t(node)
         elif node.target is aten.transpose.int:
             edits += _as_t(node)
+        elif node.target is aten.new_empty.default:
+            edits += _as_empty_like(node)
         elif node.target is aten.view.default:
             inner = node.args[0]
             # collapsing is only safe from a contiguous source: any view of it is valid

@@ -13,8 +13,9 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   (`masked_fill` of rows whose id >= E around each GEMM), recognised only where the ids are a top-k over the
   E router scores, so no sentinel can occur;
 - sorted dispatch as hand-written decode stacks spell it: `argsort` of the flat ids, counts by `histc` or
-  `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], weights
-  applied in sorted order, `index_add_` back onto the tokens.
+  `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], then weights
+  applied in sorted order and `index_add_` back onto the tokens, or rows put back by `index_copy` and
+  weighted and summed over k there.
 `FUSE` makes every primitive `kunlun::fused_moe` (the kernel reads [E, K, N] weights through their strides);
 `LOWER` puts back what nothing fused (a bisect's limit) in the gather form, with a near miss.
 HF's `eager` experts implementation loops over `nonzero()` results, and `torch.bincount` counts have a
@@ -110,9 +111,11 @@ def hf_grouped_mm_sentinel_experts(hidden_states, gate_up_proj, down_proj, top_k
     return _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels=True)
 
 
-def _sorted_dispatch(count: str):
+def _sorted_dispatch(count: str, back: str = "index_add"):
     """Sorted dispatch as a hand-written decode stack spells it, its counts by `count` (histc / one_hot):
-    weights stored [E, K, N], the layout `torch._grouped_mm` multiplies by."""
+    weights stored [E, K, N], the layout `torch._grouped_mm` multiplies by.  `back`: how the rows return to
+    their tokens -- weighted in sorted order and `index_add_`-ed onto the tokens, or put back in (token, k)
+    order by `index_copy` and weighted and summed over k there ("unsort")."""
     def search(x, w_up, w_down, ids, weights):
         k, experts = ids.shape[-1], w_up.shape[0]
         flat = ids.reshape(-1)
@@ -125,10 +128,13 @@ def _sorted_dispatch(count: str):
         rows = order // k
         gate, up = torch.ops.kunlun.grouped_mm(x[rows], w_up, offs).chunk(2, dim=-1)
         y = torch.ops.kunlun.grouped_mm(F.silu(gate) * up, w_down, offs)
-        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, rows, y)
+        if back == "index_add":
+            y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+            return torch.zeros_like(x).index_add_(0, rows, y)
+        pairs = y.new_empty(y.shape).index_copy_(0, order, y).view(-1, k, y.shape[-1])
+        return (pairs * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
     search.__doc__ = (f"Sorted dispatch: argsort of the ids, {count} counts, torch._grouped_mm against [E, K, N] "
-                      "weights, index_add_ back")
+                      f"weights, {'index_add_ back' if back == 'index_add' else 'index_copy back, weighted sum'}")
     return search
 
 
@@ -245,15 +251,17 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def _sorted_rules() -> List[Rewrite]:
     rules = []
-    for count, needs in (("histc", aten.histc.default), ("one_hot", aten.sum.dim_IntList)):
-        for float_weights in (False, True):
-            rules.append(Rewrite(
-                family="moe_ffn", name=f"sorted_{count}_grouped_mm" + ("_float_weights" if float_weights else ""),
-                search=_sorted_dispatch(count), replace=_sorted_as_primitive,
-                example_inputs=lambda dtype, fw=float_weights: _sorted_inputs(dtype, fw),
-                dtypes=_HALF if float_weights else (torch.float32,) + _HALF, guard=_sorted_guard,
-                aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
-                needs=(aten.sort.stable, aten.index_add.default, needs)))
+    for count, counter in (("histc", aten.histc.default), ("one_hot", aten.sum.dim_IntList)):
+        for back, scatter in (("index_add", aten.index_add.default), ("unsort", aten.index_copy.default)):
+            for float_weights in (False, True):
+                rules.append(Rewrite(
+                    family="moe_ffn", search=_sorted_dispatch(count, back), replace=_sorted_as_primitive,
+                    name=f"sorted_{count}_grouped_mm" + ("" if back == "index_add" else "_unsort")
+                    + ("_float_weights" if float_weights else ""),
+                    example_inputs=lambda dtype, fw=float_weights: _sorted_inputs(dtype, fw),
+                    dtypes=_HALF if float_weights else (torch.float32,) + _HALF, guard=_sorted_guard,
+                    aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
+                    needs=(aten.sort.stable, scatter, counter)))
     return rules
 
 
