@@ -1,8 +1,9 @@
 """Model layers compiled with the kunlun backend vs inductor vs eager, on the GPU.
 
-For each built-in model and for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1
-(one decoder layer at serving-like sizes, bf16) prints and saves: CUDA kernels launched per call
-(counted with the profiler, the same way for all four variants), fused-op matches, and
+For each built-in model, for HF transformers Llama, Qwen3, Qwen3-MoE, Mixtral, Phi3, Gemma3, Glm, Dots1, Llama4
+(one decoder layer at serving-like sizes, bf16), for Qwen3 on a left-padded batch (its mask built in the graph)
+and for a hand-written sorted-dispatch MoE block over torch._grouped_mm, prints and saves: CUDA kernels
+launched per call (counted with the profiler, the same way for all four variants), fused-op matches, and
 time per call (CUDA-graph replay of one forward, median), as ratios to inductor;
 and a plot of both.  Variants: eager, inductor, kunlun, and kunlun with every fusion pass off
 (`fusion=False`, the CLI's --no-fusion: the generic lowering alone, with the ATen ops it leaves).
@@ -50,9 +51,57 @@ class HFLogits(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
+class HFPadded(HFLogits):
+    """The same with a left-padded batch of two: HF builds its causal + padding mask in the graph."""
+
+    def forward(self, ids, attention_mask):
+        return self.model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class SortedGroupedMoE(torch.nn.Module):
+    """An MoE block written by hand the way decode stacks write it (no HF, no vLLM): softmax top-k router,
+    argsort of the ids, histc counts, torch._grouped_mm against [E, K, N] weights, index_add_ back."""
+
+    def __init__(self, hidden, inter, experts, top_k, device, dtype):
+        super().__init__()
+        self.top_k = top_k
+        self.router = torch.nn.Parameter(torch.randn(experts, hidden, device=device, dtype=dtype) / hidden ** 0.5)
+        self.gate_up = torch.nn.Parameter(torch.randn(experts, hidden, 2 * inter, device=device, dtype=dtype)
+                                          / hidden ** 0.5)
+        self.down = torch.nn.Parameter(torch.randn(experts, inter, hidden, device=device, dtype=dtype) / inter ** 0.5)
+
+    def forward(self, x):
+        probs = torch.nn.functional.linear(x, self.router).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        experts = self.gate_up.shape[0]
+        offs = torch.histc(flat.float(), bins=experts, min=0, max=experts - 1).cumsum(0).to(torch.int32)
+        source = order // self.top_k
+        gate, up = torch._grouped_mm(x[source], self.gate_up, offs=offs).chunk(2, dim=-1)
+        out = torch._grouped_mm(torch.nn.functional.silu(gate) * up, self.down, offs=offs)
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, source, out)
+
+
+def handwritten_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    if kind == "sorted-moe":
+        model = SortedGroupedMoE(SIZES["hidden_size"], SIZES["moe_intermediate_size"], MOE_SIZES["num_experts"],
+                                 MOE_SIZES["num_experts_per_tok"], device, dtype).eval().requires_grad_(False)
+        return model, (torch.randn(tokens, SIZES["hidden_size"], device=device, dtype=dtype),)
+    model, (ids,) = hf_layer("hf-qwen3", tokens, device, dtype)  # "hf-qwen3-padded"
+    ids = ids.expand(2, tokens).contiguous()
+    padding = torch.ones(2, tokens, dtype=torch.long, device=device)
+    padding[1, :tokens // 4] = 0
+    return HFPadded(model.model), (ids, padding)
+
+
 VARIANTS = ("eager", "inductor", "kunlun", "kunlun_nofusion")
 HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1",
             "hf-llama4")
+HANDWRITTEN_KINDS = ("sorted-moe", "hf-qwen3-padded")
 
 
 def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
@@ -100,6 +149,9 @@ def cases(tokens: int):
                                                   seed=0, **overrides(name))
     for kind in HF_KINDS:
         yield kind, lambda kind=kind: hf_layer(kind, tokens)
+    # forms fused since the expert-dispatch primitive and the mask recogniser
+    for kind in HANDWRITTEN_KINDS:
+        yield kind, lambda kind=kind: handwritten_layer(kind, tokens)
 
 
 def plot(rows, path):

@@ -78,7 +78,7 @@ class WindowFromCachePositions(nn.Module):
     cache; `q - kv < w` written as `kv > q - w`, causal `kv <= q`, additive by where(m, 0, -inf)."""
 
     def forward(self, cache_position, scores):
-        kv = torch.arange(scores.shape[-1])
+        kv = torch.arange(scores.shape[-1], device=scores.device)
         q = cache_position.view(-1, 1)
         allowed = (kv.view(1, -1) > q - 3) & (kv.view(1, -1) <= q)
         return scores + torch.where(allowed, 0.0, float("-inf"))
@@ -88,8 +88,8 @@ class ShiftedCausal(nn.Module):
     """Queries that may also see one key ahead (`kv <= q + 1`), with padding read at the kv positions."""
 
     def forward(self, pad, scores):
-        kv, q = torch.arange(scores.shape[-1]), torch.arange(scores.shape[-2])
-        b = torch.arange(pad.shape[0])
+        kv, q = torch.arange(scores.shape[-1], device=pad.device), torch.arange(scores.shape[-2], device=pad.device)
+        b = torch.arange(pad.shape[0], device=pad.device)
         allowed = (kv[None, None, None, :] <= q[None, None, :, None] + 1) & pad[b[:, None, None, None],
                                                                               kv[None, None, None, :]]
         return torch.where(allowed, 0.0, torch.finfo(scores.dtype).min) + scores

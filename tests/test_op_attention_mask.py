@@ -74,3 +74,18 @@ def test_bad_args_and_opcheck():
         op(p, p, None, True, 0, torch.int32, 0.0)
     torch.library.opcheck(op.default, (p, p, torch.rand(5, generator=gen) > 0.5, True, 2, torch.float32, -1e4))
     torch.library.opcheck(op.default, (p[None], p[None], None, True, 0, torch.bool, 0.0))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_positions_broadcast_over_the_batch_are_read_in_place(path):
+    """[B, T] positions expanded from one row (batch stride 0, what the mask recogniser passes) and sliced
+    rows (a batch stride larger than the row) give the result of contiguous copies."""
+    gen = seeded("broadcast positions", path)
+    q, k = torch.arange(5, 14), torch.randint(0, 20, (3, 2 * 13), generator=gen)[:, ::2]
+    valid = torch.rand(3, 13, generator=gen) > 0.3
+    for q_rows, k_rows in ((q.expand(3, 9), torch.arange(13).expand(3, 13)), (q.expand(3, 9), k)):
+        with cpu_kernels(path == "triton"):
+            got = torch.ops.kunlun.attention_mask(q_rows, k_rows, valid, True, 7, torch.bfloat16, -1e4)
+            want = torch.ops.kunlun.attention_mask(q_rows.contiguous(), k_rows.contiguous(), valid, True, 7,
+                                                   torch.bfloat16, -1e4)
+        assert torch.equal(got, want) and (got == 0).any() and (got != 0).any()

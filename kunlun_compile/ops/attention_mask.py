@@ -64,7 +64,8 @@ def reference(q_positions, k_positions, key_valid, causal: bool, sliding_window:
 
 
 @kernel
-def _attention_mask_kernel(q_ptr, k_ptr, valid_ptr, out_ptr, T, S, window, masked_value,
+def _attention_mask_kernel(q_ptr, k_ptr, valid_ptr, out_ptr, T, S, q_batch_stride, k_batch_stride, window,
+                           masked_value,
                            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
                            AS_BOOL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
     wait_for_producers(PDL)
@@ -72,8 +73,8 @@ def _attention_mask_kernel(q_ptr, k_ptr, valid_ptr, out_ptr, T, S, window, maske
     i = tl.program_id(1) * BT + tl.arange(0, BT)
     j = tl.program_id(2) * BS + tl.arange(0, BS)
     i_ok, j_ok = i < T, j < S
-    qp = tl.load(q_ptr + b * T + i, mask=i_ok, other=0).to(tl.int64)
-    kp = tl.load(k_ptr + b * S + j, mask=j_ok, other=0).to(tl.int64)
+    qp = tl.load(q_ptr + b * q_batch_stride + i, mask=i_ok, other=0).to(tl.int64)
+    kp = tl.load(k_ptr + b * k_batch_stride + j, mask=j_ok, other=0).to(tl.int64)
     allowed = j_ok[None, :] | (i < 0)[:, None]  # all True where in bounds, as a [BT, BS] block
     if CAUSAL:
         allowed = allowed & (kp[None, :] <= qp[:, None])
@@ -94,14 +95,16 @@ def triton_impl(q_positions, k_positions, key_valid, causal: bool, sliding_windo
     shape = _out_shape(q_positions, k_positions)
     B = q_positions.shape[0] if q_positions.dim() == 2 else 1
     T, S = q_positions.shape[-1], k_positions.shape[-1]
-    qp, kp = q_positions.contiguous(), k_positions.contiguous()
+    # rows with unit stride are read in place: a batch of positions expanded from one row has batch stride 0
+    qp, kp = (p if p.stride(-1) == 1 else p.contiguous() for p in (q_positions, k_positions))
     # bool is stored through an int8 view: same bytes, and Triton stores int8 everywhere
     out = torch.empty(shape, dtype=torch.int8 if dtype == torch.bool else dtype, device=qp.device)
     valid = key_valid.contiguous().view(torch.int8) if key_valid is not None else qp
     if out.numel():
         grid = (B, triton.cdiv(T, 32), triton.cdiv(S, 128))
         _attention_mask_kernel.on(qp.device)[grid](
-            qp, kp, valid, out, T, S, sliding_window, masked_value, CAUSAL=causal, WINDOW=sliding_window > 0,
+            qp, kp, valid, out, T, S, qp.stride(0) if qp.dim() == 2 else 0, kp.stride(0) if kp.dim() == 2 else 0,
+            sliding_window, masked_value, CAUSAL=causal, WINDOW=sliding_window > 0,
             HAS_VALID=key_valid is not None, AS_BOOL=dtype == torch.bool, BT=32, BS=128, num_warps=4)
     return out.view(torch.bool) if dtype == torch.bool else out
 

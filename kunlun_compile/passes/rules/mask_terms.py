@@ -260,7 +260,8 @@ def _replace(gm: fx.GraphModule, root: fx.Node, mask: Mask) -> Union[bool, str]:
         key_valid = None
         if pad is not None:
             batch, key_valid = _val(pad).shape[0], pad
-            if pad_offset is not None:  # read at the kv positions: key j is pad[:, kv[j] + offset]
+            if pad_offset is not None and not _counts_columns(mask.k, pad_offset, _val(pad).shape[1]):
+                # read at the kv positions: key j is pad[:, kv[j] + offset]
                 kv_index = mask.k if not pad_offset else graph.call_function(aten.add.Tensor, (mask.k, pad_offset))
                 key_valid = graph.call_function(aten.index_select.default, (pad, 1, kv_index))
             q = graph.call_function(aten.expand.default, (q, [batch, q_len]))
@@ -276,6 +277,11 @@ def _replace(gm: fx.GraphModule, root: fx.Node, mask: Mask) -> Union[bool, str]:
         mark_replacement(old, final, RULE)
         old.replace_all_uses_with(final)
     return True
+
+
+def _counts_columns(kv: fx.Node, offset: int, width) -> bool:
+    """`kv + offset` is 0, 1, .., width - 1: reading the padding mask at the kv positions reads it whole."""
+    return offset == 0 and kv.target is aten.arange.default and len(kv.args) == 1 and g.known_equal(kv.args[0], width)
 
 
 def _fill_meta(gm: fx.GraphModule, target: fx.Node) -> None:
