@@ -85,13 +85,14 @@ class WindowFromCachePositions(nn.Module):
 
 
 class ShiftedCausal(nn.Module):
-    """Queries that may also see one key ahead (`kv <= q + 1`), with padding read at the kv positions."""
+    """Queries that may also see one key ahead (`kv <= q + 1`) within a window of 3 behind (`kv > q - 3`, so the
+    kernel's window is 4 from the shifted keys), with padding read at the kv positions."""
 
     def forward(self, pad, scores):
         kv, q = torch.arange(scores.shape[-1], device=pad.device), torch.arange(scores.shape[-2], device=pad.device)
         b = torch.arange(pad.shape[0], device=pad.device)
-        allowed = (kv[None, None, None, :] <= q[None, None, :, None] + 1) & pad[b[:, None, None, None],
-                                                                              kv[None, None, None, :]]
+        kv4, q4 = kv[None, None, None, :], q[None, None, :, None]
+        allowed = (kv4 <= q4 + 1) & (kv4 > q4 - 3) & pad[b[:, None, None, None], kv4]
         return torch.where(allowed, 0.0, torch.finfo(scores.dtype).min) + scores
 
 

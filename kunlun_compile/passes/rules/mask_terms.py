@@ -233,7 +233,7 @@ def _additive(root: fx.Node) -> Optional[Tuple[List[fx.Node], torch.dtype, float
 def _replace(gm: fx.GraphModule, root: fx.Node, mask: Mask) -> Union[bool, str]:
     """True: replaced; False: a bisect's limit stopped it; else why the kernel cannot take it."""
     shift = mask.shift or 0
-    windows = {-c - shift for c in mask.windows}  # kv - q > c  ->  q - (kv - shift) < -c - shift
+    windows = {shift - c for c in mask.windows}  # kv - q > c  ->  q - (kv - shift) < shift - c
     if len(windows) > 1 or any(w <= 0 for w in windows):
         return f"window bounds {sorted(windows)} are not one positive width"
     window = windows.pop() if windows else 0
