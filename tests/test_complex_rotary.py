@@ -131,7 +131,7 @@ def test_the_kernel_reads_the_complex_table_in_place_and_rounds_once(model_cls, 
     monkeypatch.setattr(qk_norm_rope, "reference", lambda *args: calls.append(args) or reference(*args))
     with torch.no_grad(), cpu_kernels(False):
         want, got = model(x), compiled(x)
-    q, k, _, _, cos, sin, _, _, neox, float_math, half_width = calls[0]  # (float_math calls itself once more)
+    q, k, _, _, cos, sin, _, _, neox, float_math, half_width, _ = calls[0]  # (float_math calls itself once more)
     # one angle per pair: the complex table's parts (copied once here: shared over a batch of 2, expanded)
     rotated = 8 if model_cls is MlaRope else D
     assert half_width and not neox and cos.shape[-1] == sin.shape[-1] == rotated // 2

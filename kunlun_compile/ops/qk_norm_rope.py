@@ -79,8 +79,8 @@ def reference(q, k, q_weight, k_weight, cos, sin, eps: float, norm_offset: float
     if half_width:
         cos, sin = widened(cos, is_neox), widened(sin, is_neox)
     if float_math:
-        q_out, k_out = reference(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm_offset, is_neox,
-                                 weight_in_float=weight_in_float)
+        q_out, k_out = reference(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm_offset, is_neox, False,
+                                 False, weight_in_float)
         return q_out.to(q.dtype), k_out.to(k.dtype)
     if q_weight is not None:
         q = _rms_norm_head(q, q_weight, eps, norm_offset, weight_in_float)
