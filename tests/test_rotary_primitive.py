@@ -99,12 +99,19 @@ def _written_out_pairs(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
 
+def _pairs_out_as_halves(x, cos, sin):
+    """Pairs rotated, the results laid out even ones first, then odd ones (DeepSeek-V3's MLA layout)."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+
+
 SPELLINGS = {  # name -> (rotation of one [B, H, S, D] tensor, tables width divisor)
     "chunk": (lambda x, c, s: x * c + _chunk_rotate_half(x) * s, 1),
     "slices": (lambda x, c, s: x * c + _slice_rotate_half(x) * s, 1),
     "pairs": (lambda x, c, s: x * c + _pairs_rotate(x) * s, 1),
     "written_out_halves": (_written_out_halves, 2),
     "written_out_pairs": (_written_out_pairs, 2),
+    "pairs_out_as_halves": (_pairs_out_as_halves, 2),
     "partial_slices": (lambda x, c, s: torch.cat((x[..., :8] * c + _slice_rotate_half(x[..., :8]) * s, x[..., 8:]),
                                                  dim=-1), 2),
 }
@@ -179,7 +186,7 @@ def _compile(model, inputs, **options):
 
 @pytest.mark.parametrize("spelling, norm", [
     ("chunk", None), ("slices", "before"), ("pairs", "after"), ("written_out_halves", "before"),
-    ("written_out_pairs", None), ("partial_slices", "after"),
+    ("written_out_pairs", None), ("partial_slices", "after"), ("pairs_out_as_halves", "before"),
 ])
 def test_independent_prologues_fuse_into_one_op_per_layer_in_fp32(spelling, norm):
     model = Prologue(spelling, norm).eval()
@@ -198,7 +205,7 @@ def _float64(model, inputs):
 
 @pytest.mark.parametrize("spelling, norm, upcast", [
     ("chunk", None, False), ("pairs", None, True), ("written_out_halves", "after", False),
-    ("partial_slices", "before", False), ("written_out_pairs", "after", False),
+    ("partial_slices", "before", False), ("written_out_pairs", "after", False), ("pairs_out_as_halves", None, False),
 ])
 def test_independent_prologues_fuse_in_bf16(spelling, norm, upcast):
     """Against float64: as close as eager (bf16 with a norm: the op normalises in float32 and rounds once where

@@ -161,8 +161,7 @@ ARCHS = [
                            # + e_score_correction_bias, group top-2 sums, topk groups, mask, topk, gather, renorm
                            # (+ 1e-20), * routed_scaling_factor
               moe_ffn=1,  # DeepseekV3Experts (grouped_mm); + shared_experts (dense MLP)
-          ), found=both(norm_rope_gate=0),
-          forms=("MLA", "interleaved rotary on even/odd slices", "sigmoid grouped router + bias",
+          ), forms=("MLA", "interleaved rotary on even/odd slices", "sigmoid grouped router + bias",
                  "shared experts", "first layer dense")),
     _arch("Qwen2Moe", dict(MOE, shared_expert_intermediate_size=128),
           expected=dict(

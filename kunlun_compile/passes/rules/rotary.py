@@ -2,12 +2,12 @@
 
 Each rule here is small and local: one rotation of one tensor, as some model writes it (the halves cut by
 slices or by `chunk`, GPT-J pairs, `rotate_half` or the two products written out without `-x2` against
-half-width tables, the rotation on an upcast x).  `WIDEN` then folds partial rotary (the rotated slice
-`cat` with the passed-through rest) into the primitive's `rotary_dim`.  The prologue rules (`prologue.py`,
-`hf_prologue.py`) fuse primitives with their Q/K norms; `LOWER` puts every primitive nothing fused back as
-its reference (`ops/rotary.py`), bit for bit the model's arithmetic, with a near miss saying which spelling
-it was and why no prologue rule took it.  A new spelling is one more search function below, not one more
-variant of every prologue rule.
+half-width tables, pairs written out de-interleaved, the rotation on an upcast x).  `WIDEN` then folds partial
+rotary (the rotated slice `cat` with the passed-through rest) into the primitive's `rotary_dim`.  The prologue
+rules (`prologue.py`, `hf_prologue.py`) fuse primitives with their Q/K norms; `LOWER` puts every primitive
+nothing fused back as its reference (`ops/rotary.py`), bit for bit the model's arithmetic, with a near miss
+saying which spelling it was and why no prologue rule took it.  A new spelling is one more search function
+below, not one more variant of every prologue rule.
 """
 from __future__ import annotations
 
@@ -187,6 +187,14 @@ def _complex_inputs(dtype):
     return torch.randn(2, 5, 3, _D, dtype=dtype), torch.polar(torch.ones_like(angles), angles)
 
 
+def _halves_out_primitive(x, cos, sin):
+    """Pairs rotated, written out de-interleaved (DeepSeek-V3's `apply_rotary_pos_emb_interleave`: the even
+    results then the odd ones): the pairs' rotation, then that permutation of its result (a copy after the
+    primitive, which the prologue kernel's output then feeds)."""
+    out = _as_primitive(x, cos, sin, neox=False, half_tables=True)
+    return out.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
 def _partial_primitive(x, cos, sin):
     cos, sin = widened_tables(cos, sin, True)
     return torch.ops.kunlun.rotary(x, cos, sin, True, cos.shape[-1])
@@ -254,6 +262,11 @@ def _rules():
         rules.append(Rewrite(family="norm_rope_gate", name=name, search=search, replace=replace,
                              example_inputs=_complex_inputs, guard=_complex_guard, dtypes=dtypes,
                              needs=(aten.view_as_complex.default, aten.view_as_real.default)))
+    name = "rotary_written_out_pairs_to_halves"
+    SPELLINGS[name] = f"even/odd slices {_WRITTEN_OUT} into a cat (results de-interleaved)"
+    rules.append(Rewrite(family="norm_rope_gate", name=name, search=_written_out(_pairs, _cat),
+                         replace=_halves_out_primitive, example_inputs=lambda dtype: _inputs(dtype, True),
+                         guard=lambda b: _guard(b, True), needs=(aten.sub.Tensor, aten.cat.default)))
     name = "rotary_written_out_halves_with_rest"
     SPELLINGS[name] = f"halves {_WRITTEN_OUT} and the passed-through rest in one cat"
     rules.append(Rewrite(family="norm_rope_gate", name=name, search=_written_out_with_rest,
