@@ -16,6 +16,9 @@ fusions each one should get and the ones the backend finds today.
   architectures expect 0 here, whatever rsqrt near misses the backend prints for them.
 - moe_gate / moe_ffn: one router and one routed-expert FFN per MoE layer (shared experts are dense MLPs,
   not counted).
+- attention_mask: one per mask transformers builds in the graph.  The ids go in without padding, so sdpa's
+  plain causal mask is skipped (`is_causal`); a sliding-window mask cannot be, and eager-attention models
+  (Gemma2's soft-capping, GptOss's sinks) build their full causal mask too.
 
 `found[dtype]` overrides `expected` where the backend finds another count today; the test holds the
 backend to `found` exactly, so a change that finds more or less must update it consciously.  A family
@@ -117,10 +120,12 @@ ARCHS = [
     _arch("Gemma2", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Gemma2Attention: plain rotary
         add_rmsnorm=9,  # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward x2 + norm
+        attention_mask=2,  # eager attention (soft-capping): the full causal mask and the sliding-window one
     ), forms=("RMSNorm (1 + w)", "post-norms")),
     _arch("Gemma3", dict(sliding_window=4), config="Gemma3TextConfig", expected=dict(
         norm_rope_gate=2,  # Gemma3Attention: transpose, then q_norm/k_norm (1 + w), then rotary
         add_rmsnorm=9,  # 4 per Gemma3DecoderLayer + norm (the Q/K norms are in the prologue)
+        attention_mask=1,  # the sliding-window mask, built in the graph (sdpa cannot skip a window)
     ), forms=("Q/K norm after the head transpose", "RMSNorm (1 + w)")),
     _arch("Phi3", expected=LLAMA_LIKE,  # Phi3Attention: fused qkv_proj sliced; rotary on q[..., :rot] + cat(rest)
           forms=("fused qkv_proj", "rotary on a slice (full width) + cat")),
@@ -209,11 +214,13 @@ ARCHS = [
     _arch("Olmo3", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # as Olmo2 (rotary result .to(q_type))
         add_rmsnorm=9,  # as Olmo2
+        attention_mask=1,  # masking_utils' sliding-window mask, built in the graph (sdpa cannot skip a window)
     ), forms=("rotary in fp32 (cos not cast to q's dtype)", "full-width Q/K norms", "post-norms")),
     _arch("Exaone4", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Exaone4Attention: transpose, q_norm/k_norm (Llama RMSNorm, head_dim), rotary on
                            # sliding layers (both, with sliding_window_pattern 4)
         add_rmsnorm=5,  # post_attention/post_feedforward_layernorm x2 + norm (the Q/K norms are the prologue's)
+        attention_mask=1,  # the sliding-window mask, as Gemma3
     ), forms=("Q/K norm after the head transpose (weight * x.to(dtype))", "post-norms")),
     _arch("HunYuanDenseV1", expected=dict(
         norm_rope_gate=2,  # HunYuanDenseV1Attention: rotary, then query_layernorm/key_layernorm
@@ -259,6 +266,7 @@ ARCHS = [
         moe_gate=2,  # GptOssTopKRouter: linear with bias, topk on logits, softmax over the k (dim=1)
         moe_ffn=2,  # GptOssExperts (grouped_mm with biases): gate/up interleaved [::2]/[1::2], clamp,
                     # gate * sigmoid(1.702 gate) * (up + 1)
+        attention_mask=2,  # eager attention (sinks): the full causal mask and the sliding-window one
     ), found=both(moe_ffn=0),
         forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
                "expert biases, clamped interleaved SwiGLU", "attention sinks")),
@@ -284,13 +292,15 @@ ARCHS = [
         forms=("MLA", "complex rotary in fp32", "softmax greedy router, unsorted top-k", "shared experts")),
     _arch("Cohere2", dict(sliding_window=4), expected=dict(
         norm_rope_gate=2,  # Cohere2Attention: as Cohere, on sliding layers (both here)
+        attention_mask=1,  # the sliding-window mask, as Olmo3
         # add_rmsnorm: 0, Cohere2LayerNorm (mean subtracted)
     ), forms=("LayerNorm", "interleaved rotary in fp32", "parallel attention/MLP")),
     _arch("Helium", expected=dict(
         norm_rope_gate=2,  # Helium apply_rotary_pos_emb: interleaved (repeat_interleave cos, stack/flatten), q's dtype
         add_rmsnorm=5,  # HeliumRMSNorm: (weight.to(fp32) * x).to(dtype)
     ), forms=("interleaved rotary", "weight cast to fp32 in the norm")),
-    _arch("Ministral", dict(sliding_window=4), expected=LLAMA_LIKE, forms=("sliding window",)),
+    _arch("Ministral", dict(sliding_window=4), expected=dict(**LLAMA_LIKE, attention_mask=1),  # as Olmo3
+          forms=("sliding window",)),
 ]
 
 # The slowest half (tests/test_corpus.py runs them only with `-m slow`): the 41 architectures in both dtypes
