@@ -47,8 +47,13 @@ def test_hf_bf16_on_cuda(kind):
     m64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = m64(input_ids=ids).logits
-    # 24 static rows: every linear stays with cuBLAS
-    assert compiled.kunlun_backend.report.graphs[0].patterns == dict(HF_EXPECTED[kind][0], decode_linear=0)
+    # 24 static rows: every linear stays with cuBLAS.  transformers 5.17 (the GPU machines') builds the causal
+    # mask in the graph for these ids where 5.24 leaves it to sdpa's is_causal: one fused mask or none (seen on
+    # the H200: 1), what it computes checked by the logits below
+    patterns = dict(compiled.kunlun_backend.report.graphs[0].patterns)
+    masks = patterns.pop("attention_mask")
+    want_patterns = {k: v for k, v in HF_EXPECTED[kind][0].items() if k != "attention_mask"}
+    assert masks <= 1 and patterns == dict(want_patterns, decode_linear=0)
     assert rel_err(got, ref) <= max(2e-2, 1.25 * rel_err(want, ref))
 
 
