@@ -47,3 +47,14 @@ def pytest_collection_modifyitems(config, items):
 
 os.environ.pop("KUNLUN_COMPILE_DISABLE", None)
 os.environ.pop("KUNLUN_COMPILE_STRICT", None)
+
+
+def compiled_and_eager(model, *inputs, **options):
+    """(compiled result, eager result, the backend's report, every pass's near misses), compiled strict."""
+    import kunlun_compile as kc
+
+    compiled = kc.compile(model, strict=True, **options)
+    with torch.no_grad():
+        got, want = compiled(*inputs), model(*inputs)
+    report = compiled.kunlun_backend.report
+    return got, want, report, [line for g in report.graphs for p in g.passes for line in p.near_misses]

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kunlun_compile as kc
 from kunlun_compile.passes.rewrites import limit_rewrites
 from kunlun_compile.triton_kernel import cpu_kernels
 
-from .conftest import rel_err
+from .conftest import compiled_and_eager, rel_err
 from .op_helpers import needs_interpreter
 
 E, K, H, I = 8, 2, 32, 16
@@ -72,11 +71,7 @@ def _float64_experts(model: SortedMoE, x):
 
 
 def _compile(model, x):
-    compiled = kc.compile(model, strict=True)
-    with torch.no_grad():
-        got, want = compiled(x), model(x)
-    report = compiled.kunlun_backend.report
-    misses = [line for g in report.graphs for p in g.passes for line in p.near_misses]
+    got, want, report, misses = compiled_and_eager(model, x)
     return got, want, report.graphs[0].patterns, misses, report
 
 

@@ -139,17 +139,22 @@ def test_moe_gate_cuda(case, M):
     torch.testing.assert_close(w[same], want_w[same], rtol=1e-5, atol=1e-6)
 
 
+def routed_moe_inputs(M, E, H, I, k, dtype=torch.bfloat16, device="cuda"):
+    """Tokens, expert weights scaled to keep activations O(1), and a softmax top-k router's choice."""
+    x = torch.randn(M, H, device=device, dtype=dtype)
+    w13 = (torch.randn(E, 2 * I, H, device=device) / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=device) / I ** 0.5).to(dtype)
+    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device=device), k, "softmax", True, 1, 1, None, 1.0)
+    return x, w13, w2, w, ids
+
+
 @pytest.mark.parametrize("M", [1, 16, 60, 200, 1024, 8192])  # small, small, medium, large, large+fused, large
 def test_fused_moe_cuda(M):
     from kunlun_compile.ops import fused_moe
     from kunlun_compile.ops.moe_plan import plan_fused_moe
 
-    E, H, I, k = 128, 2048, 768, 8
-    dtype = torch.bfloat16
-    x = torch.randn(M, H, device="cuda", dtype=dtype)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
-    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
+    E, k = 128, 8
+    x, w13, w2, w, ids = routed_moe_inputs(M, E, 2048, 768, k)
     got = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
     want = fused_moe.reference(x, w13, w2, w, ids)
     exact = fused_moe.reference(x.double(), w13.double(), w2.double(), w.double(), ids)
@@ -164,12 +169,7 @@ def test_fused_moe_reads_k_major_weights_cuda(M):
     pointer loads, as close to float64 as the row-major run."""
     from kunlun_compile.ops import fused_moe
 
-    E, H, I, k = 64, 2048, 768, 4
-    dtype = torch.bfloat16
-    x = torch.randn(M, H, device="cuda", dtype=dtype)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
-    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
+    x, w13, w2, w, ids = routed_moe_inputs(M, 64, 2048, 768, 4)
     k_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (w13, w2)]
     got = torch.ops.kunlun.fused_moe(x, *k_major, w, ids, "silu")
     row_major = torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "silu")
@@ -226,10 +226,7 @@ def test_fused_moe_large_path_cuda(dtype, H, I, tail_m):
     M, E, k = 4096, 64, 4  # 256 pairs per expert: the large plan with its swizzled grid and descriptors
     plan = plan_fused_moe(M, k, E)
     assert plan.tma
-    x = torch.randn(M, H, device="cuda", dtype=dtype)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda") / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, device="cuda") / I ** 0.5).to(dtype)
-    w, ids = torch.ops.kunlun.moe_gate(torch.randn(M, E, device="cuda"), k, "softmax", True, 1, 1, None, 1.0)
+    x, w13, w2, w, ids = routed_moe_inputs(M, E, H, I, k, dtype)
     if tail_m:
         got = fused_moe.triton_impl(x, w13, w2, w, ids, plan=replace(plan, tail_m=tail_m))
     else:

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import kunlun_compile as kc
 from kunlun_compile.triton_kernel import cpu_kernels
 
-from .conftest import rel_err
+from .conftest import compiled_and_eager, rel_err
 
 transformers = pytest.importorskip("transformers")
 ATTENTION_MASK = torch.ops.kunlun.attention_mask.default
@@ -17,11 +16,9 @@ ATTENTION_MASK = torch.ops.kunlun.attention_mask.default
 
 def _compile(model, *inputs, kernels=False):
     torch._dynamo.reset()
-    compiled = kc.compile(model, strict=True)
-    with torch.no_grad(), cpu_kernels(kernels):
-        got, want = compiled(*inputs), model(*inputs)
-    graph = compiled.kunlun_backend.report.graphs[0]
-    misses = [line for p in graph.passes for line in p.near_misses]
+    with cpu_kernels(kernels):
+        got, want, report, misses = compiled_and_eager(model, *inputs)
+    graph = report.graphs[0]
     code = next(p for p in graph.passes if p.name == "attention_mask").code_after
     return got, want, graph.patterns["attention_mask"], misses, code
 

@@ -20,7 +20,7 @@ from kunlun_compile.passes.rewrites import limit_rewrites
 from kunlun_compile.passes.rules import moe_gate as rules
 from kunlun_compile.triton_kernel import cpu_kernels
 
-from .conftest import rel_err
+from .conftest import compiled_and_eager, rel_err
 
 ROUTER = torch.ops.kunlun.router.default
 E, K = 16, 4
@@ -133,11 +133,7 @@ def _logits(dtype=torch.float32, device="cpu"):
 
 
 def _compile(model, x):
-    compiled = kc.compile(model, strict=True)
-    with torch.no_grad():
-        got, want = compiled(x), model(x)
-    report = compiled.kunlun_backend.report
-    misses = [line for g in report.graphs for p in g.passes for line in p.near_misses]
+    got, want, report, misses = compiled_and_eager(model, x)
     return got, want, report.graphs[0].patterns["moe_gate"], misses, report
 
 
