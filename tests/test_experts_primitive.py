@@ -7,6 +7,8 @@ the flat ids, counts by `histc` or by a one-hot sum, `cumsum` offsets, `torch._g
 [E, K, N], the routing weights applied in sorted order, `index_add_` back onto the tokens.  Each is compiled with
 the backend and compared, with eager, against a float64 loop over the tokens written here.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,52 @@ def test_the_primitive_means_the_fused_ops_reference_for_strided_weights():
             gate, up = (x[t].double() @ w_up[ids[t, j]].double()).chunk(2)
             want[t] += weights[t, j].double() * ((F.silu(gate) * up) @ w_down[ids[t, j]].double())
     assert rel_err(got, want) < 1e-6
+
+
+class DenseTopOneMoE(nn.Module):
+    """Every token through every expert, its input weighted by the router's dense scores (0 for the experts not
+    picked): the top-k of the logits scattered into -inf, then a sigmoid; weights stored [E, K, N]."""
+
+    def __init__(self, top_k=1, dtype=torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(12)
+        self.top_k = top_k
+        self.router = nn.Parameter(torch.randn(E, H, generator=gen).to(dtype))
+        self.gate_up = nn.Parameter((torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5).to(dtype))
+        self.down = nn.Parameter((torch.randn(E, I, H, generator=gen) / I ** 0.5).to(dtype))
+
+    def forward(self, x):
+        logits = F.linear(x, self.router)
+        top, ids = torch.topk(logits, self.top_k, dim=1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter_(1, ids, top).float()).to(x.dtype)
+        routed = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)
+        gate, up = torch.bmm(routed.view(E, -1, H), self.gate_up).chunk(2, dim=-1)
+        out = torch.bmm(up * F.silu(gate), self.down).view(-1, H)
+        return out.reshape(E, -1, H).sum(dim=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_experts_of_a_top_one_router_fuse(dtype):
+    """Llama4's form: the one expert's input is `x * s` (rounded as the model rounds it), the others see zeros and
+    add exact zeros, so `fused_moe` on the scaled input with weight 1 is the model's result."""
+    model = DenseTopOneMoE(dtype=dtype).eval()
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(7)).to(dtype)
+    top2 = F.linear(x, model.router).float().topk(2, dim=1).values  # no tie for the router to break its own way
+    assert (top2[:, 0] - top2[:, 1]).min() > 0.5
+    with cpu_kernels(dtype == torch.float32):
+        got, want, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_gate"] == 1 and patterns["moe_ffn"] == 1, (patterns, misses)
+    if dtype == torch.float32:
+        assert rel_err(got, want) < 1e-6
+    else:  # the rounding points are the model's; the GEMMs' accumulation order is not (linear vs bmm)
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(x.double())
+        assert rel_err(got, exact) <= 2 * rel_err(want, exact) + 1e-3
+
+
+def test_dense_experts_of_a_top_two_router_are_refused_with_the_reason():
+    model = DenseTopOneMoE(top_k=2).eval()
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4))
+    got, want, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_ffn"] == 0 and rel_err(got, want) < 1e-6
+    assert any("fused only for a top-1 router" in line for line in misses), misses

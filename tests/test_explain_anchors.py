@@ -96,13 +96,13 @@ def test_a_chunked_rotation_without_neg_is_described():
 def test_an_even_odd_rotation_is_described(join):
     lines = _unfused(_compile(_q_only(EvenOddRotary(join)), *_rope_args()), "norm_rope_gate")
     assert len(lines) == 1, lines
-    joined = "stack" if join == "stack" else "cat"
-    assert "even/odd slices without rotate_half" in lines[0] and f"into a {joined}, of float32" in lines[0], lines
-    if join == "cat":  # the pairs' results de-interleaved (DeepSeek-V3): no spelling of the primitive
-        assert WHY_PROLOGUE in lines[0], lines
+    joined = {"stack": "a stack,", "interleave": "a cat,", "cat": "a cat (results de-interleaved),"}[join]
+    assert "even/odd slices without rotate_half" in lines[0] and f"into {joined} of float32" in lines[0], lines
+    assert WHY_PROLOGUE in lines[0], lines  # q alone: no pair of rotations for a prologue rule
 
 
-@pytest.mark.parametrize("model", [ChunkRotary(), EvenOddRotary("stack")], ids=["chunk", "pairs"])
+@pytest.mark.parametrize("model", [ChunkRotary(), EvenOddRotary("stack"), EvenOddRotary("cat")],
+                         ids=["chunk", "pairs", "pairs_out_as_halves"])
 def test_q_and_k_rotations_sharing_tables_fuse_without_a_transpose(model):
     """The same rotations of q and k (GptOss's spelling; GPT-J pairs), their tables shared: one kernel."""
     lines = _compile(model, *_rope_args())
@@ -209,7 +209,7 @@ def test_dense_experts_are_described():
     lines = _unfused(_compile(model, _randn(6, 32), torch.rand(6, 4)), "moe_ffn")
     assert len(lines) == 2, lines  # the gate/up and the down GEMM
     why = ("every token through every expert (no gather, no grouped GEMM)) left unfused; no pattern of the family "
-           "covers dense experts")
+           "covers dense experts weighted by anything but a top-1 router's picks")
     assert "dense experts, the gate/up GEMM: bmm of float32 [4, 6, 32] by the whole float32 [4, 32, 96]" in lines[0]
     assert "dense experts, the down GEMM: bmm of float32 [4, 6, 48] by the whole float32 [4, 48, 32]" in lines[1]
     assert all(why in line for line in lines), lines

@@ -337,8 +337,9 @@ _UNCOVERED = {
                  "the router's top-k / sort is not in this graph (the graph broke between them, e.g. at a "
                  "data-dependent bincount or nonzero), and a rule needs both"),
                 (lambda n: not is_expert_gemm(n), _describe_dense_experts,
-                 "no pattern of the family covers dense experts (its rules take routed ones: a grouped GEMM or "
-                 "weights gathered by expert id)")],
+                 "no pattern of the family covers dense experts weighted by anything but a top-1 router's "
+                 "picks scattered into zeros (`dense_top1_bmm`, Llama4's form); its other rules take routed "
+                 "experts: a grouped GEMM or weights gathered by expert id")],
     "moe_gate": [(lambda n: n.target is not aten.topk.default, _describe_router,
                   "no pattern of the family covers a router that picks its experts with max instead of top-k")],
     "norm_rope_gate": [(_is_neg_rotation, describe_neg_rotation, _NO_RULE),

@@ -65,6 +65,7 @@ SIZE_ARGUMENTS = {
     aten.arange.default: (0,),
     aten.arange.start: (0, 1),
     aten.repeat_interleave.self_int: (1,),
+    aten.repeat.default: (1,),
     aten.one_hot.default: (1,),
     aten.topk.default: (1,),
     aten.histc.default: (1, 3),  # bins, max: the number of experts (the guard checks them)

@@ -251,8 +251,8 @@ ARCHS = [
                               # weight: x * rsqrt(mean(x^2) + eps)) on q and k *after* the rotary, x2
               moe_gate=2,  # Llama4Router: topk on logits, scatter into -inf, sigmoid (top-1)
               moe_ffn=2,  # Llama4TextExperts: every token through every expert (bmm), inputs pre-scaled by the
-                          # router scores; + shared_expert
-          ), found=both(moe_ffn=0),  # the rotation is a primitive (rotary_complex_pairs), the pair fuses
+                          # router scores (top-1: the one expert's input is x * s); + shared_expert
+          ),  # the rotation is a primitive (rotary_complex_pairs), the pair fuses
           forms=("complex (view_as_complex) rotary in fp32", "weightless L2 Q/K norm after the rotary",
                  "top-k-then-sigmoid router", "dense all-expert bmm", "shared expert")),
     _arch("Starcoder2", expected=dict(

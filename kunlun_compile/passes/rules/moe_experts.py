@@ -138,6 +138,18 @@ def _sorted_dispatch(count: str, back: str = "index_add"):
     return search
 
 
+def dense_top1_experts(x, w_up, w_down, ids, weights):
+    """Every token through every expert, its input weighted by the router's dense scores (Llama4's experts
+    after its router, fused into `kunlun::moe_gate` and scattered back into zeros by the router rules):
+    weights stored [E, K, N], `up * silu(gate)`, the per-expert outputs summed."""
+    experts, hidden = w_up.shape[0], x.shape[-1]
+    dense = torch.zeros((x.shape[0], experts), dtype=torch.float32).scatter(-1, ids, weights).to(x.dtype)
+    routed_in = x.repeat(experts, 1) * dense.transpose(0, 1).reshape(-1, 1)
+    gate, up = torch.bmm(routed_in.view(experts, -1, hidden), w_up).chunk(2, dim=-1)
+    out = torch.bmm(up * F.silu(gate), w_down).view(-1, hidden)
+    return out.reshape(experts, -1, hidden).sum(dim=0)
+
+
 _EXACT_FOR_EXPERT_IDS = (torch.float32, torch.float64, torch.int32, torch.int64)
 
 
@@ -196,6 +208,23 @@ def _sorted_guard(b: Bindings):
     return _counts_guard(b, w_up.shape[0], b.val("ids").shape[1], x.dtype)
 
 
+def _dense_guard(b: Bindings):
+    """Top-1 only: a token's one expert then sees `x * s`, which the fused op is given as its input (with
+    weight 1), and the other experts see zeros and add exact zeros.  With k > 1 each expert sees its own
+    scaling of x, which the kernel (weights on outputs) cannot take."""
+    x, w_up, w_down, ids = b.val("x"), b.val("w_up"), b.val("w_down"), b.val("ids")
+    if ids.dim() != 2 or not g.known_equal(ids.shape[1], 1):
+        return Refusal(f"dense experts weighted on their input with {tuple(ids.shape)} ids: fused only for a "
+                       "top-1 router (the kernel weights each expert's output)")
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
+    (repeat,) = b.nodes(aten.repeat.default)
+    if not (len(repeat.args[1]) == 2 and g.known_equal(repeat.args[1][0], w_up.shape[0])
+            and repeat.args[1][1] == 1):
+        return Refusal(f"the tokens are repeated {list(repeat.args[1])} times, not once per expert")
+    return _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("weights"), ids)
+
+
 def _guard(b: Bindings, x: str, w13: str, w2: str, weights: str, ids: str):
     return _check(*(b.val(n) for n in (x, w13, w2, weights, ids)))
 
@@ -226,6 +255,19 @@ def _hf_as_primitive(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_
 
 def _sorted_as_primitive(x, w_up, w_down, ids, weights):
     return torch.ops.kunlun.experts(x, w_up.transpose(1, 2), w_down.transpose(1, 2), weights, ids, "silu")
+
+
+def _dense_as_primitive(x, w_up, w_down, ids, weights):
+    """The one expert's input is `x * s` in x's dtype, as the model rounds it; its output is taken with weight 1."""
+    scaled = x * weights.to(x.dtype)
+    return torch.ops.kunlun.experts(scaled, w_up.transpose(1, 2), w_down.transpose(1, 2), torch.ones_like(weights),
+                                    ids, "silu")
+
+
+def _dense_inputs(dtype):
+    x = torch.randn(_T, _H, dtype=dtype)
+    w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
+    return x, w_up, w_down, torch.randint(0, _E, (_T, 1)), torch.rand(_T, 1)
 
 
 def _inputs(dtype, hf: bool, float_weights: bool = False):
@@ -284,6 +326,9 @@ RECOGNISE = [
     Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels_float_weights", search=hf_grouped_mm_sentinel_experts,
             example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=_HALF, **_GROUPED),
     *_sorted_rules(),
+    Rewrite(family="moe_ffn", name="dense_top1_bmm", search=dense_top1_experts, replace=_dense_as_primitive,
+            example_inputs=_dense_inputs, guard=_dense_guard, free_arguments=((aten._to_copy.default, "dtype"),),
+            needs=(aten.bmm.default, aten.scatter.src, aten.repeat.default)),
 ]
 
 

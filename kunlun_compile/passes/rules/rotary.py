@@ -417,6 +417,16 @@ def _lower_guard(b: Bindings):
     return {"neox": neox, "rotary_dim": rotary_dim}
 
 
+def _made_by(node: fx.Node):
+    """The rule that made a primitive: on the node, or on the end of the layout chain its replacement put after
+    it (the de-interleaving permutation of `_halves_out_primitive`)."""
+    for _ in range(4):
+        if MADE_BY in node.meta or len(node.users) != 1:
+            break
+        node = next(iter(node.users))
+    return node.meta.get(MADE_BY)
+
+
 def unfused(gm: fx.GraphModule) -> List[str]:
     """A near miss for every primitive no prologue rule took: what spelling it came from, and why."""
     lines = []
@@ -424,7 +434,7 @@ def unfused(gm: fx.GraphModule) -> List[str]:
         if node.meta.get(REFUSED):  # a prologue rule's guard said why already
             continue
         x, cos = node.args[0], node.args[1]
-        spelling = SPELLINGS.get(node.meta.get(MADE_BY), "neox halves" if node.args[3] else "pairs")
+        spelling = SPELLINGS.get(_made_by(node), "neox halves" if node.args[3] else "pairs")
         row = x.meta["val"].shape[-1]
         width = "" if isinstance(row, int) and node.args[4] == row else f" over the first {node.args[4]} dims"
         lines.append(f"norm_rope_gate: {node.meta.get(REPLACES, node.name)} (rotary rotation, {spelling}{width}, "
