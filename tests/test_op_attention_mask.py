@@ -77,7 +77,7 @@ def test_bad_args_and_opcheck():
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_positions_broadcast_over_the_batch_are_read_in_place(path):
+def test_positions_broadcast_over_the_batch_are_read_in_place(path, monkeypatch):
     """[B, T] positions expanded from one row (batch stride 0, what the mask recogniser passes) and sliced
     rows (a batch stride larger than the row) give the result of contiguous copies."""
     gen = seeded("broadcast positions", path)
@@ -89,3 +89,20 @@ def test_positions_broadcast_over_the_batch_are_read_in_place(path):
             want = torch.ops.kunlun.attention_mask(q_rows.contiguous(), k_rows.contiguous(), valid, True, 7,
                                                    torch.bfloat16, -1e4)
         assert torch.equal(got, want) and (got == 0).any() and (got != 0).any()
+    if path == "triton":  # the kernel is handed the expanded rows themselves, not contiguous copies
+        from kunlun_compile.ops import attention_mask
+
+        launched, kernel = [], attention_mask._attention_mask_kernel
+
+        class Spy:  # `kernel.on(device)[grid](*args)`, recording the positions it is handed
+            def on(self, device):
+                return self if launched.append(device) is None else None
+
+            def __getitem__(self, grid):
+                return lambda *a, **kw: launched.append(a[:2]) or kernel.on(launched.pop(0))[grid](*a, **kw)
+        monkeypatch.setattr(attention_mask, "_attention_mask_kernel", Spy())
+        k_row = torch.arange(13)
+        with cpu_kernels(True):
+            torch.ops.kunlun.attention_mask(q.expand(3, 9), k_row.expand(3, 13), valid, True, 7, torch.bool, 0.0)
+        (qp, kp), = launched
+        assert (qp.data_ptr(), kp.data_ptr()) == (q.data_ptr(), k_row.data_ptr()) and qp.stride(0) == kp.stride(0) == 0

@@ -257,14 +257,22 @@ def k_major(w: torch.Tensor) -> torch.Tensor:
 
 @needs_interpreter
 @pytest.mark.parametrize("plan", FORCED_PLANS, ids=plan_id)
-def test_fused_moe_reads_k_major_weights_in_place(plan):
+def test_fused_moe_reads_k_major_weights_in_place(plan, monkeypatch):
     """Weights stored [E, K, N] are read through their strides, not copied: the result is the one the same
     plan gives on row-major weights, bit for bit (descriptors, which need row-major tiles, are not used)."""
     M, E, k, H, I, dtype = 37, 8, 3, 64, 32, torch.bfloat16  # bf16: the dtype torch._grouped_mm models use
     x, w13, w2, weights, ids = moe_inputs(M, E, H, I, k, dtype, seeded("k-major", plan))
+    w13_k, w2_k = k_major(w13), k_major(w2)
+    seen = []  # the weight storages the kernels' launchers were handed
+    gemm, per_pair = fused_moe._gemm, fused_moe._per_pair_impl
+    monkeypatch.setattr(fused_moe, "_gemm", lambda a, w, *r, **kw: seen.append(w.data_ptr()) or gemm(a, w, *r, **kw))
+    monkeypatch.setattr(fused_moe, "_per_pair_impl", lambda x_, a, b, *r: seen.extend((a.data_ptr(), b.data_ptr()))
+                        or per_pair(x_, a, b, *r))
     with cpu_kernels(True):
         want = fused_moe.triton_impl(x, w13, w2, weights, ids, plan=plan)
-        got = fused_moe.triton_impl(x, k_major(w13), k_major(w2), weights, ids, plan=plan)
+        seen.clear()
+        got = fused_moe.triton_impl(x, w13_k, w2_k, weights, ids, plan=plan)
+    assert seen and set(seen) <= {w13_k.data_ptr(), w2_k.data_ptr()}  # no copy of the weights
     assert not torch.isnan(want).any()
     assert torch.equal(got, want)
 
