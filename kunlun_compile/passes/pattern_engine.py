@@ -458,10 +458,22 @@ def searchable(rule: Rewrite, present: set) -> bool:
     return all(t in present for t in rule.needs)
 
 
+def _lacks_a_primitive(rule: Rewrite, present: set) -> bool:
+    """The rule needs a `kunlun::` op the graph does not hold.  Canonicalisation never makes one, so this is
+    known before it runs (unlike the ATen ops a rule needs, which it may spell differently)."""
+    return any(getattr(op, "namespace", None) == "kunlun" and op not in present for op in rule.needs)
+
+
 def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite], fuses: bool = True) -> PassOutcome:
     """Apply `rules` in order (all matches of one rule before the next); count per family.  `fuses=False`:
     rules that make or remove primitives -- not fusions, so not limited by a bisect (`rewrites.py`)."""
     result = PassOutcome()
+    present = present_ops(gm)
+    if all(_lacks_a_primitive(rule, present) for rule in rules):
+        # a stage that takes or puts back a primitive, when the graph holds none: no canonicalisation, no search
+        if gm.graph.eliminate_dead_code():  # what the stage before left dead goes, as after any stage
+            gm.recompile()
+        return result
     try:
         _apply_rules(gm, rules, result, fuses)
     finally:
