@@ -223,6 +223,24 @@ def test_dense_experts_of_a_top_one_router_fuse(dtype):
         assert rel_err(got, exact) <= 2 * rel_err(want, exact) + 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_dense_experts_of_a_top_one_router_on_the_gpu(tokens):
+    """The real kernel on Llama4's dense form in bf16, every size path: as close to float64 as eager's bmm."""
+    model = DenseTopOneMoE(dtype=torch.bfloat16).eval()
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    top2 = F.linear(x, model.router).float().topk(2, dim=1).values
+    keep = (top2[:, 0] - top2[:, 1]) > 0.05  # bf16 router ties would let eager and the kernel pick differently
+    x = x[keep]
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+    got, want, patterns, misses, _ = _compile(model.cuda(), x.cuda())
+    assert patterns["moe_gate"] == 1 and patterns["moe_ffn"] == 1, (patterns, misses)
+    assert torch.isfinite(got).all()
+    assert rel_err(got.cpu(), exact) <= 2 * rel_err(want.cpu(), exact) + 1e-3
+
+
 def test_dense_experts_of_a_top_two_router_are_refused_with_the_reason():
     model = DenseTopOneMoE(top_k=2).eval()
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(4))
