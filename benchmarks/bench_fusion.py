@@ -218,6 +218,15 @@ def main():
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 128  # the eager MoE gathers [T, k, 2I, H] weights
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
     rows = []
+    os.makedirs(out_dir, exist_ok=True)
+    stem = ("fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}") + ("_some" if only else "")
+
+    def save(rows):
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "sizes": SIZES, "moe_sizes": MOE_SIZES, "rows": rows}
+        with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
     for name, build in cases(tokens):
         if only and name not in only:
             continue
@@ -253,12 +262,7 @@ def main():
               f"{row['kunlun_nofusion_ms']:.3f} ms (x{row['kunlun_nofusion_vs_inductor']:.2f}) | "
               f"err {err_k:.1e}/{err_i:.1e}/{err_g:.1e} | "
               f"{row['patterns']}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "sizes": SIZES, "moe_sizes": MOE_SIZES, "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    stem = ("fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}") + ("_some" if only else "")
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        save(rows)  # after every row: a run cut short by its time limit keeps the rows it measured
     try:
         plot(rows, os.path.join(out_dir, f"{stem}.png"))
     except ImportError as e:

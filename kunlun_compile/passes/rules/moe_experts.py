@@ -264,10 +264,10 @@ def _dense_as_primitive(x, w_up, w_down, ids, weights):
                                     ids, "silu")
 
 
-def _dense_inputs(dtype):
-    x = torch.randn(_T, _H, dtype=dtype)
+def _dense_inputs(dtype, tokens=_T):
+    x = torch.randn(tokens, _H, dtype=dtype)
     w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
-    return x, w_up, w_down, torch.randint(0, _E, (_T, 1)), torch.rand(_T, 1)
+    return x, w_up, w_down, torch.randint(0, _E, (tokens, 1)), torch.rand(tokens, 1)
 
 
 def _inputs(dtype, hf: bool, float_weights: bool = False):
@@ -326,9 +326,13 @@ RECOGNISE = [
     Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels_float_weights", search=hf_grouped_mm_sentinel_experts,
             example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=_HALF, **_GROUPED),
     *_sorted_rules(),
-    Rewrite(family="moe_ffn", name="dense_top1_bmm", search=dense_top1_experts, replace=_dense_as_primitive,
-            example_inputs=_dense_inputs, guard=_dense_guard, free_arguments=((aten._to_copy.default, "dtype"),),
-            needs=(aten.bmm.default, aten.scatter.src, aten.repeat.default)),
+    *(Rewrite(family="moe_ffn", name=name, search=dense_top1_experts, replace=_dense_as_primitive,
+              example_inputs=lambda dtype, t=tokens: _dense_inputs(dtype, t), guard=_dense_guard,
+              free_arguments=((aten._to_copy.default, "dtype"),),
+              needs=(aten.bmm.default, aten.scatter.src, aten.repeat.default))
+      # one token (a decode step traced with static sizes): the transposed scores are then already laid out
+      # as the reshape wants, so the graph has no copy there and the views around the GEMMs are no-ops
+      for name, tokens in (("dense_top1_bmm", _T), ("dense_top1_bmm_one_token", 1))),
 ]
 
 
