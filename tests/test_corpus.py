@@ -52,3 +52,21 @@ def test_corpus_model(arch, dtype):
             assert not lines, f"{family}: recorded as a silent miss, but the backend now says why: {lines[:3]}"
         else:
             assert lines, f"{family}: missed, and no near miss names it (record it in silent_misses, with why)"
+
+
+# A decode step traced with static sizes (batch 1, one token): size-1 dims make layouts ambiguous (a [B, S, H, D]
+# table fits a heads-first reading too) and drop copies and views from the graph (a transpose of [1, E] is
+# already laid out as its reshape wants).  Architectures whose registry counts no mask: one query builds none.
+ONE_TOKEN = ("Llama4", "DeepseekV3", "Qwen3Moe", "Qwen3")
+
+
+@pytest.mark.parametrize("name", ONE_TOKEN)
+def test_one_token_decode_step_finds_the_same_fusions(name):
+    arch = corpus.by_name(name)
+    assert arch.found_counts("fp32")["attention_mask"] == 0
+    row = corpus.run(arch, "fp32", ids_shape=(1, 1))
+    assert "error" not in row, row.get("traceback", row.get("error"))
+    assert row["fallbacks"] == [] and row["warnings"] == [], (row["fallbacks"], row["warnings"])
+    assert row["rel_err"] <= corpus.LIMITS["fp32"], f"rel. error {row['rel_err']:.3e} vs eager"
+    found = {f: row["patterns"].get(f, 0) for f in COUNTED}
+    assert found == arch.found_counts("fp32"), row["near_misses"]

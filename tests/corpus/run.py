@@ -40,13 +40,14 @@ def build(arch: Arch, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype).eval()
 
 
-def input_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, IDS_SHAPE, generator=torch.Generator().manual_seed(seed))
+def input_ids(seed: int = 1, shape: Tuple[int, int] = IDS_SHAPE) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def prepare(arch: Arch, dname: str, device: str = "cpu") -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def prepare(arch: Arch, dname: str, device: str = "cpu",
+            ids_shape: Tuple[int, int] = IDS_SHAPE) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model, its ids and eager's logits."""
-    model, ids = build(arch, TORCH_DTYPES[dname]).to(device), input_ids(arch.ids_seed).to(device)
+    model, ids = build(arch, TORCH_DTYPES[dname]).to(device), input_ids(arch.ids_seed, ids_shape).to(device)
     with torch.no_grad():
         want = model(ids).logits
     return model, ids, want
@@ -97,12 +98,13 @@ def near_misses_of(row: dict, family: str) -> list:
     return [line for line in row.get("near_misses", ()) if line.split(":", 1)[0].split("/", 1)[0] == family]
 
 
-def run(arch: Arch, dname: str, device: str = "cpu", **options) -> dict:
-    """One (architecture, dtype): eager vs compiled, with what the backend found, missed and refused."""
+def run(arch: Arch, dname: str, device: str = "cpu", ids_shape: Tuple[int, int] = IDS_SHAPE, **options) -> dict:
+    """One (architecture, dtype): eager vs compiled, with what the backend found, missed and refused;
+    `ids_shape` (batch, tokens) other than the default: (1, 1) is a decode step with static sizes."""
     row: dict = {"arch": arch.name, "dtype": dname, "device": device, "interpreted": interpreter_usable()}
     t0 = time.perf_counter()
     try:
-        model, ids, want = prepare(arch, dname, device)
+        model, ids, want = prepare(arch, dname, device, ids_shape)
     except Exception as e:  # noqa: BLE001 - a model that will not build or run eagerly is reported as such
         row["build_error"] = short_exc(e)
         return row

@@ -244,10 +244,15 @@ def _pair_guard(b: Bindings, upcast: bool):
 
     def fits(heads_dim, tokens_dim):  # tables broadcast over the heads' dim and run along the tokens'
         return g.known_equal(cos.shape[heads_dim], 1) and along(tokens_dim) and along(0)
-    heads_first = fits(1, 2)  # [B, H, S, D] with tables [B|1, 1, S|1, R]
-    if not heads_first and not fits(2, 1):
+    # [B, H, S, D] with tables [B|1, 1, S|1, R] (heads first), or [B, S, H, D] with [B|1, S|1, 1, R]
+    orientations = [heads_first for heads_first, dims in ((True, (1, 2)), (False, (2, 1))) if fits(*dims)]
+    if not orientations:
         return Refusal(f"cos {tuple(cos.shape)} runs along neither q {tuple(q.shape)}'s dim 2 (heads first) nor "
                        "its dim 1 (tokens first)")
+    # one token (a decode step with static sizes): the tables fit both ways; the tokens' dim is the one where q
+    # and k agree (their heads differ under GQA), and where both agree either reading rotates alike
+    agree = [h for h in orientations if g.known_equal(q.shape[2 if h else 1], k.shape[2 if h else 1])]
+    heads_first = (agree or orientations)[0]
     tokens = 2 if heads_first else 1
     reason = g.first(
         None if g.known_equal(q.shape[0], k.shape[0]) and g.known_equal(q.shape[tokens], k.shape[tokens])

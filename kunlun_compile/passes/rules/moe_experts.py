@@ -16,6 +16,8 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], then weights
   applied in sorted order and `index_add_` back onto the tokens, or rows put back by `index_copy` and
   weighted and summed over k there.
+- Llama4's dense experts behind a top-1 router (every token through every expert, inputs scaled by the
+  scores): recognised, and made the primitive only inside `fusing_dense_experts()`; see there why.
 `FUSE` makes every primitive `kunlun::fused_moe` (the kernel reads [E, K, N] weights through their strides);
 `LOWER` puts back what nothing fused (a bisect's limit) in the gather form, with a near miss.
 HF's `eager` experts implementation loops over `nonzero()` results, and `torch.bincount` counts have a
@@ -24,7 +26,9 @@ data-dependent size: Dynamo breaks the graph at both, so those forms never reach
 """
 from __future__ import annotations
 
-from typing import List
+import contextlib
+import contextvars
+from typing import Iterator, List
 
 import torch
 import torch.fx as fx
@@ -208,6 +212,23 @@ def _sorted_guard(b: Bindings):
     return _counts_guard(b, w_up.shape[0], b.val("ids").shape[1], x.dtype)
 
 
+# On the H200 (benchmarks/NOTES.md v34) Llama4's layer ran slower with its dense experts fused than left as
+# the two dense bmm's: 1.38x inductor against 0.92x at 128 tokens, 1.22x against 1.09x (every fusion off) at
+# 16.  fused_moe's top-1 paths at those sizes (per-pair GEMV, scan) read the [E, K, N] weights with pointer
+# loads along N; the bmm's stream them.  Until a path reads them at full speed, the rule refuses, saying why.
+_FUSE_DENSE = contextvars.ContextVar("kunlun_fuse_dense_experts", default=False)
+
+
+@contextlib.contextmanager
+def fusing_dense_experts(on: bool = True) -> Iterator[None]:
+    """Within this block (compiles run at a model's first call), dense top-1 experts become the primitive."""
+    token = _FUSE_DENSE.set(on)
+    try:
+        yield
+    finally:
+        _FUSE_DENSE.reset(token)
+
+
 def _dense_guard(b: Bindings):
     """Top-1 only: a token's one expert then sees `x * s`, which the fused op is given as its input (with
     weight 1), and the other experts see zeros and add exact zeros.  With k > 1 each expert sees its own
@@ -222,7 +243,12 @@ def _dense_guard(b: Bindings):
     if not (len(repeat.args[1]) == 2 and g.known_equal(repeat.args[1][0], w_up.shape[0])
             and repeat.args[1][1] == 1):
         return Refusal(f"the tokens are repeated {list(repeat.args[1])} times, not once per expert")
-    return _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("weights"), ids)
+    verdict = _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("weights"), ids)
+    if verdict == {} and not _FUSE_DENSE.get():
+        return Refusal("dense top-1 experts (Llama4's form) left as the dense bmm's: fused_moe read their "
+                       "[E, K, N] weights slower than the bmm's on the H200 (benchmarks/NOTES.md v34); "
+                       "`moe_experts.fusing_dense_experts()` fuses them")
+    return verdict
 
 
 def _guard(b: Bindings, x: str, w13: str, w2: str, weights: str, ids: str):
