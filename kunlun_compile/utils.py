@@ -1,15 +1,18 @@
 """Small helpers shared by the stages: graph copies, warnings, shape strings."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Set
+from typing import Any, Iterator, Optional, Set
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ._version import __version__
 
@@ -31,12 +34,34 @@ def warn_once(message: str, seen: Optional[Set[str]] = None) -> None:
     warnings.warn(message, KunlunCompileWarning, stacklevel=3)
 
 
+_RECOMPILE_DEFERRED = contextvars.ContextVar("kunlun_recompile_deferred", default=False)
+
+
+@contextlib.contextmanager
+def recompile_deferred() -> Iterator[None]:
+    """Within this block `recompile` does nothing: the pass manager runs a pass inside it and recompiles once
+    after the pass (generating a graph's Python code costs ~10 ms; a pass edits its graph many times)."""
+    token = _RECOMPILE_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPILE_DEFERRED.reset(token)
+
+
+def recompile(gm: fx.GraphModule) -> None:
+    """`gm.recompile()` after graph edits, unless the caller recompiles later (`recompile_deferred`).  Nothing
+    inside a pass may run `gm` or read its code between: only the graph is current there."""
+    if not _RECOMPILE_DEFERRED.get():
+        gm.recompile()
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A structural copy: new graph and nodes, same tensors (no deepcopy of weights)."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    copy = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    # its Python code is generated when first run or read (most copies are snapshots that are never used)
+    copy = _LazyGraphModule(gm, graph, gm.__class__.__name__)
     copy.meta = dict(getattr(gm, "meta", {}))
     return copy
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..utils import recompile
 from .manager import PassContext, PassOutcome
 
 aten = torch.ops.aten
@@ -145,5 +146,5 @@ def restore(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> PassOutcom
             node.target = aten.div.Tensor
     for node in gm.graph.nodes:  # an rsqrt whose division a fusion took stays an rsqrt
         node.meta.pop(MARK, None)
-    gm.recompile()
+    recompile(gm)
     return PassOutcome(matches=restored)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..utils import recompile
 from . import algebra
 from .cleanup import remove_noop_ops
 
@@ -242,5 +243,5 @@ def canonicalize(gm: fx.GraphModule) -> int:
     edits += algebra.normalise(gm)
     edits += remove_noop_ops(gm, None).matches
     gm.graph.eliminate_dead_code()
-    gm.recompile()
+    recompile(gm)
     return edits

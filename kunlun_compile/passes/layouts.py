@@ -21,6 +21,7 @@ from typing import Set
 import torch
 import torch.fx as fx
 
+from ..utils import recompile
 from .manager import PassContext, PassOutcome
 
 aten = torch.ops.aten
@@ -53,5 +54,5 @@ def views_after_fused_ops(gm: fx.GraphModule, ctx: PassContext) -> PassOutcome:
         if node.meta.get(RELAID) or any(_fresh(i) or i in relaid for i in inputs):
             relaid.add(node)
     if changed:
-        gm.recompile()
+        recompile(gm)
     return PassOutcome(matches=changed)  # not a fusion family: no pattern counts

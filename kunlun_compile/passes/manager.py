@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..config import CompileConfig
 from ..report import Fallback, GraphReport, PassRecord
-from ..utils import copy_graph_module, warn_once
+from ..utils import copy_graph_module, recompile_deferred, warn_once
 from .rewrites import running_pass
 
 
@@ -89,7 +89,7 @@ class PassManager:
             snapshot = copy_graph_module(gm)
             t0 = time.perf_counter()
             try:
-                with running_pass(p.name, ctx.graph_name):
+                with running_pass(p.name, ctx.graph_name), recompile_deferred():
                     outcome = p.fn(gm, ctx) or PassOutcome()
                 gm.graph.lint()
                 gm.recompile()

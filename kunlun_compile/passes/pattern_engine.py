@@ -44,6 +44,7 @@ from torch.fx.passes.tools_common import legalize_graph
 from torch.utils._ordered_set import OrderedSet
 
 from ..capture.decompositions import decomposition_table
+from ..utils import recompile
 from . import pattern_cache
 from .canonical import canonicalize
 from .manager import PassOutcome
@@ -472,7 +473,7 @@ def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite], fuses: bool = T
     if all(_lacks_a_primitive(rule, present) for rule in rules):
         # a stage that takes or puts back a primitive, when the graph holds none: no canonicalisation, no search
         if gm.graph.eliminate_dead_code():  # what the stage before left dead goes, as after any stage
-            gm.recompile()
+            recompile(gm)
         return result
     try:
         _apply_rules(gm, rules, result, fuses)
@@ -483,7 +484,7 @@ def apply_rewrites(gm: fx.GraphModule, rules: Sequence[Rewrite], fuses: bool = T
         # that output (but before the match's other nodes) is legal data flow in a new order
         legalize_graph(gm)  # copies every node: only when the order is actually broken
     gm.graph.eliminate_dead_code()
-    gm.recompile()
+    recompile(gm)
     return result
 
 

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.fx as fx
 
+from ...utils import recompile
 from ..manager import PassOutcome
 from ..rewrites import mark_replacement, rewrite_allowed
 from . import guards as g
@@ -307,5 +308,5 @@ def recognise(gm: fx.GraphModule) -> PassOutcome:
             outcome.near_misses.append(f"{FAMILY}: {root.name} (bool {tuple(_val(root).shape)} mask of index "
                                        f"comparisons) left unfused; {done}")
     gm.graph.eliminate_dead_code()
-    gm.recompile()
+    recompile(gm)
     return outcome
