@@ -56,14 +56,14 @@ def test_corpus_model(arch, dtype):
 
 # A decode step traced with static sizes (batch 1, one token): size-1 dims make layouts ambiguous (a [B, S, H, D]
 # table fits a heads-first reading too) and drop copies and views from the graph (a transpose of [1, E] is
-# already laid out as its reshape wants).  Architectures whose registry counts no mask: one query builds none.
-ONE_TOKEN = ("Llama4", "DeepseekV3", "Qwen3Moe", "Qwen3")
+# already laid out as its reshape wants; a mask's q dim has size 1).  Masks: most architectures build none for one
+# query (those are not here); Gemma2 (soft-capped eager attention) builds its two 1 x 1 masks anyway.
+ONE_TOKEN = ("Llama4", "DeepseekV3", "Qwen3Moe", "Qwen3", "Gemma2")
 
 
 @pytest.mark.parametrize("name", ONE_TOKEN)
 def test_one_token_decode_step_finds_the_same_fusions(name):
     arch = corpus.by_name(name)
-    assert arch.found_counts("fp32")["attention_mask"] == 0
     row = corpus.run(arch, "fp32", ids_shape=(1, 1))
     assert "error" not in row, row.get("traceback", row.get("error"))
     assert row["fallbacks"] == [] and row["warnings"] == [], (row["fallbacks"], row["warnings"])

@@ -60,6 +60,27 @@ def test_hf_padded_masks_are_one_kernel(name, options, masks):
     assert rel_err(got[keep], want[keep]) < 1e-5
 
 
+def test_hf_sliding_window_decode_step_mask_is_one_kernel():
+    """A decode step with a KV cache (one query, the prefill's keys + 1): the sliding-window mask Mistral builds
+    every step has a q dim of size 1; it is still one kernel, and the logits are eager's."""
+    import copy
+
+    import kunlun_compile as kc
+
+    model = _hf("mistral", sliding_window=4)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    step = torch.randint(3, 256, (1, 1), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        want = model(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        compiled = kc.compile(model, strict=True)
+        got = compiled(step, past_key_values=cache, use_cache=True).logits
+    graph = compiled.kunlun_backend.report.graphs[0]
+    assert graph.patterns["attention_mask"] == 1, [m for p in graph.passes for m in p.near_misses]
+    assert rel_err(got, want) < 1e-5
+
+
 # ---- masks written here -----------------------------------------------------------------------------------
 
 class ReversedCausalWithPaddingView(nn.Module):
@@ -100,6 +121,14 @@ class NotAffine(nn.Module):
         return (2 * positions[None, :] <= positions[:, None]) & (positions[None, :] < positions[:, None] + 5)
 
 
+class OneQueryCausal(nn.Module):
+    """A decode step: one query position against the keys', `q >= kv` laid out by indexing with None.  The q dim
+    has size 1 (with one key, every dim does): only the unsqueezes say which grid runs along which dim."""
+
+    def forward(self, q_pos, kv_pos):
+        return q_pos[:, None] >= kv_pos[None, :]
+
+
 def _pad(batch, keys, gen):
     valid = torch.rand(batch, keys, generator=gen) > 0.3
     valid[:, 0] = True
@@ -117,7 +146,12 @@ def test_handwritten_masks_fuse_and_are_eager_to_the_bit(kernels):
     positions = torch.arange(5, 12)
     cases = [(ReversedCausalWithPaddingView(), (positions, _pad(2, 7, gen))),
              (WindowFromCachePositions(), (torch.tensor([6, 7]), torch.randn(2, 9, generator=gen))),
-             (ShiftedCausal(), (_pad(3, 6, gen), torch.randn(3, 2, 5, 6, generator=gen)))]
+             (ShiftedCausal(), (_pad(3, 6, gen), torch.randn(3, 2, 5, 6, generator=gen))),
+             # one query (a decode step): sizes alone cannot tell the q grid from the kv grid
+             (WindowFromCachePositions(), (torch.tensor([6]), torch.randn(1, 9, generator=gen))),
+             (OneQueryCausal(), (torch.tensor([5]), torch.arange(9))),
+             (OneQueryCausal(), (torch.tensor([5]), torch.tensor([3]))),  # one key too: allowed
+             (OneQueryCausal(), (torch.tensor([5]), torch.tensor([7])))]  # not allowed (swapped grids: allowed)
     for model, inputs in cases:
         got, want, fused, misses, code = _compile(model, *inputs, kernels=kernels)
         assert fused == 1, (type(model).__name__, misses)
@@ -138,7 +172,8 @@ def test_masks_on_the_gpu_are_eager_to_the_bit():
     gen = torch.Generator().manual_seed(6)
     cases = [(ReversedCausalWithPaddingView(), (torch.arange(100, 400), _pad(4, 300, gen))),
              (WindowFromCachePositions(), (torch.arange(500, 516), torch.randn(16, 700, generator=gen))),
-             (ShiftedCausal(), (_pad(2, 257, gen), torch.randn(2, 4, 129, 257, generator=gen).bfloat16()))]
+             (ShiftedCausal(), (_pad(2, 257, gen), torch.randn(2, 4, 129, 257, generator=gen).bfloat16())),
+             (OneQueryCausal(), (torch.tensor([700]), torch.arange(1000)))]
     for model, inputs in cases:
         got, want, fused, misses, _ = _compile(model, *(t.cuda() for t in inputs))
         assert fused == 1, (type(model).__name__, misses)

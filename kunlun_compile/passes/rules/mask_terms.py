@@ -69,10 +69,42 @@ def _grid(node) -> Union[Grid, str]:
 
 
 def _axis_of(grid_node: fx.Node) -> Optional[int]:
-    """The one dim along which the grid value `grid_node` (as broadcast into the term) varies."""
+    """The one dim along which the grid value `grid_node` (as broadcast into the term) varies; where no dim
+    has a size other than 1 (one query, one key), the dim its unsqueezes laid its source on."""
     v = _val(grid_node)
     big = [d - v.dim() for d, size in enumerate(v.shape) if not g.known_equal(size, 1)]
+    if not big:
+        return _placed_axis(grid_node)
     return big[0] if len(big) == 1 else None
+
+
+def _placed_axis(node: fx.Node) -> Optional[int]:
+    """The dim (negative) that the 1-D source of grid `node` lies on, replayed from the unsqueezes and expands
+    between them (None through a view or reshape, which may move it)."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in (aten.unsqueeze.default, aten.expand.default, aten.view.default, aten.reshape.default):
+            chain.append(node)
+        elif not (node.target in (aten.add.Tensor, aten.sub.Tensor) and isinstance(node.args[1], int)
+                  or node.target is aten._to_copy.default):
+            break
+        node = node.args[0]
+    v = _val(node)
+    if not isinstance(v, torch.Tensor) or v.dim() != 1:
+        return None
+    position, rank = 0, 1
+    for op in reversed(chain):
+        if op.target is aten.unsqueeze.default:
+            d = op.args[1] + rank + 1 if op.args[1] < 0 else op.args[1]
+            position, rank = position + (d <= position), rank + 1
+        elif op.target is aten.expand.default:  # new leading dims only
+            position, rank = position + len(op.args[1]) - rank, len(op.args[1])
+        else:  # a view that only adds or drops 1s: the source's dim is its one -1 (`q.view(-1, 1)`)
+            shape = list(op.args[1])
+            if sum(1 for s in shape if not (isinstance(s, int) and s == 1)) != 1 or -1 not in shape:
+                return None
+            position, rank = shape.index(-1), len(shape)
+    return position - rank
 
 
 @dataclasses.dataclass
