@@ -34,7 +34,7 @@ def main():
     w_down = (torch.randn(E, I, H, device="cuda", generator=g) / I ** 0.5).bfloat16()
     k_major = (w_up.transpose(1, 2), w_down.transpose(1, 2))
     row_major = tuple(w.contiguous() for w in k_major)
-    for tokens in (16, 128):
+    for tokens in (1, 4, 16, 128):  # top-1: one token reads one expert fused, all 32 through the bmm's
         x = torch.randn(tokens, H, device="cuda", generator=g).bfloat16()
         ids = torch.randint(0, E, (tokens, 1), device="cuda", generator=g)
         tw = torch.ones(tokens, 1, device="cuda", dtype=torch.bfloat16)
