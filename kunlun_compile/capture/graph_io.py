@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, Mapping, 
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 _BUILTIN_MODULES = {"_operator", "operator", "math", "builtins"}  # recorded by module and name
 
@@ -344,4 +345,4 @@ def graph_from_data(data: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> f
     root = torch.nn.Module()
     for name, t in tensors.items():
         root.register_buffer(name, t)
-    return fx.GraphModule(root, graph)
+    return _LazyGraphModule(root, graph)  # its Python code is generated when first run or read
