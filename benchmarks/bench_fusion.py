@@ -10,9 +10,13 @@ and a plot of both.  Variants: eager, inductor, kunlun, and kunlun with every fu
 
     python benchmarks/bench_fusion.py [OUT_DIR] [TOKENS] [MODELS]   -> fusion_layers.json, .png
                             (fusion_layers_t{TOKENS}.* unless 128 tokens; MODELS: a comma list, default all)
+
+BENCH_FUSE_DENSE=1 compiles the kunlun variant with Llama4's dense top-1 experts fused at every token count
+(`moe_experts.fusing_dense_experts()`; by default they fuse only at small static token counts).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -23,6 +27,7 @@ import triton
 
 import kunlun_compile as kc
 from kunlun_compile.models import build_model, builtin_names
+from kunlun_compile.passes.rules.moe_experts import fusing_dense_experts
 
 SIZES = dict(num_hidden_layers=1, vocab_size=8192, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128,
              intermediate_size=6144, moe_intermediate_size=768, max_position_embeddings=8192)
@@ -219,7 +224,8 @@ def main():
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
     rows = []
     os.makedirs(out_dir, exist_ok=True)
-    stem = ("fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}") + ("_some" if only else "")
+    stem = (("fusion_layers" if tokens == 128 else f"fusion_layers_t{tokens}") + ("_some" if only else "")
+            + ("_fuse_dense" if os.environ.get("BENCH_FUSE_DENSE") == "1" else ""))
 
     def save(rows):
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -237,7 +243,9 @@ def main():
             generic = kc.compile(model, strict=True, graph_mode="none", fusion=False)
             ind = torch.compile(model, backend="inductor")
             want = model(*inputs)
-            got_k, got_i = kun(*inputs), ind(*inputs)
+            with fusing_dense_experts(True) if os.environ.get("BENCH_FUSE_DENSE") == "1" else contextlib.nullcontext():
+                got_k = kun(*inputs)  # compiles here
+            got_i = ind(*inputs)
             err_k = ((got_k.float() - want.float()).norm() / want.float().norm()).item()
             err_i = ((got_i.float() - want.float()).norm() / want.float().norm()).item()
             got_g = generic(*inputs)
