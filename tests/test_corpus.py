@@ -59,6 +59,9 @@ def test_corpus_model(arch, dtype):
 # already laid out as its reshape wants; a mask's q dim has size 1).  Masks: most architectures build none for one
 # query (those are not here); Gemma2 (soft-capped eager attention) builds its two 1 x 1 masks anyway.
 ONE_TOKEN = ("Llama4", "DeepseekV3", "Qwen3Moe", "Qwen3", "Gemma2")
+# what a one-token step finds beyond the registry's (2, 7) counts: Llama4's dense experts fuse at a small static
+# token count (moe_experts.DENSE_FUSED_UP_TO_TOKENS), not at 14 tokens
+ONE_TOKEN_MORE = {"Llama4": dict(moe_ffn=2)}
 
 
 @pytest.mark.parametrize("name", ONE_TOKEN)
@@ -69,4 +72,4 @@ def test_one_token_decode_step_finds_the_same_fusions(name):
     assert row["fallbacks"] == [] and row["warnings"] == [], (row["fallbacks"], row["warnings"])
     assert row["rel_err"] <= corpus.LIMITS["fp32"], f"rel. error {row['rel_err']:.3e} vs eager"
     found = {f: row["patterns"].get(f, 0) for f in COUNTED}
-    assert found == arch.found_counts("fp32"), row["near_misses"]
+    assert found == dict(arch.found_counts("fp32"), **ONE_TOKEN_MORE.get(name, {})), row["near_misses"]

@@ -244,17 +244,44 @@ def test_dense_experts_of_a_top_one_router_on_the_gpu(tokens):
     assert rel_err(got.cpu(), exact) <= 2 * rel_err(want.cpu(), exact) + 1e-3
 
 
-@pytest.mark.parametrize("tokens", [5, 1])
-def test_dense_experts_stay_dense_by_default_with_the_reason(tokens):
-    """Fused, Llama4's layer measured slower on the H200 than with its dense bmm's (NOTES v34): by default the
-    rule refuses, the graph keeps the model's bmm's, and the near miss says why and how to turn it on."""
+@pytest.mark.parametrize("tokens", [5, 16])
+def test_dense_experts_stay_dense_above_the_small_token_limit_with_the_reason(tokens):
+    """Fused, Llama4's layer measured slower on the H200 than with its dense bmm's at 16 and 128 tokens (NOTES
+    v34): above DENSE_FUSED_UP_TO_TOKENS the rule refuses, the graph keeps the model's bmm's, and the near miss
+    says why and how to turn it on."""
+    assert tokens > moe_experts.DENSE_FUSED_UP_TO_TOKENS
     model = DenseTopOneMoE().eval()
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(4))
     got, want, patterns, misses, report = _compile(model, x)
     assert patterns["moe_ffn"] == 0 and rel_err(got, want) < 1e-6
     code = next(p for p in report.graphs[0].passes if p.name == "moe_ffn").code_after
     assert code.count("aten.bmm") == 2 and "kunlun.experts" not in code and "kunlun.fused_moe" not in code
-    assert any("left as the dense bmm's" in line and "fusing_dense_experts" in line for line in misses), misses
+    assert any(f"over {tokens} tokens left as the dense bmm's" in line and "fusing_dense_experts" in line
+               for line in misses), misses
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_dense_experts_fuse_by_default_at_a_small_static_token_count(tokens):
+    """A decode step reads one expert's weights fused, all E of them through the bmm's."""
+    model = DenseTopOneMoE().eval()
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(7))[:tokens]
+    top2 = F.linear(x, model.router).float().topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 0.5
+    got, want, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_ffn"] == 1 and rel_err(got, want) < 1e-6, (patterns, misses)
+    with moe_experts.fusing_dense_experts(False):
+        torch._dynamo.reset()
+        _, _, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_ffn"] == 0 and any("fusing_dense_experts(False)" in line for line in misses), misses
+
+
+def test_dense_experts_over_a_symbolic_token_count_stay_dense_with_the_reason():
+    model = DenseTopOneMoE().eval()
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    got, want, report, misses = compiled_and_eager(model, x, dynamic=True)
+    assert report.graphs[0].patterns["moe_ffn"] == 0 and rel_err(got, want) < 1e-6
+    assert any("over a symbolic token count" in line for line in misses), misses
 
 
 def test_dense_experts_of_a_top_two_router_are_refused_with_the_reason():

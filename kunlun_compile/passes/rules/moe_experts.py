@@ -17,7 +17,7 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   applied in sorted order and `index_add_` back onto the tokens, or rows put back by `index_copy` and
   weighted and summed over k there.
 - Llama4's dense experts behind a top-1 router (every token through every expert, inputs scaled by the
-  scores): recognised, and made the primitive only inside `fusing_dense_experts()`; see there why.
+  scores): made the primitive at small static token counts (`DENSE_FUSED_UP_TO_TOKENS`; see there why).
 `FUSE` makes every primitive `kunlun::fused_moe` (the kernel reads [E, K, N] weights through their strides);
 `LOWER` puts back what nothing fused (a bisect's limit) in the gather form, with a near miss.
 HF's `eager` experts implementation loops over `nonzero()` results, and `torch.bincount` counts have a
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 import torch.fx as fx
@@ -212,21 +212,42 @@ def _sorted_guard(b: Bindings):
     return _counts_guard(b, w_up.shape[0], b.val("ids").shape[1], x.dtype)
 
 
-# On the H200 (benchmarks/NOTES.md v34) Llama4's layer ran slower with its dense experts fused than left as
-# the two dense bmm's: 1.38x inductor against 0.92x at 128 tokens, 1.22x against 1.09x (every fusion off) at
-# 16.  fused_moe's top-1 paths at those sizes (per-pair GEMV, scan) read the [E, K, N] weights with pointer
-# loads along N; the bmm's stream them.  Until a path reads them at full speed, the rule refuses, saying why.
-_FUSE_DENSE = contextvars.ContextVar("kunlun_fuse_dense_experts", default=False)
+# Llama4's dense experts fused are a read of the chosen experts' weights against the bmm's read of all of
+# them.  On the H200 (benchmarks/NOTES.md v34, v36), E = 32, H = 2048, I = 768: at 1 and 4 tokens fused_moe
+# took half the bmm's time; at 16 and 128 tokens the layer ran slower fused (1.22x / 1.38x inductor against
+# 0.95x / 0.92x), since fused_moe's top-1 paths read the [E, K, N] weights with pointer loads along N where
+# the bmm's stream them.  So they fuse at a static token count up to this one, and stay dense above it.
+DENSE_FUSED_UP_TO_TOKENS = 4
+_FUSE_DENSE: "contextvars.ContextVar[Optional[bool]]" = contextvars.ContextVar("kunlun_fuse_dense_experts",
+                                                                              default=None)
 
 
 @contextlib.contextmanager
-def fusing_dense_experts(on: bool = True) -> Iterator[None]:
-    """Within this block (compiles run at a model's first call), dense top-1 experts become the primitive."""
+def fusing_dense_experts(on: Optional[bool] = True) -> Iterator[None]:
+    """Within this block (compiles run at a model's first call) dense top-1 experts become the primitive at
+    every token count (True), at none (False), or up to DENSE_FUSED_UP_TO_TOKENS static tokens (None)."""
     token = _FUSE_DENSE.set(on)
     try:
         yield
     finally:
         _FUSE_DENSE.reset(token)
+
+
+def _dense_size_refusal(tokens) -> Optional[Refusal]:
+    """Why the dense experts stay dense at this token count, or None to fuse."""
+    mode = _FUSE_DENSE.get()
+    if mode is not None:
+        return None if mode else Refusal("dense top-1 experts left as the dense bmm's: "
+                                         "`moe_experts.fusing_dense_experts(False)` is in force")
+    where = "benchmarks/NOTES.md v34, v36; `moe_experts.fusing_dense_experts()` fuses them at every size"
+    if not isinstance(tokens, int):
+        return Refusal(f"dense top-1 experts (Llama4's form) over a symbolic token count ({tokens}) left as the "
+                       f"dense bmm's: fused_moe is faster only up to {DENSE_FUSED_UP_TO_TOKENS} tokens ({where})")
+    if tokens > DENSE_FUSED_UP_TO_TOKENS:
+        return Refusal(f"dense top-1 experts (Llama4's form) over {tokens} tokens left as the dense bmm's: "
+                       f"fused_moe read their [E, K, N] weights slower than the bmm's above "
+                       f"{DENSE_FUSED_UP_TO_TOKENS} tokens on the H200 ({where})")
+    return None
 
 
 def _dense_guard(b: Bindings):
@@ -244,10 +265,8 @@ def _dense_guard(b: Bindings):
             and repeat.args[1][1] == 1):
         return Refusal(f"the tokens are repeated {list(repeat.args[1])} times, not once per expert")
     verdict = _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("weights"), ids)
-    if verdict == {} and not _FUSE_DENSE.get():
-        return Refusal("dense top-1 experts (Llama4's form) left as the dense bmm's: fused_moe read their "
-                       "[E, K, N] weights slower than the bmm's on the H200 (benchmarks/NOTES.md v34); "
-                       "`moe_experts.fusing_dense_experts()` fuses them")
+    if verdict == {}:
+        return _dense_size_refusal(x.shape[0]) or verdict
     return verdict
 
 
