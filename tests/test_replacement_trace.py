@@ -28,7 +28,10 @@ def _signature(gm: fx.GraphModule):
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         meta = (tuple(v.shape), tuple(v.stride()), v.dtype) if isinstance(v, torch.Tensor) else None
-        out.append((n.op, str(n.target), args(n.args), args(n.kwargs), meta))
+        # torch 2.11's matcher asserts `tensor_meta` on every tensor-valued replacement node
+        tensor_meta = n.meta.get("tensor_meta")
+        tensor_meta = (tuple(tensor_meta.shape), tensor_meta.dtype) if tensor_meta is not None else None
+        out.append((n.op, str(n.target), args(n.args), args(n.kwargs), meta, tensor_meta))
     return out
 
 

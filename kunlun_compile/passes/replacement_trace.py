@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 import torch.utils._pytree as pytree
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..capture.decompositions import decomposition_table
@@ -58,7 +59,7 @@ class _Recorder(TorchDispatchMode):
                 raise Unrecordable(f"{func} returns a symbolic scalar")
             return out  # a device, a size: static here, a constant in make_fx's graph too
         node = self.graph.call_function(func, *node_args)
-        node.meta["val"] = out
+        node.meta["val"] = out  # a tuple's node keeps the tuple, and no tensor_meta (as make_fx)
         if isinstance(out, torch.Tensor):
             self._bind(out, node)
         elif isinstance(out, (tuple, list)):
@@ -74,6 +75,7 @@ class _Recorder(TorchDispatchMode):
     def _bind(self, value: torch.Tensor, node: fx.Node) -> None:
         if not _static(value):
             raise Unrecordable(f"{node.target} gives symbolic sizes")
+        _set_tensor_meta(node, value)
         self.alive.append(value)
         self.nodes[id(value)] = node
 
@@ -88,6 +90,12 @@ class _Recorder(TorchDispatchMode):
         return a
 
 
+def _set_tensor_meta(node: fx.Node, value: torch.Tensor) -> None:
+    """A tensor node's `tensor_meta`, as make_fx leaves it: torch 2.11's pattern matcher asserts it on every
+    replacement node whose value is a tensor."""
+    node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
 def record(fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
     """`fn`'s ATen graph on these fake tensors (static sizes), with each node's value in meta["val"]."""
     graph = fx.Graph()
@@ -98,6 +106,7 @@ def record(fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
             raise Unrecordable(f"input {i} is not a tensor of static sizes")
         p = graph.placeholder(f"arg{i}_1")  # make_fx's names
         p.meta["val"] = v
+        _set_tensor_meta(p, v)
         nodes[id(v)] = p
         placeholders.append(p)
     recorder = _Recorder(graph, nodes)
