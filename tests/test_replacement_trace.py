@@ -5,10 +5,12 @@ time).  The two must give the same graph: the same ops in the same order, the sa
 values (shape, stride, dtype) on every node.  Where the recorder cannot be faithful it raises and the
 engine traces with make_fx."""
 import collections
+import contextlib
 
 import pytest
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kunlun_compile as kc
@@ -114,9 +116,21 @@ def test_the_engine_falls_back_to_make_fx_where_the_recorder_refuses():
     assert ops == ["aten.mul.Tensor", "aten.add.Tensor"]  # functionalized by make_fx
 
 
-def test_every_rules_pattern_records_as_make_fx_traces():
+AMBIENTS = {
+    "plain": contextlib.nullcontext,
+    "inference_mode": torch.inference_mode,
+    # inside vLLM's compile: composite ops (`x.to(dtype)`) reach a dispatch mode whole
+    "below_autograd": torch._C._AutoDispatchBelowAutograd,
+    # inside inductor: prim ops (`prim::device`) reach it too
+    "python_dispatcher": enable_python_dispatcher,
+}
+
+
+@pytest.mark.parametrize("ambient", list(AMBIENTS))
+def test_every_rules_pattern_records_as_make_fx_traces(ambient):
     """The search functions of every rule, in every dtype it is traced for: recorded where the recorder
-    takes them, the same graph as make_fx's (the pattern cache stores whichever ran)."""
+    takes them, the same graph as make_fx's in the same dispatch state (the pattern cache stores whichever
+    ran, and a compile runs them in its own state)."""
     from kunlun_compile.passes import fusion
 
     seen = collections.Counter()
@@ -128,13 +142,14 @@ def test_every_rules_pattern_records_as_make_fx_traces():
                 def fn(*ts, rule=rule, markers=markers):
                     return rule.search(*ts, **markers)
 
-                want = pe.trace_aten(fn, tensors)
                 mode = FakeTensorMode()
-                try:
-                    got = rt.record(fn, [mode.from_tensor(t) for t in tensors])
-                except rt.Unrecordable:
-                    seen["refused"] += 1
-                    continue
+                with AMBIENTS[ambient]():
+                    want = pe.trace_aten(fn, tensors)
+                    try:
+                        got = rt.record(fn, [mode.from_tensor(t) for t in tensors])
+                    except rt.Unrecordable:
+                        seen["refused"] += 1
+                        continue
                 canonicalize(got)
                 assert _signature(got) == _signature(want), f"{rule.family}/{rule.name} {dtype}"
                 seen["same"] += 1

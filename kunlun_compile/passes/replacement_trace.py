@@ -49,6 +49,13 @@ class _Recorder(TorchDispatchMode):
         if func in self.decompositions:
             with self:
                 return self.decompositions[func](*args, **kwargs)
+        # below autograd (inside vLLM's compile) composite ops reach this mode whole, where they otherwise
+        # arrive decomposed: decomposed here as make_fx decomposes them (`x.to(dtype)` -> _to_copy)
+        if func.namespace != "prim":  # prim ops (prim::device) are not in the dispatcher's registry
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
         schema = func._schema
         if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
             raise Unrecordable(f"{func} mutates an input")
