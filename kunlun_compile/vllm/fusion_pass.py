@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.fx as fx
 from vllm.compilation.passes.inductor_pass import InductorPass
 
@@ -62,7 +63,17 @@ class KunlunFusionPass(InductorPass):
         self.report.graphs.append(report)
         if sum(p.matches for p in report.passes):
             _forget_traced_inputs(result.graph)
+            _transposes_as_permutes(result.graph)
             _replace_nodes(graph, result.graph)
+
+
+def _transposes_as_permutes(graph: fx.Graph) -> None:
+    """`aten.t` back to `permute(x, [1, 0])`.  Our canonical form spells every 2-D transpose `t` (the linear
+    rules read `x @ w.T` by it); inductor's post-grad graphs have decomposed `t` away, and its lowering refuses
+    one ("both a fallback and a decomp for same op: aten.t.default")."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.t.default:
+            node.target, node.args = torch.ops.aten.permute.default, (node.args[0], [1, 0])
 
 
 def _forget_traced_inputs(graph: fx.Graph) -> None:

@@ -104,14 +104,15 @@ def fusion_pass() -> dict:
     torch.manual_seed(0)
     fusion = KunlunFusionPass()
 
-    def block(x, residual, weight):
+    def block(x, residual, weight, proj):
         h = x + residual
         variance = h.pow(2).mean(-1, keepdim=True)
-        return (h * torch.rsqrt(variance + 1e-6)) * weight, h
+        # `proj.T` is a 2-D transpose: our canonical form spells it `aten.t`, which inductor cannot lower
+        return ((h * torch.rsqrt(variance + 1e-6)) * weight) @ proj.T, h
 
-    x, residual, weight = torch.randn(8, 64), torch.randn(8, 64), torch.randn(64)
+    x, residual, weight, proj = torch.randn(8, 64), torch.randn(8, 64), torch.randn(64), torch.randn(32, 64)
     compiled = torch.compile(block, backend="inductor", options={"post_grad_custom_post_pass": fusion})
-    got, want = compiled(x, residual, weight), block(x, residual, weight)
+    got, want = compiled(x, residual, weight, proj), block(x, residual, weight, proj)
     return {"patterns": fusion.report.summary()["patterns"], "graphs": len(fusion.report.graphs),
             "max_abs_err": max(float((g - w).abs().max()) for g, w in zip(got, want)),
             "uuid_changes_with_options": fusion.uuid() != KunlunFusionPass(disable=["moe_ffn"]).uuid()}
