@@ -271,6 +271,15 @@ def test_fusion_pass_runs_inside_inductor(vllm_python):
     assert got["uuid_changes_with_options"]  # inductor's cache key follows our options
 
 
+def test_fusion_pass_on_a_model_inside_plain_inductor(vllm_python):
+    """Our canonical spellings (`aten.t`, `_to_copy` casts) go back to inductor's before it lowers the graph,
+    and casts inductor spells `prims.convert_element_type` are read as casts: the prologue and the norms fuse."""
+    got = _run(vllm_python, "fusion_pass_model")
+    assert got["fallbacks"] == []
+    assert got["patterns"]["norm_rope_gate"] == 2 and got["patterns"]["add_rmsnorm"] == 5, got["patterns"]
+    assert got["rel_err"] <= 2 * got["eager_rel_err"] + 1e-3, got
+
+
 def test_fusion_pass_inside_vllms_inductor(generations):
     want, got = generations[("qwen3", "default")], generations[("qwen3", "inductor_fusion_pass")]
     assert got["backend"] == "inductor" and want["tokens"] == got["tokens"]

@@ -222,6 +222,9 @@ def canonicalize(gm: fx.GraphModule) -> int:
         if node.target is aten._unsafe_view.default:
             node.target = aten.view.default
             edits += 1
+        if node.target is torch.ops.prims.convert_element_type.default:  # inductor's post-grad cast
+            node.target, node.args, node.kwargs = aten._to_copy.default, node.args[:1], {"dtype": node.args[1]}
+            edits += 1
         if node.target is aten.topk.default:
             edits += _topk_in_full(node)
         edits += _tensor_overload(node)

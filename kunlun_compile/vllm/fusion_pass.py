@@ -63,17 +63,22 @@ class KunlunFusionPass(InductorPass):
         self.report.graphs.append(report)
         if sum(p.matches for p in report.passes):
             _forget_traced_inputs(result.graph)
-            _transposes_as_permutes(result.graph)
+            _as_inductor_spells(result.graph)
             _replace_nodes(graph, result.graph)
 
 
-def _transposes_as_permutes(graph: fx.Graph) -> None:
-    """`aten.t` back to `permute(x, [1, 0])`.  Our canonical form spells every 2-D transpose `t` (the linear
-    rules read `x @ w.T` by it); inductor's post-grad graphs have decomposed `t` away, and its lowering refuses
-    one ("both a fallback and a decomp for same op: aten.t.default")."""
+def _as_inductor_spells(graph: fx.Graph) -> None:
+    """Our canonical spellings back to inductor's post-grad ones: `aten.t` as `permute(x, [1, 0])`, a cast
+    `_to_copy(x, dtype=d)` as `prims.convert_element_type(x, d)`.  The post-grad graph has decomposed both
+    away, and inductor's lowering refuses them ("both a fallback and a decomp for same op")."""
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.t.default:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.t.default:
             node.target, node.args = torch.ops.aten.permute.default, (node.args[0], [1, 0])
+        elif node.target is torch.ops.aten._to_copy.default and set(node.kwargs) == {"dtype"}:
+            node.target, node.args, node.kwargs = (torch.ops.prims.convert_element_type.default,
+                                                   (node.args[0], node.kwargs["dtype"]), {})
 
 
 def _forget_traced_inputs(graph: fx.Graph) -> None:

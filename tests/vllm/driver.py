@@ -118,6 +118,29 @@ def fusion_pass() -> dict:
             "uuid_changes_with_options": fusion.uuid() != KunlunFusionPass(disable=["moe_ffn"]).uuid()}
 
 
+def fusion_pass_model() -> dict:
+    """The built-in qwen3-tiny in bf16 through plain inductor with the pass: inductor's post-grad graph spells
+    casts as `prims.convert_element_type`, and the pass must hand back only what inductor lowers."""
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+    import torch
+
+    from kunlun_compile.models import build_model
+    from kunlun_compile.vllm.fusion_pass import KunlunFusionPass
+
+    fusion = KunlunFusionPass()
+    model, inputs = build_model("qwen3-tiny", dtype=torch.bfloat16, device="cpu", num_tokens=8, seed=0)
+    with torch.no_grad():
+        want = model(*inputs).double()
+        exact = model.double()(*[t.double() if t.is_floating_point() else t for t in inputs])
+        model.to(torch.bfloat16)
+        got = torch.compile(model, backend="inductor",
+                            options={"post_grad_custom_post_pass": fusion})(*inputs).double()
+    summary = fusion.report.summary()
+    return {"patterns": summary["patterns"], "fallbacks": summary["fallbacks"],
+            "rel_err": float((got - exact).norm() / exact.norm()),
+            "eager_rel_err": float((want - exact).norm() / exact.norm())}
+
+
 def unsupported() -> dict:
     """Simulate a vLLM without the compiler hook: the plugin must refuse backend="kunlun" clearly."""
     import vllm.compilation.backends as backends
@@ -143,6 +166,8 @@ def main(argv):
         result = generate(argv[1], json.loads(argv[2]), json.loads(argv[3]) if len(argv) > 3 else {})
     elif argv[0] == "fusion_pass":
         result = fusion_pass()
+    elif argv[0] == "fusion_pass_model":
+        result = fusion_pass_model()
     elif argv[0] == "unsupported":
         result = unsupported()
     else:
