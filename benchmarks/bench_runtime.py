@@ -175,9 +175,15 @@ def cold_compile_one(name: str, variant: str) -> None:
         torch.cuda.synchronize()
         if backend == "inductor":
             _, out, secs = timed_compile(lambda: torch.compile(model, mode=mode, dynamic=False), args)
+            found, fallbacks = None, None
         else:
-            _, out, secs = timed_compile(lambda: kc.compile(model, dynamic=True, graph_mode=mode), args)
-    print(json.dumps({"model": name, "variant": variant, "compile_s": secs, "relerr": rel(out, want)}))
+            fn, out, secs = timed_compile(lambda: kc.compile(model, dynamic=True, graph_mode=mode), args)
+            # a pass that failed is skipped for its graph: the compile then times less work (NOTES v36)
+            report = fn.kunlun_backend.report
+            found = {k: sum(g.patterns.get(k, 0) for g in report.graphs) for g in report.graphs for k in g.patterns}
+            fallbacks = [f"{f.graph}/{f.stage}: {f.reason[:200]}" for g in report.graphs for f in g.fallbacks]
+    print(json.dumps({"model": name, "variant": variant, "compile_s": secs, "relerr": rel(out, want),
+                      "patterns": found, "fallbacks": fallbacks}))
 
 
 def cold_compile(out_dir: str, names) -> None:
@@ -198,6 +204,8 @@ def cold_compile(out_dir: str, names) -> None:
             row = json.loads(line) if line else {"model": name, "variant": variant, "error": run.stderr[-300:]}
             rows.append(row)
             print(row, flush=True)
+            if row.get("fallbacks"):
+                print(f"WARNING: {name} {variant} compiled with fallbacks; its time is not the backend's", flush=True)
     for name in names:
         got = {r["variant"]: r.get("compile_s") for r in rows if r["model"] == name}
         ind = got.get("inductor-default")
