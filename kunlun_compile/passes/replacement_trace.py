@@ -9,10 +9,12 @@ the op returned.
 It takes only what it can record as `make_fx` would; anything else raises `Unrecordable` and the caller
 traces with `make_fx`:
 - symbolic sizes, strides or offsets (make_fx records the size arithmetic as nodes; here it would be lost);
-- ops that mutate an input, or return an alias of a list (functionalization would rewrite them);
+- ops that mutate a tensor (functionalization would rewrite them; NOTES v36 says why that is not done here);
 - a tensor that is neither an input nor an op's result (a constant made outside the dispatcher).
-The backend's decompositions are applied as make_fx applies them (the op is run through its decomposition,
-whose ops are recorded instead).
+Decompositions are applied as make_fx applies them: the backend's table first, then an op's composite
+kernel when the op reaches the mode whole (below autograd, as inside vLLM's compile).  Every node carries
+`val` and `tensor_meta`, as make_fx leaves them (torch 2.11's matcher asserts `tensor_meta`).  Equality with
+make_fx, rule by rule and in four dispatch states: tests/test_replacement_trace.py.
 """
 from __future__ import annotations
 
@@ -107,7 +109,6 @@ def record(fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
     """`fn`'s ATen graph on these fake tensors (static sizes), with each node's value in meta["val"]."""
     graph = fx.Graph()
     nodes: Dict[int, fx.Node] = {}
-    placeholders = []
     for i, v in enumerate(example_vals):
         if not isinstance(v, torch.Tensor) or not _static(v):
             raise Unrecordable(f"input {i} is not a tensor of static sizes")
@@ -115,7 +116,6 @@ def record(fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
         p.meta["val"] = v
         _set_tensor_meta(p, v)
         nodes[id(v)] = p
-        placeholders.append(p)
     recorder = _Recorder(graph, nodes)
     mode = getattr(example_vals[0], "fake_mode", None) if example_vals else None
     if mode is None:
