@@ -12,6 +12,7 @@ the same.  Cold compile: seconds from `torch.compile` to the third result (warm-
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -180,7 +181,7 @@ def cold_compile_one(name: str, variant: str) -> None:
             fn, out, secs = timed_compile(lambda: kc.compile(model, dynamic=True, graph_mode=mode), args)
             # a pass that failed is skipped for its graph: the compile then times less work (NOTES v36)
             report = fn.kunlun_backend.report
-            found = {k: sum(g.patterns.get(k, 0) for g in report.graphs) for g in report.graphs for k in g.patterns}
+            found = dict(sum((collections.Counter(g.patterns) for g in report.graphs), collections.Counter()))
             fallbacks = [f"{f.graph}/{f.stage}: {f.reason[:200]}" for g in report.graphs for f in g.fallbacks]
     print(json.dumps({"model": name, "variant": variant, "compile_s": secs, "relerr": rel(out, want),
                       "patterns": found, "fallbacks": fallbacks}))

@@ -316,13 +316,8 @@ def trace_pattern(fn: Callable, example_inputs: Sequence[torch.Tensor]) -> fx.Gr
     // 2` in a search function) that Dynamo cannot source: "list index out of range" in its guard code."""
     with torch._guards.tracing(None), unset_fake_temporarily():
         mode = FakeTensorMode()
-        try:
-            gm = replacement_trace.record(fn, [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
-                                               for t in example_inputs])
-        except replacement_trace.Unrecordable:
-            return trace_aten(fn, example_inputs)
-        canonicalize(gm)
-        return gm
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        return _record_or_trace(fn, fakes, traced_on=example_inputs)
 
 
 SKIP_PATTERNS_THAT_CANNOT_MATCH = True  # False: build and try every pattern (tests compare both ways)
@@ -636,14 +631,15 @@ def _trace_replacement(rule_key: str, fn: Callable, example_vals: Sequence[Any])
     return _replacements[key]
 
 
-def _record_or_trace(fn: Callable, example_vals: Sequence[Any]) -> fx.GraphModule:
+def _record_or_trace(fn: Callable, example_vals: Sequence[Any],
+                     traced_on: Optional[Sequence[Any]] = None) -> fx.GraphModule:
     """`fn`'s graph on fake inputs recorded by one dispatch mode (a third to a half of make_fx's time, the
-    same graph: tests/test_replacement_trace.py), or traced by make_fx where the recorder cannot be
-    faithful (mutations, symbolic sizes)."""
+    same graph: tests/test_replacement_trace.py), or traced by make_fx (on `traced_on`, else the same
+    inputs) where the recorder cannot be faithful (mutations, symbolic sizes)."""
     try:
         gm = replacement_trace.record(fn, example_vals)
     except replacement_trace.Unrecordable:
-        return trace_aten(fn, example_vals)
+        return trace_aten(fn, example_vals if traced_on is None else traced_on)
     canonicalize(gm)
     return gm
 
