@@ -7,6 +7,7 @@ the flat ids, counts by `histc` or by a one-hot sum, `cumsum` offsets, `torch._g
 [E, K, N], the routing weights applied in sorted order, `index_add_` back onto the tokens.  Each is compiled with
 the backend and compared, with eager, against a float64 loop over the tokens written here.
 """
+import contextlib
 import copy
 
 import pytest
@@ -104,6 +105,33 @@ def test_sorted_dispatch_over_grouped_mm_fuses(count, float_weights, back):
     code = next(p for p in report.graphs[0].passes if p.name == "moe_ffn").code_after
     assert "kunlun.fused_moe" in code and "_grouped_mm" not in code and "kunlun.experts" not in code
     _assert_as_close_as_eager(got, want, model, x)
+
+
+@pytest.mark.parametrize("outside", [contextlib.nullcontext, torch.inference_mode])
+def test_sorted_dispatch_fuses_after_its_patterns_were_traced_outside_a_compile(outside, tmp_path, monkeypatch):
+    """Stop 45's CI failure: an earlier test traced the one-hot patterns outside a compile, where `one_hot`
+    has no range asserts, and the compile was served that pattern from the cache and matched nothing."""
+    from kunlun_compile.passes import fusion, pattern_cache
+    from kunlun_compile.passes import pattern_engine as pe
+
+    monkeypatch.setenv("KUNLUN_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(pattern_cache, "_memo", {})
+    pattern_cache._folder.cache_clear()
+    pe._compiled.cache_clear()
+    try:
+        with outside():
+            for rule in fusion.FAMILY_RULES["moe_ffn"]:
+                if "one_hot" in rule.name:
+                    pe.compiled_pattern(rule, torch.bfloat16)
+        model = SortedMoE("one_hot").eval()
+        x = torch.randn(6, H, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        with cpu_kernels(False):
+            got, want, patterns, misses, _ = _compile(model, x)
+        assert patterns["moe_ffn"] == 1, misses
+        _assert_as_close_as_eager(got, want, model, x)
+    finally:
+        pattern_cache._folder.cache_clear()
+        pe._compiled.cache_clear()
 
 
 @needs_interpreter

@@ -2,12 +2,14 @@
 
 The cache must give back exactly the pattern a fresh trace gives, treat its files as untrusted data, and
 the skipping must never change what a pass finds or reports."""
+import contextlib
 import functools
 import json
 import warnings
 
 import pytest
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 
 import kunlun_compile as kc
 from kunlun_compile.models import build_model, builtin_names
@@ -129,3 +131,54 @@ def test_one_replacement_trace_serves_every_layer(monkeypatch):
             for f, args in traces if isinstance(f, functools.partial)]
     assert len(keys) == len({repr(k) for k in keys}), keys
     assert not pe._replacements
+
+
+AMBIENTS = {
+    "plain": contextlib.nullcontext,
+    "inference_mode": torch.inference_mode,
+    "below_autograd": torch._C._AutoDispatchBelowAutograd,  # inside vLLM's compile
+    "python_dispatcher": enable_python_dispatcher,  # inside AOT autograd and inductor
+}
+# Rules whose search function calls a composite op that decomposes differently by dispatch state
+# (one_hot: range asserts; rms_norm in bf16: another path below autograd).
+STATE_DEPENDENT = [r for r in ALL_RULES if r.name in ("sorted_one_hot_grouped_mm", "rmsnorm_torch")]
+
+
+@pytest.mark.parametrize("first", list(AMBIENTS))
+def test_a_pattern_stored_in_one_dispatch_state_is_never_served_in_another(fresh_cache, first):
+    """CI failure of stop 45: a pattern traced outside a compile (plain state) was stored and then served to a
+    compile, whose graph had been traced in another state; the MoE experts were left unfused.  Whatever state
+    stored the entry, each state gets what a fresh trace in that state gives."""
+    assert len(STATE_DEPENDENT) == 2
+    for rule in STATE_DEPENDENT:
+        for dtype in rule.dtypes:
+            with AMBIENTS[first]():
+                pe.compiled_pattern(rule, dtype)
+            for state, ambient in AMBIENTS.items():
+                with ambient():
+                    served = pe.compiled_pattern(rule, dtype)
+                    fresh = _traced_without_cache(rule, dtype)
+                assert repr(served.strict) == repr(fresh.strict), (rule.name, dtype, first, state)
+
+
+def _traced_without_cache(rule, dtype):
+    saved = dict(pattern_cache._memo)
+    pattern_cache._memo.clear()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("KUNLUN_COMPILE_PATTERN_CACHE", "0")
+            return pe.compile_rewrite(rule, dtype, pe.resolved_aliases(rule))
+    finally:
+        pattern_cache._memo.clear()
+        pattern_cache._memo.update(saved)
+
+
+def test_the_dispatch_state_names_what_changes_a_trace():
+    plain = pattern_cache.dispatch_state()
+    with enable_python_dispatcher():
+        assert pattern_cache.dispatch_state() == plain  # trace_pattern turns it on itself
+    with torch.inference_mode():
+        inference = pattern_cache.dispatch_state()
+    with torch._C._AutoDispatchBelowAutograd():
+        below = pattern_cache.dispatch_state()
+    assert plain != inference and plain != below

@@ -17,7 +17,7 @@ def _pattern_ops(compiled) -> set:
 @pytest.mark.parametrize("family, rule", RULES, ids=[f"{f}/{r.name}" for f, r in RULES])
 def test_needs_are_ops_of_the_pattern(family, rule):
     for dtype in rule.dtypes or (torch.float32,):
-        missing = [str(op) for op in rule.needs if op not in _pattern_ops(pe._compiled(rule, dtype))]
+        missing = [str(op) for op in rule.needs if op not in _pattern_ops(pe.compiled_pattern(rule, dtype))]
         assert not missing, f"{family}/{rule.name} ({dtype}) needs {missing}, which its pattern does not have"
 
 

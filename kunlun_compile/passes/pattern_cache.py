@@ -7,8 +7,10 @@ the passes' compile time (benchmarks/NOTES.md v18).  The traced ATen graph is st
 cache entry is data, never code.
 
 Key: sha256 over the package's Python sources and torch's version (the source version: any edit of a
-rule, an op schema, the decompositions or the tracer makes every entry stale), the rule, the dtype and
-the example inputs' shapes and dtypes.  Entry `patterns/<source version>/<key>_p<F>.json` = {"format",
+rule, an op schema, the decompositions or the tracer makes every entry stale), the rule, the dtype,
+the example inputs' shapes and dtypes, and the thread's dispatch state (`dispatch_state`: a composite op
+decomposes differently in inference mode or below autograd, so one state's pattern can miss another
+state's graph).  Entry `patterns/<source version>/<key>_p<F>.json` = {"format",
 "sha256" (over the graph), "graph"}; one that fails its hash or the allow-list is a miss: traced again
 and overwritten, with one warning.  The newest VERSIONS_KEPT source versions stay on disk.  Root: the
 generated-kernel cache's (lowering/cache.py: owner-checked fallback).
@@ -53,9 +55,28 @@ def _hash_sources() -> str:
 _SOURCE_VERSION = _hash_sources()
 
 
+# Dispatch keys that do not change what a pattern trace records: Python modes' bookkeeping, and the Python
+# dispatcher, which pattern_engine.trace_pattern always turns on (as AOT autograd does for the model's graph).
+_NEUTRAL_KEYS = frozenset({"Python", "PythonTLSSnapshot", "PythonDispatcher", "BackendSelect"})
+
+
+def _key_names(keys: "torch._C.DispatchKeySet") -> list:
+    inside = str(keys).partition("(")[2].rstrip(")")
+    return sorted(k for k in (k.strip() for k in inside.split(",")) if k and k not in _NEUTRAL_KEYS)
+
+
+def dispatch_state() -> str:
+    """The thread's dispatch keys a trace depends on (+included, -excluded).  A composite op's ATen form
+    depends on them: `one_hot` gains range asserts under the Python dispatcher, `rms_norm` in bf16 takes
+    another path below autograd (inference mode, vLLM's compile).  Part of every key, so a pattern traced in
+    one state is never matched against a graph traced in another (NOTES v37)."""
+    return " ".join([*("+" + k for k in _key_names(torch._C._dispatch_tls_local_include_set())),
+                     *("-" + k for k in _key_names(torch._C._dispatch_tls_local_exclude_set()))])
+
+
 def entry_key(rule_id: str, dtype: torch.dtype, examples: Sequence[torch.Tensor]) -> str:
     shapes = [(tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t) for t in examples]
-    text = json.dumps([_SOURCE_VERSION, rule_id, str(dtype), shapes])
+    text = json.dumps([_SOURCE_VERSION, rule_id, str(dtype), shapes, dispatch_state()])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 

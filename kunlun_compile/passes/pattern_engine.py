@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._inductor import pattern_matcher as pm
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.passes.tools_common import legalize_graph
 from torch.utils._ordered_set import OrderedSet
@@ -313,8 +314,10 @@ def trace_pattern(fn: Callable, example_inputs: Sequence[torch.Tensor]) -> fx.Gr
     """A pattern traced on its own static example inputs, whatever compile is running around it.  Inside
     inductor (vLLM's post-grad pass) `make_fx` would otherwise reuse the running compile's fake mode, give
     the examples' sizes symbols of that compile's shape environment and leave guards on them (`x.shape[-1]
-    // 2` in a search function) that Dynamo cannot source: "list index out of range" in its guard code."""
-    with torch._guards.tracing(None), unset_fake_temporarily():
+    // 2` in a search function) that Dynamo cannot source: "list index out of range" in its guard code.
+    Always under the Python dispatcher, as AOT autograd traces the model's graph: without it `one_hot` loses
+    its range asserts, and a pattern traced outside a compile (the CLI, a test) would miss compiled graphs."""
+    with torch._guards.tracing(None), unset_fake_temporarily(), enable_python_dispatcher():
         mode = FakeTensorMode()
         fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
         return _record_or_trace(fn, fakes, traced_on=example_inputs)
@@ -405,8 +408,15 @@ def _parameter_names(fn: Callable) -> List[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any], ...] = ()) -> CompiledRewrite:
+def _compiled(rule: Rewrite, dtype: torch.dtype, aliases: Tuple[Tuple[Any, Any], ...],
+              dispatch_state: str) -> CompiledRewrite:
     return compile_rewrite(rule, dtype, aliases)
+
+
+def compiled_pattern(rule: Rewrite, dtype: torch.dtype) -> CompiledRewrite:
+    """The rule's pattern for this thread's dispatch state, built once a process per state: it is traced in
+    that state, and another state's trace can miss this state's graphs (pattern_cache.dispatch_state)."""
+    return _compiled(rule, dtype, resolved_aliases(rule), pattern_cache.dispatch_state())
 
 
 def _patterns_for(rule: Rewrite, dtypes, index: Optional[GraphIndex] = None) -> List[CompiledRewrite]:
@@ -418,7 +428,7 @@ def _patterns_for(rule: Rewrite, dtypes, index: Optional[GraphIndex] = None) -> 
             continue
         if index is not None and SKIP_PATTERNS_THAT_CANNOT_MATCH and not _can_match(rule, dtype, index):
             continue
-        c = _compiled(rule, dtype, resolved_aliases(rule))
+        c = compiled_pattern(rule, dtype)
         key = repr(c.strict)
         if key not in seen:
             seen.add(key)
