@@ -105,7 +105,7 @@ def handwritten_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat1
 
 VARIANTS = ("eager", "inductor", "kunlun", "kunlun_nofusion")
 HF_KINDS = ("hf-llama", "hf-qwen3", "hf-qwen3-moe", "hf-mixtral", "hf-phi3", "hf-gemma3", "hf-glm", "hf-dots1",
-            "hf-llama4")
+            "hf-llama4", "hf-gpt-oss")
 HANDWRITTEN_KINDS = ("sorted-moe", "hf-qwen3-padded")
 
 
@@ -140,6 +140,10 @@ def hf_layer(kind: str, tokens: int, device="cuda", dtype=torch.bfloat16):
         "hf-llama4": lambda: transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
             **dict(moe, num_experts_per_tok=1, intermediate_size=SIZES["moe_intermediate_size"]),
             num_local_experts=MOE_SIZES["num_experts"], intermediate_size_mlp=SIZES["intermediate_size"],
+            pad_token_id=0)),
+        # corpus architecture whose experts fuse since the swigluoai activation: biases, clamped interleaved SwiGLU
+        "hf-gpt-oss": lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **dict(moe, intermediate_size=SIZES["moe_intermediate_size"]), num_local_experts=MOE_SIZES["num_experts"],
             pad_token_id=0)),
     }
     torch.manual_seed(0)

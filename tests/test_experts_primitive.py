@@ -318,3 +318,114 @@ def test_dense_experts_of_a_top_two_router_are_refused_with_the_reason():
     got, want, patterns, misses, _ = _compile(model, x)
     assert patterns["moe_ffn"] == 0 and rel_err(got, want) < 1e-6
     assert any("fused only for a top-1 router" in line for line in misses), misses
+
+
+# ---- gpt-oss's experts: biases and the clamped SwiGLU over interleaved gate/up columns ("swigluoai") --------
+
+class OaiMoE(nn.Module):
+    """gpt-oss's MoE block as transformers' default (grouped_mm) experts run it, written out here: a router with
+    a bias, softmax over the k chosen logits; weights stored [E, K, N] with a bias per expert row, added in place
+    after each grouped GEMM; gate/up interleaved in the columns; rows put back by the inverse permutation."""
+
+    def __init__(self, dtype=torch.bfloat16, alpha=1.702, limit=7.0, low=None):
+        super().__init__()
+        gen = torch.Generator().manual_seed(23)
+        self.alpha, self.limit, self.low = alpha, limit, -limit if low is None else low
+        self.router = nn.Linear(H, E, dtype=dtype)
+        self.gate_up = nn.Parameter((torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5 * 4).to(dtype))
+        self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * I, generator=gen).to(dtype))
+        self.down = nn.Parameter((torch.randn(E, I, H, generator=gen) / I ** 0.5).to(dtype))
+        self.down_bias = nn.Parameter((torch.randn(E, H, generator=gen) / 4).to(dtype))
+
+    def route(self, x):
+        values, chosen = torch.topk(self.router(x), K, dim=-1)
+        return torch.softmax(values, dim=1, dtype=values.dtype), chosen
+
+    def forward(self, x):
+        weights, chosen = self.route(x)
+        ids, order = torch.sort(chosen.reshape(-1))
+        rows = x[order // K]
+        counts = torch.histc(ids.float(), bins=E, min=0, max=E - 1)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = torch._grouped_mm(rows, self.gate_up, offs=offs)
+        h.add_(self.gate_up_bias[ids])
+        gate = torch.clamp(h[:, 0::2], max=self.limit)
+        up = torch.clamp(h[:, 1::2], min=self.low, max=self.limit)
+        act = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
+        out = torch._grouped_mm(act, self.down, offs=offs)
+        out.add_(self.down_bias[ids])
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel())
+        return out[back].view(x.shape[0], K, H).sum(dim=1)
+
+
+def _oai_float64(model: OaiMoE, x):
+    weights, chosen = model.route(x)
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(K):
+            e = int(chosen[t, j])
+            h = x[t].double() @ model.gate_up[e].double() + model.gate_up_bias[e].double()
+            gate, up = h[0::2].clamp(max=model.limit), h[1::2].clamp(model.low, model.limit)
+            act = (up + 1) * gate * torch.sigmoid(model.alpha * gate)
+            out[t] += weights[t, j].double() * (act @ model.down[e].double() + model.down_bias[e].double())
+    return out
+
+
+def _assert_oai_close(got, want, model, x, floor=0.0):
+    with torch.no_grad():
+        exact = _oai_float64(model, x)
+    assert not got.isnan().any()
+    eager_err, got_err = rel_err(want, exact), rel_err(got, exact)
+    assert got_err <= max(2 * eager_err + 4e-3, floor), (got_err, eager_err)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("interpreted", [False, pytest.param(True, marks=needs_interpreter)])
+def test_gpt_oss_experts_fuse_with_their_biases_and_clamped_swiglu(tokens, interpreted):
+    model = OaiMoE().eval()
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    with torch.no_grad():
+        clamped = (x.float() @ model.gate_up[0].float()).abs().gt(model.limit).float().mean()
+    with cpu_kernels(interpreted):
+        got, want, patterns, misses, report = _compile(model, x)
+    assert patterns["moe_ffn"] == 1, misses
+    code = next(p for p in report.graphs[0].passes if p.name == "moe_ffn").code_after
+    assert "kunlun.fused_moe" in code and "swigluoai" in code and "_grouped_mm" not in code
+    _assert_oai_close(got, want, model, x, floor=INTERPRETED_BF16 if interpreted else 0.0)
+    assert clamped > 0 or tokens == 1  # the clamps are reached at 6 tokens
+
+
+def test_gpt_oss_experts_with_an_asymmetric_clamp_are_refused_with_the_reason():
+    model = OaiMoE(low=-3.0).eval()
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with cpu_kernels(False):
+        got, want, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_ffn"] == 0
+    assert any("clamped to [-3.0, 7.0], not symmetric about zero" in line for line in misses), misses
+    assert torch.equal(got, want)
+
+
+def test_unfused_gpt_oss_experts_go_back_in_the_gather_form():
+    model = OaiMoE().eval()
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with limit_rewrites("moe_ffn", 0), cpu_kernels(False):
+        got, want, patterns, misses, report = _compile(model, x)
+    assert patterns["moe_ffn"] == 0
+    code = next(p for p in report.graphs[0].passes if p.name == "moe_ffn").code_after
+    assert "kunlun.experts" not in code and "kunlun.fused_moe" not in code and "_grouped_mm" not in code
+    assert any("hf_grouped_mm_swigluoai" in line and "left unfused" in line for line in misses), misses
+    _assert_oai_close(got, want, model, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 16, 300])  # per-pair GEMVs, scan, sorted grouped GEMM
+def test_gpt_oss_experts_on_the_gpu(tokens):
+    """The real kernels on gpt-oss's [E, K, N] weights with biases and the clamped interleaved SwiGLU."""
+    model = OaiMoE().eval().cuda()
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16).cuda()
+    got, want, patterns, misses, _ = _compile(model, x)
+    assert patterns["moe_ffn"] == 1, misses
+    _assert_oai_close(got.cpu(), want.cpu(), model.cpu(), x.cpu())

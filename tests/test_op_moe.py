@@ -379,6 +379,76 @@ def test_fused_moe_bad_args_and_opcheck():
     torch.library.opcheck(op.default, (x, w13, w2, w, ids, "silu"))
 
 
+# ---- gpt-oss's experts: biases and the clamped, interleaved SwiGLU ("swigluoai") -------------------------
+
+OAI_ALPHA, OAI_LIMIT = 1.702, 1.5  # a low limit, so both clamps cut a good share of the values
+
+
+def oai_inputs(M, E, H, I, k, dtype, gen):
+    x, w13, w2, weights, ids = moe_inputs(M, E, H, I, k, dtype, gen)
+    b13 = torch.randn(E, 2 * I, generator=gen).to(dtype)
+    b2 = (torch.randn(E, H, generator=gen) / 4).to(dtype)
+    return (x, w13, w2, weights, ids), (b13, b2)
+
+
+def oai_float64(x, w13, w2, weights, ids, b13, b2, alpha=OAI_ALPHA, limit=OAI_LIMIT):
+    """Written from gpt-oss's expert code, in float64, token by token."""
+    x, w13, w2, weights, b13, b2 = (t.double() for t in (x, w13, w2, weights, b13, b2))
+    out = torch.zeros_like(x)
+    for m in range(x.shape[0]):
+        for j, e in enumerate(ids[m].tolist()):
+            h = w13[e] @ x[m] + b13[e]
+            gate, up = h[0::2].clamp(max=limit), h[1::2].clamp(-limit, limit)
+            out[m] += weights[m, j] * (w2[e] @ ((up + 1) * gate * torch.sigmoid(gate * alpha)) + b2[e])
+    return out
+
+
+def _oai(fn, args, biases, **kw):
+    return fn(*args, "swigluoai", b13=biases[0], b2=biases[1], alpha=OAI_ALPHA, limit=OAI_LIMIT, **kw)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan", FORCED_PLANS, ids=plan_id)
+def test_fused_moe_swigluoai_with_biases_every_kernel_path(plan, dtype):
+    args, biases = oai_inputs(37, 8, 48, 40, 3, dtype, seeded("oai", dtype, plan))
+    want = oai_float64(*args, *biases)
+    clamped = torch.stack([(args[1].double() @ args[0].double().T).abs() > OAI_LIMIT]).float().mean()
+    assert 0.1 < clamped < 0.9  # the clamps are exercised
+    with cpu_kernels(True):
+        got = _oai(fused_moe.triton_impl, args, biases, plan=plan)
+    assert not got.isnan().any()
+    assert rel_err(got, want) < INTERPRETED_TOL[dtype], rel_err(got, want)
+    ref = _oai(fused_moe.reference, args, biases)
+    assert rel_err(ref, want) < MOE_TOL[dtype], rel_err(ref, want)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("plan", [p for p in FORCED_PLANS if not p.tma], ids=plan_id)
+def test_fused_moe_swigluoai_reads_k_major_weights_in_place(plan):
+    """gpt-oss stores its weights [E, H, 2I] and [E, I, H]: through the transposed view, the same bits."""
+    args, biases = oai_inputs(37, 8, 64, 32, 3, torch.bfloat16, seeded("oai k-major", plan))
+    k_args = (args[0], k_major(args[1]), k_major(args[2]), *args[3:])
+    with cpu_kernels(True):
+        want = _oai(fused_moe.triton_impl, args, biases, plan=plan)
+        got = _oai(fused_moe.triton_impl, k_args, biases, plan=plan)
+    assert not want.isnan().any() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_moe_op_takes_biases_and_swigluoai(path):
+    args, biases = oai_inputs(5, 8, 32, 16, 2, torch.float32, seeded("oai op", path))
+    with cpu_kernels(path == "triton"):
+        got = _oai(torch.ops.kunlun.fused_moe, args, biases)
+    assert rel_err(got, oai_float64(*args, *biases)) < 1e-5
+    x, w13, w2, w, ids = args
+    with pytest.raises(ValueError, match="b13 must be"):
+        torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "swigluoai", b13=biases[0][:, :4])
+    with pytest.raises(ValueError, match="b2 must be"):
+        torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "swigluoai", b2=biases[1].double())
+    torch.library.opcheck(torch.ops.kunlun.fused_moe.default, (*args, "swigluoai", *biases, OAI_ALPHA, OAI_LIMIT))
+
+
 # ---- kunlun::grouped_mm: the primitive the HF grouped-GEMM experts rule is written with ---------------
 
 def test_grouped_mm_is_one_matmul_per_group_and_zero_past_the_last_offset():

@@ -270,8 +270,7 @@ ARCHS = [
         moe_ffn=2,  # GptOssExperts (grouped_mm with biases): gate/up interleaved [::2]/[1::2], clamp,
                     # gate * sigmoid(1.702 gate) * (up + 1)
         attention_mask=2,  # eager attention (sinks): the full causal mask and the sliding-window one
-    ), found=both(moe_ffn=0),
-        forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
+    ), forms=("rotary without rotate_half (chunk, sub/add, cat)", "top-k-then-softmax router with bias",
                "expert biases, clamped interleaved SwiGLU", "attention sinks")),
     _arch("Qwen3Next", dict(MOE, layer_types=["linear_attention", "full_attention"],
                             shared_expert_intermediate_size=128), ids_seed=4, expected=dict(

@@ -11,7 +11,8 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   or transformers' fallback op in fp32), weights applied in sorted order, pairs
   put back by the inverse permutation and summed over k; also with the expert-parallel sentinel masks
   (`masked_fill` of rows whose id >= E around each GEMM), recognised only where the ids are a top-k over the
-  E router scores, so no sentinel can occur;
+  E router scores, so no sentinel can occur; and gpt-oss's form of it: weights stored [E, K, N], a bias
+  gathered per sorted row after each GEMM, the clamped SwiGLU over interleaved gate/up columns ("swigluoai");
 - sorted dispatch as hand-written decode stacks spell it: `argsort` of the flat ids, counts by `histc` or
   `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], then weights
   applied in sorted order and `index_add_` back onto the tokens, or rows put back by `index_copy` and
@@ -34,6 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ...ops import fused_moe as fused_moe_op
 from ...ops import grouped_mm as grouped_mm_op
 from ..explain_anchors import val
 from ..pattern_engine import Bindings, Refusal, Rewrite
@@ -113,6 +115,37 @@ def hf_grouped_mm_sentinel_experts(hidden_states, gate_up_proj, down_proj, top_k
     """The same with transformers' expert-parallel sentinel masks: always on in transformers 5.17, behind
     `_is_expert_parallel` in 5.24."""
     return _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels=True)
+
+
+# gpt-oss (transformers `use_experts_implementation(is_transposed=True, has_bias=True)` with its own gate):
+# markers for the constants the rule takes from the graph, the clamp's lower bound a marker of its own (the
+# guard checks it is -limit)
+OAI_MARKERS = {"alpha": 1.61803, "limit": 6.2831, "neg_limit": -5.4321}
+
+
+def hf_grouped_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                              top_k_index, top_k_weights, alpha, limit, neg_limit):
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    experts = gate_up_proj.shape[0]
+    tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    proj = torch.ops.kunlun.grouped_mm(selected, gate_up_proj, offsets) + gate_up_proj_bias[expert_ids_g]
+    gate, up = proj[..., ::2], proj[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=neg_limit, max=limit)
+    proj = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    proj = torch.ops.kunlun.grouped_mm(proj, down_proj, offsets) + down_proj_bias[expert_ids_g]
+    weighted = proj * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inv_perm]
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
 def _sorted_dispatch(count: str, back: str = "index_add"):
@@ -199,6 +232,27 @@ def _grouped_guard(b: Bindings):
         if reason:
             return Refusal(f"expert ids may hold sentinels (>= {experts}): {reason}")
     return {}
+
+
+def _oai_guard(b: Bindings):
+    """gpt-oss's form: [E, K, N] weights seen as the primitive's views, biases one row per expert, a clamp
+    symmetric about zero on the up half, then the sorted form's checks."""
+    x, w_up, w_down = b.val("hidden_states"), b.val("gate_up_proj"), b.val("down_proj")
+    b_up, b_down = b.val("gate_up_proj_bias"), b.val("down_proj_bias")
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
+    verdict = _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("top_k_weights"), b.val("top_k_index"))
+    if isinstance(verdict, Refusal):
+        return verdict
+    e = w_up.shape[0]
+    if tuple(b_up.shape) != (e, w_up.shape[2]) or tuple(b_down.shape) != (e, w_down.shape[2]) or not (
+            b_up.dtype == b_down.dtype == x.dtype):
+        return Refusal(f"expert biases {tuple(b_up.shape)} {b_up.dtype}, {tuple(b_down.shape)} {b_down.dtype} are "
+                       f"not one {x.dtype} row per expert")
+    limit, low = b.scalar("limit"), b.scalar("neg_limit")
+    if low != -limit:
+        return Refusal(f"the up half is clamped to [{low}, {limit}], not symmetric about zero")
+    return _counts_guard(b, e, b.val("top_k_index").shape[1], x.dtype)
 
 
 def _sorted_guard(b: Bindings):
@@ -309,6 +363,20 @@ def _dense_as_primitive(x, w_up, w_down, ids, weights):
                                     ids, "silu")
 
 
+def _oai_as_primitive(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
+                      top_k_weights, alpha, limit, neg_limit):
+    return torch.ops.kunlun.experts(hidden_states, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2),
+                                    top_k_weights, top_k_index, "swigluoai", gate_up_proj_bias, down_proj_bias,
+                                    alpha, limit)
+
+
+def _oai_inputs(dtype):
+    x = torch.randn(_T, _H, dtype=dtype)
+    w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
+    b_up, b_down = torch.randn(_E, 2 * _I, dtype=dtype), torch.randn(_E, _H, dtype=dtype)
+    return x, w_up, b_up, w_down, b_down, torch.randint(0, _E, (_T, _K)), torch.rand(_T, _K, dtype=dtype)
+
+
 def _dense_inputs(dtype, tokens=_T):
     x = torch.randn(tokens, _H, dtype=dtype)
     w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
@@ -370,6 +438,10 @@ RECOGNISE = [
             example_inputs=lambda dtype: _inputs(dtype, hf=True), **_GROUPED),
     Rewrite(family="moe_ffn", name="hf_grouped_mm_sentinels_float_weights", search=hf_grouped_mm_sentinel_experts,
             example_inputs=lambda dtype: _inputs(dtype, hf=True, float_weights=True), dtypes=_HALF, **_GROUPED),
+    Rewrite(family="moe_ffn", name="hf_grouped_mm_swigluoai", search=hf_grouped_mm_oai_experts,
+            replace=_oai_as_primitive, example_inputs=_oai_inputs, constants=OAI_MARKERS, guard=_oai_guard,
+            aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
+            needs=(aten.sort.default, aten.histc.default, aten.clamp.default, aten.sigmoid.default)),
     *_sorted_rules(),
     *(Rewrite(family="moe_ffn", name=name, search=dense_top1_experts, replace=_dense_as_primitive,
               example_inputs=lambda dtype, t=tokens: _dense_inputs(dtype, t), guard=_dense_guard,
@@ -391,14 +463,44 @@ def _fused(x, w13, w2, topk_weights, topk_ids):
     return torch.ops.kunlun.fused_moe(x, w13, w2, topk_weights.float(), topk_ids, "silu")
 
 
+def _biased_primitive(x, w13, w2, topk_weights, topk_ids, b13, b2, alpha, limit):
+    return torch.ops.kunlun.experts(x, w13, w2, topk_weights, topk_ids, "swigluoai", b13, b2, alpha, limit)
+
+
+def _biased_fused(x, w13, w2, topk_weights, topk_ids, b13, b2, alpha, limit):
+    return torch.ops.kunlun.fused_moe(x, w13, w2, topk_weights.float(), topk_ids, "swigluoai", b13, b2, alpha, limit)
+
+
+def gather_experts_biased(x, w13, w2, topk_weights, topk_ids, b13, b2, alpha, limit):
+    """The gather form of the biased, clamped-SwiGLU experts (gpt-oss): what nothing fused goes back to."""
+    ids = topk_ids.long()
+    h = torch.einsum("th,tkih->tki", x, w13[ids]) + b13[ids]
+    act = fused_moe_op.act_and_mul(h, "swigluoai", alpha, limit)
+    out = torch.einsum("tki,tkhi->tkh", act, w2[ids]) + b2[ids]
+    return (out * topk_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+
+def _biased_inputs(dtype):
+    x, w13, w2, weights, ids = _inputs(dtype, hf=False)
+    return x, w13, w2, weights, ids, torch.randn(_E, 2 * _I, dtype=dtype), torch.randn(_E, _H, dtype=dtype)
+
+
 def _at_rule(name: str, replace) -> Rewrite:
     return Rewrite(family="moe_ffn", name=name, search=_primitive, replace=replace,
                    example_inputs=lambda dtype: _inputs(torch.float32, hf=False), dtypes=(),
                    guard=lambda b: _guard(b, "x", "w13", "w2", "topk_weights", "topk_ids"), needs=(EXPERTS,))
 
 
-FUSE = [_at_rule("experts", _fused)]
-LOWER = [_at_rule("experts_reference", gather_experts)]
+def _at_biased_rule(name: str, replace) -> Rewrite:
+    return Rewrite(family="moe_ffn", name=name, search=_biased_primitive, replace=replace,
+                   example_inputs=lambda dtype: _biased_inputs(torch.float32), dtypes=(),
+                   constants={"alpha": OAI_MARKERS["alpha"], "limit": OAI_MARKERS["limit"]},
+                   guard=lambda b: _guard(b, "x", "w13", "w2", "topk_weights", "topk_ids"), needs=(EXPERTS,))
+
+
+FUSE = [_at_rule("experts", _fused), _at_biased_rule("experts_swigluoai", _biased_fused)]
+LOWER = [_at_rule("experts_reference", gather_experts),
+         _at_biased_rule("experts_swigluoai_reference", gather_experts_biased)]
 
 
 def unfused(gm: fx.GraphModule) -> List[str]:
