@@ -443,9 +443,11 @@ def test_fused_moe_op_takes_biases_and_swigluoai(path):
     assert rel_err(got, oai_float64(*args, *biases)) < 1e-5
     x, w13, w2, w, ids = args
     with pytest.raises(ValueError, match="b13 must be"):
-        torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "swigluoai", b13=biases[0][:, :4])
+        _oai(torch.ops.kunlun.fused_moe, args, (biases[0][:, :4], biases[1]))
     with pytest.raises(ValueError, match="b2 must be"):
-        torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "swigluoai", b2=biases[1].double())
+        _oai(torch.ops.kunlun.fused_moe, args, (biases[0], biases[1].double()))
+    with pytest.raises(ValueError, match="swigluoai needs alpha != 0 and limit > 0"):
+        torch.ops.kunlun.fused_moe(x, w13, w2, w, ids, "swigluoai", *biases)  # its constants left out
     torch.library.opcheck(torch.ops.kunlun.fused_moe.default, (*args, "swigluoai", *biases, OAI_ALPHA, OAI_LIMIT))
 
 
