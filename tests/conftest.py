@@ -14,6 +14,24 @@ if not torch.cuda.is_available():
 STRICT = {"strict": True}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def record_kernel_launches():
+    """KUNLUN_COMPILE_RECORD_LAUNCHES=FILE: every interpreted kernel launch of the run is recorded there, for
+    `python -m tests.gpu_compile < FILE`, which compiles each for Hopper without a GPU (tests/gpu_compile.py)."""
+    path = os.environ.get("KUNLUN_COMPILE_RECORD_LAUNCHES")
+    if not path:
+        yield
+        return
+    import json
+
+    from .gpu_compile import recording_launches, unique
+
+    with recording_launches() as specs:
+        yield
+    with open(path, "w") as f:
+        json.dump(unique(specs), f)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()

@@ -36,7 +36,7 @@ def test_explain_json_builtin():
     out = json.loads(r.stdout)
     _check_explain_json(out, "qwen3-moe-tiny")
     # the MoE execution path at each capture size (2 layers: 2 fused_moe calls, 8 experts, top-2)
-    assert len(out["moe_paths"]) == 2
+    assert len(out["moe_paths"]) == 2 and out["moe_paths"][0]["activation"] == "silu"
     plans = out["moe_paths"][0]["plans"]
     assert "routing per-pair" in plans["1"] and "routing scan" in plans["32"] and "large path" in plans["512"]
 

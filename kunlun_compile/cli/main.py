@@ -140,7 +140,8 @@ def cmd_explain(args) -> Outcome:
 
 def _print_moe_paths(paths) -> None:
     for m in paths:
-        print(f"\n{m['graph']}/{m['node']}: fused_moe, {m['experts']} experts, top-{m['top_k']}; path by tokens:")
+        print(f"\n{m['graph']}/{m['node']}: fused_moe, {m['experts']} experts, top-{m['top_k']}, "
+              f"{m['activation']}; path by tokens:")
         for size, plan in m["plans"].items():
             print(f"  {size:>5}: {plan}")
 

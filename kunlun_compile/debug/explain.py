@@ -44,7 +44,9 @@ def moe_paths(gm: fx.GraphModule, capture_sizes: Sequence[int]) -> List[Dict[str
         if n.op == "call_function" and str(n.target).startswith("kunlun.fused_moe"):
             w13, ids = n.args[1].meta["val"], n.args[4].meta["val"]
             experts, top_k = int(w13.shape[0]), int(ids.shape[1])
+            biased = any(isinstance(b, fx.Node) for b in (n.args[6:8] or [n.kwargs.get("b13"), n.kwargs.get("b2")]))
             out.append({"node": n.name, "experts": experts, "top_k": top_k,
+                        "activation": n.args[5] + (" with biases" if biased else ""),
                         "plans": {m: plan_fused_moe(m, top_k, experts).describe() for m in sizes}})
     return out
 

@@ -1,0 +1,51 @@
+"""The kernels compile for Hopper (sm_90) with Triton's real code generator and ptxas, on this CPU machine:
+launches recorded under the interpreter, compiled in a process without it (tests/gpu_compile.py)."""
+import torch
+import triton.language as tl
+
+from kunlun_compile.ops import cpu_kernels, fused_moe
+from kunlun_compile.triton_kernel import kernel
+
+from .gpu_compile import compile_for_gpu, recording_launches, unique
+from .op_helpers import needs_interpreter, seeded
+from .test_op_moe import FORCED_PLANS, OAI_ALPHA, OAI_LIMIT, moe_inputs, oai_inputs
+
+
+@kernel
+def _branches_of_two_types(out_ptr, n, BLOCK: tl.constexpr):
+    """Runs under the interpreter (Python picks one branch); Triton's compiler refuses it: a value assigned in
+    both branches of a runtime `if` must have one type."""
+    offsets = tl.arange(0, BLOCK)
+    if n > 4:
+        scale = 2.0
+    else:
+        scale = 2
+    tl.store(out_ptr + offsets, offsets.to(tl.float32) * scale)
+
+
+@needs_interpreter
+def test_a_kernel_only_the_interpreter_runs_is_reported():
+    out = torch.zeros(8)
+    with recording_launches() as specs, cpu_kernels(True):
+        _branches_of_two_types.on(out.device)[(1,)](out, 8, BLOCK=8)
+    assert torch.equal(out, torch.arange(8.0) * 2)  # the interpreter ran it
+    (failure,) = compile_for_gpu(specs)
+    assert failure.startswith("_branches_of_two_types") and "Error" in failure, failure
+
+
+@needs_interpreter
+def test_fused_moe_kernels_compile_for_hopper_with_every_plan_and_activation():
+    """Every launch of every forced plan (per-pair GEMVs, scan, sorted, swizzled, descriptors, tails), with the
+    SiLU of the built-in models and gpt-oss's biased, clamped, interleaved form."""
+    with recording_launches() as specs, cpu_kernels(True):
+        for plan in FORCED_PLANS:
+            args = moe_inputs(20, 4, 32, 16, 2, torch.bfloat16, seeded("compile", plan))
+            fused_moe.triton_impl(*args, plan=plan)
+            args, (b13, b2) = oai_inputs(20, 4, 32, 16, 2, torch.bfloat16, seeded("compile oai", plan))
+            fused_moe.triton_impl(*args, "swigluoai", plan=plan, b13=b13, b2=b2, alpha=OAI_ALPHA, limit=OAI_LIMIT)
+    distinct = unique(specs)
+    assert {s["name"] for s in distinct} >= {"_moe_gemm_kernel", "_moe_gemv_kernel", "_moe_gemv_sum_kernel",
+                                             "_act_mul_kernel", "_sum_pairs_kernel"}
+    assert any(dict((n, v) for n, _, v in s["args"]).get("OAI") for s in distinct)
+    failures = compile_for_gpu(specs)
+    assert not failures, "\n".join(failures)
