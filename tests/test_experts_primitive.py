@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kunlun_compile.ops import fused_moe
 from kunlun_compile.passes.rewrites import limit_rewrites
 from kunlun_compile.passes.rules import moe_experts
 from kunlun_compile.triton_kernel import cpu_kernels
@@ -417,6 +418,59 @@ def test_unfused_gpt_oss_experts_go_back_in_the_gather_form():
     assert "kunlun.experts" not in code and "kunlun.fused_moe" not in code and "_grouped_mm" not in code
     assert any("hf_grouped_mm_swigluoai" in line and "left unfused" in line for line in misses), misses
     _assert_oai_close(got, want, model, x)
+
+
+def _swiglu(x, alpha: float = 1.702, limit: float = 7.0):
+    x_glu, x_linear = x[..., ::2], x[..., 1::2]
+    x_glu = x_glu.clamp(min=None, max=limit)
+    x_linear = x_linear.clamp(min=-limit, max=limit)
+    return x_glu * torch.sigmoid(alpha * x_glu) * (x_linear + 1)
+
+
+class ReferenceOaiMoE(nn.Module):
+    """gpt-oss's MLP block the way its own PyTorch reference writes it (weights [E, 2I, H] and [E, H, I], the
+    experts' weights and biases gathered per token, einsum GEMVs, an einsum for the weighted sum), with a
+    residual around it."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(29)
+        self.gate = nn.Linear(H, E, dtype=dtype)
+        self.mlp1_weight = nn.Parameter((torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5 * 4).to(dtype))
+        self.mlp1_bias = nn.Parameter(torch.randn(E, 2 * I, generator=gen).to(dtype))
+        self.mlp2_weight = nn.Parameter((torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype))
+        self.mlp2_bias = nn.Parameter((torch.randn(E, H, generator=gen) / 4).to(dtype))
+
+    def forward(self, x):
+        experts = torch.topk(self.gate(x), k=K, dim=-1, sorted=True)
+        expert_weights = torch.nn.functional.softmax(experts.values, dim=1)
+        expert_indices = experts.indices
+        t = torch.einsum("beck,bk->bec", self.mlp1_weight[expert_indices, ...], x) + self.mlp1_bias[expert_indices, ...]
+        t = _swiglu(t)
+        t = torch.einsum("beck,bek->bec", self.mlp2_weight[expert_indices, ...], t)
+        t += self.mlp2_bias[expert_indices, ...]
+        t = torch.einsum("bec,be->bc", t, expert_weights)
+        return x + t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interpreted", [False, pytest.param(True, marks=needs_interpreter)])
+def test_gpt_oss_reference_spelling_fuses(dtype, interpreted):
+    model = ReferenceOaiMoE(dtype).eval()
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with cpu_kernels(interpreted):
+        got, want, patterns, misses, report = _compile(model, x)
+    assert patterns["moe_ffn"] == 1, misses
+    code = next(p for p in report.graphs[0].passes if p.name == "moe_ffn").code_after
+    assert "kunlun.fused_moe" in code and "swigluoai" in code
+    with torch.no_grad():
+        w, ids = (lambda r: (r.values.softmax(dim=1), r.indices))(torch.topk(model.gate(x), K, dim=-1))
+        args = [x.double(), model.mlp1_weight.double(), model.mlp2_weight.double(), w.double(), ids]
+        exact = x.double() + fused_moe.reference(*args, "swigluoai", model.mlp1_bias.double(),
+                                                 model.mlp2_bias.double(), 1.702, 7.0)
+    assert not got.isnan().any()
+    floor = INTERPRETED_BF16 if interpreted and dtype == torch.bfloat16 else 0.0
+    assert rel_err(got, exact) <= max(2 * rel_err(want, exact) + (4e-3 if dtype == torch.bfloat16 else 1e-6), floor)
 
 
 @pytest.mark.gpu

@@ -213,8 +213,23 @@ def _sizes_read_from_inputs(gm: fx.GraphModule) -> int:
     return edits
 
 
+MAX_PASSES = 4  # a pass's last steps (no-op removal, algebra) can leave work for the next; two suffice today
+
+
 def canonicalize(gm: fx.GraphModule) -> int:
-    """Rewrite `gm` in place into the canonical spelling; returns how many edits."""
+    """Rewrite `gm` in place into the canonical spelling, to a fixpoint; returns how many edits.  A fixpoint,
+    not one pass: a pattern is canonicalized once where the target graph is canonicalized before every family's
+    pass, and one pass can leave a chain it made (a no-op removed between two views) for the next."""
+    edits = 0
+    for _ in range(MAX_PASSES):
+        made = _canonical_pass(gm)
+        edits += made
+        if not made:
+            break
+    return edits
+
+
+def _canonical_pass(gm: fx.GraphModule) -> int:
     edits = _sizes_read_from_inputs(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":

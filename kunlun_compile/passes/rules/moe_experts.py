@@ -13,6 +13,7 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   (`masked_fill` of rows whose id >= E around each GEMM), recognised only where the ids are a top-k over the
   E router scores, so no sentinel can occur; and gpt-oss's form of it: weights stored [E, K, N], a bias
   gathered per sorted row after each GEMM, the clamped SwiGLU over interleaved gate/up columns ("swigluoai");
+- gpt-oss as its own reference implementation spells it: the gather form with biases and that activation;
 - sorted dispatch as hand-written decode stacks spell it: `argsort` of the flat ids, counts by `histc` or
   `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], then weights
   applied in sorted order and `index_add_` back onto the tokens, or rows put back by `index_copy` and
@@ -148,6 +149,19 @@ def hf_grouped_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, do
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
+def gather_einsum_oai_experts(x, w13, b13, w2, b2, topk_weights, topk_ids, alpha, limit, neg_limit):
+    """gpt-oss as its own reference implementation spells its MLP block: each token's k experts' weights and
+    biases gathered, einsum GEMVs, the clamped SwiGLU over interleaved columns written as `glu * (linear + 1)`,
+    the k results weighted and summed by one more einsum.  w13 [E, 2I, H], w2 [E, H, I]."""
+    t = torch.einsum("beck,bk->bec", w13[topk_ids], x) + b13[topk_ids]
+    x_glu, x_linear = t[..., ::2], t[..., 1::2]
+    x_glu = x_glu.clamp(min=None, max=limit)
+    x_linear = x_linear.clamp(min=neg_limit, max=limit)
+    t = x_glu * torch.sigmoid(alpha * x_glu) * (x_linear + 1)
+    t = torch.einsum("beck,bek->bec", w2[topk_ids], t) + b2[topk_ids]
+    return torch.einsum("bec,be->bc", t, topk_weights)
+
+
 def _sorted_dispatch(count: str, back: str = "index_add"):
     """Sorted dispatch as a hand-written decode stack spells it, its counts by `count` (histc / one_hot):
     weights stored [E, K, N], the layout `torch._grouped_mm` multiplies by.  `back`: how the rows return to
@@ -234,25 +248,35 @@ def _grouped_guard(b: Bindings):
     return {}
 
 
-def _oai_guard(b: Bindings):
-    """gpt-oss's form: [E, K, N] weights seen as the primitive's views, biases one row per expert, a clamp
-    symmetric about zero on the up half, then the sorted form's checks."""
-    x, w_up, w_down = b.val("hidden_states"), b.val("gate_up_proj"), b.val("down_proj")
-    b_up, b_down = b.val("gate_up_proj_bias"), b.val("down_proj_bias")
-    if w_up.dim() != 3 or w_down.dim() != 3:
-        return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
-    verdict = _check(x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("top_k_weights"), b.val("top_k_index"))
+def _oai_check(b: Bindings, x, w13, w2, b13, b2, weights, ids):
+    """The shared checks on the weights as the primitive's [E, 2I, H] / [E, H, I] views, then biases one row
+    per expert and a clamp symmetric about zero on the up half (None: all hold)."""
+    verdict = _check(x, w13, w2, weights, ids)
     if isinstance(verdict, Refusal):
         return verdict
-    e = w_up.shape[0]
-    if tuple(b_up.shape) != (e, w_up.shape[2]) or tuple(b_down.shape) != (e, w_down.shape[2]) or not (
-            b_up.dtype == b_down.dtype == x.dtype):
-        return Refusal(f"expert biases {tuple(b_up.shape)} {b_up.dtype}, {tuple(b_down.shape)} {b_down.dtype} are "
+    e, two_i, h = w13.shape
+    if tuple(b13.shape) != (e, two_i) or tuple(b2.shape) != (e, h) or not (b13.dtype == b2.dtype == x.dtype):
+        return Refusal(f"expert biases {tuple(b13.shape)} {b13.dtype}, {tuple(b2.shape)} {b2.dtype} are "
                        f"not one {x.dtype} row per expert")
     limit, low = b.scalar("limit"), b.scalar("neg_limit")
     if low != -limit:
         return Refusal(f"the up half is clamped to [{low}, {limit}], not symmetric about zero")
-    return _counts_guard(b, e, b.val("top_k_index").shape[1], x.dtype)
+    return None
+
+
+def _oai_guard(b: Bindings):
+    """transformers' gpt-oss form: [E, K, N] weights, then the sorted form's checks."""
+    x, w_up, w_down = b.val("hidden_states"), b.val("gate_up_proj"), b.val("down_proj")
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
+    verdict = _oai_check(b, x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("gate_up_proj_bias"),
+                         b.val("down_proj_bias"), b.val("top_k_weights"), b.val("top_k_index"))
+    return verdict or _counts_guard(b, w_up.shape[0], b.val("top_k_index").shape[1], x.dtype)
+
+
+def _oai_gather_guard(b: Bindings):
+    """gpt-oss's reference form: the weights are the primitive's already."""
+    return _oai_check(b, *(b.val(n) for n in ("x", "w13", "w2", "b13", "b2", "topk_weights", "topk_ids"))) or {}
 
 
 def _sorted_guard(b: Bindings):
@@ -370,6 +394,17 @@ def _oai_as_primitive(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj,
                                     alpha, limit)
 
 
+def _oai_gather_as_primitive(x, w13, b13, w2, b2, topk_weights, topk_ids, alpha, limit, neg_limit):
+    return torch.ops.kunlun.experts(x, w13, w2, topk_weights, topk_ids, "swigluoai", b13, b2, alpha, limit)
+
+
+def _oai_gather_inputs(dtype):
+    x = torch.randn(_T, _H, dtype=dtype)
+    w13, w2 = torch.randn(_E, 2 * _I, _H, dtype=dtype), torch.randn(_E, _H, _I, dtype=dtype)
+    b13, b2 = torch.randn(_E, 2 * _I, dtype=dtype), torch.randn(_E, _H, dtype=dtype)
+    return x, w13, b13, w2, b2, torch.rand(_T, _K, dtype=dtype), torch.randint(0, _E, (_T, _K))
+
+
 def _oai_inputs(dtype):
     x = torch.randn(_T, _H, dtype=dtype)
     w_up, w_down = torch.randn(_E, _H, 2 * _I, dtype=dtype), torch.randn(_E, _I, _H, dtype=dtype)
@@ -442,6 +477,9 @@ RECOGNISE = [
             replace=_oai_as_primitive, example_inputs=_oai_inputs, constants=OAI_MARKERS, guard=_oai_guard,
             aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
             needs=(aten.sort.default, aten.histc.default, aten.clamp.default, aten.sigmoid.default)),
+    Rewrite(family="moe_ffn", name="gather_einsum_swigluoai", search=gather_einsum_oai_experts,
+            replace=_oai_gather_as_primitive, example_inputs=_oai_gather_inputs, constants=OAI_MARKERS,
+            guard=_oai_gather_guard, needs=(aten.bmm.default, aten.clamp.default, aten.sigmoid.default)),
     *_sorted_rules(),
     *(Rewrite(family="moe_ffn", name=name, search=dense_top1_experts, replace=_dense_as_primitive,
               example_inputs=lambda dtype, t=tokens: _dense_inputs(dtype, t), guard=_dense_guard,
