@@ -91,6 +91,34 @@ def test_equal_transposes_of_one_view_are_merged():
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert sum(1 for t in ops if t is torch.ops.aten.transpose.int) == 2  # a = b, and the other dims' own
     assert sum(1 for t in ops if t is torch.ops.aten.permute.default) == 1
-    for op in (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor):
-        node = next(n for n in gm.graph.nodes if n.target is op)
-        assert node.args[0] is node.args[1]
+    add = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor)
+    assert add.args[0] is add.args[1]
+    # a * a, once its two reads are one node, is the canonical a.pow(2) (algebra.py), on the merged transpose
+    square = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.pow.Tensor_Scalar)
+    assert square.args[0].target is torch.ops.aten.transpose.int and square.args[1] == 2
+
+
+def test_an_in_place_update_of_a_squeezed_view_leaves_no_unsqueeze_squeeze_pair():
+    """`bmm(...).squeeze(1).add_(b)` functionalizes to add, then `unsqueeze(add, 1).squeeze(1)` for every later
+    read of the updated view: canonical form reads the add itself (transformers' batched_mm experts do this)."""
+    def f(a, w, b):
+        out = torch.bmm(a.unsqueeze(1), w).squeeze(1)
+        out.add_(b)
+        return out[..., ::2] * out[..., 1::2]
+
+    a, w, b = torch.randn(6, 8), torch.randn(6, 8, 4), torch.randn(6, 4)
+    out, g = _compile(f, a, w, b)
+    want = torch.bmm(a.unsqueeze(1), w).squeeze(1) + b
+    torch.testing.assert_close(out, want[..., ::2] * want[..., 1::2])
+    code = _final_code(g)
+    assert code.count("aten.squeeze") == 1 and code.count("aten.unsqueeze") == 1, code  # the bmm's own pair
+
+
+def test_squeeze_of_an_unsqueeze_at_another_dim_stays():
+    def f(x):
+        return x.unsqueeze(0).squeeze(1) + 1  # [4, 1] -> [1, 4, 1] -> squeeze(1) drops nothing: size 4
+
+    x = torch.randn(4, 1)
+    out, g = _compile(f, x)
+    torch.testing.assert_close(out, x.unsqueeze(0).squeeze(1) + 1)
+    assert out.shape == (1, 4, 1)

@@ -473,6 +473,29 @@ def test_gpt_oss_reference_spelling_fuses(dtype, interpreted):
     assert rel_err(got, exact) <= max(2 * rel_err(want, exact) + (4e-3 if dtype == torch.bfloat16 else 1e-6), floor)
 
 
+@pytest.mark.parametrize("dtype, interpreted", [("fp32", False), ("bf16", False),
+                                               pytest.param("bf16", True, marks=needs_interpreter)])
+def test_gpt_oss_under_transformers_batched_mm_fuses(dtype, interpreted):
+    """transformers' other experts implementation: tokens repeated k times, bmm against gathered [E, K, N]
+    weights, the bias added in place on a squeezed view (functionalized into an unsqueeze/squeeze pair)."""
+    import transformers
+
+    from .corpus import run as corpus
+
+    arch = corpus.by_name("GptOss")
+    config = transformers.GptOssConfig(**arch.config_options(), experts_implementation="batched_mm")
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).to(corpus.TORCH_DTYPES[dtype]).eval()
+    ids = corpus.input_ids(arch.ids_seed)
+    with torch.no_grad():
+        want = model(ids).logits
+    with cpu_kernels(interpreted):
+        row = corpus.compiled_run(model, ids, want)
+    assert "error" not in row and row["fallbacks"] == [], row
+    assert row["patterns"]["moe_ffn"] == 2, corpus.near_misses_of(row, "moe_ffn")
+    assert row["rel_err"] <= corpus.LIMITS[dtype]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 16, 300])  # per-pair GEMVs, scan, sorted grouped GEMM

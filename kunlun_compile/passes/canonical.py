@@ -14,6 +14,7 @@ so a pattern matches whatever spelling the model's code produced:
 - a dimension argument is negative (`softmax(x, 1)` on a 2-D x is `softmax(x, -1)`), and written out
   where it defaults to the last (`topk(x, k)` is `topk(x, k, -1, True, True)`),
 - `x.new_empty(x.shape)` of a contiguous x is `empty_like(x)`,
+- `unsqueeze(x, d).squeeze(d)` is x,
 - symbolic sizes are read off the graph's inputs,
 - arithmetic in the patterns' spelling (`algebra.py`: `x * x` is `x.pow(2)`, `1 / sqrt` is `rsqrt`, ...;
   put back after the fusion passes wherever nothing fused it),
@@ -193,6 +194,21 @@ def _as_empty_like(node: fx.Node) -> bool:
     return True
 
 
+def _squeeze_of_unsqueeze(node: fx.Node) -> bool:
+    """`unsqueeze(x, d).squeeze(d)` is x (the dim it drops is the size-1 dim just added): functionalization
+    writes it when model code updates a squeezed view in place (`bmm(...).squeeze(1).add_(bias)`)."""
+    inner = node.args[0] if node.args else None
+    if not (isinstance(inner, fx.Node) and inner.target is aten.unsqueeze.default and len(node.args) == 2):
+        return False
+    v = _val(inner)
+    if not isinstance(v, torch.Tensor) or not isinstance(node.args[1], int) or not isinstance(inner.args[1], int):
+        return False
+    if node.args[1] % v.dim() != inner.args[1] % v.dim():
+        return False
+    node.replace_all_uses_with(inner.args[0])
+    return True
+
+
 def _sizes_read_from_inputs(gm: fx.GraphModule) -> int:
     """`sym_size(t, d)` reads its symbol off the first graph input that has it as a dim.  A replacement traced
     under dynamic shapes reads sizes off whatever value it had (a table's `unsqueeze`): that extra user of a
@@ -252,6 +268,8 @@ def _canonical_pass(gm: fx.GraphModule) -> int:
             edits += _as_t(node)
         elif node.target is aten.new_empty.default:
             edits += _as_empty_like(node)
+        elif node.target is aten.squeeze.dim:
+            edits += _squeeze_of_unsqueeze(node)
         elif node.target is aten.view.default:
             inner = node.args[0]
             # collapsing is only safe from a contiguous source: any view of it is valid

@@ -12,7 +12,8 @@ the primitive (`ops/experts.py`: its meaning, with the weights as logical [E, 2I
   put back by the inverse permutation and summed over k; also with the expert-parallel sentinel masks
   (`masked_fill` of rows whose id >= E around each GEMM), recognised only where the ids are a top-k over the
   E router scores, so no sentinel can occur; and gpt-oss's form of it: weights stored [E, K, N], a bias
-  gathered per sorted row after each GEMM, the clamped SwiGLU over interleaved gate/up columns ("swigluoai");
+  gathered per sorted row after each GEMM, the clamped SwiGLU over interleaved gate/up columns ("swigluoai"),
+  under `grouped_mm` and under `batched_mm`;
 - gpt-oss as its own reference implementation spells it: the gather form with biases and that activation;
 - sorted dispatch as hand-written decode stacks spell it: `argsort` of the flat ids, counts by `histc` or
   `one_hot(...).sum(0)`, `cumsum` offsets, `torch._grouped_mm` against weights stored [E, K, N], then weights
@@ -124,6 +125,29 @@ def hf_grouped_mm_sentinel_experts(hidden_states, gate_up_proj, down_proj, top_k
 OAI_MARKERS = {"alpha": 1.61803, "limit": 6.2831, "neg_limit": -5.4321}
 
 
+def _oai_gate(proj, alpha, limit, neg_limit):
+    """transformers' GptOssExperts._apply_gate."""
+    gate, up = proj[..., ::2], proj[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=neg_limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def hf_batched_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                              top_k_index, top_k_weights, alpha, limit, neg_limit):
+    """The same experts under transformers' `batched_mm` implementation (weights stored [E, K, N])."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    selected = hidden_states.repeat_interleave(num_top_k, dim=0)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    proj = torch.bmm(selected.unsqueeze(1), gate_up_proj[expert_ids]).squeeze(1) + gate_up_proj_bias[expert_ids]
+    proj = _oai_gate(proj, alpha, limit, neg_limit)
+    proj = torch.bmm(proj.unsqueeze(1), down_proj[expert_ids]).squeeze(1) + down_proj_bias[expert_ids]
+    weighted = proj * sample_weights.unsqueeze(-1)
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
 def hf_grouped_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                               top_k_index, top_k_weights, alpha, limit, neg_limit):
     num_top_k = top_k_index.size(-1)
@@ -137,10 +161,7 @@ def hf_grouped_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, do
     tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
     proj = torch.ops.kunlun.grouped_mm(selected, gate_up_proj, offsets) + gate_up_proj_bias[expert_ids_g]
-    gate, up = proj[..., ::2], proj[..., 1::2]
-    gate = gate.clamp(min=None, max=limit)
-    up = up.clamp(min=neg_limit, max=limit)
-    proj = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    proj = _oai_gate(proj, alpha, limit, neg_limit)
     proj = torch.ops.kunlun.grouped_mm(proj, down_proj, offsets) + down_proj_bias[expert_ids_g]
     weighted = proj * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
@@ -264,14 +285,16 @@ def _oai_check(b: Bindings, x, w13, w2, b13, b2, weights, ids):
     return None
 
 
-def _oai_guard(b: Bindings):
-    """transformers' gpt-oss form: [E, K, N] weights, then the sorted form's checks."""
+def _oai_guard(b: Bindings, sorted_form: bool = True):
+    """transformers' gpt-oss forms: [E, K, N] weights, then (grouped_mm) the sorted form's checks."""
     x, w_up, w_down = b.val("hidden_states"), b.val("gate_up_proj"), b.val("down_proj")
     if w_up.dim() != 3 or w_down.dim() != 3:
         return Refusal(f"expert weights {tuple(w_up.shape)}, {tuple(w_down.shape)} are not [E, K, N]")
     verdict = _oai_check(b, x, w_up.transpose(1, 2), w_down.transpose(1, 2), b.val("gate_up_proj_bias"),
                          b.val("down_proj_bias"), b.val("top_k_weights"), b.val("top_k_index"))
-    return verdict or _counts_guard(b, w_up.shape[0], b.val("top_k_index").shape[1], x.dtype)
+    if verdict or not sorted_form:
+        return verdict or {}
+    return _counts_guard(b, w_up.shape[0], b.val("top_k_index").shape[1], x.dtype)
 
 
 def _oai_gather_guard(b: Bindings):
@@ -477,6 +500,10 @@ RECOGNISE = [
             replace=_oai_as_primitive, example_inputs=_oai_inputs, constants=OAI_MARKERS, guard=_oai_guard,
             aliases=_GROUPED_ALIASES, free_arguments=((aten._to_copy.default, "dtype"),),
             needs=(aten.sort.default, aten.histc.default, aten.clamp.default, aten.sigmoid.default)),
+    Rewrite(family="moe_ffn", name="hf_batched_mm_swigluoai", search=hf_batched_mm_oai_experts,
+            replace=_oai_as_primitive, example_inputs=_oai_inputs, constants=OAI_MARKERS,
+            guard=lambda b: _oai_guard(b, sorted_form=False),
+            needs=(aten.bmm.default, aten.index.Tensor, aten.clamp.default)),
     Rewrite(family="moe_ffn", name="gather_einsum_swigluoai", search=gather_einsum_oai_experts,
             replace=_oai_gather_as_primitive, example_inputs=_oai_gather_inputs, constants=OAI_MARKERS,
             guard=_oai_gather_guard, needs=(aten.bmm.default, aten.clamp.default, aten.sigmoid.default)),
