@@ -122,13 +122,14 @@ def _jit(obj):
 
 
 def _variants(spec: dict) -> List[tuple]:
-    """(name, jit function) to compile for the spec: the kernel launched, and where the CPU launched a generated
-    kernel's portable form (lowering/), the CUDA form the GPU launches with the same arguments."""
+    """(name, jit function) to compile for the spec: the kernel launched or, where the CPU launched a generated
+    kernel's portable form (lowering/: it calls the interpreter's own helpers, `interp_math.to_bf16`), the CUDA
+    form the GPU launches with the same arguments."""
     module = _module(spec)
-    names = [spec["name"]]
-    if "portable" in spec["name"] and hasattr(module, spec["name"].replace("portable", "cuda")):
-        names.append(spec["name"].replace("portable", "cuda"))
-    return [(name, _jit(getattr(module, name))) for name in names]
+    name = spec["name"]
+    if "portable" in name and hasattr(module, name.replace("portable", "cuda")):
+        name = name.replace("portable", "cuda")
+    return [(name, _jit(getattr(module, name)))]
 
 
 def _compile_one(spec: dict) -> List[str]:

@@ -49,3 +49,24 @@ def test_fused_moe_kernels_compile_for_hopper_with_every_plan_and_activation():
     assert any(dict((n, v) for n, _, v in s["args"]).get("OAI") for s in distinct)
     failures = compile_for_gpu(specs)
     assert not failures, "\n".join(failures)
+
+
+@needs_interpreter
+def test_generated_kernels_compile_for_hopper():
+    """The lowering's generated kernels (element-wise and row kernels, bf16 with its rounding points): the CPU
+    launches their portable form; the CUDA form, which the GPU launches with the same arguments, compiles."""
+    import kunlun_compile as kc
+
+    def fn(x, y, z):
+        s = torch.softmax(x.float() * 0.5, dim=-1).to(x.dtype)
+        return s * torch.sigmoid(y) + x.sum(-1, keepdim=True), (x - y).abs().amax(-1), torch.tanh(z) * z.exp()
+
+    x, y = (torch.randn(6, 40).to(torch.bfloat16) for _ in range(2))
+    z = torch.randn(3, 5, 7).to(torch.bfloat16)
+    with recording_launches() as specs, cpu_kernels(True):
+        got = torch.compile(fn, backend=kc.backend(strict=True))(x, y, z)
+    assert all(torch.isfinite(t.float()).all() for t in got)
+    names = {s["name"] for s in unique(specs)}
+    assert any(n.startswith("kernel_") for n in names) and any(n.startswith("row_") for n in names), names
+    failures = compile_for_gpu(specs)
+    assert not failures, "\n".join(failures)
