@@ -63,16 +63,22 @@ class SortedMoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, source, out)
 
 
-def _float64_experts(model: SortedMoE, x):
-    """Token by token in float64, with the ids and weights eager's router picks (no sort, no offsets)."""
+def _float64_routed(model, x, expert):
+    """Token by token in float64, with the ids and weights eager's router picks (no sort, no offsets):
+    Σ_j w_j · expert(x_t, e_j)."""
     weights, chosen = model.route(x)
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(K):
-            e = int(chosen[t, j])
-            gate, up = (x[t].double() @ model.gate_up[e].double()).chunk(2)
-            out[t] += weights[t, j].double() * ((F.silu(gate) * up) @ model.down[e].double())
+            out[t] += weights[t, j].double() * expert(x[t].double(), int(chosen[t, j]))
     return out
+
+
+def _float64_experts(model: SortedMoE, x):
+    def expert(v, e):
+        gate, up = (v @ model.gate_up[e].double()).chunk(2)
+        return (F.silu(gate) * up) @ model.down[e].double()
+    return _float64_routed(model, x, expert)
 
 
 def _compile(model, x):
@@ -362,16 +368,12 @@ class OaiMoE(nn.Module):
 
 
 def _oai_float64(model: OaiMoE, x):
-    weights, chosen = model.route(x)
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(K):
-            e = int(chosen[t, j])
-            h = x[t].double() @ model.gate_up[e].double() + model.gate_up_bias[e].double()
-            gate, up = h[0::2].clamp(max=model.limit), h[1::2].clamp(model.low, model.limit)
-            act = (up + 1) * gate * torch.sigmoid(model.alpha * gate)
-            out[t] += weights[t, j].double() * (act @ model.down[e].double() + model.down_bias[e].double())
-    return out
+    def expert(v, e):
+        h = v @ model.gate_up[e].double() + model.gate_up_bias[e].double()
+        gate, up = h[0::2].clamp(max=model.limit), h[1::2].clamp(model.low, model.limit)
+        act = (up + 1) * gate * torch.sigmoid(model.alpha * gate)
+        return act @ model.down[e].double() + model.down_bias[e].double()
+    return _float64_routed(model, x, expert)
 
 
 def _assert_oai_close(got, want, model, x, floor=0.0):

@@ -79,18 +79,33 @@ def hf_batched_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, t
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels: bool):
-    num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+def _hf_sorted(hidden_states, top_k_index, top_k_weights, experts: int):
+    """transformers' grouped_mm experts up to the GEMMs: (token, k) pairs sorted by expert, their rows, weights
+    and the per-expert offsets."""
     sample_weights = top_k_weights.reshape(-1)
     expert_ids = top_k_index.reshape(-1)
     expert_ids_g, perm = torch.sort(expert_ids)
-    selected = hidden_states[perm // num_top_k]
+    selected = hidden_states[perm // top_k_index.size(-1)]
     sample_weights_g = sample_weights[perm]
-    experts = gate_up_proj.shape[0]
     # HF casts to float32 on the CPU, to int32 on CUDA: the rule leaves the cast's dtype free
     tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    return selected, expert_ids_g, perm, sample_weights_g, offsets
+
+
+def _hf_unsorted_sum(proj, sample_weights_g, perm, hidden_states, num_top_k: int):
+    """...and after them: weighted in sorted order, put back by the inverse permutation, summed over k."""
+    weighted = proj * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inv_perm]
+    return weighted.view(hidden_states.size(0), num_top_k, hidden_states.size(-1)).sum(dim=1).to(hidden_states.dtype)
+
+
+def _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, sentinels: bool):
+    experts = gate_up_proj.shape[0]
+    selected, expert_ids_g, perm, sample_weights_g, offsets = _hf_sorted(hidden_states, top_k_index, top_k_weights,
+                                                                         experts)
     if sentinels:  # expert-parallel sentinel ids (>= experts) zeroed around each GEMM
         sentinel = (expert_ids_g >= experts).unsqueeze(-1)
         selected = selected.masked_fill(sentinel, 0.0)
@@ -102,11 +117,7 @@ def _hf_grouped_mm(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_we
     proj = torch.ops.kunlun.grouped_mm(proj, down_proj.transpose(-2, -1), offsets)
     if sentinels:
         proj = proj.masked_fill(sentinel, 0.0)
-    weighted = proj * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-    weighted = weighted[inv_perm]
-    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    return _hf_unsorted_sum(proj, sample_weights_g, perm, hidden_states, top_k_index.size(-1))
 
 
 def hf_grouped_mm_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
@@ -150,24 +161,12 @@ def hf_batched_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, do
 
 def hf_grouped_mm_oai_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                               top_k_index, top_k_weights, alpha, limit, neg_limit):
-    num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
-    sample_weights = top_k_weights.reshape(-1)
-    expert_ids = top_k_index.reshape(-1)
-    expert_ids_g, perm = torch.sort(expert_ids)
-    selected = hidden_states[perm // num_top_k]
-    sample_weights_g = sample_weights[perm]
-    experts = gate_up_proj.shape[0]
-    tokens_per_expert = torch.histc(expert_ids_g.float(), bins=experts, min=0, max=experts - 1)
-    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    selected, expert_ids_g, perm, sample_weights_g, offsets = _hf_sorted(hidden_states, top_k_index, top_k_weights,
+                                                                         gate_up_proj.shape[0])
     proj = torch.ops.kunlun.grouped_mm(selected, gate_up_proj, offsets) + gate_up_proj_bias[expert_ids_g]
     proj = _oai_gate(proj, alpha, limit, neg_limit)
     proj = torch.ops.kunlun.grouped_mm(proj, down_proj, offsets) + down_proj_bias[expert_ids_g]
-    weighted = proj * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-    weighted = weighted[inv_perm]
-    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    return _hf_unsorted_sum(proj, sample_weights_g, perm, hidden_states, top_k_index.size(-1))
 
 
 def gather_einsum_oai_experts(x, w13, b13, w2, b2, topk_weights, topk_ids, alpha, limit, neg_limit):
