@@ -5,7 +5,8 @@ still fail to compile on the GPU (a constexpr used as a value, a type the code g
 compiles without a GPU: its code generator and the ptxas it ships run on the CPU.  So launches made under the
 interpreter are recorded as specs (the kernel, each argument's type as a real launch would mangle it, the
 constexprs' values, warps and stages), and a process without TRITON_INTERPRET (under it, triton's own library
-functions are not compilable) compiles each spec for Hopper (sm_90) down to a cubin.
+functions are not compilable) compiles each spec for Hopper (sm_90) down to a cubin, and checks its shared
+memory fits a Hopper block (a launch over it is the other failure a GPU would show first).
 
     with recording_launches() as specs, cpu_kernels(True):
         ...  # interpreted launches
@@ -31,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List
 
 TARGET = ("cuda", 90, 32)  # Hopper: the machines the benchmarks run on
+# The most shared memory one block may use on Hopper (227 KiB): a kernel compiled over it fails only at its
+# launch ("out of resource: shared memory"), which a compile-only check would otherwise miss.
+SHARED_MEMORY_LIMIT = 227 * 1024
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -147,9 +151,14 @@ def _compile_one(spec: dict) -> List[str]:
         return [f"{spec['name']}: cannot load ({type(e).__name__}: {e})"]
     for name, fn in variants:
         try:
-            triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(*TARGET), options=spec["options"])
+            compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(*TARGET),
+                                      options=spec["options"])
         except Exception as e:  # noqa: BLE001 - every failure is reported, with the spec that caused it
             failures.append(f"{name} {shown} {spec['options']}: {type(e).__name__}: {str(e)[:1500]}")
+            continue
+        if compiled.metadata.shared > SHARED_MEMORY_LIMIT:
+            failures.append(f"{name} {shown} {spec['options']}: needs {compiled.metadata.shared} bytes of shared "
+                            f"memory, over Hopper's {SHARED_MEMORY_LIMIT} per block")
     return failures
 
 

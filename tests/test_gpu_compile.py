@@ -70,3 +70,22 @@ def test_generated_kernels_compile_for_hopper():
     assert any(n.startswith("kernel_") for n in names) and any(n.startswith("row_") for n in names), names
     failures = compile_for_gpu(specs)
     assert not failures, "\n".join(failures)
+
+
+@kernel
+def _tile_over_shared_memory(a_ptr, b_ptr, c_ptr, B: tl.constexpr):
+    """Compiles, and runs under the interpreter; on Hopper its launch would fail: two [B, B] bf16 operand tiles
+    staged in shared memory for the tensor cores are 256 KiB at B = 256."""
+    r = tl.arange(0, B)
+    tile = r[:, None] * B + r[None, :]
+    tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+
+
+@needs_interpreter
+def test_a_kernel_over_hoppers_shared_memory_is_reported():
+    a = torch.randn(256, 256).to(torch.bfloat16)
+    c = torch.empty(256, 256)
+    with recording_launches() as specs, cpu_kernels(True):
+        _tile_over_shared_memory.on(a.device)[(1,)](a, a, c, B=256)
+    (failure,) = compile_for_gpu(specs)
+    assert "bytes of shared memory, over Hopper's" in failure, failure
